@@ -1,0 +1,79 @@
+"""WhatsApp session-window proxy for Twilio: the Flask application factory."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+
+from flask import Flask, g, request
+from sqlalchemy.exc import SQLAlchemyError
+from twilio.request_validator import RequestValidator
+from werkzeug.exceptions import HTTPException
+
+from . import cli, gateway, logs, webhooks
+from .db import make_engine
+from .errors import twilio_error
+from .runtime import Runtime
+from .settings import ConfigError, Settings
+from .upstream import Upstream
+
+# Threads per gunicorn worker share one engine and one upstream pool; size both to match.
+DEFAULT_POOL_SIZE = 64
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    if settings is None:
+        try:
+            settings = Settings.from_env()
+        except ConfigError as exc:
+            # A clean message, not a traceback, for whoever starts the proxy.
+            sys.stderr.write(f"whatsapp-window-proxy: configuration error: {exc}\n")
+            raise SystemExit(2) from None
+    logs.configure(settings.log_level)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    app.extensions["proxy"] = Runtime(
+        settings=settings,
+        engine=make_engine(settings.database_url, pool_size=DEFAULT_POOL_SIZE),
+        upstream=Upstream(settings.twilio_api_base_url, settings.twilio_timeout_seconds, DEFAULT_POOL_SIZE),
+        validator=RequestValidator(settings.auth_token),
+    )
+    app.register_blueprint(webhooks.bp)
+    app.register_blueprint(gateway.bp)
+    cli.register(app)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.before_request
+    def assign_request_id():
+        # Twilio's idempotency token ties our log line to Twilio's own request log.
+        g.request_id = request.headers.get("I-Twilio-Idempotency-Token", "")[:64] or uuid.uuid4().hex
+
+    @app.after_request
+    def add_request_id(response):
+        if "request_id" in g:
+            response.headers["X-Request-Id"] = g.request_id
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if exc.code == 404:
+            return twilio_error(20404, 404, path=request.path)
+        return twilio_error(exc.code, exc.code, exc.description)
+
+    @app.errorhandler(SQLAlchemyError)
+    def database_error(exc: SQLAlchemyError):
+        logs.log.error("database_unavailable", extra={"error": type(exc).__name__, "path": request.path,
+                                                      "request_id": g.get("request_id")})
+        # Fail closed: without the window state nothing is judged, so nothing is sent.
+        return twilio_error(503, 503, "The proxy's database is unavailable; nothing was sent or recorded. Retry later.")
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception):
+        logs.log.exception("unhandled_error", extra={"path": request.path, "request_id": g.get("request_id")})
+        return twilio_error(20500, 500, "An internal server error has occurred in the proxy.")
+
+    return app

@@ -1,0 +1,136 @@
+"""Database schema (SQLAlchemy Core tables) and engine set-up for SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on both backends (SQLite stores them naive, as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# One row per (business sender, user). `sender` is the business address
+# (whatsapp:+E164) or a Messaging Service SID that received the user's message.
+windows = Table(
+    "windows",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("sender", String(128), nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("last_inbound_at", UTCDateTime(), nullable=False),
+    Column("last_inbound_sid", String(64), nullable=True),
+    Column("profile_name", String(256), nullable=True),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("sender", "user"),
+    Index(None, "expires_at"),
+)
+
+# Inbound messages and the latest known status of any message sid.
+messages = Table(
+    "messages",
+    metadata,
+    Column("sid", String(64), primary_key=True),
+    Column("direction", String(16), nullable=False),
+    Column("sender", String(128), nullable=True),
+    Column("user", String(128), nullable=True),
+    Column("messaging_service_sid", String(64), nullable=True),
+    Column("status", String(32), nullable=False),
+    Column("status_rank", Integer, nullable=False),
+    Column("error_code", Integer, nullable=True),
+    Column("num_media", Integer, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index(None, "created_at"),
+)
+
+# Every send the gateway judged: what was asked, what was decided, what Twilio said.
+send_attempts = Table(
+    "send_attempts",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("account_sid", String(64), nullable=False),
+    Column("sender", String(128), nullable=True),
+    Column("user", String(128), nullable=True),
+    Column("channel", String(32), nullable=True),
+    Column("content_type", String(64), nullable=True),
+    Column("decision", String(16), nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("error_code", Integer, nullable=True),
+    Column("upstream_status", Integer, nullable=True),
+    Column("message_sid", String(64), nullable=True),
+    Column("outcome", String(32), nullable=False),
+    Column("params", Text, nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Index(None, "created_at"),
+    Index(None, "message_sid"),
+)
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    if url.startswith("sqlite"):
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    # pre_ping lets the pool drop connections a restarted database closed.
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection, _record):
+    # WAL lets readers run while one writer writes; busy_timeout makes concurrent
+    # gunicorn workers wait for the write lock instead of failing "database is locked".
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

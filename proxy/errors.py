@@ -1,0 +1,38 @@
+"""Twilio-shaped error responses: {"code", "message", "more_info", "status"}, never RFC 9457 keys."""
+
+from __future__ import annotations
+
+from flask import Response, json
+
+MORE_INFO = "https://www.twilio.com/docs/errors/{code}"
+
+# Twilio's own wording, so callers matching on messages keep working.
+MESSAGES = {
+    20003: "Authenticate",
+    20404: "The requested resource {path} was not found",
+    21211: "The 'To' number {to} is not a valid phone number.",
+    21212: "The 'From' number {from_} is not a valid phone number, shortcode, or alphanumeric sender ID.",
+    21602: "Message body is required.",
+    21603: "A 'From' phone number is required.",
+    21604: "A 'To' phone number is required.",
+    21910: "Invalid From and To pair. From and To should be of the same channel",
+    63016: (
+        "Failed to send freeform message because you are outside the allowed window. "
+        "If you are using WhatsApp, please use a Message Template."
+    ),
+}
+
+
+def error_body(code: int, status: int, message: str) -> dict:
+    # A body carrying all of type/title/status/code makes twilio-python raise
+    # TwilioServiceException instead of TwilioRestException; this shape never does.
+    more_info = MORE_INFO.format(code=code) if code >= 10000 else "https://www.twilio.com/docs/api/errors"
+    return {"code": code, "message": message, "more_info": more_info, "status": status}
+
+
+def twilio_error(code: int, status: int, message: str | None = None, **fmt) -> Response:
+    text = message if message is not None else MESSAGES[code].format(**fmt)
+    response = Response(json.dumps(error_body(code, status, text)), status=status, mimetype="application/json")
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Basic realm="Twilio API"'
+    return response

@@ -1,0 +1,155 @@
+"""SQL at the edge: record inbound messages and statuses, upsert windows, read windows, store attempts."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, case, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .db import messages, send_attempts, windows
+
+# Status callbacks can arrive out of order; a status only replaces one of lower rank,
+# so a late "sent" never overwrites "delivered", and nothing overwrites a failure.
+STATUS_RANK = {
+    "accepted": 0,
+    "scheduled": 0,
+    "queued": 1,
+    "sending": 2,
+    "sent": 3,
+    "receiving": 3,
+    "received": 3,
+    "partially_delivered": 4,
+    "delivered": 4,
+    "undelivered": 6,
+    "failed": 6,
+    "canceled": 6,
+    "read": 5,
+}
+
+
+def _insert(conn: Connection, table):
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+def record_inbound(
+    conn: Connection,
+    *,
+    sid: str,
+    sender: str,
+    user: str,
+    messaging_service_sid: str | None,
+    profile_name: str | None,
+    num_media: int | None,
+    received_at: datetime,
+    window_seconds: int,
+) -> datetime | None:
+    """Store an inbound message and open/extend its windows; the pair's new expiry, or None
+    when the sid was already seen.
+
+    A webhook Twilio retries carries the same MessageSid: it must change nothing.
+    """
+    inserted = conn.execute(
+        _insert(conn, messages)
+        .values(
+            sid=sid,
+            direction="inbound",
+            sender=sender,
+            user=user,
+            messaging_service_sid=messaging_service_sid,
+            status="received",
+            status_rank=STATUS_RANK["received"],
+            num_media=num_media,
+            created_at=received_at,
+            updated_at=received_at,
+        )
+        .on_conflict_do_nothing(index_elements=["sid"])
+        .returning(messages.c.sid)  # rowcount is unreliable for upserts across drivers
+    ).first()
+    if inserted is None:
+        return None
+    expires_at = received_at + timedelta(seconds=window_seconds)
+    if messaging_service_sid:
+        _extend_window(conn, messaging_service_sid, user, expires_at, received_at, sid, profile_name)
+    return _extend_window(conn, sender, user, expires_at, received_at, sid, profile_name)
+
+
+def _extend_window(conn, sender, user, expires_at, received_at, sid, profile_name) -> datetime:
+    # One atomic upsert: concurrent webhooks for one pair leave one row holding the
+    # latest expiry, whatever order they commit in.
+    stmt = _insert(conn, windows).values(
+        sender=sender,
+        user=user,
+        expires_at=expires_at,
+        last_inbound_at=received_at,
+        last_inbound_sid=sid,
+        profile_name=profile_name,
+        updated_at=received_at,
+    )
+    new = stmt.excluded
+    newer = windows.c.last_inbound_at < new.last_inbound_at
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["sender", "user"],
+        set_={
+            "expires_at": case((windows.c.expires_at < new.expires_at, new.expires_at), else_=windows.c.expires_at),
+            "last_inbound_at": case((newer, new.last_inbound_at), else_=windows.c.last_inbound_at),
+            "last_inbound_sid": case((newer, new.last_inbound_sid), else_=windows.c.last_inbound_sid),
+            "profile_name": case(
+                (newer, func.coalesce(new.profile_name, windows.c.profile_name)), else_=windows.c.profile_name
+            ),
+            "updated_at": new.updated_at,
+        },
+    ).returning(windows.c.expires_at)
+    return conn.execute(stmt).scalar_one()
+
+
+def record_status(
+    conn: Connection,
+    *,
+    sid: str,
+    status: str,
+    error_code: int | None,
+    sender: str | None,
+    user: str | None,
+    at: datetime,
+) -> bool:
+    """Store the status of a message; False when a higher-ranked status was already known."""
+    rank = STATUS_RANK.get(status, 0)
+    stmt = _insert(conn, messages).values(
+        sid=sid,
+        direction="outbound",
+        sender=sender,
+        user=user,
+        status=status,
+        status_rank=rank,
+        error_code=error_code,
+        created_at=at,
+        updated_at=at,
+    )
+    new = stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["sid"],
+        set_={
+            "status": new.status,
+            "status_rank": new.status_rank,
+            "error_code": func.coalesce(new.error_code, messages.c.error_code),
+            "updated_at": new.updated_at,
+        },
+        where=messages.c.status_rank < new.status_rank,
+    ).returning(messages.c.sid)
+    return conn.execute(stmt).first() is not None
+
+
+def load_window(conn: Connection, sender: str, user: str) -> tuple[datetime, datetime] | None:
+    """(expires_at, last_inbound_at) of the pair, through the unique (sender, user) index."""
+    row = conn.execute(
+        select(windows.c.expires_at, windows.c.last_inbound_at).where(
+            windows.c.sender == sender, windows.c.user == user
+        )
+    ).first()
+    return (row.expires_at, row.last_inbound_at) if row else None
+
+
+def record_attempt(conn: Connection, **fields) -> None:
+    conn.execute(send_attempts.insert().values(**fields))

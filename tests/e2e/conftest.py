@@ -1,0 +1,87 @@
+"""Start the proxy exactly as the Procfile does (gunicorn, gthread workers) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def procfile_command(kind: str) -> str:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith(f"{kind}:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"Procfile has no {kind}: line")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gunicorn:
+    def __init__(self, env: dict, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Bind to loopback only in tests; everything else is the Procfile's own command.
+        command = procfile_command("web").replace("0.0.0.0:", "127.0.0.1:")
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        full_env = {**os.environ, **env, "PORT": str(self.port),
+                    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        self.process = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=ROOT, env=full_env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gunicorn exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("gunicorn did not start listening")
+
+    def log_lines(self) -> list[str]:
+        self.log.flush()
+        return self.log_path.read_text().splitlines()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def proxy_server(database_url, db_engine, fake_twilio, tmp_path):
+    server = Gunicorn(
+        {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "DATABASE_URL": database_url,
+         "TWILIO_API_BASE_URL": fake_twilio.url, "WEB_CONCURRENCY": "2", "TWILIO_TIMEOUT_SECONDS": "5"},
+        tmp_path / "gunicorn.log",
+    )
+    yield server
+    server.stop()
+
+
+def json_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("{")]
+
+
+__all__ = ["procfile_command", "json_lines", "re"]

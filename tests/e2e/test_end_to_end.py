@@ -1,0 +1,88 @@
+"""gunicorn (the Procfile command) + the real twilio-python client + the fake Twilio on 127.0.0.1."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+import requests
+from sqlalchemy import select
+from twilio.base.exceptions import TwilioRestException
+from twilio.rest import Client
+from twilio.rest.api.v2010.account.message import MessageInstance
+
+from proxy.db import messages, windows
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, inbound_params, sign
+from tests.e2e.conftest import json_lines
+
+pytestmark = pytest.mark.e2e
+
+
+def twilio_client(proxy_server, password=AUTH_TOKEN) -> Client:
+    client = Client(ACCOUNT_SID, password)
+    client.api.base_url = proxy_server.url  # the one line a user changes
+    return client
+
+
+def post_inbound(proxy_server, params) -> requests.Response:
+    url = proxy_server.url + "/twilio/inbound"
+    return requests.post(url, data=params, headers={"X-Twilio-Signature": sign(url, params)}, timeout=10)
+
+
+def test_real_client_is_blocked_then_allowed_once_the_user_writes(proxy_server, fake_twilio):
+    client = twilio_client(proxy_server)
+    with pytest.raises(TwilioRestException) as blocked:
+        client.messages.create(to=USER, from_=BUSINESS, body="Your code is 123456")
+    assert blocked.value.code == 63016 and blocked.value.status == 400
+    assert "outside the allowed window" in blocked.value.msg
+    assert fake_twilio.creates == []
+
+    response = post_inbound(proxy_server, inbound_params("SM" + "1" * 32))
+    assert response.status_code == 200 and response.text.endswith("<Response />")
+
+    message = client.messages.create(to=USER, from_=BUSINESS, body="Thanks for writing!",
+                                     media_url=["https://example.com/a.png", "https://example.com/b.png"])
+    assert isinstance(message, MessageInstance)
+    assert message.sid.startswith("SM") and message.status == "queued" and message.to == USER
+    [received] = fake_twilio.creates
+    assert received.form.count(("MediaUrl", "https://example.com/a.png")) == 1
+    assert [v for k, v in received.form if k == "MediaUrl"] == ["https://example.com/a.png", "https://example.com/b.png"]
+
+    fetched = client.messages(message.sid).fetch()  # a passthrough call
+    assert fetched.sid == message.sid and fetched.body == "Thanks for writing!"
+
+    lines = [json.loads(line) for line in json_lines(proxy_server.log_lines())]
+    sends = [line for line in lines if line["event"] == "send"]
+    assert [s["decision"] for s in sends] == ["blocked", "allowed"]
+    assert {"reason", "sender", "user", "message_sid", "window_expires_at", "duration_ms", "request_id"} <= set(sends[1])
+    assert sends[1]["message_sid"] == message.sid
+    text = "\n".join(proxy_server.log_lines())
+    assert AUTH_TOKEN not in text
+    assert "Your code is 123456" not in text and "Thanks for writing!" not in text
+    assert "+14155550111" not in text  # numbers are masked by default
+
+
+def test_wrong_credentials_raise_20003(proxy_server, fake_twilio):
+    with pytest.raises(TwilioRestException) as exc:
+        twilio_client(proxy_server, password="wrong").messages.create(to=USER, from_=BUSINESS, body="x")
+    assert exc.value.code == 20003 and exc.value.status == 401
+    assert fake_twilio.requests == []
+
+
+def test_sms_passes_through_untouched(proxy_server, fake_twilio):
+    message = twilio_client(proxy_server).messages.create(to="+14155550111", from_="+14155550100", body="x")
+    assert message.sid in fake_twilio.messages
+
+
+def test_concurrent_inbound_webhooks_leave_one_row_with_the_latest_expiry(proxy_server, db_engine):
+    sids = [f"SM{i:032x}" for i in range(60)]
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        statuses = list(pool.map(lambda sid: post_inbound(proxy_server, inbound_params(sid)).status_code, sids))
+    assert statuses == [200] * len(sids)
+    with db_engine.connect() as conn:
+        rows = conn.execute(select(windows)).mappings().all()
+        received = conn.execute(select(messages.c.sid, messages.c.created_at)).all()
+    assert len(rows) == 1 and len(received) == len(sids)
+    latest_sid, latest_at = max(received, key=lambda r: r.created_at)
+    assert rows[0]["expires_at"] == latest_at + timedelta(seconds=86400)
+    assert rows[0]["last_inbound_at"] == latest_at

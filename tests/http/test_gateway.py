@@ -1,0 +1,231 @@
+"""The Messages endpoint through the Flask test client, forwarding to the fake Twilio on 127.0.0.1."""
+
+import json
+from datetime import timedelta
+from urllib.parse import parse_qsl, urlencode
+
+import pytest
+from sqlalchemy import select, update
+
+from proxy.db import send_attempts, utcnow, windows
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, signed_post
+
+MESSAGES = f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+SHAPE = {"code", "message", "more_info", "status"}
+
+
+def send(client, fields, auth=None, path=MESSAGES):
+    body = urlencode(fields, doseq=True) if not isinstance(fields, str) else fields
+    return client.post(path, data=body, content_type="application/x-www-form-urlencoded",
+                       headers=auth if auth is not None else basic_auth())
+
+
+def open_window(client, user=USER, business=BUSINESS, sid="SM" + "0" * 32, **extra):
+    assert signed_post(client, "/twilio/inbound", inbound_params(sid, user=user, business=business, **extra)).status_code == 200
+
+
+def attempts(engine):
+    with engine.connect() as conn:
+        return conn.execute(select(send_attempts).order_by(send_attempts.c.id)).mappings().all()
+
+
+def test_outside_the_window_text_is_blocked_with_63016_and_nothing_sent(client, fake_twilio, db_engine):
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "Hi there"})
+    assert response.status_code == 400
+    body = response.get_json()
+    assert set(body) == SHAPE
+    assert body["code"] == 63016 and body["status"] == 400
+    assert body["more_info"] == "https://www.twilio.com/docs/errors/63016"
+    assert body["message"].startswith("Failed to send freeform message because you are outside the allowed window.")
+    assert "has not messaged" in body["message"]
+    assert response.headers["X-Proxy-Decision"] == "blocked"
+    assert fake_twilio.creates == []
+    [attempt] = attempts(db_engine)
+    assert (attempt["decision"], attempt["reason"], attempt["error_code"], attempt["outcome"]) == \
+        ("blocked", "no_window", 63016, "blocked")
+    assert json.loads(attempt["params"]) == [["To", USER], ["From", BUSINESS], ["Body", "Hi there"]]
+
+
+def test_inside_the_window_the_send_is_forwarded_verbatim(client, fake_twilio, db_engine):
+    open_window(client)
+    fields = [("To", USER), ("From", BUSINESS), ("Body", "Your order shipped 📦"),
+              ("MediaUrl", "https://example.com/a.png"), ("MediaUrl", "https://example.com/b.png"),
+              ("StatusCallback", "https://app.example.com/status"), ("SomeFutureField", "kept")]
+    raw = urlencode(fields)
+    response = send(client, raw)
+    assert response.status_code == 201
+    assert response.headers["X-Proxy-Decision"] == "allowed"
+    assert response.headers["Content-Type"].startswith("application/json")
+    [received] = fake_twilio.creates
+    assert received.body == raw.encode()
+    assert received.form == fields
+    assert received.path == MESSAGES
+    assert received.headers["Authorization"] == basic_auth()["Authorization"]
+    relayed = response.get_json()
+    assert relayed == fake_twilio.messages[relayed["sid"]]
+    [attempt] = attempts(db_engine)
+    assert (attempt["decision"], attempt["reason"], attempt["outcome"], attempt["upstream_status"]) == \
+        ("allowed", "window_open", "sent", 201)
+    assert attempt["message_sid"] == relayed["sid"] and attempt["content_type"] == "twilio/media"
+
+
+def test_expired_window_is_blocked_and_says_when_it_closed(client, fake_twilio, db_engine):
+    open_window(client)
+    with db_engine.begin() as conn:
+        conn.execute(update(windows).values(expires_at=utcnow() - timedelta(hours=1)))
+    response = send(client, {"To": USER, "From": BUSINESS, "MediaUrl": "https://example.com/a.png"})
+    assert response.status_code == 400 and response.get_json()["code"] == 63016
+    assert "closed at" in response.get_json()["message"]
+    assert fake_twilio.creates == []
+    assert attempts(db_engine)[0]["reason"] == "window_closed"
+
+
+def test_safety_margin_closes_the_window_early(client, fake_twilio, db_engine):
+    open_window(client)
+    with db_engine.begin() as conn:  # 30 s left, less than the 60 s default margin
+        conn.execute(update(windows).values(expires_at=utcnow() + timedelta(seconds=30)))
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).status_code == 400
+    assert fake_twilio.creates == []
+
+
+def test_window_is_per_sender_and_per_user(client, fake_twilio):
+    open_window(client)
+    other_user = send(client, {"To": "whatsapp:+14155550199", "From": BUSINESS, "Body": "x"})
+    other_sender = send(client, {"To": USER, "From": "whatsapp:+14155550999", "Body": "x"})
+    assert other_user.status_code == 400 and other_sender.status_code == 400
+    assert send(client, {"To": "whatsapp:14155550111", "From": "WhatsApp:+1 415 555 0100", "Body": "x"}).status_code == 201
+
+
+def test_messaging_service_sends_are_judged_by_the_service_window(client, fake_twilio):
+    service = "MG" + "b" * 32
+    assert send(client, {"To": USER, "MessagingServiceSid": service, "Body": "x"}).status_code == 400
+    open_window(client, MessagingServiceSid=service)
+    response = send(client, {"To": USER, "MessagingServiceSid": service, "Body": "x"})
+    assert response.status_code == 201 and response.get_json()["status"] == "accepted"
+    assert send(client, {"To": USER, "MessagingServiceSid": "MG" + "c" * 32, "Body": "x"}).status_code == 400
+
+
+def test_messenger_is_windowed_too(client, fake_twilio):
+    assert send(client, {"To": "messenger:24680", "From": "messenger:13579", "Body": "x"}).status_code == 400
+    open_window(client, user="messenger:24680", business="messenger:13579")
+    assert send(client, {"To": "messenger:24680", "From": "messenger:13579", "Body": "x"}).status_code == 201
+
+
+@pytest.mark.parametrize("to", ["+14155550111", "rcs:brand_user"])
+def test_other_channels_pass_through_unchecked(client, fake_twilio, db_engine, to):
+    response = send(client, {"To": to, "From": "+14155550100", "Body": "x"})
+    assert response.status_code == 201
+    assert response.headers["X-Proxy-Decision"] == "passthrough"
+    assert len(fake_twilio.creates) == 1
+    assert attempts(db_engine)[0]["reason"] == "channel_not_windowed"
+
+
+def test_content_sid_sends_pass_through_for_now(client, fake_twilio, db_engine):
+    response = send(client, {"To": USER, "From": BUSINESS, "ContentSid": "HX" + "d" * 32})
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "passthrough"
+    assert attempts(db_engine)[0]["reason"] == "content_sid_not_judged"
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [{}, basic_auth(password="wrong"), basic_auth(user="AC" + "f" * 32), basic_auth(user="", password=AUTH_TOKEN),
+     {"Authorization": "Bearer " + AUTH_TOKEN}, {"Authorization": "Basic !!notbase64"}],
+    ids=["none", "wrong-password", "other-account", "empty-user", "bearer", "garbage"],
+)
+def test_unauthenticated_callers_get_20003_and_nothing_is_sent(client, fake_twilio, db_engine, auth):
+    open_window(client)
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}, auth=auth)
+    assert response.status_code == 401
+    assert response.get_json() == {"code": 20003, "message": "Authenticate",
+                                   "more_info": "https://www.twilio.com/docs/errors/20003", "status": 401}
+    assert fake_twilio.creates == [] and attempts(db_engine) == []
+
+
+def test_another_account_in_the_path_is_404(client, fake_twilio):
+    path = f"/2010-04-01/Accounts/AC{'e' * 32}/Messages.json"
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}, path=path)
+    assert response.status_code == 404
+    assert response.get_json()["code"] == 20404 and set(response.get_json()) == SHAPE
+    assert fake_twilio.requests == []
+
+
+@pytest.mark.parametrize(
+    "fields, code",
+    [
+        ({"From": BUSINESS, "Body": "x"}, 21604),
+        ({"To": USER, "Body": "x"}, 21603),
+        ({"To": USER, "From": BUSINESS}, 21602),
+        ({"To": USER, "From": BUSINESS, "Body": ""}, 21602),
+        ({"To": "whatsapp:not-a-number", "From": BUSINESS, "Body": "x"}, 21211),
+        ({"To": USER, "From": "whatsapp:???", "Body": "x"}, 21212),
+        ({"To": USER, "From": "+14155550100", "Body": "x"}, 21910),
+    ],
+)
+def test_form_validation_like_twilio(client, fake_twilio, fields, code):
+    response = send(client, fields)
+    assert response.status_code == 400
+    body = response.get_json()
+    assert set(body) == SHAPE and body["code"] == code and body["status"] == 400
+    assert fake_twilio.requests == []
+
+
+def test_twilio_errors_are_relayed_unchanged(client, fake_twilio, db_engine):
+    open_window(client)
+    error = {"code": 21610, "message": "Attempt to send to unsubscribed recipient",
+             "more_info": "https://www.twilio.com/docs/errors/21610", "status": 400}
+    fake_twilio.fail_with = (400, error)
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    assert response.status_code == 400 and response.get_json() == error
+    assert response.headers["X-Proxy-Decision"] == "allowed"
+    [attempt] = attempts(db_engine)
+    assert (attempt["outcome"], attempt["upstream_status"]) == ("upstream_error", 400)
+
+
+def test_upstream_timeout_is_504_and_the_attempt_is_stored(client, fake_twilio, db_engine):
+    open_window(client)
+    fake_twilio.delay = 3.0  # longer than the 2 s timeout the test settings use
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    assert response.status_code == 504
+    assert set(response.get_json()) == SHAPE
+    assert attempts(db_engine)[0]["outcome"] == "upstream_timeout"
+    assert len(fake_twilio.creates) == 1  # never retried: a create is not idempotent
+
+
+def test_upstream_unreachable_is_502(settings, db_engine):
+    import socket
+    from dataclasses import replace
+
+    from proxy import create_app
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(replace(settings, twilio_api_base_url=f"http://127.0.0.1:{port}"))
+    client = app.test_client()
+    response = send(client, {"To": "+14155550111", "From": "+14155550100", "Body": "x"})
+    assert response.status_code == 502 and set(response.get_json()) == SHAPE
+    assert attempts(db_engine)[0]["outcome"] == "upstream_unreachable"
+    app.extensions["proxy"].engine.dispose()
+
+
+def test_other_api_calls_pass_through(client, fake_twilio):
+    open_window(client)
+    created = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()
+    fetched = client.get(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{created['sid']}.json", headers=basic_auth())
+    assert fetched.status_code == 200 and fetched.get_json() == created
+    assert fetched.headers["X-Proxy-Decision"] == "passthrough"
+    missing = client.get(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/SM{'0' * 32}.json", headers=basic_auth())
+    assert missing.status_code == 404 and missing.get_json()["code"] == 20404
+    assert client.get(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{created['sid']}.json").status_code == 401
+
+
+def test_unknown_paths_and_methods_get_twilio_shaped_errors(client):
+    response = client.get("/nope")
+    assert response.status_code == 404 and set(response.get_json()) == SHAPE
+    response = client.get("/twilio/inbound")
+    assert response.status_code == 405 and set(response.get_json()) == SHAPE
+
+
+def test_query_string_is_forwarded_for_passthrough(client, fake_twilio):
+    client.get(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json?PageSize=5&To=%2B1415", headers=basic_auth())
+    [received] = fake_twilio.requests
+    assert dict(parse_qsl(received.query)) == {"PageSize": "5", "To": "+1415"}

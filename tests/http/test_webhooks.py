@@ -1,0 +1,165 @@
+"""Inbound webhooks and status callbacks through the Flask test client, on the configured database."""
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from proxy.db import messages, utcnow, windows
+from tests.conftest import ACCOUNT_SID, BUSINESS, USER, inbound_params, sign, signed_post
+
+EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response />'
+
+
+def window_rows(engine):
+    with engine.connect() as conn:
+        return conn.execute(select(windows).order_by(windows.c.sender)).mappings().all()
+
+
+def count(engine, table):
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def test_inbound_opens_the_window_and_answers_empty_twiml(client, db_engine):
+    before = utcnow()
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "1" * 32))
+    assert response.status_code == 200
+    assert response.mimetype == "text/xml"
+    assert response.get_data(as_text=True) == EMPTY_TWIML
+    [row] = window_rows(db_engine)
+    assert (row["sender"], row["user"]) == (BUSINESS, USER)
+    assert before + timedelta(seconds=86400) <= row["expires_at"] <= utcnow() + timedelta(seconds=86400)
+    assert row["last_inbound_sid"] == "SM" + "1" * 32 and row["profile_name"] == "Ada"
+    with db_engine.connect() as conn:
+        msg = conn.execute(select(messages)).mappings().one()
+    assert (msg["direction"], msg["status"], msg["sender"], msg["user"]) == ("inbound", "received", BUSINESS, USER)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}, {"X-Twilio-Signature": ""}],
+    ids=["missing", "wrong", "empty"],
+)
+def test_bad_signature_is_403_and_records_nothing(client, db_engine, headers):
+    response = client.post("/twilio/inbound", data=inbound_params("SM" + "2" * 32), headers=headers)
+    assert response.status_code == 403
+    body = response.get_json()
+    assert set(body) == {"code", "message", "more_info", "status"} and body["status"] == 403
+    assert count(db_engine, windows) == 0 and count(db_engine, messages) == 0
+
+
+def test_signature_for_other_params_is_rejected(client, db_engine):
+    params = inbound_params("SM" + "3" * 32)
+    signature = sign("http://localhost/twilio/inbound", {**params, "Body": "something else"})
+    response = client.post("/twilio/inbound", data=params, headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 403
+    assert count(db_engine, windows) == 0
+
+
+def test_signature_with_another_token_is_rejected(client, db_engine):
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 32), token="other-token")
+    assert response.status_code == 403
+    assert count(db_engine, messages) == 0
+
+
+def test_retried_webhook_changes_nothing(client, db_engine):
+    params = inbound_params("SM" + "4" * 32)
+    assert signed_post(client, "/twilio/inbound", params).status_code == 200
+    [first] = window_rows(db_engine)
+    assert signed_post(client, "/twilio/inbound", params).status_code == 200
+    [again] = window_rows(db_engine)
+    assert again == first
+    assert count(db_engine, messages) == 1
+
+
+def test_newer_inbound_extends_the_window(client, db_engine):
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "5" * 32))
+    [first] = window_rows(db_engine)
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "6" * 32, ProfileName="Ada L."))
+    [second] = window_rows(db_engine)
+    assert second["expires_at"] > first["expires_at"]
+    assert second["last_inbound_sid"] == "SM" + "6" * 32 and second["profile_name"] == "Ada L."
+
+
+def test_messaging_service_makes_the_window_reachable_by_service(client, db_engine):
+    service = "MG" + "a" * 32
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 32, MessagingServiceSid=service))
+    rows = window_rows(db_engine)
+    assert {(r["sender"], r["user"]) for r in rows} == {(BUSINESS, USER), (service, USER)}
+    assert rows[0]["expires_at"] == rows[1]["expires_at"]
+
+
+def test_addresses_are_normalised(client, db_engine):
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "8" * 32, From="WhatsApp:14155550111",
+                                                          To="whatsapp:+1 415 555 0100"))
+    [row] = window_rows(db_engine)
+    assert (row["sender"], row["user"]) == (BUSINESS, USER)
+
+
+def test_windows_never_leak_across_channels(client, db_engine):
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "9" * 32, From="messenger:24680", To="messenger:13579"))
+    [row] = window_rows(db_engine)
+    assert (row["sender"], row["user"]) == ("messenger:13579", "messenger:24680")
+
+
+def status_params(sid, status, **extra):
+    params = {"MessageSid": sid, "SmsSid": sid, "AccountSid": ACCOUNT_SID, "From": BUSINESS, "To": USER,
+              "MessageStatus": status, "SmsStatus": status, "ChannelPrefix": "whatsapp", "ApiVersion": "2010-04-01"}
+    params.update(extra)
+    return params
+
+
+def message_row(engine, sid):
+    with engine.connect() as conn:
+        return conn.execute(select(messages).where(messages.c.sid == sid)).mappings().one()
+
+
+@pytest.mark.parametrize("path", ["/twilio/status", "/twilio/inbound"])
+def test_status_callback_records_status_and_never_opens_a_window(client, db_engine, path):
+    sid = "SM" + "b" * 32
+    response = signed_post(client, path, status_params(sid, "sent"))
+    assert response.status_code == 200
+    assert message_row(db_engine, sid)["status"] == "sent"
+    assert count(db_engine, windows) == 0
+
+
+def test_late_earlier_status_never_overwrites_a_later_one(client, db_engine):
+    sid = "SM" + "c" * 32
+    for status in ["delivered", "sent", "queued"]:
+        signed_post(client, "/twilio/status", status_params(sid, status))
+    assert message_row(db_engine, sid)["status"] == "delivered"
+    signed_post(client, "/twilio/status", status_params(sid, "read"))
+    assert message_row(db_engine, sid)["status"] == "read"
+
+
+def test_failure_is_final_and_keeps_its_error_code(client, db_engine):
+    sid = "SM" + "d" * 32
+    signed_post(client, "/twilio/status", status_params(sid, "failed", ErrorCode="63016"))
+    signed_post(client, "/twilio/status", status_params(sid, "sent"))
+    row = message_row(db_engine, sid)
+    assert (row["status"], row["error_code"]) == ("failed", 63016)
+
+
+def test_public_base_url_is_what_the_signature_covers(settings, db_engine):
+    from dataclasses import replace
+
+    from proxy import create_app
+    app = create_app(replace(settings, public_base_url="https://proxy.example.com"))
+    client = app.test_client()
+    params = inbound_params("SM" + "e" * 32)
+    # Signed for the public URL with a query string, received on an internal host name.
+    path = "/twilio/inbound?tenant=acme"
+    signature = sign("https://proxy.example.com" + path, params)
+    assert client.post(path, data=params, headers={"X-Twilio-Signature": signature}).status_code == 200
+    signature_for_internal = sign("http://localhost" + path, params)
+    assert client.post(path, data=params, headers={"X-Twilio-Signature": signature_for_internal}).status_code == 403
+    app.extensions["proxy"].engine.dispose()
+    assert count(db_engine, windows) == 1
+
+
+def test_malformed_inbound_is_a_twilio_shaped_400(client, db_engine):
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "f" * 32, From="whatsapp:nobody"))
+    assert response.status_code == 400
+    assert set(response.get_json()) == {"code", "message", "more_info", "status"}
+    assert count(db_engine, windows) == 0

@@ -1,0 +1,43 @@
+import pytest
+
+from proxy.addresses import InvalidAddress, channel_of, is_windowed, mask, normalise
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("whatsapp:+14155550100", "whatsapp:+14155550100"),
+        ("whatsapp:14155550100", "whatsapp:+14155550100"),
+        ("WhatsApp:+1 (415) 555-0100", "whatsapp:+14155550100"),
+        (" whatsapp: +44 7700 900123 ", "whatsapp:+447700900123"),
+        ("messenger:1234567890123456", "messenger:1234567890123456"),
+        ("Messenger:abc", "messenger:abc"),
+        ("+14155550100", "+14155550100"),
+        ("14155550100", "+14155550100"),
+        ("rcs:brand_agent", "rcs:brand_agent"),
+    ],
+)
+def test_normalise(raw, expected):
+    assert normalise(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "whatsapp:", "whatsapp:+0123", "whatsapp:hello", "whatsapp:+1234567890123456", "abc"])
+def test_normalise_rejects(raw):
+    with pytest.raises(InvalidAddress):
+        normalise(raw)
+
+
+def test_channels_do_not_mix():
+    assert channel_of("whatsapp:+14155550100") == "whatsapp"
+    assert channel_of("messenger:1") == "messenger"
+    assert channel_of("+14155550100") is None
+    assert is_windowed("whatsapp:+1") and is_windowed("messenger:1")
+    assert not is_windowed("+14155550100") and not is_windowed("rcs:x")
+    assert normalise("whatsapp:+14155550100") != normalise("+14155550100")
+
+
+def test_mask_hides_the_middle():
+    assert mask("whatsapp:+14155550100") == "whatsapp:+1415*****00"
+    assert mask("+14155550100") == "+1415*****00"
+    assert mask("MG123") == "*****"
+    assert mask(None) is None
