@@ -10,15 +10,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
-from . import cli, gateway, logs, webhooks
+from . import admin, cli, gateway, logs, webhooks
+from .content import ContentResolver
 from .db import make_engine
-from .errors import twilio_error
+from .errors import ApiError, twilio_error
 from .runtime import Runtime
 from .settings import ConfigError, Settings
 from .upstream import Upstream
 
-# Threads per gunicorn worker share one engine and one upstream pool; size both to match.
+# Threads of one gunicorn worker share its upstream pool (one connection per in-flight send)
+# and its database pool (held only for a few milliseconds per request, so far smaller).
 DEFAULT_POOL_SIZE = 64
+DB_POOL_SIZE = 10
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -33,14 +36,19 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    engine = make_engine(settings.database_url, pool_size=DB_POOL_SIZE)
+    upstream = Upstream(settings.twilio_api_base_url, settings.twilio_timeout_seconds, DEFAULT_POOL_SIZE)
     app.extensions["proxy"] = Runtime(
         settings=settings,
-        engine=make_engine(settings.database_url, pool_size=DEFAULT_POOL_SIZE),
-        upstream=Upstream(settings.twilio_api_base_url, settings.twilio_timeout_seconds, DEFAULT_POOL_SIZE),
+        engine=engine,
+        upstream=upstream,
         validator=RequestValidator(settings.auth_token),
+        content=ContentResolver(upstream.http, settings.twilio_content_base_url,
+                                (settings.account_sid, settings.auth_token), engine, settings.content_cache_seconds),
     )
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(gateway.bp)
+    app.register_blueprint(admin.bp)
     cli.register(app)
 
     @app.get("/healthz")
@@ -57,6 +65,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         if "request_id" in g:
             response.headers["X-Request-Id"] = g.request_id
         return response
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return exc.response()
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -1,4 +1,4 @@
-"""`flask --app proxy ...` commands: database migrations."""
+"""`flask --app proxy ...` commands: database migrations, content cache."""
 
 from __future__ import annotations
 
@@ -39,3 +39,18 @@ def register(app: Flask) -> None:
         command.current(alembic_config(app.extensions["proxy"].settings.database_url))
 
     app.cli.add_command(db)
+
+    content = click.Group("content", help="The Content API cache (types and WhatsApp approvals).")
+
+    @content.command("refresh")
+    def content_refresh():
+        """Fetch every Content and its approval (/v1/ContentAndApprovals) into the cache."""
+        from .content import ContentUnavailable
+
+        try:
+            count = app.extensions["proxy"].content.refresh_all()
+        except ContentUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"cached {count} content templates")
+
+    app.cli.add_command(content)

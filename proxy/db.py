@@ -103,11 +103,25 @@ send_attempts = Table(
     Column("error_code", Integer, nullable=True),
     Column("upstream_status", Integer, nullable=True),
     Column("message_sid", String(64), nullable=True),
+    Column("content_sid", String(34), nullable=True),
+    Column("approval_status", String(32), nullable=True),
     Column("outcome", String(32), nullable=False),
     Column("params", Text, nullable=False),
     Column("duration_ms", Integer, nullable=False),
     Index(None, "created_at"),
     Index(None, "message_sid"),
+)
+
+
+# Content API answers (types and WhatsApp approval), kept CONTENT_CACHE_SECONDS.
+content_cache = Table(
+    "content_cache",
+    metadata,
+    Column("sid", String(34), primary_key=True),
+    Column("types", Text, nullable=False),
+    Column("approval_status", String(32), nullable=False),
+    Column("friendly_name", String(256), nullable=True),
+    Column("fetched_at", UTCDateTime(), nullable=False),
 )
 
 

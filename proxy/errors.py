@@ -16,11 +16,26 @@ MESSAGES = {
     21603: "A 'From' phone number is required.",
     21604: "A 'To' phone number is required.",
     21910: "Invalid From and To pair. From and To should be of the same channel",
+    21654: "ContentSid Required",
+    21655: "The ContentSid is Invalid",
+    21656: "The ContentVariables Parameter is invalid",
+    35115: "SendAt must be a valid ISO-8601 date-time",
     63016: (
         "Failed to send freeform message because you are outside the allowed window. "
         "If you are using WhatsApp, please use a Message Template."
     ),
 }
+
+
+class ApiError(Exception):
+    """Raised anywhere in a request to answer with a Twilio-shaped error."""
+
+    def __init__(self, code: int, status: int, message: str | None = None, **fmt):
+        super().__init__(code)
+        self.code, self.status, self.message, self.fmt = code, status, message, fmt
+
+    def response(self) -> Response:
+        return twilio_error(self.code, self.status, self.message, **self.fmt)
 
 
 def error_body(code: int, status: int, message: str) -> dict:

@@ -1,4 +1,4 @@
-"""The drop-in Messages API: judges each create against the window, forwards the rest verbatim."""
+"""The drop-in Messages API: judges each create, then forwards, blocks or reroutes it."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import re
 import time
 
 from flask import Blueprint, Response, g, request
+from werkzeug.datastructures import MultiDict
 
 from . import logs, store
-from .addresses import WINDOWED_CHANNELS, InvalidAddress, channel_of, normalise
+from .auth import require_basic_auth
 from .db import utcnow
-from .errors import MESSAGES, twilio_error
-from .policy import OUTSIDE_WINDOW, Action, Decision, content_type_of, decide
+from .errors import twilio_error
+from .judge import Judgement, judge
+from .policy import Action, explain
 from .runtime import runtime
 from .upstream import UpstreamError
-from .windows import CLOSED, window_state
 
 bp = Blueprint("gateway", __name__, url_prefix="/2010-04-01")
 
@@ -25,27 +26,20 @@ _ACCOUNT_IN_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+?)(?:\.json)?(?:/|$)
 _FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept", "Accept-Charset", "User-Agent", "X-Twilio-Client",
                       "I-Twilio-Idempotency-Token")
 _RELAYED_HEADERS = ("Content-Type", "Twilio-Request-Id", "Twilio-Request-Duration", "Twilio-Concurrent-Requests")
+# What a rerouted send keeps of the original request; the content itself is replaced.
+_KEPT_ON_REROUTE = ("To", "From", "MessagingServiceSid", "StatusCallback", "ApplicationSid", "ValidityPeriod",
+                    "SendAt", "ScheduleType", "MessageIntent", "ContentRetention", "AddressRetention")
 
 
 @bp.before_request
 def authenticate():
-    rt = runtime()
-    auth = request.authorization
-    if auth is None or auth.type != "basic" or not credentials_match(auth.username, auth.password):
-        logs.event("auth_failed", redact=True, level=30, path=request.path, request_id=g.request_id)
-        return twilio_error(20003, 401)
+    denied = require_basic_auth()
+    if denied is not None:
+        return denied
     match = _ACCOUNT_IN_PATH.match(request.path)
-    if match and not hmac.compare_digest(match.group(1).encode(), rt.settings.account_sid.encode()):
+    if match and not hmac.compare_digest(match.group(1).encode(), runtime().settings.account_sid.encode()):
         return twilio_error(20404, 404, path=request.path)
     return None
-
-
-def credentials_match(username: str | None, password: str | None) -> bool:
-    settings = runtime().settings
-    # Both comparisons always run, in constant time, so timing reveals neither part.
-    user_ok = hmac.compare_digest((username or "").encode(), settings.account_sid.encode())
-    password_ok = hmac.compare_digest((password or "").encode(), settings.auth_token.encode())
-    return user_ok & password_ok
 
 
 @bp.post("/Accounts/<account_sid>/Messages.json")
@@ -53,75 +47,34 @@ def create_message(account_sid: str):
     rt, started = runtime(), time.perf_counter()
     raw_body = request.get_data(cache=True)  # kept so the forward is byte-for-byte what was sent
     form = request.form
-    to_raw = form.get("To", "").strip()
-    from_raw = form.get("From", "").strip()
-    service_sid = form.get("MessagingServiceSid", "").strip() or None
-    media_urls = [u for u in form.getlist("MediaUrl") if u.strip()]
-    content_sid = form.get("ContentSid", "").strip() or None
-    if not to_raw:
-        return twilio_error(21604, 400)
-    if not from_raw and not service_sid:
-        return twilio_error(21603, 400)
-    if not (form.get("Body") or media_urls or content_sid):
-        return twilio_error(21602, 400)
-
-    channel = channel_of(to_raw)
-    sender = user = None
-    state = CLOSED
-    content_type = content_type_of(form.get("Body"), media_urls, content_sid)
-    if channel in WINDOWED_CHANNELS:
-        try:
-            user = normalise(to_raw)
-        except InvalidAddress:
-            return twilio_error(21211, 400, to=to_raw)
-        if from_raw:
-            try:
-                sender = normalise(from_raw)
-            except InvalidAddress:
-                return twilio_error(21212, 400, from_=from_raw)
-            if channel_of(sender) != channel:
-                return twilio_error(21910, 400)
-        else:
-            sender = service_sid
-        with rt.engine.connect() as conn:
-            found = store.load_window(conn, sender, user)
-        if found:
-            state = window_state(*found, now=utcnow(), safety_margin_seconds=rt.settings.window_safety_margin_seconds)
-    decision = decide(channel, content_type, state)
-
-    attempt = dict(
-        request_id=g.request_id,
-        account_sid=account_sid,
-        sender=sender or from_raw or service_sid,
-        user=user or to_raw,
-        channel=channel,
-        content_type=content_type or ("content" if content_sid else None),
-        decision=decision.action.value,
-        reason=decision.reason,
-        error_code=decision.code,
-        params=json.dumps(list(form.items(multi=True))),
-    )
+    judgement = judge(rt, form)
+    decision = judgement.decision
     if decision.action is Action.BLOCKED:
-        response = twilio_error(decision.code, 400, blocked_message(decision, state))
+        response = twilio_error(decision.code, 400, explain(decision, judgement.send, judgement.window))
         outcome, upstream_status, message_sid = "blocked", None, None
+    elif decision.action is Action.REROUTED:
+        body = rerouted_form(form, judgement)
+        response, outcome, upstream_status, message_sid = _forward(body)
+        response.headers["X-Proxy-Rerouted-To"] = judgement.fallback.content_sid
     else:
         response, outcome, upstream_status, message_sid = _forward(raw_body)
-    _finish(attempt, decision, state, response, outcome, upstream_status, message_sid, started)
+    _finish(account_sid, form, judgement, response, outcome, upstream_status, message_sid, started)
     return response
 
 
-def blocked_message(decision: Decision, state) -> str:
-    base = MESSAGES[OUTSIDE_WINDOW]
-    if decision.reason == "no_window":
-        return f"{base} (proxy: this user has not messaged this sender, so no customer-service window is open.)"
-    expired = state.expires_at.isoformat().replace("+00:00", "Z")
-    return f"{base} (proxy: the customer-service window closed at {expired}.)"
+def rerouted_form(form: MultiDict, judgement: Judgement) -> list[tuple[str, str]]:
+    pairs = [(k, v) for k, v in form.items(multi=True) if k in _KEPT_ON_REROUTE]
+    pairs.append(("ContentSid", judgement.fallback.content_sid))
+    variables = judgement.fallback.render(judgement.profile_name)
+    if variables is not None:
+        pairs.append(("ContentVariables", variables))
+    return pairs
 
 
 @bp.route("/<path:rest>", methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
 def passthrough(rest: str):
     """Every other 2010-04-01 call goes to Twilio unchanged, so the whole client keeps working."""
-    rt, started = runtime(), time.perf_counter()
+    started = time.perf_counter()
     response, outcome, upstream_status, _ = _forward(request.get_data())
     response.headers["X-Proxy-Decision"] = Action.PASSTHROUGH.value
     logs.event("api_passthrough", redact=True, method=request.method, path=request.path, outcome=outcome,
@@ -129,9 +82,11 @@ def passthrough(rest: str):
     return response
 
 
-def _forward(body: bytes) -> tuple[Response, str, int | None, str | None]:
+def _forward(body) -> tuple[Response, str, int | None, str | None]:
     rt = runtime()
     headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
+    if isinstance(body, list):
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
     try:
         upstream = rt.upstream.request(
             request.method,
@@ -160,30 +115,52 @@ def _forward(body: bytes) -> tuple[Response, str, int | None, str | None]:
     return response, outcome, upstream.status_code, sid
 
 
-def _finish(attempt, decision, state, response, outcome, upstream_status, message_sid, started) -> None:
+def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream_status, message_sid, started) -> None:
     rt = runtime()
+    decision = judgement.decision
     response.headers["X-Proxy-Decision"] = decision.action.value
     duration = _ms(started)
+    content_type = judgement.send.content_type or ("content" if judgement.content_sid else None)
     stored = True
     try:
         with rt.engine.begin() as conn:
             store.record_attempt(
-                conn, **attempt, created_at=utcnow(), outcome=outcome, upstream_status=upstream_status,
-                message_sid=message_sid, duration_ms=int(duration),
+                conn,
+                created_at=utcnow(),
+                request_id=g.request_id,
+                account_sid=account_sid,
+                sender=judgement.sender,
+                user=judgement.user,
+                channel=judgement.channel,
+                content_type=content_type,
+                content_sid=judgement.content_sid,
+                approval_status=judgement.send.approval,
+                decision=decision.action.value,
+                reason=decision.reason,
+                error_code=decision.code,
+                params=json.dumps(list(form.items(multi=True))),
+                outcome=outcome,
+                upstream_status=upstream_status,
+                message_sid=message_sid,
+                duration_ms=int(duration),
             )
     except Exception:  # noqa: BLE001 — the send already happened; the caller must still get Twilio's answer
         stored = False
         logs.log.exception("attempt_not_stored", extra={"request_id": g.request_id, "message_sid": message_sid})
+    state = judgement.window
     logs.event(
         "send",
         redact=rt.settings.log_redact_numbers,
         decision=decision.action.value,
         reason=decision.reason,
         code=decision.code,
-        channel=attempt["channel"],
-        content_type=attempt["content_type"],
-        sender=attempt["sender"],
-        user=attempt["user"],
+        channel=judgement.channel,
+        content_type=content_type,
+        content_sid=judgement.content_sid,
+        approval_status=judgement.send.approval,
+        fallback_content_sid=judgement.fallback.content_sid if judgement.fallback else None,
+        sender=judgement.sender,
+        user=judgement.user,
         message_sid=message_sid,
         outcome=outcome,
         upstream_status=upstream_status,

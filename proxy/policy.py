@@ -1,23 +1,57 @@
-"""The send decision: a pure function of channel, content and window state (no clock, no I/O)."""
+"""The send decision: a pure function of channel, window state at send time, resolved content,
+approval status and policy settings (no clock, no I/O)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import Mapping
 
 from .addresses import WINDOWED_CHANNELS
+from .rules import (
+    MAX_SESSION_BUTTONS,
+    NEEDS_TEMPLATE,
+    OUTSIDE_WINDOW,
+    SESSION_BUTTON_TYPES,
+    TABLE,
+    Cell,
+)
 from .windows import WindowState
 
 TEXT = "twilio/text"
 MEDIA = "twilio/media"
 
-OUTSIDE_WINDOW = 63016
-
 
 class Action(str, Enum):
     ALLOWED = "allowed"
     BLOCKED = "blocked"
+    REROUTED = "rerouted"
     PASSTHROUGH = "passthrough"
+
+
+@dataclass(frozen=True)
+class Send:
+    """What one Messages create asks for, once its ContentSid (if any) is resolved."""
+
+    channel: str | None
+    content_type: str | None  # the type WhatsApp receives; None: no type WhatsApp supports
+    template: bool = False  # sent by ContentSid (may be approved) rather than Body/MediaUrl
+    approval: str | None = None  # WhatsApp approval status, lower case
+    buttons: tuple[str, ...] = ()  # action types of the delivered type, upper case
+
+    @property
+    def approved(self) -> bool:
+        return self.template and self.approval == "approved"
+
+
+@dataclass(frozen=True)
+class Policy:
+    button_rule: str = "strict"
+    default_action: str = "block"  # what happens to a send that may not go out: block | reroute
+    actions: Mapping[str, str] = field(default_factory=dict)  # per content type
+
+    def action_for(self, content_type: str | None) -> str:
+        return self.actions.get(content_type or "", self.default_action)
 
 
 @dataclass(frozen=True)
@@ -28,20 +62,98 @@ class Decision:
 
 
 def content_type_of(body: str | None, media_urls: list[str], content_sid: str | None) -> str | None:
-    """What a Messages create asks to send: free-form text or media, or None for a ContentSid."""
+    """The free-form type of a Body/MediaUrl send (None for ContentSid, resolved elsewhere)."""
     if content_sid:
         return None
     return MEDIA if media_urls else TEXT
 
 
-def decide(channel: str | None, content_type: str | None, window: WindowState) -> Decision:
-    """Judge one send. `content_type` None means a Content template (judged elsewhere for now)."""
-    if channel not in WINDOWED_CHANNELS:
+def decide(send: Send, window: WindowState, policy: Policy) -> Decision:
+    if send.channel not in WINDOWED_CHANNELS:
         return Decision(Action.PASSTHROUGH, "channel_not_windowed")
-    if content_type is None:
-        return Decision(Action.PASSTHROUGH, "content_sid_not_judged")
+    if send.channel == "messenger":
+        # Messenger has no templates: inside its 24-hour window anything goes, outside nothing.
+        return Decision(Action.ALLOWED, "window_open") if window.open else _closed(window)
+    if send.content_type is None:
+        return Decision(Action.BLOCKED, "type_not_supported_on_whatsapp", NEEDS_TEMPLATE)
+    in_session, out_of_session = TABLE[send.content_type]
+    if not send.template:
+        # Free-form Body/MediaUrl can never be an approved template.
+        return Decision(Action.ALLOWED, "window_open") if window.open else _closed(window)
     if window.open:
-        return Decision(Action.ALLOWED, "window_open")
-    if window.expires_at is None:
-        return Decision(Action.BLOCKED, "no_window", OUTSIDE_WINDOW)
-    return Decision(Action.BLOCKED, "window_closed", OUTSIDE_WINDOW)
+        if in_session is Cell.ALLOWED:
+            return Decision(Action.ALLOWED, "allowed_in_session")
+        if send.approved:
+            return Decision(Action.ALLOWED, "approved_template")
+        if in_session is Cell.DEPENDS_ON_BUTTONS:
+            if buttons_allowed_unapproved(send.content_type, send.buttons, policy.button_rule):
+                return Decision(Action.ALLOWED, "buttons_allowed_in_session")
+            return Decision(Action.BLOCKED, "buttons_need_approval", NEEDS_TEMPLATE)
+        return Decision(Action.BLOCKED, "needs_approval", NEEDS_TEMPLATE)
+    if out_of_session is Cell.NOT_SUPPORTED:
+        return Decision(Action.BLOCKED, "not_supported_out_of_session", OUTSIDE_WINDOW)
+    if send.approved:
+        return Decision(Action.ALLOWED, "approved_template")
+    return Decision(Action.BLOCKED, "template_not_approved", OUTSIDE_WINDOW)
+
+
+def _closed(window: WindowState) -> Decision:
+    reason = "no_window" if window.expires_at is None else "window_closed"
+    return Decision(Action.BLOCKED, reason, OUTSIDE_WINDOW)
+
+
+def buttons_allowed_unapproved(content_type: str, buttons: tuple[str, ...], button_rule: str) -> bool:
+    """May an unapproved template of this type carry these buttons in session?"""
+    if not buttons:
+        return True
+    allowed = SESSION_BUTTON_TYPES.get(content_type, frozenset())
+    if len(buttons) > MAX_SESSION_BUTTONS[button_rule] or not set(buttons) <= allowed:
+        return False
+    # WhatsApp rejects mixed action types and more than one URL button.
+    return len(set(buttons)) == 1 and buttons.count("URL") <= 1
+
+
+def reroute(blocked: Decision, send: Send, fallback: Send | None, window: WindowState, policy: Policy) -> Decision:
+    """Turn a block into a reroute when the policy asks for it and the fallback may really go out."""
+    if blocked.action is not Action.BLOCKED or policy.action_for(send.content_type) != "reroute":
+        return blocked
+    if send.channel != "whatsapp" or fallback is None:
+        return blocked  # Messenger has no templates to fall back to
+    if not fallback.approved or decide(fallback, window, policy).action is not Action.ALLOWED:
+        return Decision(Action.BLOCKED, f"{blocked.reason}+fallback_not_sendable", blocked.code)
+    return Decision(Action.REROUTED, blocked.reason, blocked.code)
+
+
+def explain(decision: Decision, send: Send, window: WindowState) -> str:
+    """The message of a block: which rule, which type, so the caller can act on it."""
+    kind = send.content_type or "this content"
+    if decision.reason in ("no_window", "window_closed"):
+        if decision.reason == "no_window":
+            why = "this user has not messaged this sender, so no customer-service window is open"
+        else:
+            why = f"the customer-service window closed at {_z(window.expires_at)}"
+        return (
+            "Failed to send freeform message because you are outside the allowed window. "
+            f"If you are using WhatsApp, please use a Message Template. (proxy: {why}.)"
+        )
+    base = decision.reason.split("+")[0]
+    texts = {
+        "template_not_approved": f"Outside the 24-hour window only an approved template may be sent; "
+                                 f"this {kind} template's WhatsApp approval is '{send.approval}'.",
+        "not_supported_out_of_session": f"{kind} cannot be sent outside the 24-hour window on WhatsApp, "
+                                        "even as an approved template.",
+        "needs_approval": f"{kind} needs an approved template even inside the 24-hour window; "
+                          f"this template's WhatsApp approval is '{send.approval}'.",
+        "buttons_need_approval": f"An unapproved {kind} may be sent in session only with buttons WhatsApp allows "
+                                 f"without approval (buttons: {', '.join(send.buttons) or 'none'}); "
+                                 "submit it for approval.",
+        "type_not_supported_on_whatsapp": "This content has no type WhatsApp can receive.",
+    }
+    text = texts.get(base, base)
+    if decision.reason.endswith("+fallback_not_sendable"):
+        text += " The configured fallback template is not approved or cannot be sent now, so nothing was sent."
+    return f"{text} (proxy: rule {base}, code {decision.code}.)"
+
+
+def _z(value) -> str:
+    return value.isoformat().replace("+00:00", "Z") if value else "?"

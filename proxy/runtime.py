@@ -8,6 +8,7 @@ from flask import current_app
 from sqlalchemy import Engine
 from twilio.request_validator import RequestValidator
 
+from .content import ContentResolver
 from .settings import Settings
 from .upstream import Upstream
 
@@ -18,6 +19,7 @@ class Runtime:
     engine: Engine
     upstream: Upstream
     validator: RequestValidator
+    content: ContentResolver
 
 
 def runtime() -> Runtime:

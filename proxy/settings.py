@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
+
+from .policy import Policy
+from .policy_file import Fallback, PolicyFileError, load, parse_fallback
 
 DEFAULT_SQLITE_PATH = Path("instance") / "proxy.sqlite3"
 
@@ -27,6 +31,14 @@ class Settings:
     twilio_timeout_seconds: float = 10.0
     log_level: str = "INFO"
     log_redact_numbers: bool = True
+    twilio_content_base_url: str = "https://content.twilio.com"
+    content_cache_seconds: int = 300
+    policy: Policy = field(default_factory=Policy)
+    fallback: Fallback | None = None  # FALLBACK_CONTENT_SID, for every sender without its own
+    fallbacks: Mapping[str, Fallback] = field(default_factory=dict)  # per sender, from POLICY_FILE
+
+    def fallback_for(self, sender: str | None) -> Fallback | None:
+        return self.fallbacks.get(sender or "", self.fallback)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -47,6 +59,19 @@ class Settings:
         level = env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL.")
+        fallback = _fallback(env)
+        policy_file = None
+        if env.get("POLICY_FILE", "").strip():
+            try:
+                policy_file = load(env["POLICY_FILE"].strip())
+            except PolicyFileError as exc:
+                raise ConfigError(f"POLICY_FILE: {exc}") from None
+        button_rule = _choice(env, "BUTTON_RULE", "strict", ("strict", "lenient"))
+        action = _choice(env, "OUT_OF_WINDOW_ACTION", "reroute" if fallback else "block", ("block", "reroute"))
+        actions = dict(policy_file.actions) if policy_file else {}
+        fallbacks = dict(policy_file.fallbacks) if policy_file else {}
+        if "reroute" in {action, *actions.values()} and not (fallback or fallbacks):
+            raise ConfigError("OUT_OF_WINDOW_ACTION=reroute needs FALLBACK_CONTENT_SID (or fallbacks in POLICY_FILE).")
         return cls(
             account_sid=account_sid,
             auth_token=env["TWILIO_AUTH_TOKEN"].strip(),
@@ -58,6 +83,11 @@ class Settings:
             twilio_timeout_seconds=_float(env, "TWILIO_TIMEOUT_SECONDS", 10.0),
             log_level=level,
             log_redact_numbers=_bool(env, "LOG_REDACT_NUMBERS", True),
+            twilio_content_base_url=_url(env, "TWILIO_CONTENT_BASE_URL", "https://content.twilio.com"),
+            content_cache_seconds=_int(env, "CONTENT_CACHE_SECONDS", 300, minimum=0),
+            policy=Policy(button_rule=button_rule, default_action=action, actions=actions),
+            fallback=fallback,
+            fallbacks=fallbacks,
         )
 
 
@@ -76,6 +106,32 @@ def normalise_database_url(raw: str) -> str:
     if scheme.startswith("sqlite"):
         return url
     raise ConfigError(f"DATABASE_URL scheme {scheme!r} is not supported (use postgresql:// or sqlite://).")
+
+
+def _fallback(env: Mapping[str, str]) -> Fallback | None:
+    sid = env.get("FALLBACK_CONTENT_SID", "").strip()
+    raw = env.get("FALLBACK_CONTENT_VARIABLES", "").strip()
+    if not sid:
+        if raw:
+            raise ConfigError("FALLBACK_CONTENT_VARIABLES is set but FALLBACK_CONTENT_SID is not.")
+        return None
+    try:
+        variables = json.loads(raw) if raw else {}
+    except ValueError:
+        raise ConfigError("FALLBACK_CONTENT_VARIABLES must be a JSON object of strings.") from None
+    try:
+        return parse_fallback(sid, variables, "FALLBACK_CONTENT_SID/FALLBACK_CONTENT_VARIABLES")
+    except PolicyFileError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}.")
+    return raw
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:

@@ -141,14 +141,13 @@ def record_status(
     return conn.execute(stmt).first() is not None
 
 
-def load_window(conn: Connection, sender: str, user: str) -> tuple[datetime, datetime] | None:
-    """(expires_at, last_inbound_at) of the pair, through the unique (sender, user) index."""
-    row = conn.execute(
-        select(windows.c.expires_at, windows.c.last_inbound_at).where(
+def load_window(conn: Connection, sender: str, user: str):
+    """(expires_at, last_inbound_at, profile_name) of the pair, through the unique (sender, user) index."""
+    return conn.execute(
+        select(windows.c.expires_at, windows.c.last_inbound_at, windows.c.profile_name).where(
             windows.c.sender == sender, windows.c.user == user
         )
     ).first()
-    return (row.expires_at, row.last_inbound_at) if row else None
 
 
 def record_attempt(conn: Connection, **fields) -> None:

@@ -22,6 +22,35 @@ BUSINESS = "whatsapp:+14155550100"
 USER = "whatsapp:+14155550111"
 
 
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", None, ""}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_only():
+    """Tests talk to 127.0.0.1 only: any other host name or address fails the test at once."""
+    import socket
+
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in LOOPBACK_HOSTS and not str(name).startswith("127."):
+            raise OSError(f"test tried to resolve {name!r}: only loopback is allowed")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def guarded_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            if not (host.startswith("127.") or host in ("::1", "localhost")):
+                raise OSError(f"test tried to connect to {host!r}: only loopback is allowed")
+        return real_connect(sock, address)
+
+    socket.getaddrinfo = guarded_getaddrinfo
+    socket.socket.connect = guarded_connect
+    yield
+    socket.getaddrinfo, socket.socket.connect = real_getaddrinfo, real_connect
+
+
 def pytest_report_header(config):
     return f"database: {_database_kind()}"
 
@@ -76,6 +105,7 @@ def settings(database_url, fake_twilio) -> Settings:
         auth_token=AUTH_TOKEN,
         database_url=database_url,
         twilio_api_base_url=fake_twilio.url,
+        twilio_content_base_url=fake_twilio.url,
         twilio_timeout_seconds=2.0,
     )
 

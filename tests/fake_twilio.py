@@ -32,12 +32,27 @@ class FakeTwilio:
     delay: float = 0.0
     fail_with: tuple[int, dict] | None = None
     messages: dict = field(default_factory=dict)
+    contents: dict = field(default_factory=dict)
+    content_down: bool = False
+    url: str = ""
 
     def reset(self) -> None:
         self.requests.clear()
         self.messages.clear()
+        self.contents.clear()
         self.delay = 0.0
         self.fail_with = None
+        self.content_down = False
+
+    def add_content(self, types: dict, approval: str | None = "approved", *, flat: bool = False,
+                    sid: str | None = None) -> str:
+        """A Content resource shaped like the Content API's examples; approval None means never submitted."""
+        sid = sid or "HX" + uuid.uuid4().hex
+        self.contents[sid] = {"types": types, "approval": approval, "flat": flat}
+        return sid
+
+    def content_requests(self, sid: str | None = None) -> list[Received]:
+        return [r for r in self.requests if r.path.startswith("/v1/") and (sid is None or sid in r.path)]
 
     @property
     def creates(self) -> list[Received]:
@@ -62,7 +77,9 @@ class FakeTwilio:
                 time.sleep(self.delay)
             if not authorised():
                 return _error(20003, 401, "Authenticate")
-            if self.fail_with:
+            if self.content_down and request.path.startswith("/v1/"):
+                return _error(20503, 503, "Service Unavailable")
+            if self.fail_with and not request.path.startswith("/v1/"):
                 status, body = self.fail_with
                 return Response(json.dumps(body), status=status, mimetype="application/json")
             return None
@@ -91,6 +108,61 @@ class FakeTwilio:
             if sid not in self.messages:
                 return _error(20404, 404, f"The requested resource {request.path} was not found")
             return Response(json.dumps(self.messages[sid]), mimetype="application/json; charset=utf-8")
+
+        def content_json(sid):
+            c = self.contents[sid]
+            return {
+                "sid": sid, "account_sid": self.account_sid, "friendly_name": f"content {sid[-4:]}",
+                "language": "en", "variables": {"1": "name"}, "types": c["types"],
+                "url": f"{self.url}/v1/Content/{sid}", "date_created": "2026-01-01T00:00:00Z",
+                "date_updated": "2026-01-01T00:00:00Z",
+                "links": {"approval_create": f"{self.url}/v1/Content/{sid}/ApprovalRequests/whatsapp",
+                          "approval_fetch": f"{self.url}/v1/Content/{sid}/ApprovalRequests"},
+            }
+
+        def approval_json(sid):
+            c = self.contents[sid]
+            whatsapp = {"type": "whatsapp", "name": f"template_{sid[-6:]}", "category": "UTILITY",
+                        "content_type": next(iter(c["types"]), ""), "status": c["approval"] or "unsubmitted",
+                        "rejection_reason": "", "allow_category_change": True}
+            return whatsapp
+
+        @app.get("/v1/Content/<sid>")
+        def content(sid):
+            if sid not in self.contents:
+                return _error(20404, 404, f"The requested resource /Content/{sid} was not found")
+            return Response(json.dumps(content_json(sid)), mimetype="application/json")
+
+        @app.get("/v1/Content/<sid>/ApprovalRequests")
+        def approval(sid):
+            if sid not in self.contents:
+                return _error(20404, 404, f"The requested resource /Content/{sid}/ApprovalRequests was not found")
+            whatsapp = approval_json(sid)
+            body = whatsapp if self.contents[sid]["flat"] else {
+                "sid": sid, "account_sid": self.account_sid, "whatsapp": whatsapp,
+                "url": f"{self.url}/v1/Content/{sid}/ApprovalRequests"}
+            return Response(json.dumps(body), mimetype="application/json")
+
+        @app.get("/v1/ContentAndApprovals")
+        def content_and_approvals():
+            size, page = int(request.args.get("PageSize", 50)), int(request.args.get("Page", 0))
+            sids = sorted(self.contents)
+            chunk = sids[page * size:(page + 1) * size]
+            items = []
+            for sid in chunk:
+                item = content_json(sid)
+                item.pop("url"), item.pop("links")
+                approval = approval_json(sid)
+                approval.pop("type")
+                item["approval_requests"] = approval if self.contents[sid]["flat"] else {"whatsapp": approval}
+                items.append(item)
+            base = f"{self.url}/v1/ContentAndApprovals?PageSize={size}"
+            more = (page + 1) * size < len(sids)
+            meta = {"page": page, "page_size": size, "first_page_url": f"{base}&Page=0",
+                    "previous_page_url": f"{base}&Page={page - 1}" if page else None,
+                    "next_page_url": f"{base}&Page={page + 1}" if more else None,
+                    "url": f"{base}&Page={page}", "key": "contents"}
+            return Response(json.dumps({"contents": items, "meta": meta}), mimetype="application/json")
 
         return app
 

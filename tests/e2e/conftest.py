@@ -73,7 +73,8 @@ class Gunicorn:
 def proxy_server(database_url, db_engine, fake_twilio, tmp_path):
     server = Gunicorn(
         {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "DATABASE_URL": database_url,
-         "TWILIO_API_BASE_URL": fake_twilio.url, "WEB_CONCURRENCY": "2", "TWILIO_TIMEOUT_SECONDS": "5"},
+         "TWILIO_API_BASE_URL": fake_twilio.url,
+         "TWILIO_CONTENT_BASE_URL": fake_twilio.url, "WEB_CONCURRENCY": "2", "TWILIO_TIMEOUT_SECONDS": "5"},
         tmp_path / "gunicorn.log",
     )
     yield server

@@ -86,3 +86,18 @@ def test_concurrent_inbound_webhooks_leave_one_row_with_the_latest_expiry(proxy_
     latest_sid, latest_at = max(received, key=lambda r: r.created_at)
     assert rows[0]["expires_at"] == latest_at + timedelta(seconds=86400)
     assert rows[0]["last_inbound_at"] == latest_at
+
+
+def test_real_client_sees_63005_for_unapproved_rich_content_in_session(proxy_server, fake_twilio):
+    client = twilio_client(proxy_server)
+    carousel = fake_twilio.add_content({"twilio/carousel": {"body": "c", "cards": []}}, "pending")
+    post_inbound(proxy_server, inbound_params("SM" + "2" * 32))
+    with pytest.raises(TwilioRestException) as exc:
+        client.messages.create(to=USER, from_=BUSINESS, content_sid=carousel)
+    assert exc.value.code == 63005 and exc.value.status == 400
+    assert "twilio/carousel" in exc.value.msg
+    approved = fake_twilio.add_content({"twilio/carousel": {"body": "c", "cards": []}}, "approved")
+    message = client.messages.create(to=USER, from_=BUSINESS, content_sid=approved,
+                                     content_variables=json.dumps({"1": "Ada"}))
+    assert isinstance(message, MessageInstance) and message.sid in fake_twilio.messages
+    assert dict(fake_twilio.creates[0].form)["ContentVariables"] == '{"1": "Ada"}'

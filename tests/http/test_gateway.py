@@ -120,12 +120,6 @@ def test_other_channels_pass_through_unchecked(client, fake_twilio, db_engine, t
     assert attempts(db_engine)[0]["reason"] == "channel_not_windowed"
 
 
-def test_content_sid_sends_pass_through_for_now(client, fake_twilio, db_engine):
-    response = send(client, {"To": USER, "From": BUSINESS, "ContentSid": "HX" + "d" * 32})
-    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "passthrough"
-    assert attempts(db_engine)[0]["reason"] == "content_sid_not_judged"
-
-
 @pytest.mark.parametrize(
     "auth",
     [{}, basic_auth(password="wrong"), basic_auth(user="AC" + "f" * 32), basic_auth(user="", password=AUTH_TOKEN),

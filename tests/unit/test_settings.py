@@ -63,3 +63,71 @@ def test_create_app_exits_with_a_message_naming_the_variables(monkeypatch, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "TWILIO_ACCOUNT_SID" in err and "TWILIO_AUTH_TOKEN" in err
+
+
+HX = "HX" + "1" * 32
+
+
+def test_reroute_is_the_default_when_a_fallback_is_set():
+    s = Settings.from_env({**BASE, "FALLBACK_CONTENT_SID": HX, "FALLBACK_CONTENT_VARIABLES": '{"1": "{profile_name}"}'})
+    assert s.policy.default_action == "reroute"
+    assert s.fallback.content_sid == HX and s.fallback.render("Ada") == '{"1": "Ada"}'
+    assert Settings.from_env(BASE).policy.default_action == "block"
+    assert Settings.from_env({**BASE, "FALLBACK_CONTENT_SID": HX, "OUT_OF_WINDOW_ACTION": "block"}).policy \
+        .default_action == "block"
+
+
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"OUT_OF_WINDOW_ACTION": "reroute"}, "FALLBACK_CONTENT_SID"),
+        ({"OUT_OF_WINDOW_ACTION": "drop"}, "OUT_OF_WINDOW_ACTION"),
+        ({"BUTTON_RULE": "loose"}, "BUTTON_RULE"),
+        ({"FALLBACK_CONTENT_SID": "HX123"}, "content_sid"),
+        ({"FALLBACK_CONTENT_SID": HX, "FALLBACK_CONTENT_VARIABLES": "{"}, "FALLBACK_CONTENT_VARIABLES"),
+        ({"FALLBACK_CONTENT_SID": HX, "FALLBACK_CONTENT_VARIABLES": '{"1": 2}'}, "variables"),
+        ({"FALLBACK_CONTENT_VARIABLES": '{"1": "x"}'}, "FALLBACK_CONTENT_SID"),
+        ({"CONTENT_CACHE_SECONDS": "-5"}, "CONTENT_CACHE_SECONDS"),
+        ({"TWILIO_CONTENT_BASE_URL": "content.twilio.com"}, "TWILIO_CONTENT_BASE_URL"),
+        ({"POLICY_FILE": "/nonexistent/policy.toml"}, "POLICY_FILE"),
+    ],
+)
+def test_policy_settings_errors_name_the_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({**BASE, **env})
+
+
+def test_policy_file(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text(f'''
+[actions]
+"twilio/list-picker" = "block"
+"twilio/text" = "reroute"
+
+[fallbacks."whatsapp:14155550100"]
+content_sid = "{HX}"
+variables = {{ "1" = "{{profile_name}}" }}
+''')
+    s = Settings.from_env({**BASE, "POLICY_FILE": str(path)})
+    assert s.policy.action_for("twilio/list-picker") == "block"
+    assert s.policy.action_for("twilio/text") == "reroute"
+    assert s.policy.action_for("twilio/media") == "block"
+    assert s.fallback_for("whatsapp:+14155550100").content_sid == HX
+    assert s.fallback_for("whatsapp:+19999999999") is None
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ('[actions]\n"twilio/text" = "reroute"\n"twilio/nope" = "block"\n', 3),
+        ('[actions]\n\n"twilio/text" = "explode"\n', 3),
+        ('[actions]\n"twilio/text" = \n', 2),  # TOML syntax error: tomllib names the line
+        ('[fallbacks."whatsapp:+1415"]\ncontent_sid = "HX1"\n', 1),
+        ('\n[routing]\nx = 1\n', 2),
+    ],
+)
+def test_invalid_policy_file_names_the_line(tmp_path, text, line):
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"POLICY_FILE.*line {line}"):
+        Settings.from_env({**BASE, "POLICY_FILE": str(path)})

@@ -1,0 +1,28 @@
+"""Who may call the gateway and the admin API: HTTP Basic with the account SID and auth token."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import g, request
+
+from . import logs
+from .errors import twilio_error
+from .runtime import runtime
+
+
+def credentials_match(username: str | None, password: str | None) -> bool:
+    settings = runtime().settings
+    # Both comparisons always run, in constant time, so timing reveals neither part.
+    user_ok = hmac.compare_digest((username or "").encode(), settings.account_sid.encode())
+    password_ok = hmac.compare_digest((password or "").encode(), settings.auth_token.encode())
+    return user_ok & password_ok
+
+
+def require_basic_auth():
+    """A before_request hook: 401 with Twilio's 20003 body unless the caller holds the credentials."""
+    auth = request.authorization
+    if auth is None or auth.type != "basic" or not credentials_match(auth.username, auth.password):
+        logs.event("auth_failed", redact=True, level=30, path=request.path, request_id=g.request_id)
+        return twilio_error(20003, 401)
+    return None

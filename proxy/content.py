@@ -1,0 +1,161 @@
+"""Resolve a ContentSid to the type WhatsApp receives, its buttons and its approval, cached with a TTL."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Iterator, Mapping
+from urllib.parse import urlsplit
+
+from sqlalchemy import Engine, select
+from twilio.http.http_client import TwilioHttpClient
+
+from .db import content_cache, utcnow
+from .rules import NOT_ON_WHATSAPP, TABLE, WHATSAPP_COMPLEXITY
+from .store import _insert
+
+CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
+
+
+class ContentNotFound(LookupError):
+    """The Content API does not know this sid (Twilio's 21655)."""
+
+
+class ContentUnavailable(RuntimeError):
+    """The Content API could not be asked; the proxy fails closed rather than guess."""
+
+
+@dataclass(frozen=True)
+class Content:
+    sid: str
+    types: Mapping[str, Any]
+    approval: str  # WhatsApp approval status, lower case; "unsubmitted" when none was requested
+    friendly_name: str | None = None
+
+    @property
+    def delivered_type(self) -> str | None:
+        return delivered_type(self.types)
+
+    @property
+    def buttons(self) -> tuple[str, ...]:
+        return buttons_of(self.types, self.delivered_type)
+
+
+def delivered_type(types: Mapping[str, Any]) -> str | None:
+    """The most complex type WhatsApp supports among those present; Twilio sends that one."""
+    present = [t for t in types if t in TABLE and t not in NOT_ON_WHATSAPP]
+    if not present:
+        return None
+    return max(present, key=WHATSAPP_COMPLEXITY.index)
+
+
+def buttons_of(types: Mapping[str, Any], content_type: str | None) -> tuple[str, ...]:
+    body = types.get(content_type or "") or {}
+    actions = body.get("actions") if isinstance(body, Mapping) else None
+    if not isinstance(actions, list):
+        return ()
+    return tuple(str(a.get("type", "")).strip().upper() for a in actions if isinstance(a, Mapping))
+
+
+def approval_status(approval: Mapping[str, Any] | None) -> str:
+    """WhatsApp status from an ApprovalRequests body, nested ({"whatsapp": {...}}) or flat."""
+    if not isinstance(approval, Mapping):
+        return "unsubmitted"
+    inner = approval.get("whatsapp", approval)
+    status = inner.get("status") if isinstance(inner, Mapping) else None
+    return str(status).strip().lower() if status else "unsubmitted"
+
+
+class ContentResolver:
+    """Content API lookups behind a per-process and a database cache, both with one TTL."""
+
+    def __init__(self, http: TwilioHttpClient, base_url: str, auth: tuple[str, str], engine: Engine, ttl: int):
+        self.http, self.base_url, self.auth, self.engine, self.ttl = http, base_url.rstrip("/"), auth, engine, ttl
+        self.list_page_size = 500
+        self._memory: dict[str, tuple[float, Content]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, sid: str) -> Content:
+        hit = self._memory.get(sid)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        content = self._from_database(sid) or self._fetch(sid)
+        with self._lock:
+            self._memory[sid] = (time.monotonic() + self.ttl, content)
+        return content
+
+    def _from_database(self, sid: str) -> Content | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(content_cache).where(content_cache.c.sid == sid)).mappings().first()
+        if row is None or row["fetched_at"] < utcnow() - timedelta(seconds=self.ttl):
+            return None
+        return Content(sid, json.loads(row["types"]), row["approval_status"], row["friendly_name"])
+
+    def _fetch(self, sid: str) -> Content:
+        content = self._get_json(f"/v1/Content/{sid}")
+        if content is None:
+            raise ContentNotFound(sid)
+        approval = self._get_json(f"/v1/Content/{sid}/ApprovalRequests")
+        resolved = Content(sid, content.get("types") or {}, approval_status(approval), content.get("friendly_name"))
+        self.save([resolved], utcnow())
+        return resolved
+
+    def save(self, contents: list[Content], fetched_at: datetime) -> None:
+        with self.engine.begin() as conn:
+            for c in contents:
+                stmt = _insert(conn, content_cache).values(
+                    sid=c.sid, types=json.dumps(c.types), approval_status=c.approval,
+                    friendly_name=c.friendly_name, fetched_at=fetched_at,
+                )
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["sid"],
+                    set_={k: stmt.excluded[k] for k in ("types", "approval_status", "friendly_name", "fetched_at")},
+                ))
+        with self._lock:
+            for c in contents:
+                self._memory.pop(c.sid, None)
+
+    def list_all(self) -> Iterator[Content]:
+        """Every Content with its approval, following /v1/ContentAndApprovals pages."""
+        url = f"{self.base_url}/v1/ContentAndApprovals?PageSize={self.list_page_size}"
+        while url:
+            page = self._get_json_url(url)
+            if page is None:
+                raise ContentUnavailable("ContentAndApprovals answered 404")
+            for item in page.get("contents") or []:
+                yield Content(item["sid"], item.get("types") or {}, approval_status(item.get("approval_requests")),
+                              item.get("friendly_name"))
+            url = self._same_host((page.get("meta") or {}).get("next_page_url"))
+
+    def _same_host(self, url: str | None) -> str | None:
+        # Credentials only ever go to the configured Content API host, whatever a page links to.
+        if not url or url.startswith(self.base_url + "/"):
+            return url
+        parts = urlsplit(url)
+        return f"{self.base_url}{parts.path}?{parts.query}" if parts.query else f"{self.base_url}{parts.path}"
+
+    def refresh_all(self) -> int:
+        contents = list(self.list_all())
+        self.save(contents, utcnow())
+        return len(contents)
+
+    def _get_json(self, path: str) -> dict | None:
+        return self._get_json_url(self.base_url + path)
+
+    def _get_json_url(self, url: str) -> dict | None:
+        try:
+            response = self.http.request("GET", url, auth=self.auth, headers={"Accept": "application/json"})
+        except Exception as exc:  # noqa: BLE001 — any transport failure means "cannot know"
+            raise ContentUnavailable(f"Content API unreachable ({type(exc).__name__})") from exc
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise ContentUnavailable(f"Content API answered {response.status_code}")
+        try:
+            return json.loads(response.text)
+        except ValueError as exc:
+            raise ContentUnavailable("Content API answered with invalid JSON") from exc

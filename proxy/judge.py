@@ -1,0 +1,137 @@
+"""Judge a Messages create form: validate it like Twilio, look up the window and the content, decide."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from werkzeug.datastructures import MultiDict
+
+from . import store
+from .addresses import WINDOWED_CHANNELS, InvalidAddress, channel_of, normalise
+from .content import CONTENT_SID, ContentNotFound, ContentUnavailable
+from .db import utcnow
+from .errors import ApiError
+from .policy import Action, Decision, Send, content_type_of, decide, reroute
+from .policy_file import Fallback
+from .runtime import Runtime
+from .windows import CLOSED, WindowState, window_state
+
+
+@dataclass(frozen=True)
+class Judgement:
+    decision: Decision
+    send: Send
+    window: WindowState
+    channel: str | None
+    sender: str | None
+    user: str | None
+    content_sid: str | None
+    judged_at: datetime
+    fallback: Fallback | None = None
+    profile_name: str | None = None
+
+
+def validate(form: MultiDict) -> None:
+    """The synchronous checks Twilio itself makes, answered with Twilio's codes."""
+    media_urls = [u for u in form.getlist("MediaUrl") if u.strip()]
+    if not form.get("To", "").strip():
+        raise ApiError(21604, 400)
+    if not form.get("From", "").strip() and not form.get("MessagingServiceSid", "").strip():
+        raise ApiError(21603, 400)
+    content_sid = form.get("ContentSid", "").strip()
+    if not (form.get("Body") or media_urls or content_sid):
+        raise ApiError(21602, 400)
+    if content_sid and not CONTENT_SID.match(content_sid):
+        raise ApiError(21655, 400)
+    variables = form.get("ContentVariables")
+    if variables is not None and variables.strip():
+        if not content_sid:
+            raise ApiError(21654, 400)
+        try:
+            parsed = json.loads(variables)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+            raise ApiError(21656, 400, "The ContentVariables Parameter is invalid: it must be a JSON object of strings.")
+
+
+def send_time(form: MultiDict, now: datetime) -> datetime:
+    """A scheduled send is judged against the window as it will be when Twilio sends it."""
+    raw = form.get("SendAt", "").strip()
+    if not raw:
+        return now
+    try:
+        at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(35115, 400) from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    return max(at.astimezone(timezone.utc), now)
+
+
+def judge(rt: Runtime, form: MultiDict) -> Judgement:
+    validate(form)
+    to_raw, from_raw = form.get("To", "").strip(), form.get("From", "").strip()
+    service_sid = form.get("MessagingServiceSid", "").strip() or None
+    content_sid = form.get("ContentSid", "").strip() or None
+    media_urls = [u for u in form.getlist("MediaUrl") if u.strip()]
+    channel = channel_of(to_raw)
+    now = utcnow()
+    free_form_type = content_type_of(form.get("Body"), media_urls, content_sid)
+    if channel not in WINDOWED_CHANNELS:
+        send = Send(channel, free_form_type, template=bool(content_sid))
+        return Judgement(decide(send, CLOSED, rt.settings.policy), send, CLOSED, channel, from_raw or service_sid,
+                         to_raw, content_sid, now)
+
+    try:
+        user = normalise(to_raw)
+    except InvalidAddress:
+        raise ApiError(21211, 400, to=to_raw) from None
+    sender = service_sid
+    if from_raw:
+        try:
+            sender = normalise(from_raw)
+        except InvalidAddress:
+            raise ApiError(21212, 400, from_=from_raw) from None
+        if channel_of(sender) != channel:
+            raise ApiError(21910, 400)
+
+    at = send_time(form, now)
+    with rt.engine.connect() as conn:
+        row = store.load_window(conn, sender, user)
+    window = window_state(row.expires_at, row.last_inbound_at, now=at,
+                          safety_margin_seconds=rt.settings.window_safety_margin_seconds) if row else CLOSED
+    profile_name = row.profile_name if row else None
+
+    send = Send(channel, free_form_type)
+    if content_sid and channel == "whatsapp":
+        send = resolve(rt, content_sid, channel)
+    elif content_sid:
+        send = Send(channel, None, template=True)
+    decision = decide(send, window, rt.settings.policy)
+
+    fallback = rt.settings.fallback_for(sender)
+    if decision.action is Action.BLOCKED and fallback and rt.settings.policy.action_for(send.content_type) == "reroute":
+        try:
+            fallback_send = resolve(rt, fallback.content_sid, channel)
+        except ApiError as exc:
+            if exc.code != 21655:
+                raise
+            fallback_send = None  # a deleted fallback template: block, and say so
+        decision = reroute(decision, send, fallback_send, window, rt.settings.policy)
+    return Judgement(decision, send, window, channel, sender, user, content_sid, now,
+                     fallback if decision.action is Action.REROUTED else None, profile_name)
+
+
+def resolve(rt: Runtime, content_sid: str, channel: str) -> Send:
+    try:
+        content = rt.content.get(content_sid)
+    except ContentNotFound:
+        raise ApiError(21655, 400) from None
+    except ContentUnavailable as exc:
+        # Fail closed: without the template's type and approval nothing can be judged.
+        raise ApiError(503, 503, f"The Content API could not be asked about {content_sid} ({exc}); "
+                                 "nothing was sent. Retry later.") from None
+    return Send(channel, content.delivered_type, template=True, approval=content.approval, buttons=content.buttons)

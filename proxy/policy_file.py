@@ -1,0 +1,91 @@
+"""Read POLICY_FILE (TOML): the action per content type and a fallback template per sender."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from .addresses import InvalidAddress, normalise
+from .rules import TABLE
+
+ACTIONS = ("block", "reroute")
+CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
+
+
+class PolicyFileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """An approved template sent instead of a blocked message."""
+
+    content_sid: str
+    variables: Mapping[str, str] = field(default_factory=dict)
+
+    def render(self, profile_name: str | None) -> str | None:
+        if not self.variables:
+            return None
+        return json.dumps({k: v.replace("{profile_name}", profile_name or "") for k, v in self.variables.items()})
+
+
+@dataclass(frozen=True)
+class PolicyFile:
+    actions: Mapping[str, str]
+    fallbacks: Mapping[str, Fallback]
+
+
+def parse_fallback(content_sid: object, variables: object, where: str) -> Fallback:
+    if not isinstance(content_sid, str) or not CONTENT_SID.match(content_sid):
+        raise PolicyFileError(f"{where}: content_sid must look like HX followed by 32 hex characters")
+    if variables is None:
+        variables = {}
+    if not isinstance(variables, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in variables.items()
+    ):
+        raise PolicyFileError(f"{where}: variables must be a table (JSON object) of strings")
+    return Fallback(content_sid, dict(variables))
+
+
+def load(path: str) -> PolicyFile:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyFileError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyFileError(f"{path}: {exc}") from None  # tomllib names the line and column
+
+    def at(key: str) -> str:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if key in line:
+                return f"{path} line {number}"
+        return path
+
+    unknown = set(data) - {"actions", "fallbacks"}
+    if unknown:
+        first = sorted(unknown)[0]
+        raise PolicyFileError(f"{at(first)}: unknown section {first!r} (expected [actions] and [fallbacks])")
+    actions = {}
+    for content_type, action in (data.get("actions") or {}).items():
+        if content_type not in TABLE:
+            raise PolicyFileError(f"{at(content_type)}: unknown content type {content_type!r}")
+        if action not in ACTIONS:
+            raise PolicyFileError(f"{at(content_type)}: action for {content_type!r} must be block or reroute")
+        actions[content_type] = action
+    fallbacks = {}
+    for sender, spec in (data.get("fallbacks") or {}).items():
+        where = at(sender)
+        if not isinstance(spec, Mapping):
+            raise PolicyFileError(f"{where}: fallback for {sender!r} must be a table with content_sid")
+        try:
+            key = sender if sender.startswith("MG") else normalise(sender)
+        except InvalidAddress as exc:
+            raise PolicyFileError(f"{where}: {exc}") from None
+        fallbacks[key] = parse_fallback(spec.get("content_sid"), spec.get("variables"), where)
+    return PolicyFile(actions, fallbacks)

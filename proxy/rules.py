@@ -1,0 +1,73 @@
+"""WhatsApp approval requirements per Twilio content type, transcribed cell by cell from
+`shared/seed/whatsapp-session-definitions.txt` (Twilio's "Session Definitions" page)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Cell(str, Enum):
+    ALLOWED = "allowed"                        # ✅ Can reply to inbound messages
+    NEEDS_APPROVAL = "needs_approval"          # ⚠️ Template approval required
+    DEPENDS_ON_BUTTONS = "depends_on_buttons"  # ⚠️ Template approval may be required ... based on buttons types present
+    NOT_SUPPORTED = "not_supported"            # ❌ Not supported
+
+
+A, T, B, X = Cell.ALLOWED, Cell.NEEDS_APPROVAL, Cell.DEPENDS_ON_BUTTONS, Cell.NOT_SUPPORTED
+
+# content type:              (User Initiated: 24 hour window, Business Initiated: out of session)
+TABLE: dict[str, tuple[Cell, Cell]] = {
+    "twilio/text":             (A, T),
+    "twilio/media":            (A, T),
+    "twilio/location":         (A, X),
+    "twilio/call-to-action":   (B, T),
+    "twilio/quick-reply":      (A, T),
+    "twilio/list-picker":      (A, X),
+    "twilio/card":             (B, T),
+    "twilio/carousel":         (T, T),
+    "twilio/catalog":          (A, T),
+    "twilio/flows":            (T, T),
+    "whatsapp/card":           (B, T),
+    "whatsapp/authentication": (T, T),
+    # Not in the seed; placed where Twilio's content-types overview table puts it.
+    "twilio/pay":              (A, X),
+}
+
+# Content types WhatsApp cannot receive at all (twilio/schedule is for other channels).
+NOT_ON_WHATSAPP = frozenset({"twilio/schedule"})
+
+# "Twilio sends the most complex translation that the chosen channel supports", WhatsApp's order,
+# least to most complex (Twilio's content-types overview).
+WHATSAPP_COMPLEXITY: tuple[str, ...] = (
+    "twilio/text",
+    "twilio/media",
+    "twilio/location",
+    "twilio/quick-reply",
+    "twilio/call-to-action",
+    "twilio/list-picker",
+    "twilio/card",
+    "twilio/carousel",
+    "twilio/catalog",
+    "twilio/pay",
+    "twilio/flows",
+    "whatsapp/card",
+    "whatsapp/authentication",
+)
+
+# Button types an *unapproved* template may carry in session (Twilio's per-type pages).
+# A PHONE_NUMBER or COPY_CODE button, or any other type, needs approval.
+SESSION_BUTTON_TYPES: dict[str, frozenset[str]] = {
+    "twilio/card": frozenset({"QUICK_REPLY", "URL", "VOICE_CALL"}),
+    "twilio/call-to-action": frozenset({"QUICK_REPLY", "URL", "VOICE_CALL", "VOICE_CALL_REQUEST"}),
+    "whatsapp/card": frozenset({"QUICK_REPLY", "URL", "VOICE_CALL"}),
+}
+
+# BUTTON_RULE: the docs say both "approval is required when a card contains multiple buttons"
+# (strict: at most one) and "a maximum of three buttons" in session (lenient, all of one type,
+# at most one URL).
+MAX_SESSION_BUTTONS = {"strict": 1, "lenient": 3}
+
+# Out-of-session types that cannot start a conversation get the same error as a closed window.
+OUTSIDE_WINDOW = 63016
+# In session, content that needs an approval it does not have: "Channel did not accept given content".
+NEEDS_TEMPLATE = 63005

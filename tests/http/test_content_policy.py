@@ -1,0 +1,271 @@
+"""ContentSid sends judged against the whole table: Content API lookups, approval, buttons, reroute, preflight."""
+
+import json
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from proxy import create_app
+from proxy.db import content_cache, send_attempts, utcnow, windows
+from proxy.policy import Policy
+from proxy.policy_file import Fallback
+from proxy.rules import TABLE, Cell
+from tests.conftest import BUSINESS, USER, basic_auth
+from tests.http.test_gateway import MESSAGES, SHAPE, open_window, send
+
+SAMPLE_BODIES = {
+    "twilio/text": {"body": "Hi {{1}}"},
+    "twilio/media": {"body": "See", "media": ["https://example.com/a.png"]},
+    "twilio/location": {"latitude": 39.7, "longitude": 104.9, "label": "Shop"},
+    "twilio/call-to-action": {"body": "Call", "actions": [{"type": "URL", "title": "Open", "url": "https://x"}]},
+    "twilio/quick-reply": {"body": "Pick", "actions": [{"type": "QUICK_REPLY", "title": "Yes", "id": "y"}]},
+    "twilio/list-picker": {"body": "List", "button": "Open", "items": [{"item": "a", "id": "a"}]},
+    "twilio/card": {"title": "Card", "actions": [{"type": "QUICK_REPLY", "title": "Ok", "id": "ok"}]},
+    "twilio/carousel": {"body": "Carousel", "cards": []},
+    "twilio/catalog": {"body": "Catalog", "id": "1"},
+    "twilio/flows": {"body": "Flow", "pages": []},
+    "whatsapp/card": {"body": "WA card", "actions": [{"type": "URL", "title": "Go", "url": "https://x"}]},
+    "whatsapp/authentication": {"add_security_recommendation": True,
+                                "actions": [{"type": "COPY_CODE", "copy_code_text": "Copy"}]},
+    "twilio/pay": {"body": "Pay"},
+}
+
+
+def template_send(client, sid, **extra):
+    return send(client, {"To": USER, "From": BUSINESS, "ContentSid": sid, **extra})
+
+
+def expected(content_type, in_window, approved):
+    """What the seed says for one cell, for the sample bodies above (each with at most one allowed button)."""
+    in_cell, out_cell = TABLE[content_type]
+    if in_window:
+        ok = approved or in_cell in (Cell.ALLOWED, Cell.DEPENDS_ON_BUTTONS)
+        return (201, None) if ok else (400, 63005)
+    if out_cell is Cell.NOT_SUPPORTED:
+        return 400, 63016
+    return (201, None) if approved else (400, 63016)
+
+
+@pytest.mark.parametrize("approved", [True, False], ids=["approved", "unapproved"])
+@pytest.mark.parametrize("in_window", [True, False], ids=["in-window", "out-of-window"])
+@pytest.mark.parametrize("content_type", list(TABLE))
+def test_every_cell_through_http(client, fake_twilio, content_type, in_window, approved):
+    sid = fake_twilio.add_content({content_type: SAMPLE_BODIES[content_type]},
+                                  "approved" if approved else "unsubmitted")
+    if in_window:
+        open_window(client)
+    response = template_send(client, sid)
+    status, code = expected(content_type, in_window, approved)
+    assert response.status_code == status, response.get_json()
+    if code:
+        body = response.get_json()
+        assert set(body) == SHAPE and body["code"] == code
+        assert content_type in body["message"] or "window" in body["message"]
+        assert response.headers["X-Proxy-Decision"] == "blocked"
+        assert fake_twilio.creates == []
+    else:
+        assert response.headers["X-Proxy-Decision"] == "allowed"
+        assert [dict(r.form)["ContentSid"] for r in fake_twilio.creates] == [sid]
+
+
+def test_multi_type_content_is_judged_by_the_type_whatsapp_receives(client, fake_twilio):
+    # text alone could go out in session; with a carousel beside it WhatsApp gets the carousel.
+    sid = fake_twilio.add_content({"twilio/text": {"body": "x"}, "twilio/carousel": {"body": "c", "cards": []}},
+                                  "pending")
+    open_window(client)
+    response = template_send(client, sid)
+    assert response.status_code == 400 and response.get_json()["code"] == 63005
+    assert "twilio/carousel" in response.get_json()["message"] and "'pending'" in response.get_json()["message"]
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["nested", "flat"])
+def test_approval_nested_or_flat(client, fake_twilio, flat):
+    sid = fake_twilio.add_content({"twilio/text": {"body": "x"}}, "APPROVED", flat=flat)
+    assert template_send(client, sid).status_code == 201
+
+
+def test_phone_number_button_needs_approval_in_session(client, fake_twilio):
+    sid = fake_twilio.add_content({"twilio/card": {"title": "t", "actions": [{"type": "PHONE_NUMBER", "phone": "+1"}]}},
+                                  "unsubmitted")
+    open_window(client)
+    response = template_send(client, sid)
+    assert response.status_code == 400 and response.get_json()["code"] == 63005
+    assert "PHONE_NUMBER" in response.get_json()["message"]
+
+
+def test_lenient_button_rule_allows_three_of_one_type(settings, db_engine, fake_twilio):
+    actions = [{"type": "QUICK_REPLY", "title": str(i), "id": str(i)} for i in range(3)]
+    sid = fake_twilio.add_content({"twilio/card": {"title": "t", "actions": actions}}, "unsubmitted")
+    strict = create_app(settings).test_client()
+    open_window(strict)
+    assert template_send(strict, sid).status_code == 400
+    lenient = create_app(replace(settings, policy=Policy(button_rule="lenient"))).test_client()
+    assert template_send(lenient, sid).status_code == 201
+
+
+def test_unknown_content_sid_is_21655(client, fake_twilio):
+    response = template_send(client, "HX" + "0" * 32)
+    assert response.status_code == 400 and response.get_json()["code"] == 21655
+    assert template_send(client, "HXnot-a-sid").get_json()["code"] == 21655
+    assert fake_twilio.creates == []
+
+
+@pytest.mark.parametrize("variables", ["not json", "[1, 2]", '{"1": 5}', '{"1": null}', '"text"'])
+def test_invalid_content_variables_is_21656(client, fake_twilio, variables):
+    sid = fake_twilio.add_content({"twilio/text": {"body": "x"}})
+    response = template_send(client, sid, ContentVariables=variables)
+    assert response.status_code == 400 and response.get_json()["code"] == 21656
+    assert fake_twilio.creates == []
+
+
+def test_content_variables_without_content_sid_is_21654(client, fake_twilio):
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x", "ContentVariables": '{"1": "a"}'})
+    assert response.status_code == 400 and response.get_json()["code"] == 21654
+
+
+def test_content_api_down_fails_closed(client, fake_twilio):
+    sid = fake_twilio.add_content({"twilio/text": {"body": "x"}})
+    fake_twilio.content_down = True
+    open_window(client)
+    response = template_send(client, sid)
+    assert response.status_code == 503 and set(response.get_json()) == SHAPE
+    assert fake_twilio.creates == []
+
+
+def test_content_is_cached_in_the_database_with_a_ttl(settings, db_engine, fake_twilio):
+    sid = fake_twilio.add_content({"twilio/text": {"body": "x"}})
+    first = create_app(settings).test_client()
+    for _ in range(3):
+        assert template_send(first, sid).status_code == 201
+    assert len(fake_twilio.content_requests(sid)) == 2  # content + approval, once
+    # A second process (new app) reads the database cache instead of calling Twilio.
+    second = create_app(settings).test_client()
+    assert template_send(second, sid).status_code == 201
+    assert len(fake_twilio.content_requests(sid)) == 2
+    # Once the TTL has passed, the next send asks again and sees the new approval.
+    fake_twilio.contents[sid]["approval"] = "paused"
+    with db_engine.begin() as conn:
+        conn.execute(update(content_cache).values(fetched_at=utcnow() - timedelta(seconds=301)))
+    third = create_app(settings).test_client()
+    response = template_send(third, sid)
+    assert response.status_code == 400 and "'paused'" in response.get_json()["message"]
+    assert len(fake_twilio.content_requests(sid)) == 4
+
+
+def test_content_refresh_command_lists_content_and_approvals(settings, db_engine, fake_twilio):
+    sids = [fake_twilio.add_content({"twilio/text": {"body": str(i)}}, "approved" if i % 2 else "rejected")
+            for i in range(7)]
+    app = create_app(settings)
+    app.extensions["proxy"].content.list_page_size = 3  # forces three pages
+    result = app.test_cli_runner().invoke(args=["content", "refresh"])
+    assert result.exit_code == 0, result.output
+    assert "7" in result.output
+    with db_engine.connect() as conn:
+        rows = {r.sid: r.approval_status for r in conn.execute(select(content_cache))}
+    assert rows == {sid: ("approved" if i % 2 else "rejected") for i, sid in enumerate(sids)}
+    pages = [r for r in fake_twilio.requests if r.path == "/v1/ContentAndApprovals"]
+    assert len(pages) == 3
+    # Sends now judge from the cache without asking Twilio per content.
+    client = app.test_client()
+    assert template_send(client, sids[1]).status_code == 201
+    assert template_send(client, sids[0]).status_code == 400
+    assert len(fake_twilio.content_requests(sids[1])) == 0
+
+
+def test_scheduled_send_is_judged_at_send_time(client, fake_twilio):
+    open_window(client)  # open now, for 24 h
+    soon = (utcnow() + timedelta(hours=1)).isoformat()
+    later = (utcnow() + timedelta(days=2)).isoformat().replace("+00:00", "Z")
+    base = {"To": USER, "From": BUSINESS, "Body": "x", "ScheduleType": "fixed"}
+    assert send(client, {**base, "SendAt": soon}).status_code == 201
+    blocked = send(client, {**base, "SendAt": later})
+    assert blocked.status_code == 400 and blocked.get_json()["code"] == 63016
+    assert send(client, {**base, "SendAt": "next tuesday"}).get_json()["code"] == 35115
+
+
+FALLBACK_VARS = {"1": "{profile_name}", "2": "order"}
+
+
+@pytest.fixture
+def reroute_app(settings, db_engine, fake_twilio):
+    fallback_sid = fake_twilio.add_content({"twilio/text": {"body": "Hi {{1}}, about your {{2}}"}}, "approved")
+    app = create_app(replace(settings, policy=Policy(default_action="reroute"),
+                             fallback=Fallback(fallback_sid, FALLBACK_VARS)))
+    app.fallback_sid = fallback_sid
+    return app
+
+
+def test_reroute_sends_the_approved_fallback_instead(reroute_app, fake_twilio, db_engine):
+    client = reroute_app.test_client()
+    open_window(client)  # records ProfileName "Ada"
+    with db_engine.begin() as conn:
+        conn.execute(update(windows).values(expires_at=utcnow() - timedelta(hours=1)))
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "free form", "StatusCallback": "https://app/cb",
+                             "MediaUrl": "https://example.com/x.png"})
+    assert response.status_code == 201
+    assert response.headers["X-Proxy-Decision"] == "rerouted"
+    assert response.headers["X-Proxy-Rerouted-To"] == reroute_app.fallback_sid
+    [received] = fake_twilio.creates
+    form = dict(received.form)
+    assert form == {"To": USER, "From": BUSINESS, "StatusCallback": "https://app/cb",
+                    "ContentSid": reroute_app.fallback_sid,
+                    "ContentVariables": json.dumps({"1": "Ada", "2": "order"})}
+    assert response.get_json()["sid"] in fake_twilio.messages
+    with db_engine.connect() as conn:
+        attempt = conn.execute(select(send_attempts)).mappings().one()
+    assert (attempt["decision"], attempt["reason"], attempt["message_sid"]) == \
+        ("rerouted", "window_closed", response.get_json()["sid"])
+
+
+def test_reroute_of_types_not_supported_out_of_session(reroute_app, fake_twilio):
+    sid = fake_twilio.add_content({"twilio/location": SAMPLE_BODIES["twilio/location"]}, "approved")
+    response = template_send(reroute_app.test_client(), sid)
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "rerouted"
+    assert dict(fake_twilio.creates[0].form)["ContentSid"] == reroute_app.fallback_sid
+
+
+def test_reroute_blocks_when_the_fallback_is_not_approved(reroute_app, fake_twilio):
+    fake_twilio.contents[reroute_app.fallback_sid]["approval"] = "rejected"
+    response = send(reroute_app.test_client(), {"To": USER, "From": BUSINESS, "Body": "x"})
+    assert response.status_code == 400 and response.get_json()["code"] == 63016
+    assert "fallback" in response.get_json()["message"]
+    assert fake_twilio.creates == []
+
+
+def test_in_window_allowed_sends_are_never_rerouted(reroute_app, fake_twilio):
+    client = reroute_app.test_client()
+    open_window(client)
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    assert response.headers["X-Proxy-Decision"] == "allowed"
+    assert dict(fake_twilio.creates[0].form)["Body"] == "x"
+
+
+def test_messenger_out_of_window_is_blocked_even_with_reroute(reroute_app, fake_twilio):
+    response = send(reroute_app.test_client(), {"To": "messenger:1", "From": "messenger:2", "Body": "x"})
+    assert response.status_code == 400 and response.headers["X-Proxy-Decision"] == "blocked"
+
+
+PREFLIGHT = "/v1/preflight"
+
+
+def test_preflight_answers_without_sending(client, fake_twilio):
+    sid = fake_twilio.add_content({"twilio/card": SAMPLE_BODIES["twilio/card"]}, "pending")
+    response = client.post(PREFLIGHT, data={"To": USER, "From": BUSINESS, "ContentSid": sid}, headers=basic_auth())
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["decision"] == "blocked" and body["reason"] == "template_not_approved" and body["code"] == 63016
+    assert body["content_type"] == "twilio/card" and body["approval_status"] == "pending"
+    assert body["window"] == {"open": False, "expires_at": None, "last_inbound_at": None, "seconds_left": 0}
+    open_window(client)
+    body = client.post(PREFLIGHT, data={"To": USER, "From": BUSINESS, "ContentSid": sid}, headers=basic_auth()).get_json()
+    assert body["decision"] == "allowed" and body["reason"] == "buttons_allowed_in_session"
+    assert body["window"]["open"] is True and 86000 < body["window"]["seconds_left"] <= 86340
+    assert fake_twilio.creates == []
+
+
+def test_preflight_needs_auth_and_valid_fields(client):
+    assert client.post(PREFLIGHT, data={"To": USER, "From": BUSINESS, "Body": "x"}).status_code == 401
+    response = client.post(PREFLIGHT, data={"From": BUSINESS, "Body": "x"}, headers=basic_auth())
+    assert response.status_code == 400 and response.get_json()["code"] == 21604

@@ -1,0 +1,47 @@
+"""Parsing Content API answers: the delivered type, buttons, approval status."""
+
+import pytest
+
+from proxy.content import approval_status, buttons_of, delivered_type
+
+
+@pytest.mark.parametrize(
+    "types, expected",
+    [
+        ({"twilio/text": {}}, "twilio/text"),
+        ({"twilio/text": {}, "twilio/location": {}}, "twilio/location"),
+        ({"twilio/media": {}, "twilio/card": {}, "twilio/quick-reply": {}}, "twilio/card"),
+        ({"twilio/list-picker": {}, "twilio/call-to-action": {}}, "twilio/list-picker"),
+        ({"twilio/catalog": {}, "twilio/pay": {}}, "twilio/pay"),
+        ({"whatsapp/card": {}, "whatsapp/authentication": {}, "twilio/text": {}}, "whatsapp/authentication"),
+        ({"twilio/schedule": {}, "twilio/text": {}}, "twilio/text"),  # schedule is not a WhatsApp type
+        ({"twilio/schedule": {}}, None),
+        ({}, None),
+    ],
+)
+def test_delivered_type_is_the_most_complex_whatsapp_type(types, expected):
+    assert delivered_type(types) == expected
+
+
+def test_buttons_of():
+    types = {"twilio/card": {"title": "t", "actions": [{"type": "url", "title": "a"}, {"type": "PHONE_NUMBER"}]}}
+    assert buttons_of(types, "twilio/card") == ("URL", "PHONE_NUMBER")
+    assert buttons_of({"twilio/card": {"title": "t"}}, "twilio/card") == ()
+    assert buttons_of({"twilio/card": {"actions": "nope"}}, "twilio/card") == ()
+    assert buttons_of({}, None) == ()
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ({"whatsapp": {"status": "approved"}}, "approved"),
+        ({"whatsapp": {"status": "APPROVED"}}, "approved"),
+        ({"status": "Rejected", "name": "x"}, "rejected"),  # flat, as in ContentAndApprovals examples
+        ({"whatsapp": {}}, "unsubmitted"),
+        ({"whatsapp": None}, "unsubmitted"),
+        ({}, "unsubmitted"),
+        (None, "unsubmitted"),
+    ],
+)
+def test_approval_status(body, expected):
+    assert approval_status(body) == expected
