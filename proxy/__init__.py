@@ -10,10 +10,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
-from . import admin, cli, gateway, logs, webhooks
+from . import admin, cli, gateway, logs, ops, webhooks
 from .content import ContentResolver
 from .db import make_engine
 from .errors import ApiError, twilio_error
+from .migrate import head_revision
 from .runtime import Runtime
 from .settings import ConfigError, Settings
 from .upstream import Upstream
@@ -32,7 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             # A clean message, not a traceback, for whoever starts the proxy.
             sys.stderr.write(f"whatsapp-window-proxy: configuration error: {exc}\n")
             raise SystemExit(2) from None
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
@@ -43,17 +44,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         engine=engine,
         upstream=upstream,
         validator=RequestValidator(settings.auth_token),
+        migrations_head=head_revision(),
         content=ContentResolver(upstream.http, settings.twilio_content_base_url,
                                 (settings.account_sid, settings.auth_token), engine, settings.content_cache_seconds),
     )
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(gateway.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(ops.bp)
     cli.register(app)
-
-    @app.get("/healthz")
-    def healthz():
-        return {"status": "ok"}
 
     @app.before_request
     def assign_request_id():

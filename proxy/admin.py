@@ -1,11 +1,12 @@
-"""The proxy's own API under /v1 (same Basic auth as the gateway): preflight."""
+"""The proxy's own API under /v1 (same Basic auth as the gateway): preflight and windows."""
 
 from __future__ import annotations
 
 from flask import Blueprint, g, request
 
-from . import logs
+from . import logs, window_api
 from .auth import require_basic_auth
+from .errors import ApiError
 from .judge import judge
 from .policy import Action, explain
 from .runtime import runtime
@@ -40,3 +41,35 @@ def preflight():
         "judged_at": judgement.judged_at.isoformat().replace("+00:00", "Z"),
         "window": judgement.window.as_json(),
     }
+
+
+@bp.get("/windows")
+def window():
+    """One pair's window: GET /v1/windows?sender=whatsapp:+1415…&user=whatsapp:+1415…"""
+    return window_api.show(runtime(), request.args.get("sender"), request.args.get("user"))
+
+
+@bp.get("/windows/expiring")
+def expiring():
+    """Windows that close within `within` seconds, soonest first, so an app can nudge the user in time."""
+    within = _int_arg("within", 3600, 1, 7 * 86400)
+    page_size = _int_arg("PageSize", 50, 1, 1000)
+    result = window_api.expiring(runtime(), within, page_size, request.args.get("PageToken"))
+    token = result["meta"]["next_page_token"]
+    result["meta"]["next_page_url"] = (
+        f"{request.path}?within={within}&PageSize={page_size}&PageToken={token}" if token else None
+    )
+    return result
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ApiError(400, 400, f"{name} must be a whole number from {low} to {high}.")
+    return value

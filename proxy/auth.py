@@ -1,4 +1,5 @@
-"""Who may call the gateway and the admin API: HTTP Basic with the account SID and auth token."""
+"""Who may call the gateway and the admin API: HTTP Basic with the account SID and auth token,
+or with an API key (SK sid and secret) listed in TWILIO_API_KEYS, as twilio-python sends them."""
 
 from __future__ import annotations
 
@@ -13,9 +14,14 @@ from .runtime import runtime
 
 def credentials_match(username: str | None, password: str | None) -> bool:
     settings = runtime().settings
+    username, password = (username or "").encode(), (password or "").encode()
+    key_secret = settings.api_keys.get(username.decode(errors="replace"))
+    if key_secret is not None:
+        # An API key's sid is not a secret; its secret is compared in constant time.
+        return hmac.compare_digest(password, key_secret.encode())
     # Both comparisons always run, in constant time, so timing reveals neither part.
-    user_ok = hmac.compare_digest((username or "").encode(), settings.account_sid.encode())
-    password_ok = hmac.compare_digest((password or "").encode(), settings.auth_token.encode())
+    user_ok = hmac.compare_digest(username, settings.account_sid.encode())
+    password_ok = hmac.compare_digest(password, settings.auth_token.encode())
     return user_ok & password_ok
 
 

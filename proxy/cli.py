@@ -1,26 +1,20 @@
-"""`flask --app proxy ...` commands: database migrations, content cache."""
+"""`flask --app proxy ...` commands: migrations, content cache, windows, retention."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import re
+from datetime import timedelta
 
 import click
 from alembic import command
-from alembic.config import Config
 from flask import Flask
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+from . import store, window_api
+from .db import utcnow
+from .errors import ApiError
 
-
-def alembic_config(database_url: str) -> Config:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
-    return cfg
-
-
-def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+from .migrate import alembic_config, upgrade
 
 
 def register(app: Flask) -> None:
@@ -54,3 +48,50 @@ def register(app: Flask) -> None:
         click.echo(f"cached {count} content templates")
 
     app.cli.add_command(content)
+
+    windows = click.Group("windows", help="Customer-service windows.")
+
+    @windows.command("show")
+    @click.argument("sender")
+    @click.argument("user")
+    def windows_show(sender: str, user: str):
+        """The window of SENDER (whatsapp:+E164 or MG…) and USER (whatsapp:+E164)."""
+        try:
+            click.echo(json.dumps(window_api.show(app.extensions["proxy"], sender, user), indent=2))
+        except ApiError as exc:
+            raise click.BadParameter(exc.message) from None
+
+    @windows.command("expiring")
+    @click.option("--within", default="1h", show_default=True, help="e.g. 3600, 90m, 2h")
+    @click.option("--limit", default=100, show_default=True)
+    def windows_expiring(within: str, limit: int):
+        """Windows that close within the given time, soonest first (one JSON object per line)."""
+        seconds = int(parse_duration(within).total_seconds())
+        result = window_api.expiring(app.extensions["proxy"], seconds, limit, None)
+        for item in result["windows"]:
+            click.echo(json.dumps(item))
+        click.echo(f"{len(result['windows'])} window(s) close within {within}"
+                   + (" (more: raise --limit)" if result["meta"]["next_page_token"] else ""), err=True)
+
+    app.cli.add_command(windows)
+
+    @app.cli.command("purge")
+    @click.option("--older-than", "older_than", required=True, help="e.g. 30d, 12h, 2w")
+    def purge(older_than: str):
+        """Delete message and send-attempt records older than the given age, and windows closed that long.
+
+        Open windows are never deleted."""
+        cutoff = utcnow() - parse_duration(older_than)
+        with app.extensions["proxy"].engine.begin() as conn:
+            counts = store.purge(conn, cutoff)
+        click.echo(", ".join(f"{n} {table}" for table, n in counts.items()) + f" deleted (before {cutoff:%Y-%m-%dT%H:%M:%SZ})")
+
+
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration such as 3600, 90m, 12h, 30d or 2w")
+    return timedelta(**{_UNITS[match.group(2) or "s"]: int(match.group(1))})

@@ -11,6 +11,7 @@ from flask import Blueprint, Response, g, request
 from werkzeug.datastructures import MultiDict
 
 from . import logs, store
+from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
 from .db import utcnow
 from .errors import twilio_error
@@ -87,6 +88,8 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
     headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
     if isinstance(body, list):
         headers["Content-Type"] = "application/x-www-form-urlencoded"
+    operation = "create" if request.path.endswith("/Messages.json") and request.method == "POST" else "passthrough"
+    started = time.perf_counter()
     try:
         upstream = rt.upstream.request(
             request.method,
@@ -96,11 +99,13 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
             headers=headers,
         )
     except UpstreamError as exc:
+        UPSTREAM_SECONDS.labels(operation, exc.kind).observe(time.perf_counter() - started)
         status = 504 if exc.kind == "timeout" else 502
         text = (f"Twilio did not answer within {rt.settings.twilio_timeout_seconds:g}s; the message may or may not "
                 "have been accepted (check the Messages list before retrying)." if exc.kind == "timeout"
                 else f"Twilio's API could not be reached ({exc.detail}); nothing was sent.")
         return twilio_error(status, status, text), f"upstream_{exc.kind}", None, None
+    UPSTREAM_SECONDS.labels(operation, str(upstream.status_code)).observe(time.perf_counter() - started)
     response = Response(upstream.text, status=upstream.status_code)
     for name in _RELAYED_HEADERS:
         if name in upstream.headers:
@@ -121,6 +126,7 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
     response.headers["X-Proxy-Decision"] = decision.action.value
     duration = _ms(started)
     content_type = judgement.send.content_type or ("content" if judgement.content_sid else None)
+    DECISIONS.labels(decision.action.value, decision.reason, content_type or "none").inc()
     stored = True
     try:
         with rt.engine.begin() as conn:

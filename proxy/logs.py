@@ -24,14 +24,27 @@ def make_formatter() -> logging.Formatter:
     )
 
 
-def configure(level: str) -> None:
-    """Install the stdout JSON handler once per process (create_app may run many times in tests)."""
-    if not any(getattr(h, "_proxy_handler", False) for h in log.handlers):
+class TextFormatter(logging.Formatter):
+    """LOG_FORMAT=text, for a human at a terminal: the JSON line's fields as key=value."""
+
+    _standard = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in self._standard and v is not None)
+        return f"{line} {extras}" if extras else line
+
+
+def configure(level: str, fmt: str = "json") -> None:
+    """Install the stdout handler once per process (create_app may run many times in tests)."""
+    handler = next((h for h in log.handlers if getattr(h, "_proxy_handler", False)), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(make_formatter())
         handler._proxy_handler = True
         log.addHandler(handler)
         log.propagate = False
+    handler.setFormatter(make_formatter() if fmt == "json" else
+                         TextFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     log.setLevel(level)
     # twilio-python's client logs every request at INFO, query strings included.
     logging.getLogger("twilio.http_client").setLevel(logging.WARNING)

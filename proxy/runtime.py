@@ -20,6 +20,7 @@ class Runtime:
     upstream: Upstream
     validator: RequestValidator
     content: ContentResolver
+    migrations_head: str
 
 
 def runtime() -> Runtime:

@@ -31,6 +31,9 @@ class Settings:
     twilio_timeout_seconds: float = 10.0
     log_level: str = "INFO"
     log_redact_numbers: bool = True
+    log_format: str = "json"
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # SK sid -> secret
+    metrics_token: str | None = None
     twilio_content_base_url: str = "https://content.twilio.com"
     content_cache_seconds: int = 300
     policy: Policy = field(default_factory=Policy)
@@ -73,6 +76,9 @@ class Settings:
         if "reroute" in {action, *actions.values()} and not (fallback or fallbacks):
             raise ConfigError("OUT_OF_WINDOW_ACTION=reroute needs FALLBACK_CONTENT_SID (or fallbacks in POLICY_FILE).")
         return cls(
+            log_format=_choice(env, "LOG_FORMAT", "json", ("json", "text")),
+            api_keys=_api_keys(env),
+            metrics_token=env.get("METRICS_TOKEN", "").strip() or None,
             account_sid=account_sid,
             auth_token=env["TWILIO_AUTH_TOKEN"].strip(),
             database_url=normalise_database_url(env.get("DATABASE_URL", "")),
@@ -123,6 +129,17 @@ def _fallback(env: Mapping[str, str]) -> Fallback | None:
         return parse_fallback(sid, variables, "FALLBACK_CONTENT_SID/FALLBACK_CONTENT_VARIABLES")
     except PolicyFileError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _api_keys(env: Mapping[str, str]) -> dict[str, str]:
+    keys = {}
+    for item in filter(None, (part.strip() for part in env.get("TWILIO_API_KEYS", "").split(","))):
+        sid, sep, secret = item.partition(":")
+        if not sep or not (sid.startswith("SK") and len(sid) == 34) or not secret:
+            raise ConfigError("TWILIO_API_KEYS must be comma-separated SK…:secret pairs (SK followed by 32 hex "
+                              f"characters), got an entry starting {item[:6]!r}.")
+        keys[sid] = secret
+    return keys
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:

@@ -152,3 +152,37 @@ def load_window(conn: Connection, sender: str, user: str):
 
 def record_attempt(conn: Connection, **fields) -> None:
     conn.execute(send_attempts.insert().values(**fields))
+
+
+def expiring_windows(conn: Connection, *, usable_after: datetime, usable_before: datetime, margin_seconds: int,
+                     limit: int, after: tuple[datetime, int] | None = None):
+    """Open windows whose usable end (expiry minus margin) falls in the range, soonest first.
+
+    Keyset pagination on (expires_at, id) rides the expires_at index; Messaging Service rows
+    are left out, they duplicate the (business number, user) row of the same inbound message.
+    """
+    margin = timedelta(seconds=margin_seconds)
+    query = (
+        select(windows.c.id, windows.c.sender, windows.c.user, windows.c.expires_at, windows.c.last_inbound_at,
+               windows.c.profile_name)
+        .where(windows.c.expires_at > usable_after + margin, windows.c.expires_at <= usable_before + margin,
+               ~windows.c.sender.startswith("MG"))
+        .order_by(windows.c.expires_at, windows.c.id)
+        .limit(limit)
+    )
+    if after is not None:
+        at, row_id = after
+        query = query.where((windows.c.expires_at > at) | ((windows.c.expires_at == at) & (windows.c.id > row_id)))
+    return conn.execute(query).all()
+
+
+def purge(conn: Connection, cutoff: datetime) -> dict[str, int]:
+    """Delete message and attempt records older than `cutoff`, and windows that closed before it.
+
+    Open windows are never touched: their expiry is in the future, so never before a past cutoff.
+    """
+    return {
+        "messages": conn.execute(messages.delete().where(messages.c.updated_at < cutoff)).rowcount,
+        "send_attempts": conn.execute(send_attempts.delete().where(send_attempts.c.created_at < cutoff)).rowcount,
+        "windows": conn.execute(windows.delete().where(windows.c.expires_at < cutoff)).rowcount,
+    }

@@ -12,6 +12,7 @@ from . import logs, store
 from .addresses import InvalidAddress, normalise
 from .db import utcnow
 from .errors import twilio_error
+from .metrics import WEBHOOKS
 from .runtime import runtime
 
 bp = Blueprint("webhooks", __name__, url_prefix="/twilio")
@@ -24,6 +25,7 @@ def require_twilio_signature():
     rt = runtime()
     signature = request.headers.get(SIGNATURE_HEADER, "")
     if not signature or not rt.validator.validate(signed_url(), request.form, signature):
+        WEBHOOKS.labels("unknown", "signature_rejected").inc()
         logs.event("webhook_rejected", redact=rt.settings.log_redact_numbers, level=30,
                    path=request.path, reason="missing_signature" if not signature else "invalid_signature",
                    request_id=g.request_id)
@@ -61,6 +63,7 @@ def _inbound_message() -> Response:
     except InvalidAddress as exc:
         logs.event("inbound", redact=True, level=30, decision="rejected", reason="malformed_webhook",
                    detail=str(exc), request_id=g.request_id)
+        WEBHOOKS.labels("inbound", "malformed").inc()
         return twilio_error(21211, 400, f"Malformed inbound webhook: {exc}")
     service_sid = form.get("MessagingServiceSid") or None
     with rt.engine.begin() as conn:
@@ -75,6 +78,7 @@ def _inbound_message() -> Response:
             received_at=utcnow(),
             window_seconds=rt.settings.session_window_seconds,
         )
+    WEBHOOKS.labels("inbound", "window_opened" if expires_at else "duplicate").inc()
     logs.event(
         "inbound",
         redact=rt.settings.log_redact_numbers,
@@ -108,6 +112,7 @@ def _status_callback() -> Response:
             user=_normalised_or_raw(form.get("To")),
             at=utcnow(),
         )
+    WEBHOOKS.labels("status", "recorded" if changed else "stale").inc()
     logs.event(
         "status",
         redact=rt.settings.log_redact_numbers,

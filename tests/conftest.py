@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, text
 from twilio.request_validator import RequestValidator
 
 from proxy import create_app
-from proxy.cli import upgrade
+from proxy.migrate import upgrade
 from proxy.db import metadata
 from proxy.settings import Settings, normalise_database_url
 from tests.fake_twilio import FakeTwilio, ServerThread

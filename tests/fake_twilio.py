@@ -35,6 +35,7 @@ class FakeTwilio:
     contents: dict = field(default_factory=dict)
     content_down: bool = False
     url: str = ""
+    api_keys: dict = field(default_factory=dict)  # SK sid -> secret, accepted like Twilio does
 
     def reset(self) -> None:
         self.requests.clear()
@@ -62,8 +63,9 @@ class FakeTwilio:
         app = Flask("fake_twilio")
 
         def authorised() -> bool:
-            expected = "Basic " + base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
-            return request.headers.get("Authorization") == expected
+            pairs = [(self.account_sid, self.auth_token), *self.api_keys.items()]
+            given = request.headers.get("Authorization")
+            return any(given == "Basic " + base64.b64encode(f"{u}:{p}".encode()).decode() for u, p in pairs)
 
         @app.before_request
         def record():

@@ -4,7 +4,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from proxy.cli import alembic_config, upgrade
+from proxy.migrate import alembic_config, upgrade
 from proxy.db import metadata
 
 

@@ -14,6 +14,9 @@ import pytest
 
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
+API_KEY, API_SECRET = "SK" + "7" * 32, "e2e-api-key-secret"
+METRICS_TOKEN = "e2e-metrics-token"
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,6 +40,7 @@ class Gunicorn:
         # Bind to loopback only in tests; everything else is the Procfile's own command.
         command = procfile_command("web").replace("0.0.0.0:", "127.0.0.1:")
         self.log_path = log_path
+        self.mark = 0
         self.log = open(log_path, "w")
         full_env = {**os.environ, **env, "PORT": str(self.port),
                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
@@ -57,8 +61,13 @@ class Gunicorn:
         raise AssertionError("gunicorn did not start listening")
 
     def log_lines(self) -> list[str]:
+        """What the server logged since the current test started."""
         self.log.flush()
-        return self.log_path.read_text().splitlines()
+        return self.log_path.read_text().splitlines()[self.mark:]
+
+    def start_test(self) -> None:
+        self.log.flush()
+        self.mark = len(self.log_path.read_text().splitlines())
 
     def stop(self) -> None:
         self.process.terminate()
@@ -69,16 +78,25 @@ class Gunicorn:
         self.log.close()
 
 
-@pytest.fixture
-def proxy_server(database_url, db_engine, fake_twilio, tmp_path):
+@pytest.fixture(scope="module")
+def gunicorn_server(database_url, fake_twilio_server, tmp_path_factory):
+    """One gunicorn per test module (starting one takes seconds); each test gets a clean database."""
+    fake_twilio = fake_twilio_server
     server = Gunicorn(
         {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "DATABASE_URL": database_url,
          "TWILIO_API_BASE_URL": fake_twilio.url,
-         "TWILIO_CONTENT_BASE_URL": fake_twilio.url, "WEB_CONCURRENCY": "2", "TWILIO_TIMEOUT_SECONDS": "5"},
-        tmp_path / "gunicorn.log",
+         "TWILIO_CONTENT_BASE_URL": fake_twilio.url, "WEB_CONCURRENCY": "2", "TWILIO_TIMEOUT_SECONDS": "5",
+         "TWILIO_API_KEYS": f"{API_KEY}:{API_SECRET}", "METRICS_TOKEN": METRICS_TOKEN},
+        tmp_path_factory.mktemp("gunicorn") / "gunicorn.log",
     )
     yield server
     server.stop()
+
+
+@pytest.fixture
+def proxy_server(gunicorn_server, db_engine, fake_twilio):
+    gunicorn_server.start_test()
+    return gunicorn_server
 
 
 def json_lines(lines: list[str]) -> list[str]:

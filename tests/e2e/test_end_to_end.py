@@ -101,3 +101,44 @@ def test_real_client_sees_63005_for_unapproved_rich_content_in_session(proxy_ser
                                      content_variables=json.dumps({"1": "Ada"}))
     assert isinstance(message, MessageInstance) and message.sid in fake_twilio.messages
     assert dict(fake_twilio.creates[0].form)["ContentVariables"] == '{"1": "Ada"}'
+
+
+def test_api_key_client_works_through_the_proxy(proxy_server, fake_twilio):
+    from tests.e2e.conftest import API_KEY, API_SECRET
+    fake_twilio.api_keys = {API_KEY: API_SECRET}
+    client = Client(API_KEY, API_SECRET, ACCOUNT_SID)  # how twilio-python uses API keys
+    client.api.base_url = proxy_server.url
+    post_inbound(proxy_server, inbound_params("SM" + "3" * 32))
+    message = client.messages.create(to=USER, from_=BUSINESS, body="hello")
+    assert message.sid in fake_twilio.messages
+    assert fake_twilio.creates[0].headers["Authorization"].startswith("Basic ")
+    import base64
+    creds = base64.b64decode(fake_twilio.creates[0].headers["Authorization"][6:]).decode()
+    assert creds == f"{API_KEY}:{API_SECRET}"  # the caller's own credentials go upstream
+    bad = Client(API_KEY, "wrong-secret", ACCOUNT_SID)
+    bad.api.base_url = proxy_server.url
+    with pytest.raises(TwilioRestException) as exc:
+        bad.messages.create(to=USER, from_=BUSINESS, body="x")
+    assert exc.value.code == 20003
+    fake_twilio.api_keys = {}
+
+
+def test_metrics_add_up_across_gunicorn_workers(proxy_server, fake_twilio):
+    from tests.e2e.conftest import METRICS_TOKEN
+
+    def blocked_count() -> float:
+        text = requests.get(proxy_server.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+                            timeout=10).text
+        lines = [line for line in text.splitlines() if line.startswith("proxy_send_decisions_total{")
+                 and 'reason="no_window"' in line]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    before = blocked_count()
+    client = twilio_client(proxy_server)
+    for _ in range(12):  # spread over both workers by the kernel's accept queue
+        with pytest.raises(TwilioRestException):
+            client.messages.create(to=USER, from_=BUSINESS, body="x")
+    assert blocked_count() - before == 12.0
+    assert requests.get(proxy_server.url + "/metrics", timeout=10).status_code == 401
+    ready = requests.get(proxy_server.url + "/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["status"] == "ok"

@@ -1,0 +1,47 @@
+"""Operations endpoints: liveness, readiness (database reachable, migrations at head), Prometheus metrics."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, Response, request
+from sqlalchemy.exc import SQLAlchemyError
+
+from .auth import require_basic_auth
+from .migrate import current_revision
+from .metrics import exposition
+from .runtime import runtime
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    """The process is alive and serving; says nothing about its dependencies."""
+    return {"status": "ok"}
+
+
+@bp.get("/readyz")
+def readyz():
+    rt = runtime()
+    try:
+        with rt.engine.connect() as conn:
+            current = current_revision(conn)
+    except SQLAlchemyError as exc:
+        return {"status": "unavailable", "reason": "database_unreachable", "error": type(exc).__name__}, 503
+    if current != rt.migrations_head:
+        return {"status": "unavailable", "reason": "migrations_not_at_head", "database_revision": current,
+                "code_revision": rt.migrations_head}, 503
+    return {"status": "ok", "database_revision": current}
+
+
+@bp.get("/metrics")
+def metrics():
+    token = runtime().settings.metrics_token
+    bearer = request.headers.get("Authorization", "")
+    if not (token and bearer.startswith("Bearer ") and hmac.compare_digest(bearer[7:].encode(), token.encode())):
+        denied = require_basic_auth()
+        if denied is not None:
+            return denied
+    body, content_type = exposition()
+    return Response(body, content_type=content_type)

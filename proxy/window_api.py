@@ -1,0 +1,60 @@
+"""Window queries shared by the admin API and the CLI: one pair's state, and the windows closing soon."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timedelta
+
+from . import store
+from .addresses import InvalidAddress, normalise
+from .db import utcnow
+from .errors import ApiError
+from .runtime import Runtime
+from .windows import CLOSED, window_state
+
+
+def window_key(sender: str | None, user: str | None) -> tuple[str, str]:
+    if not sender or not user:
+        raise ApiError(400, 400, "Both sender and user are required, e.g. sender=whatsapp:+14155550100&"
+                                 "user=whatsapp:+14155550111")
+    try:
+        return (sender.strip() if sender.strip().startswith("MG") else normalise(sender)), normalise(user)
+    except InvalidAddress as exc:
+        raise ApiError(21211, 400, f"Invalid address: {exc}") from None
+
+
+def show(rt: Runtime, sender: str | None, user: str | None) -> dict:
+    sender, user = window_key(sender, user)
+    with rt.engine.connect() as conn:
+        row = store.load_window(conn, sender, user)
+    state = window_state(row.expires_at, row.last_inbound_at, now=utcnow(),
+                         safety_margin_seconds=rt.settings.window_safety_margin_seconds) if row else CLOSED
+    return {"sender": sender, "user": user, **state.as_json(), "profile_name": row.profile_name if row else None}
+
+
+def expiring(rt: Runtime, within_seconds: int, page_size: int, page_token: str | None) -> dict:
+    now = utcnow()
+    margin = rt.settings.window_safety_margin_seconds
+    with rt.engine.connect() as conn:
+        rows = store.expiring_windows(conn, usable_after=now, usable_before=now + timedelta(seconds=within_seconds),
+                                      margin_seconds=margin, limit=page_size + 1, after=_decode(page_token))
+    items = [{"sender": r.sender, "user": r.user, "profile_name": r.profile_name,
+              **window_state(r.expires_at, r.last_inbound_at, now=now, safety_margin_seconds=margin).as_json()}
+             for r in rows[:page_size]]
+    more = len(rows) > page_size
+    token = _encode(rows[page_size - 1].expires_at, rows[page_size - 1].id) if more else None
+    return {"windows": items, "meta": {"page_size": page_size, "within": within_seconds, "next_page_token": token}}
+
+
+def _encode(at: datetime, row_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{at.isoformat()}|{row_id}".encode()).decode()
+
+
+def _decode(token: str | None) -> tuple[datetime, int] | None:
+    if not token:
+        return None
+    try:
+        at, row_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        return datetime.fromisoformat(at), int(row_id)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, 400, "PageToken is not one this API handed out.") from None

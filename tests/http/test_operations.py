@@ -1,0 +1,205 @@
+"""Operations: decision logs, window API, CLI, health and readiness, metrics, API keys."""
+
+import io
+import json
+import logging
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import create_engine, func, insert, select
+
+from proxy import create_app, logs
+from proxy.db import messages, send_attempts, utcnow, windows
+from proxy.migrate import upgrade
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, signed_post
+from tests.http.test_gateway import open_window, send
+
+API_KEY, API_SECRET = "SK" + "5" * 32, "api-secret-value-xyz"
+
+
+@pytest.fixture
+def log_lines():
+    """The proxy's log records, formatted by its own JSON formatter."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.make_formatter())
+    logs.log.addHandler(handler)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    logs.log.removeHandler(handler)
+
+
+def test_one_json_line_per_decision_without_secrets_or_bodies(client, fake_twilio, log_lines):
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "1" * 32, Body="my secret body"),
+                )
+    send(client, {"To": USER, "From": BUSINESS, "Body": "outgoing secret body"})
+    send(client, {"To": "whatsapp:+14155550199", "From": BUSINESS, "Body": "blocked body"})
+    lines = log_lines()
+    assert [line["event"] for line in lines] == ["inbound", "send", "send"]
+    for line in lines:
+        assert {"time", "level", "logger", "event", "decision", "sender", "user", "request_id", "duration_ms"} <= set(line)
+        assert line["sender"] == "whatsapp:+1415*****00"
+        assert "+1415555" not in json.dumps(line)
+    assert [line["decision"] for line in lines] == ["window_opened", "allowed", "blocked"]
+    assert lines[2]["code"] == 63016 and lines[2]["reason"] == "no_window"
+    text = json.dumps(lines)
+    assert AUTH_TOKEN not in text and "secret body" not in text and "blocked body" not in text
+
+
+def test_request_id_comes_from_twilios_idempotency_token(client, log_lines):
+    params = inbound_params("SM" + "2" * 32)
+    from tests.conftest import sign
+    response = client.post("/twilio/inbound", data=params, headers={
+        "X-Twilio-Signature": sign("http://localhost/twilio/inbound", params),
+        "I-Twilio-Idempotency-Token": "idem-123"})
+    assert response.headers["X-Request-Id"] == "idem-123"
+    assert log_lines()[0]["request_id"] == "idem-123"
+
+
+def test_numbers_shown_when_redaction_is_off(settings, db_engine, log_lines):
+    client = create_app(replace(settings, log_redact_numbers=False)).test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 32))
+    assert log_lines()[0]["user"] == USER
+
+
+def test_text_format_for_humans(settings, db_engine, capsys):
+    create_app(replace(settings, log_format="text"))
+    handler = next(h for h in logs.log.handlers if getattr(h, "_proxy_handler", False))
+    record = logging.makeLogRecord({"msg": "send", "levelname": "INFO", "decision": "blocked", "code": 63016})
+    line = handler.formatter.format(record)
+    assert "send" in line and "decision=blocked" in line and "code=63016" in line and not line.startswith("{")
+    create_app(settings)  # back to JSON for the other tests
+
+
+def test_window_api(client):
+    open_window(client, MessagingServiceSid="MG" + "a" * 32)
+    body = client.get(f"/v1/windows?sender={BUSINESS}&user=whatsapp:14155550111", headers=basic_auth()).get_json()
+    assert body["open"] is True and body["sender"] == BUSINESS and body["user"] == USER
+    assert 86000 < body["seconds_left"] <= 86340 and body["expires_at"].endswith("Z")
+    assert body["last_inbound_at"] and body["profile_name"] == "Ada"
+    by_service = client.get(f"/v1/windows?sender=MG{'a' * 32}&user={USER}", headers=basic_auth()).get_json()
+    assert by_service["open"] is True and by_service["expires_at"] == body["expires_at"]
+    unknown = client.get(f"/v1/windows?sender={BUSINESS}&user=whatsapp:+14155550999", headers=basic_auth())
+    assert unknown.status_code == 200 and unknown.get_json()["open"] is False
+    assert client.get(f"/v1/windows?sender={BUSINESS}&user={USER}").status_code == 401
+    bad = client.get(f"/v1/windows?sender={BUSINESS}", headers=basic_auth())
+    assert bad.status_code == 400 and set(bad.get_json()) == {"code", "message", "more_info", "status"}
+
+
+def add_window(engine, user, expires_in, sender=BUSINESS):
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(insert(windows).values(sender=sender, user=user, expires_at=now + expires_in,
+                                            last_inbound_at=now + expires_in - timedelta(days=1), updated_at=now))
+
+
+def test_expiring_windows_paginated(client, db_engine):
+    for i in range(7):  # usable end (expiry - 60 s margin) from ~5 to ~35 min away
+        add_window(db_engine, f"whatsapp:+1415555020{i}", timedelta(minutes=5 + 5 * i, seconds=60))
+    add_window(db_engine, "whatsapp:+14155550300", timedelta(hours=5))  # not soon
+    add_window(db_engine, "whatsapp:+14155550301", timedelta(minutes=-5))  # closed already
+    add_window(db_engine, "whatsapp:+14155550302", timedelta(seconds=30))  # inside the safety margin: closed
+    add_window(db_engine, "whatsapp:+14155550200", timedelta(minutes=10), sender="MG" + "b" * 32)  # duplicate view
+    seen, url = [], "/v1/windows/expiring?within=3600&PageSize=3"
+    while url:
+        body = client.get(url, headers=basic_auth()).get_json()
+        assert len(body["windows"]) <= 3
+        seen += body["windows"]
+        url = body["meta"]["next_page_url"]
+    assert [w["user"] for w in seen] == [f"whatsapp:+1415555020{i}" for i in range(7)]
+    assert all(w["sender"] == BUSINESS and w["open"] for w in seen)
+    assert [w["seconds_left"] for w in seen] == sorted(w["seconds_left"] for w in seen)
+    soon = client.get("/v1/windows/expiring?within=800", headers=basic_auth()).get_json()["windows"]
+    assert [w["user"] for w in soon] == ["whatsapp:+14155550200", "whatsapp:+14155550201"]
+    assert client.get("/v1/windows/expiring?within=abc", headers=basic_auth()).status_code == 400
+    assert client.get("/v1/windows/expiring?PageToken=zzz", headers=basic_auth()).status_code == 400
+
+
+def test_cli_windows(app, client, db_engine):
+    open_window(client)
+    add_window(db_engine, "whatsapp:+14155550201", timedelta(minutes=20))
+    runner = app.test_cli_runner()
+    shown = runner.invoke(args=["windows", "show", BUSINESS, USER])
+    assert shown.exit_code == 0 and json.loads(shown.output)["open"] is True
+    expiring = runner.invoke(args=["windows", "expiring", "--within", "1h"])
+    assert expiring.exit_code == 0
+    assert [json.loads(line)["user"] for line in expiring.stdout.splitlines()] == ["whatsapp:+14155550201"]
+    assert runner.invoke(args=["windows", "show", BUSINESS, "whatsapp:nobody"]).exit_code != 0
+
+
+def test_purge_keeps_open_windows_and_recent_records(app, client, fake_twilio, db_engine):
+    open_window(client)  # open window, recent inbound message
+    send(client, {"To": USER, "From": BUSINESS, "Body": "x"})  # recent attempt
+    old = utcnow() - timedelta(days=40)
+    with db_engine.begin() as conn:
+        conn.execute(insert(messages).values(sid="SMold", direction="inbound", status="received", status_rank=3,
+                                             created_at=old, updated_at=old))
+        conn.execute(insert(send_attempts).values(created_at=old, request_id="r", account_sid=ACCOUNT_SID,
+                                                  decision="blocked", reason="no_window", outcome="blocked",
+                                                  params="[]", duration_ms=1))
+        conn.execute(insert(windows).values(sender=BUSINESS, user="whatsapp:+14155550999", expires_at=old,
+                                            last_inbound_at=old - timedelta(days=1), updated_at=old))
+    result = app.test_cli_runner().invoke(args=["purge", "--older-than", "30d"])
+    assert result.exit_code == 0, result.output
+    assert "1 messages" in result.output and "1 send_attempts" in result.output and "1 windows" in result.output
+    with db_engine.connect() as conn:
+        assert conn.execute(select(windows.c.user)).scalars().all() == [USER]
+        assert conn.execute(select(func.count()).select_from(messages)).scalar_one() == 1
+        assert conn.execute(select(func.count()).select_from(send_attempts)).scalar_one() == 1
+    assert app.test_cli_runner().invoke(args=["purge", "--older-than", "soon"]).exit_code != 0
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["status"] == "ok"
+
+
+def test_not_ready_when_the_database_is_unreachable(settings):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(replace(settings, database_url=f"postgresql+psycopg://nobody@127.0.0.1:{port}/none"))
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503 and response.get_json()["reason"] == "database_unreachable"
+    assert app.test_client().get("/healthz").status_code == 200
+
+
+def test_not_ready_when_a_migration_is_missing(settings, tmp_path):
+    url = f"sqlite:///{tmp_path / 'behind.sqlite3'}"
+    upgrade(url, "0001")
+    app = create_app(replace(settings, database_url=url))
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["reason"] == "migrations_not_at_head" and body["database_revision"] == "0001"
+    upgrade(url)
+    assert app.test_client().get("/readyz").status_code == 200
+
+
+def test_metrics_need_auth_or_token(settings, db_engine, fake_twilio):
+    app = create_app(replace(settings, metrics_token="metrics-token-1"))
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    by_token = client.get("/metrics", headers={"Authorization": "Bearer metrics-token-1"})
+    assert by_token.status_code == 200 and by_token.mimetype == "text/plain"
+    text = by_token.get_data(as_text=True)
+    assert 'proxy_send_decisions_total{action="blocked",content_type="twilio/text",reason="no_window"}' in text
+    assert client.get("/metrics", headers=basic_auth()).status_code == 200
+
+
+def test_api_keys_authenticate_and_are_forwarded(settings, db_engine, fake_twilio):
+    fake_twilio.api_keys = {API_KEY: API_SECRET}
+    client = create_app(replace(settings, api_keys={API_KEY: API_SECRET})).test_client()
+    open_window(client)
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}, auth=basic_auth(API_KEY, API_SECRET))
+    assert response.status_code == 201
+    assert fake_twilio.creates[0].headers["Authorization"] == basic_auth(API_KEY, API_SECRET)["Authorization"]
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"},
+                auth=basic_auth(API_KEY, "wrong")).status_code == 401
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"},
+                auth=basic_auth("SK" + "6" * 32, API_SECRET)).status_code == 401
+    fake_twilio.api_keys = {}
