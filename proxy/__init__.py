@@ -12,6 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import admin, cli, gateway, logs, ops, webhooks
 from .content import ContentResolver
+from .forwarding import Forwarder
 from .db import make_engine
 from .errors import ApiError, twilio_error
 from .migrate import head_revision
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         upstream=upstream,
         validator=RequestValidator(settings.auth_token),
         migrations_head=head_revision(),
+        forwarder=Forwarder(settings.auth_token, settings.forward_timeout_seconds),
         content=ContentResolver(upstream.http, settings.twilio_content_base_url,
                                 (settings.account_sid, settings.auth_token), engine, settings.content_cache_seconds),
     )

@@ -1,10 +1,10 @@
-"""The proxy's own API under /v1 (same Basic auth as the gateway): preflight and windows."""
+"""The proxy's own API under /v1 (same Basic auth as the gateway): preflight, windows, held messages."""
 
 from __future__ import annotations
 
 from flask import Blueprint, g, request
 
-from . import logs, window_api
+from . import holds, logs, window_api
 from .auth import require_basic_auth
 from .errors import ApiError
 from .judge import judge
@@ -73,3 +73,24 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     if value is None or not low <= value <= high:
         raise ApiError(400, 400, f"{name} must be a whole number from {low} to {high}.")
     return value
+
+
+@bp.get("/held")
+def held():
+    """Held messages (default: still held), optionally for one sender and/or user."""
+    status = request.args.get("status", holds.HELD)
+    if status not in (holds.HELD, holds.RELEASED, holds.EXPIRED, holds.FAILED, "all"):
+        raise ApiError(400, 400, "status must be held, released, expired, failed or all.")
+    sender = window_api.address_key(request.args.get("sender"))
+    user = window_api.address_key(request.args.get("user"))
+    with runtime().engine.connect() as conn:
+        rows = holds.listing(conn, sender=sender, user=user, status=None if status == "all" else status,
+                             limit=_int_arg("PageSize", 100, 1, 1000))
+    return {"held": [_held_json(r) for r in rows]}
+
+
+def _held_json(row) -> dict:
+    out = dict(row)
+    for key in ("created_at", "expires_at", "released_at"):
+        out[key] = out[key].isoformat().replace("+00:00", "Z") if out[key] else None
+    return out

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import threading
 from datetime import timedelta
 
 import click
 from alembic import command
 from flask import Flask
 
-from . import store, window_api
+from . import holds, logs, outbox, store, window_api
 from .db import utcnow
 from .errors import ApiError
 
@@ -74,6 +76,67 @@ def register(app: Flask) -> None:
                    + (" (more: raise --limit)" if result["meta"]["next_page_token"] else ""), err=True)
 
     app.cli.add_command(windows)
+
+    box = click.Group("outbox", help="Durable deliveries (forwarded webhooks, releases, fallback sends).")
+
+    @box.command("list")
+    @click.option("--status", type=click.Choice(["pending", "delivered", "exhausted"]), default=None)
+    @click.option("--limit", default=100, show_default=True)
+    def outbox_list(status: str | None, limit: int):
+        """Outbox items, oldest first (one JSON object per line)."""
+        with app.extensions["proxy"].engine.connect() as conn:
+            rows = outbox.listing(conn, status, limit)
+            counts = outbox.depth(conn)
+        for row in rows:
+            item = dict(row._mapping)
+            for key in ("next_attempt_at", "created_at"):
+                item[key] = item[key].isoformat()
+            click.echo(json.dumps(item))
+        click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "outbox empty", err=True)
+
+    @box.command("replay")
+    @click.argument("item_id", required=False, type=int)
+    @click.option("--all", "replay_all", is_flag=True, help="Replay every exhausted item.")
+    def outbox_replay(item_id: int | None, replay_all: bool):
+        """Give an exhausted item (or --all of them) a fresh round of attempts."""
+        if (item_id is None) == (not replay_all):
+            raise click.UsageError("give one ITEM_ID or --all")
+        with app.extensions["proxy"].engine.begin() as conn:
+            count = outbox.replay(conn, utcnow(), item_id)
+        click.echo(f"{count} item(s) queued again")
+
+    app.cli.add_command(box)
+
+    held = click.Group("held", help="Messages held until the user writes again (HOLD_ON_REROUTE).")
+
+    @held.command("list")
+    @click.option("--status", type=click.Choice(["held", "released", "expired", "failed"]), default="held")
+    @click.option("--limit", default=100, show_default=True)
+    def held_list(status: str, limit: int):
+        """Held messages, oldest first (one JSON object per line)."""
+        with app.extensions["proxy"].engine.connect() as conn:
+            rows = holds.listing(conn, status=status, limit=limit)
+        for row in rows:
+            click.echo(json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}))
+
+    app.cli.add_command(held)
+
+    @app.cli.command("worker")
+    @click.option("--once", is_flag=True, help="Process what is due now, then exit.")
+    def worker(once: bool):
+        """Deliver the outbox: forwarded webhooks with backoff, held-message releases, fallback sends."""
+        from .worker import Worker
+
+        runner = Worker(app.extensions["proxy"])
+        if once:
+            click.echo(f"{runner.run_once()} item(s) processed")
+            return
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        logs.event("worker_started", redact=True, poll_seconds=app.extensions["proxy"].settings.worker_poll_seconds)
+        runner.run_forever(stop)
+        logs.event("worker_stopped", redact=True)
 
     @app.cli.command("purge")
     @click.option("--older-than", "older_than", required=True, help="e.g. 30d, 12h, 2w")

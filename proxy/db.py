@@ -125,6 +125,61 @@ content_cache = Table(
 )
 
 
+# Durable deliveries: webhooks forwarded to the app, held-message releases, fallback sends.
+# Items with one ordering_key are delivered one at a time, oldest first.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("ordering_key", String(300), nullable=False),
+    Column("target", String(2048), nullable=False),
+    Column("headers", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("lease_until", UTCDateTime(), nullable=True),
+    Column("last_error", String(500), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("delivered_at", UTCDateTime(), nullable=True),
+    Index(None, "status", "next_attempt_at"),
+    Index(None, "ordering_key", "id"),
+)
+
+# Sends that were rerouted and are kept until the user's next message opens the window.
+held_messages = Table(
+    "held_messages",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("sender", String(128), nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("account_sid", String(64), nullable=False),
+    Column("params", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("released_at", UTCDateTime(), nullable=True),
+    Column("message_sid", String(64), nullable=True),
+    Column("last_error", String(500), nullable=True),
+    Index(None, "sender", "user", "status"),
+    Index(None, "status", "expires_at"),
+)
+
+# Messages the proxy let through that failed later with 63016: acted on once per sid.
+late_failures = Table(
+    "late_failures",
+    metadata,
+    Column("message_sid", String(64), primary_key=True),
+    Column("sender", String(128), nullable=True),
+    Column("user", String(128), nullable=True),
+    Column("action", String(32), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):

@@ -10,7 +10,7 @@ import time
 from flask import Blueprint, Response, g, request
 from werkzeug.datastructures import MultiDict
 
-from . import logs, store
+from . import holds, logs, store
 from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
 from .db import utcnow
@@ -54,13 +54,25 @@ def create_message(account_sid: str):
         response = twilio_error(decision.code, 400, explain(decision, judgement.send, judgement.window))
         outcome, upstream_status, message_sid = "blocked", None, None
     elif decision.action is Action.REROUTED:
+        held_id = _hold(account_sid, form, judgement) if rt.settings.hold_on_reroute else None
         body = rerouted_form(form, judgement)
         response, outcome, upstream_status, message_sid = _forward(body)
         response.headers["X-Proxy-Rerouted-To"] = judgement.fallback.content_sid
+        if held_id is not None:
+            response.headers["X-Proxy-Held-Id"] = str(held_id)
     else:
         response, outcome, upstream_status, message_sid = _forward(raw_body)
     _finish(account_sid, form, judgement, response, outcome, upstream_status, message_sid, started)
     return response
+
+
+def _hold(account_sid: str, form: MultiDict, judgement: Judgement) -> int:
+    """Keep the original request (StatusCallback included) until the user's next message opens the window."""
+    rt = runtime()
+    with rt.engine.begin() as conn:
+        return holds.hold(conn, sender=judgement.sender, user=judgement.user, account_sid=account_sid,
+                          params=list(form.items(multi=True)), request_id=g.request_id, now=utcnow(),
+                          ttl_seconds=rt.settings.hold_ttl_seconds)
 
 
 def rerouted_form(form: MultiDict, judgement: Judgement) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 from twilio.request_validator import RequestValidator
 
 from .content import ContentResolver
+from .forwarding import Forwarder
 from .settings import Settings
 from .upstream import Upstream
 
@@ -21,6 +22,7 @@ class Runtime:
     validator: RequestValidator
     content: ContentResolver
     migrations_head: str
+    forwarder: Forwarder
 
 
 def runtime() -> Runtime:

@@ -34,6 +34,15 @@ class Settings:
     log_format: str = "json"
     api_keys: Mapping[str, str] = field(default_factory=dict)  # SK sid -> secret
     metrics_token: str | None = None
+    forward_inbound_url: str | None = None
+    forward_status_url: str | None = None
+    forward_timeout_seconds: float = 10.0
+    # Delay before each delivery attempt (the first is the inline one); then the item is exhausted.
+    retry_schedule: tuple[int, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+    hold_on_reroute: bool = False
+    hold_ttl_seconds: int = 7 * 86400
+    worker_poll_seconds: float = 1.0
+    outbox_lease_seconds: int = 120
     twilio_content_base_url: str = "https://content.twilio.com"
     content_cache_seconds: int = 300
     policy: Policy = field(default_factory=Policy)
@@ -75,7 +84,18 @@ class Settings:
         fallbacks = dict(policy_file.fallbacks) if policy_file else {}
         if "reroute" in {action, *actions.values()} and not (fallback or fallbacks):
             raise ConfigError("OUT_OF_WINDOW_ACTION=reroute needs FALLBACK_CONTENT_SID (or fallbacks in POLICY_FILE).")
+        forward_timeout = _float(env, "FORWARD_TIMEOUT_SECONDS", 10.0)
+        if forward_timeout >= 15:
+            raise ConfigError("FORWARD_TIMEOUT_SECONDS must be below 15: Twilio gives up on a webhook after 15 s.")
         return cls(
+            forward_inbound_url=_url(env, "FORWARD_INBOUND_URL", None),
+            forward_status_url=_url(env, "FORWARD_STATUS_URL", None),
+            forward_timeout_seconds=forward_timeout,
+            retry_schedule=_schedule(env),
+            hold_on_reroute=_bool(env, "HOLD_ON_REROUTE", False),
+            hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 7 * 86400, minimum=1),
+            worker_poll_seconds=_float(env, "WORKER_POLL_SECONDS", 1.0),
+            outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 120, minimum=1),
             log_format=_choice(env, "LOG_FORMAT", "json", ("json", "text")),
             api_keys=_api_keys(env),
             metrics_token=env.get("METRICS_TOKEN", "").strip() or None,
@@ -129,6 +149,19 @@ def _fallback(env: Mapping[str, str]) -> Fallback | None:
         return parse_fallback(sid, variables, "FALLBACK_CONTENT_SID/FALLBACK_CONTENT_VARIABLES")
     except PolicyFileError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _schedule(env: Mapping[str, str]) -> tuple[int, ...]:
+    raw = env.get("OUTBOX_RETRY_SCHEDULE", "").strip()
+    if not raw:
+        return (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+    try:
+        delays = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        delays = ()
+    if not delays or any(d < 0 for d in delays):
+        raise ConfigError("OUTBOX_RETRY_SCHEDULE must be comma-separated seconds, e.g. 0,5,300,1800,7200.")
+    return delays
 
 
 def _api_keys(env: Mapping[str, str]) -> dict[str, str]:

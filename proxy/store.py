@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .db import messages, send_attempts, windows
+from .db import held_messages, messages, outbox, send_attempts, windows
 
 # Status callbacks can arrive out of order; a status only replaces one of lower rank,
 # so a late "sent" never overwrites "delivered", and nothing overwrites a failure.
@@ -180,8 +180,13 @@ def purge(conn: Connection, cutoff: datetime) -> dict[str, int]:
     """Delete message and attempt records older than `cutoff`, and windows that closed before it.
 
     Open windows are never touched: their expiry is in the future, so never before a past cutoff.
+    Pending outbox items and live holds are never touched either.
     """
     return {
+        "outbox": conn.execute(outbox.delete().where(outbox.c.status == "delivered",
+                                                     outbox.c.updated_at < cutoff)).rowcount,
+        "held_messages": conn.execute(held_messages.delete().where(held_messages.c.status != "held",
+                                                                   held_messages.c.created_at < cutoff)).rowcount,
         "messages": conn.execute(messages.delete().where(messages.c.updated_at < cutoff)).rowcount,
         "send_attempts": conn.execute(send_attempts.delete().where(send_attempts.c.created_at < cutoff)).rowcount,
         "windows": conn.execute(windows.delete().where(windows.c.expires_at < cutoff)).rowcount,

@@ -8,7 +8,8 @@ from flask import Blueprint, Response, g, request
 from twilio.request_validator import SIGNATURE_HEADER
 from twilio.twiml.messaging_response import MessagingResponse
 
-from . import logs, store
+from . import holds, late_failures, logs, outbox, store
+from .forwarding import KEPT_HEADERS
 from .addresses import InvalidAddress, normalise
 from .db import utcnow
 from .errors import twilio_error
@@ -66,6 +67,9 @@ def _inbound_message() -> Response:
         WEBHOOKS.labels("inbound", "malformed").inc()
         return twilio_error(21211, 400, f"Malformed inbound webhook: {exc}")
     service_sid = form.get("MessagingServiceSid") or None
+    settings, now = rt.settings, utcnow()
+    forward_id, pairs, kept = None, list(form.items(multi=True)), {}
+    # One transaction: the message, its window and its forward are stored together or not at all.
     with rt.engine.begin() as conn:
         expires_at = store.record_inbound(
             conn,
@@ -75,9 +79,20 @@ def _inbound_message() -> Response:
             messaging_service_sid=service_sid,
             profile_name=form.get("ProfileName") or None,
             num_media=_int_or_none(form.get("NumMedia")),
-            received_at=utcnow(),
-            window_seconds=rt.settings.session_window_seconds,
+            received_at=now,
+            window_seconds=settings.session_window_seconds,
         )
+        if expires_at and settings.forward_inbound_url:
+            # Leased for the inline attempt below; if this process dies, the worker takes over.
+            kept = _kept_headers(expires_at)
+            forward_id = outbox.enqueue(
+                conn, kind="inbound", ordering_key=f"inbound:{sender}|{user}", target=settings.forward_inbound_url,
+                headers=kept, body=pairs, now=now, lease_seconds=settings.forward_timeout_seconds + 5)
+        if expires_at and settings.hold_on_reroute:
+            for key in filter(None, (sender, service_sid)):
+                if holds.any_held(conn, key, user, now):
+                    outbox.enqueue(conn, kind="release", ordering_key=f"release:{key}|{user}",
+                                   target=f"{key}\n{user}", headers={}, body=[], now=now)
     WEBHOOKS.labels("inbound", "window_opened" if expires_at else "duplicate").inc()
     logs.event(
         "inbound",
@@ -91,7 +106,39 @@ def _inbound_message() -> Response:
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
         request_id=g.request_id,
     )
+    if forward_id is not None:
+        return _forward_inline(forward_id, sender, user, pairs, kept)
     return _twiml()
+
+
+def _forward_inline(item_id: int, sender: str, user: str, pairs: list, kept: dict) -> Response:
+    """Hand the webhook to the app now and relay its TwiML; if it cannot answer, the outbox retries."""
+    rt = runtime()
+    with rt.engine.begin() as conn:
+        if outbox.has_earlier_pending(conn, f"inbound:{sender}|{user}", item_id):
+            # An older webhook of this conversation is still waiting: keep the order, let the worker deliver.
+            outbox.release_lease(conn, item_id)
+            return _twiml()
+    started = time.perf_counter()
+    reply = rt.forwarder.post(rt.settings.forward_inbound_url, pairs, kept)
+    with rt.engine.begin() as conn:
+        if reply.ok:
+            outbox.delivered(conn, item_id, utcnow())
+        else:
+            outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule)
+    logs.event("delivery", redact=rt.settings.log_redact_numbers, level=20 if reply.ok else 30, kind="inbound",
+               decision="delivered" if reply.ok else "queued", outbox_id=item_id, attempt=1,
+               app_status=reply.status, error=reply.error, sender=sender, user=user,
+               duration_ms=round((time.perf_counter() - started) * 1000, 2), request_id=g.request_id)
+    if not reply.ok:
+        return _twiml()  # Twilio sees success; the user sees nothing broken
+    return Response(reply.body, status=reply.status, content_type=reply.content_type or "text/xml")
+
+
+def _kept_headers(expires_at) -> dict:
+    kept = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
+    kept["X-Proxy-Window-Expires-At"] = expires_at.isoformat().replace("+00:00", "Z")
+    return kept
 
 
 def _status_callback() -> Response:
@@ -102,16 +149,19 @@ def _status_callback() -> Response:
         return twilio_error(21211, 400, "Malformed status callback: MessageSid is missing")
     status = form["MessageStatus"].strip().lower()
     error_code = _int_or_none(form.get("ErrorCode"))
+    settings, now = rt.settings, utcnow()
+    sender, user = _normalised_or_raw(form.get("From")), _normalised_or_raw(form.get("To"))
     with rt.engine.begin() as conn:
-        changed = store.record_status(
-            conn,
-            sid=sid,
-            status=status,
-            error_code=error_code,
-            sender=_normalised_or_raw(form.get("From")),
-            user=_normalised_or_raw(form.get("To")),
-            at=utcnow(),
-        )
+        changed = store.record_status(conn, sid=sid, status=status, error_code=error_code, sender=sender,
+                                      user=user, at=now)
+        # Only `failed` with 63016 proves the window was closed; `undelivered` can have other causes.
+        if status == "failed" and error_code == late_failures.LATE_WINDOW_FAILURE:
+            late_failures.handle(rt, conn, sid=sid, callback_sender=sender, now=now)
+        if settings.forward_status_url:
+            kept = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
+            outbox.enqueue(conn, kind="status", ordering_key=f"status:{sender}|{user}",
+                           target=settings.forward_status_url, headers=kept, body=list(form.items(multi=True)),
+                           now=now)
     WEBHOOKS.labels("status", "recorded" if changed else "stale").inc()
     logs.event(
         "status",
@@ -119,8 +169,8 @@ def _status_callback() -> Response:
         decision="recorded" if changed else "stale",
         status=status,
         error_code=error_code,
-        sender=_normalised_or_raw(form.get("From")),
-        user=_normalised_or_raw(form.get("To")),
+        sender=sender,
+        user=user,
         message_sid=sid,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
         request_id=g.request_id,

@@ -13,14 +13,24 @@ from .runtime import Runtime
 from .windows import CLOSED, window_state
 
 
-def window_key(sender: str | None, user: str | None) -> tuple[str, str]:
-    if not sender or not user:
-        raise ApiError(400, 400, "Both sender and user are required, e.g. sender=whatsapp:+14155550100&"
-                                 "user=whatsapp:+14155550111")
+def address_key(value: str | None) -> str | None:
+    """An address as windows are keyed: normalised, or a Messaging Service SID as given."""
+    if not value or not value.strip():
+        return None
+    if value.strip().startswith("MG"):
+        return value.strip()
     try:
-        return (sender.strip() if sender.strip().startswith("MG") else normalise(sender)), normalise(user)
+        return normalise(value)
     except InvalidAddress as exc:
         raise ApiError(21211, 400, f"Invalid address: {exc}") from None
+
+
+def window_key(sender: str | None, user: str | None) -> tuple[str, str]:
+    sender_key, user_key = address_key(sender), address_key(user)
+    if not sender_key or not user_key:
+        raise ApiError(400, 400, "Both sender and user are required, e.g. sender=whatsapp:+14155550100&"
+                                 "user=whatsapp:+14155550111")
+    return sender_key, user_key
 
 
 def show(rt: Runtime, sender: str | None, user: str | None) -> dict:

@@ -3,6 +3,9 @@ a fake Twilio on 127.0.0.1, and an app wired to both."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
 from urllib.parse import urlencode
 
@@ -11,6 +14,7 @@ from sqlalchemy import create_engine, text
 from twilio.request_validator import RequestValidator
 
 from proxy import create_app
+from proxy import logs as proxy_logs
 from proxy.migrate import upgrade
 from proxy.db import metadata
 from proxy.settings import Settings, normalise_database_url
@@ -143,3 +147,30 @@ def inbound_params(sid: str, user: str = USER, business: str = BUSINESS, **extra
 def basic_auth(user: str = ACCOUNT_SID, password: str = AUTH_TOKEN) -> dict:
     import base64
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.fixture(scope="session")
+def fake_app_server():
+    from tests.fake_app import FakeApp
+    fake = FakeApp(AUTH_TOKEN)
+    with ServerThread(fake.app()) as server:
+        fake.url = server.url
+        yield fake
+
+
+@pytest.fixture
+def fake_app(fake_app_server):
+    fake_app_server.reset()
+    yield fake_app_server
+    fake_app_server.reset()
+
+
+@pytest.fixture
+def log_lines():
+    """The proxy's log records, formatted by its own JSON formatter."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(proxy_logs.make_formatter())
+    proxy_logs.log.addHandler(handler)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    proxy_logs.log.removeHandler(handler)

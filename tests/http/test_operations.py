@@ -10,23 +10,12 @@ import pytest
 from sqlalchemy import create_engine, func, insert, select
 
 from proxy import create_app, logs
-from proxy.db import messages, send_attempts, utcnow, windows
+from proxy.db import messages, outbox, send_attempts, utcnow, windows
 from proxy.migrate import upgrade
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, signed_post
 from tests.http.test_gateway import open_window, send
 
 API_KEY, API_SECRET = "SK" + "5" * 32, "api-secret-value-xyz"
-
-
-@pytest.fixture
-def log_lines():
-    """The proxy's log records, formatted by its own JSON formatter."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logs.make_formatter())
-    logs.log.addHandler(handler)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    logs.log.removeHandler(handler)
 
 
 def test_one_json_line_per_decision_without_secrets_or_bodies(client, fake_twilio, log_lines):
@@ -139,6 +128,10 @@ def test_purge_keeps_open_windows_and_recent_records(app, client, fake_twilio, d
                                                   params="[]", duration_ms=1))
         conn.execute(insert(windows).values(sender=BUSINESS, user="whatsapp:+14155550999", expires_at=old,
                                             last_inbound_at=old - timedelta(days=1), updated_at=old))
+        for status in ("pending", "delivered"):
+            conn.execute(insert(outbox).values(kind="inbound", ordering_key="k", target="http://app", headers="{}",
+                                               body="[]", status=status, attempts=1, next_attempt_at=old,
+                                               created_at=old, updated_at=old))
     result = app.test_cli_runner().invoke(args=["purge", "--older-than", "30d"])
     assert result.exit_code == 0, result.output
     assert "1 messages" in result.output and "1 send_attempts" in result.output and "1 windows" in result.output
@@ -146,6 +139,7 @@ def test_purge_keeps_open_windows_and_recent_records(app, client, fake_twilio, d
         assert conn.execute(select(windows.c.user)).scalars().all() == [USER]
         assert conn.execute(select(func.count()).select_from(messages)).scalar_one() == 1
         assert conn.execute(select(func.count()).select_from(send_attempts)).scalar_one() == 1
+        assert conn.execute(select(outbox.c.status)).scalars().all() == ["pending"]  # never a pending item
     assert app.test_cli_runner().invoke(args=["purge", "--older-than", "soon"]).exit_code != 0
 
 

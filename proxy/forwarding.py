@@ -1,0 +1,56 @@
+"""Forward a Twilio webhook to the business's app, signed so the app's own RequestValidator accepts it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import requests
+from requests.adapters import HTTPAdapter
+from twilio.request_validator import RequestValidator
+from werkzeug.datastructures import MultiDict
+
+# Twilio's request headers worth passing on, and the proxy's own. The signature is recomputed
+# for the app's URL with the auth token, so Twilio's SharedKey signature-settings header is not kept.
+KEPT_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent", "X-Proxy-Window-Expires-At")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The app's answer; `ok` False means retry later (down, timed out, 5xx)."""
+
+    ok: bool
+    status: int | None
+    body: bytes
+    content_type: str | None
+    error: str | None = None
+
+
+class Forwarder:
+    def __init__(self, auth_token: str, timeout: float, pool_size: int = 16):
+        self.validator = RequestValidator(auth_token)
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.trust_env = False  # forward targets come from configuration only
+        adapter = HTTPAdapter(pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def headers_for(self, url: str, pairs: list[tuple[str, str]], kept: dict) -> dict:
+        # twilio-python's validator sorts and de-duplicates values itself; a MultiDict keeps repeats.
+        signature = self.validator.compute_signature(url, MultiDict(pairs))
+        headers = {k: v for k, v in kept.items() if k in KEPT_HEADERS}
+        headers["X-Twilio-Signature"] = signature
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        return headers
+
+    def post(self, url: str, pairs: list[tuple[str, str]], kept: dict) -> Reply:
+        try:
+            response = self.session.post(url, data=pairs, headers=self.headers_for(url, pairs, kept),
+                                         timeout=self.timeout, allow_redirects=False)
+        except requests.exceptions.Timeout:
+            return Reply(False, None, b"", None, f"no answer within {self.timeout:g}s")
+        except requests.exceptions.RequestException as exc:
+            return Reply(False, None, b"", None, f"unreachable ({type(exc).__name__})")
+        if response.status_code >= 500:
+            return Reply(False, response.status_code, b"", None, f"answered {response.status_code}")
+        return Reply(True, response.status_code, response.content, response.headers.get("Content-Type"))

@@ -1,0 +1,69 @@
+"""Hold rerouted sends until the user writes again; release them in order, each judged again."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, exists, select, update
+
+from .db import held_messages
+
+HELD, RELEASED, EXPIRED, FAILED = "held", "released", "expired", "failed"
+
+
+def hold(conn: Connection, *, sender: str, user: str, account_sid: str, params: list, request_id: str,
+         now: datetime, ttl_seconds: int) -> int:
+    return conn.execute(
+        held_messages.insert()
+        .values(sender=sender, user=user, account_sid=account_sid, params=json.dumps(params), status=HELD,
+                request_id=request_id, created_at=now, expires_at=now + timedelta(seconds=ttl_seconds))
+        .returning(held_messages.c.id)
+    ).scalar_one()
+
+
+def any_held(conn: Connection, sender: str, user: str, now: datetime) -> bool:
+    return conn.execute(select(exists().where(
+        held_messages.c.sender == sender, held_messages.c.user == user, held_messages.c.status == HELD,
+        held_messages.c.expires_at > now))).scalar()
+
+
+def held_for(conn: Connection, sender: str, user: str, now: datetime):
+    """The pair's live held messages, oldest first."""
+    return conn.execute(
+        select(held_messages)
+        .where(held_messages.c.sender == sender, held_messages.c.user == user, held_messages.c.status == HELD,
+               held_messages.c.expires_at > now)
+        .order_by(held_messages.c.id)
+    ).mappings().all()
+
+
+def mark(conn: Connection, held_id: int, status: str, now: datetime, *, message_sid: str | None = None,
+         error: str | None = None) -> None:
+    conn.execute(update(held_messages).where(held_messages.c.id == held_id)
+                 .values(status=status, released_at=now, message_sid=message_sid,
+                         last_error=error[:500] if error else None))
+
+
+def expire(conn: Connection, now: datetime) -> list:
+    """Drop holds past their TTL; returns the dropped rows for logging."""
+    rows = conn.execute(
+        update(held_messages).where(held_messages.c.status == HELD, held_messages.c.expires_at <= now)
+        .values(status=EXPIRED, released_at=now)
+        .returning(held_messages.c.id, held_messages.c.sender, held_messages.c.user, held_messages.c.request_id)
+    ).all()
+    return rows
+
+
+def listing(conn: Connection, *, sender: str | None = None, user: str | None = None, status: str | None = HELD,
+            limit: int = 100):
+    query = select(held_messages.c.id, held_messages.c.sender, held_messages.c.user, held_messages.c.status,
+                   held_messages.c.created_at, held_messages.c.expires_at, held_messages.c.released_at,
+                   held_messages.c.message_sid, held_messages.c.last_error)
+    if sender:
+        query = query.where(held_messages.c.sender == sender)
+    if user:
+        query = query.where(held_messages.c.user == user)
+    if status:
+        query = query.where(held_messages.c.status == status)
+    return conn.execute(query.order_by(held_messages.c.id).limit(limit)).mappings().all()

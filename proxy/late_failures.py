@@ -1,0 +1,57 @@
+"""React to Twilio's late 63016: the window was really closed, so close it and, if asked, send the fallback."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from sqlalchemy import Connection, select, update
+
+from . import logs, outbox
+from .db import late_failures, send_attempts, windows
+from .runtime import Runtime
+from .store import _insert
+
+LATE_WINDOW_FAILURE = 63016
+
+
+def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime) -> str | None:
+    """Act once per message sid on a `failed` + 63016 callback for a send the proxy let through."""
+    attempt = conn.execute(
+        select(send_attempts.c.sender, send_attempts.c.user, send_attempts.c.account_sid, send_attempts.c.params,
+               send_attempts.c.content_type)
+        .where(send_attempts.c.message_sid == sid, send_attempts.c.decision.in_(("allowed", "rerouted")))
+        .order_by(send_attempts.c.id.desc()).limit(1)
+    ).first()
+    if attempt is None:
+        return None  # not a send the proxy judged: nothing of ours was wrong
+    fallback = rt.settings.fallback_for(attempt.sender)
+    reroute = bool(fallback) and rt.settings.policy.action_for(attempt.content_type) == "reroute"
+    action = "closed_and_rerouted" if reroute else "closed"
+    first = conn.execute(
+        _insert(conn, late_failures)
+        .values(message_sid=sid, sender=attempt.sender, user=attempt.user, action=action, created_at=now)
+        .on_conflict_do_nothing(index_elements=["message_sid"])
+        .returning(late_failures.c.message_sid)
+    ).first()
+    if first is None:
+        return "duplicate"
+    senders = {s for s in (attempt.sender, callback_sender) if s}
+    conn.execute(update(windows)
+                 .where(windows.c.user == attempt.user, windows.c.sender.in_(senders), windows.c.expires_at > now)
+                 .values(expires_at=now, updated_at=now))
+    if reroute:
+        kept = ("To", "From", "MessagingServiceSid", "StatusCallback")
+        pairs = [(k, v) for k, v in json.loads(attempt.params) if k in kept]
+        pairs.append(("ContentSid", fallback.content_sid))
+        profile = conn.execute(select(windows.c.profile_name)
+                               .where(windows.c.sender == attempt.sender, windows.c.user == attempt.user)).scalar()
+        variables = fallback.render(profile)
+        if variables is not None:
+            pairs.append(("ContentVariables", variables))
+        outbox.enqueue(conn, kind="send", ordering_key=f"send:{sid}", target=attempt.account_sid, headers={},
+                       body=pairs, now=now)
+    logs.event("late_window_failure", redact=rt.settings.log_redact_numbers, level=30, decision=action,
+               message_sid=sid, sender=attempt.sender, user=attempt.user, code=LATE_WINDOW_FAILURE,
+               fallback_content_sid=fallback.content_sid if reroute else None)
+    return action

@@ -1,0 +1,139 @@
+"""The durable outbox: enqueue, claim (row locks and leases), complete, retry with backoff, replay."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, and_, exists, func, select, update
+from sqlalchemy.orm import aliased
+
+from .db import outbox
+
+PENDING, DELIVERED, EXHAUSTED = "pending", "delivered", "exhausted"
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    kind: str
+    ordering_key: str
+    target: str
+    headers: dict
+    body: list
+    attempts: int
+
+
+def next_attempt_at(attempts_made: int, schedule: tuple[int, ...], now: datetime) -> datetime | None:
+    """When to try again after `attempts_made` failed attempts; None when the schedule is used up."""
+    if attempts_made >= len(schedule):
+        return None
+    return now + timedelta(seconds=schedule[attempts_made])
+
+
+def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, headers: dict, body: list,
+            now: datetime, lease_seconds: float | None = None) -> int:
+    """Store an item; with a lease, the caller tries it inline first and workers leave it alone meanwhile."""
+    return conn.execute(
+        outbox.insert()
+        .values(kind=kind, ordering_key=ordering_key[:300], target=target, headers=json.dumps(headers),
+                body=json.dumps(body), status=PENDING, attempts=0, next_attempt_at=now,
+                lease_until=now + timedelta(seconds=lease_seconds) if lease_seconds else None,
+                created_at=now, updated_at=now)
+        .returning(outbox.c.id)
+    ).scalar_one()
+
+
+def has_earlier_pending(conn: Connection, ordering_key: str, item_id: int) -> bool:
+    return conn.execute(
+        select(exists().where(outbox.c.ordering_key == ordering_key[:300], outbox.c.status == PENDING,
+                              outbox.c.id < item_id))
+    ).scalar()
+
+
+def release_lease(conn: Connection, item_id: int) -> None:
+    conn.execute(update(outbox).where(outbox.c.id == item_id).values(lease_until=None))
+
+
+def renew_lease(conn: Connection, item_id: int, until: datetime) -> None:
+    conn.execute(update(outbox).where(outbox.c.id == item_id).values(lease_until=until))
+
+
+def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10) -> list[Item]:
+    """Lease up to `limit` due items, each the oldest pending one of its ordering key.
+
+    On PostgreSQL the candidate rows are locked FOR UPDATE SKIP LOCKED, so concurrent workers
+    pass over each other's rows; the conditional UPDATE then makes the lease exclusive on every
+    backend (SQLite has no row locks).
+    """
+    earlier = aliased(outbox)
+    candidates = (
+        select(outbox.c.id)
+        .where(
+            outbox.c.status == PENDING,
+            outbox.c.next_attempt_at <= now,
+            (outbox.c.lease_until.is_(None)) | (outbox.c.lease_until < now),
+            ~exists().where(and_(earlier.c.ordering_key == outbox.c.ordering_key, earlier.c.status == PENDING,
+                                 earlier.c.id < outbox.c.id)),
+        )
+        .order_by(outbox.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=outbox)
+    )
+    ids = conn.execute(candidates).scalars().all()
+    claimed = []
+    lease = now + timedelta(seconds=lease_seconds)
+    for item_id in ids:
+        row = conn.execute(
+            update(outbox)
+            .where(outbox.c.id == item_id, outbox.c.status == PENDING,
+                   (outbox.c.lease_until.is_(None)) | (outbox.c.lease_until < now))
+            .values(lease_until=lease, updated_at=now)
+            .returning(outbox.c.id, outbox.c.kind, outbox.c.ordering_key, outbox.c.target, outbox.c.headers,
+                       outbox.c.body, outbox.c.attempts)
+        ).first()
+        if row is not None:
+            claimed.append(Item(row.id, row.kind, row.ordering_key, row.target, json.loads(row.headers),
+                                json.loads(row.body), row.attempts))
+    return claimed
+
+
+def delivered(conn: Connection, item_id: int, now: datetime) -> None:
+    conn.execute(update(outbox).where(outbox.c.id == item_id)
+                 .values(status=DELIVERED, attempts=outbox.c.attempts + 1, lease_until=None, delivered_at=now,
+                         updated_at=now, last_error=None))
+
+
+def failed(conn: Connection, item_id: int, error: str, now: datetime, schedule: tuple[int, ...],
+           *, retry: bool = True) -> str:
+    """Record a failed attempt; schedule the next one, or exhaust the item. Returns the new status."""
+    attempts = conn.execute(select(outbox.c.attempts).where(outbox.c.id == item_id)).scalar_one() + 1
+    when = next_attempt_at(attempts, schedule, now) if retry else None
+    status = PENDING if when else EXHAUSTED
+    conn.execute(update(outbox).where(outbox.c.id == item_id)
+                 .values(status=status, attempts=attempts, next_attempt_at=when or now, lease_until=None,
+                         last_error=error[:500], updated_at=now))
+    return status
+
+
+def listing(conn: Connection, status: str | None, limit: int = 100):
+    query = select(outbox.c.id, outbox.c.kind, outbox.c.ordering_key, outbox.c.target, outbox.c.status,
+                   outbox.c.attempts, outbox.c.next_attempt_at, outbox.c.last_error, outbox.c.created_at)
+    if status:
+        query = query.where(outbox.c.status == status)
+    return conn.execute(query.order_by(outbox.c.id).limit(limit)).all()
+
+
+def replay(conn: Connection, now: datetime, item_id: int | None = None) -> int:
+    """Put exhausted items (one, or all) back in line for a fresh round of attempts."""
+    query = update(outbox).where(outbox.c.status == EXHAUSTED)
+    if item_id is not None:
+        query = query.where(outbox.c.id == item_id)
+    return conn.execute(query.values(status=PENDING, attempts=0, next_attempt_at=now, lease_until=None,
+                                      updated_at=now)).rowcount
+
+
+def depth(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)).all()
+    return {status: count for status, count in rows}

@@ -1,0 +1,151 @@
+"""The outbox worker: delivers forwarded webhooks with backoff, releases held messages, sends fallbacks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from datetime import datetime, timedelta
+
+from werkzeug.datastructures import MultiDict
+
+from . import holds, logs, outbox
+from .db import utcnow
+from .errors import ApiError
+from .judge import judge
+from .policy import Action
+from .runtime import Runtime
+from .upstream import UpstreamError
+
+
+class Retry(Exception):
+    """Deliver this item again later, per the retry schedule."""
+
+
+class GiveUp(Exception):
+    """This item cannot succeed (or could send twice if retried): exhaust it now."""
+
+
+class Worker:
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+
+    def run_once(self, now: datetime | None = None) -> int:
+        """Expire old holds, then claim and process the due items; returns how many were processed."""
+        now = now or utcnow()
+        with self.rt.engine.begin() as conn:
+            for row in holds.expire(conn, now):
+                logs.event("hold_expired", redact=self.rt.settings.log_redact_numbers, decision="dropped",
+                           held_id=row.id, sender=row.sender, user=row.user, request_id=row.request_id)
+        with self.rt.engine.begin() as conn:
+            # A claimed item is this worker's for the lease; a crashed worker's items come back after it.
+            items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds)
+        for item in items:
+            self.process(item)
+        return len(items)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # noqa: BLE001 — a database hiccup must not kill the worker
+                logs.log.exception("worker_error")
+                busy = 0
+            if not busy:
+                stop.wait(self.rt.settings.worker_poll_seconds)
+
+    def process(self, item: outbox.Item) -> None:
+        started, settings = time.perf_counter(), self.rt.settings
+        handler = {"inbound": self._forward, "status": self._forward, "send": self._send,
+                   "release": self._release}[item.kind]
+        try:
+            handler(item)
+        except (Retry, GiveUp) as exc:
+            with self.rt.engine.begin() as conn:
+                status = outbox.failed(conn, item.id, str(exc), utcnow(), settings.retry_schedule,
+                                       retry=isinstance(exc, Retry))
+            logs.event("delivery", redact=settings.log_redact_numbers, level=30, decision="failed", kind=item.kind,
+                       outbox_id=item.id, attempt=item.attempts + 1, outcome=status, error=str(exc),
+                       duration_ms=_ms(started))
+            return
+        with self.rt.engine.begin() as conn:
+            outbox.delivered(conn, item.id, utcnow())
+        logs.event("delivery", redact=settings.log_redact_numbers, decision="delivered", kind=item.kind,
+                   outbox_id=item.id, attempt=item.attempts + 1, duration_ms=_ms(started))
+
+    def _forward(self, item: outbox.Item) -> None:
+        reply = self.rt.forwarder.post(item.target, [tuple(p) for p in item.body], item.headers)
+        if not reply.ok:
+            raise Retry(reply.error or "failed")
+
+    def _send(self, item: outbox.Item) -> None:
+        """A fallback template after a late 63016: judged like any send, then sent with the account's auth."""
+        pairs = [tuple(p) for p in item.body]
+        judgement = judge(self.rt, MultiDict(pairs))
+        if judgement.decision.action is not Action.ALLOWED:
+            raise GiveUp(f"fallback not sendable: {judgement.decision.reason}")
+        self.send_to_twilio(item.target, pairs)
+
+    def _release(self, item: outbox.Item) -> None:
+        """Send the pair's held messages in their original order, each judged again now."""
+        sender, user = item.target.split("\n", 1)
+        settings = self.rt.settings
+        with self.rt.engine.connect() as conn:
+            held = holds.held_for(conn, sender, user, utcnow())
+        for row in held:
+            pairs = [tuple(p) for p in json.loads(row["params"])]
+            try:
+                decision = judge(self.rt, MultiDict(pairs)).decision
+            except ApiError as exc:
+                self._mark(row, holds.FAILED, error=f"{exc.code}: {exc.message}")
+                continue
+            if decision.action is not Action.ALLOWED:
+                # Still not sendable (window closed again, template not approved): keep it, and keep the order.
+                logs.event("release", redact=settings.log_redact_numbers, decision="still_held", held_id=row["id"],
+                           reason=decision.reason, sender=sender, user=user, request_id=row["request_id"])
+                return
+            try:
+                sid = self.send_to_twilio(row["account_sid"], pairs)
+            except GiveUp as exc:
+                self._mark(row, holds.FAILED, error=str(exc))
+                continue
+            self._mark(row, holds.RELEASED, message_sid=sid)
+            with self.rt.engine.begin() as conn:  # a long release keeps its lease
+                outbox.renew_lease(conn, item.id, utcnow() + timedelta(seconds=settings.outbox_lease_seconds))
+
+    def _mark(self, row, status: str, *, message_sid: str | None = None, error: str | None = None) -> None:
+        with self.rt.engine.begin() as conn:
+            holds.mark(conn, row["id"], status, utcnow(), message_sid=message_sid, error=error)
+        logs.event("release", redact=self.rt.settings.log_redact_numbers, decision=status, held_id=row["id"],
+                   message_sid=message_sid, error=error, sender=row["sender"], user=row["user"],
+                   request_id=row["request_id"])
+
+    def send_to_twilio(self, account_sid: str, pairs: list) -> str | None:
+        """POST a Messages create with the configured account's credentials.
+
+        Only a request Twilio never received is retried: a timeout or an answer may mean it was sent.
+        """
+        settings = self.rt.settings
+        token = base64.b64encode(f"{settings.account_sid}:{settings.auth_token}".encode()).decode()
+        try:
+            response = self.rt.upstream.request(
+                "POST", f"/2010-04-01/Accounts/{account_sid}/Messages.json", data=pairs,
+                headers={"Authorization": f"Basic {token}", "Accept": "application/json",
+                         "Content-Type": "application/x-www-form-urlencoded"})
+        except UpstreamError as exc:
+            if exc.kind == "unreachable":
+                raise Retry(f"Twilio unreachable: {exc.detail}") from None
+            raise GiveUp(f"Twilio did not answer ({exc.detail}); not retried, it may have been sent") from None
+        if response.status_code == 429 or response.status_code >= 500:
+            raise Retry(f"Twilio answered {response.status_code}")
+        if response.status_code >= 300:
+            raise GiveUp(f"Twilio answered {response.status_code}: {response.text[:200]}")
+        try:
+            return json.loads(response.text).get("sid")
+        except (ValueError, AttributeError):
+            return None
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)

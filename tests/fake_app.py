@@ -1,0 +1,53 @@
+"""A fake business app on 127.0.0.1: validates forwarded signatures with twilio-python, answers TwiML,
+and can be made slow, failing or unavailable."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from flask import Flask, Response, request
+from twilio.request_validator import RequestValidator
+
+
+@dataclass
+class FakeApp:
+    auth_token: str
+    url: str = ""
+    received: list = field(default_factory=list)  # (path, form pairs, headers) of accepted requests
+    rejected: int = 0
+    started: int = 0  # requests that arrived, whether or not they finished
+    delay: float = 0.0
+    fail_status: int | None = None
+    reply: str = '<?xml version="1.0" encoding="UTF-8"?><Response><Message>Thanks!</Message></Response>'
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.received.clear()
+        self.rejected, self.delay, self.fail_status, self.started = 0, 0.0, None, 0
+
+    def bodies(self, path: str | None = None) -> list[str]:
+        return [dict(form).get("Body") for p, form, _ in self.received if path is None or p == path]
+
+    def app(self) -> Flask:
+        app = Flask("fake_app")
+        validator = RequestValidator(self.auth_token)
+
+        @app.post("/<path:path>")
+        def webhook(path):
+            self.started += 1
+            if self.delay:
+                time.sleep(self.delay)
+            # Exactly what a business app does with twilio-python: validate against its own URL.
+            if not validator.validate(request.url, request.form, request.headers.get("X-Twilio-Signature", "")):
+                self.rejected += 1
+                return Response("bad signature", status=403)
+            if self.fail_status:
+                return Response("app error", status=self.fail_status)
+            with self.lock:
+                self.received.append((request.path, list(request.form.items(multi=True)), dict(request.headers)))
+            return Response(self.reply, status=200, mimetype="text/xml")
+
+        return app

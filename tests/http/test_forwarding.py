@@ -1,0 +1,296 @@
+"""Webhook middleware: forwarding to the app, the durable outbox and its worker, late 63016, hold and release."""
+
+import json
+import threading
+import time
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from proxy import create_app
+from proxy.db import held_messages, late_failures, outbox, utcnow, windows
+from proxy.policy import Policy
+from proxy.policy_file import Fallback
+from proxy.worker import Worker
+from tests.conftest import ACCOUNT_SID, BUSINESS, USER, basic_auth, inbound_params, sign, signed_post
+from tests.http.test_gateway import send
+
+SCHEDULE = (0, 5, 300)
+LEASE_SECONDS = 120
+
+
+@pytest.fixture
+def forwarding(settings, db_engine, fake_app, fake_twilio):
+    """An app forwarding inbound to /app/inbound and statuses to /app/status of the fake app."""
+    s = replace(settings, forward_inbound_url=fake_app.url + "/app/inbound",
+                forward_status_url=fake_app.url + "/app/status", forward_timeout_seconds=1.0,
+                retry_schedule=SCHEDULE)
+    app = create_app(s)
+    yield app
+    app.extensions["proxy"].engine.dispose()
+
+
+def items(engine):
+    with engine.connect() as conn:
+        return conn.execute(select(outbox).order_by(outbox.c.id)).mappings().all()
+
+
+def run_worker(app, now=None):
+    return Worker(app.extensions["proxy"]).run_once(now)
+
+
+def test_inbound_is_forwarded_signed_and_the_apps_twiml_relayed(forwarding, fake_app, db_engine):
+    client = forwarding.test_client()
+    params = inbound_params("SM" + "1" * 32, Body="where is my order?")
+    response = client.post("/twilio/inbound", data=params, headers={
+        "X-Twilio-Signature": sign("http://localhost/twilio/inbound", params),
+        "I-Twilio-Idempotency-Token": "idem-1"})
+    assert response.status_code == 200
+    assert response.get_data(as_text=True) == fake_app.reply and response.mimetype == "text/xml"
+    [(path, form, headers)] = fake_app.received
+    assert path == "/app/inbound" and form == list(params.items()) and fake_app.rejected == 0
+    assert headers["I-Twilio-Idempotency-Token"] == "idem-1"
+    assert headers["X-Proxy-Window-Expires-At"].endswith("Z")
+    assert [i["status"] for i in items(db_engine)] == ["delivered"]
+
+
+@pytest.mark.parametrize("trouble", ["down", "slow", "5xx"])
+def test_app_trouble_answers_empty_twiml_and_the_outbox_retries(forwarding, fake_app, db_engine, trouble):
+    if trouble == "down":
+        fake_app.fail_status = 503
+    elif trouble == "slow":
+        fake_app.delay = 1.5  # more than FORWARD_TIMEOUT_SECONDS
+    else:
+        fake_app.fail_status = 500
+    client = forwarding.test_client()
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "2" * 32))
+    assert response.status_code == 200 and response.get_data(as_text=True).endswith("<Response />")
+    [item] = items(db_engine)
+    assert (item["status"], item["attempts"]) == ("pending", 1) and item["last_error"]
+    assert timedelta(seconds=4) < item["next_attempt_at"] - utcnow() <= timedelta(seconds=5)
+    fake_app.reset()
+    assert run_worker(forwarding) == 0  # not due yet
+    assert run_worker(forwarding, utcnow() + timedelta(seconds=6)) == 1
+    received = [p for p, _, _ in fake_app.received]
+    if trouble == "slow":  # the slow app also gets the first copy, after the proxy stopped waiting
+        deadline = time.monotonic() + 5
+        while len(fake_app.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        received = [p for p, _, _ in fake_app.received][:1]
+    assert received == ["/app/inbound"]
+    assert items(db_engine)[0]["status"] == "delivered"
+
+
+def test_app_4xx_is_the_apps_answer_and_is_relayed(forwarding, fake_app, db_engine):
+    fake_app.fail_status = 404
+    response = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "3" * 32))
+    assert response.status_code == 404
+    assert items(db_engine)[0]["status"] == "delivered"
+
+
+def test_retried_twilio_webhook_is_forwarded_once(forwarding, fake_app):
+    client = forwarding.test_client()
+    params = inbound_params("SM" + "4" * 32)
+    signed_post(client, "/twilio/inbound", params)
+    signed_post(client, "/twilio/inbound", params)
+    assert len(fake_app.received) == 1
+
+
+def test_one_conversation_is_delivered_in_order(forwarding, fake_app, db_engine):
+    client = forwarding.test_client()
+    fake_app.fail_status = 503
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "5" * 32, Body="first"))
+    fake_app.fail_status = None
+    # The app is back, but the first message still waits: the second must not overtake it.
+    second = signed_post(client, "/twilio/inbound", inbound_params("SM" + "6" * 32, Body="second"))
+    assert second.get_data(as_text=True).endswith("<Response />")
+    other = signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 32, user="whatsapp:+14155550122",
+                                                                   Body="other user"))
+    assert other.get_data(as_text=True) == fake_app.reply  # other conversations are not held up
+    later = utcnow() + timedelta(seconds=6)
+    assert run_worker(forwarding, later) == 1  # only the head of the conversation is due
+    assert run_worker(forwarding, later) == 1
+    assert fake_app.bodies("/app/inbound") == ["other user", "first", "second"]
+
+
+def test_exhausted_items_can_be_listed_and_replayed(forwarding, fake_app, db_engine):
+    fake_app.fail_status = 503
+    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "8" * 32))
+    t = utcnow()
+    for step in (6, 400):  # attempts 2 and 3 of the 3-step schedule
+        run_worker(forwarding, t + timedelta(seconds=step))
+    [item] = items(db_engine)
+    assert (item["status"], item["attempts"]) == ("exhausted", 3)
+    runner = forwarding.test_cli_runner()
+    listed = runner.invoke(args=["outbox", "list", "--status", "exhausted"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout.splitlines()[0])["id"] == item["id"]
+    assert "1 exhausted" in listed.stderr
+    fake_app.fail_status = None
+    assert "1 item(s)" in runner.invoke(args=["outbox", "replay", str(item["id"])]).output
+    assert run_worker(forwarding) == 1
+    assert items(db_engine)[0]["status"] == "delivered" and len(fake_app.received) == 1
+    assert runner.invoke(args=["outbox", "replay"]).exit_code != 0
+
+
+def test_a_restarted_worker_delivers_exactly_once(forwarding, fake_app, db_engine, settings):
+    fake_app.fail_status = 503
+    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "9" * 32))
+    fake_app.fail_status = None
+    later = utcnow() + timedelta(seconds=6)
+    # Worker A claims the item and dies before delivering it (its lease stays on the row).
+    with db_engine.begin() as conn:
+        from proxy import outbox as box
+        [claimed] = box.claim(conn, later, LEASE_SECONDS)
+    assert claimed.kind == "inbound"
+    restarted = create_app(forwarding.extensions["proxy"].settings)  # a new process
+    assert run_worker(restarted, later) == 0  # the lease still protects the item
+    assert run_worker(restarted, later + timedelta(seconds=LEASE_SECONDS + 1)) == 1
+    assert run_worker(restarted, later + timedelta(seconds=LEASE_SECONDS + 10)) == 0
+    assert len(fake_app.received) == 1 and items(db_engine)[0]["status"] == "delivered"
+    restarted.extensions["proxy"].engine.dispose()
+
+
+def test_two_workers_never_deliver_one_item_twice(forwarding, fake_app, db_engine):
+    fake_app.fail_status = 503
+    client = forwarding.test_client()
+    for i in range(40):  # 40 conversations, each with a queued webhook
+        signed_post(client, "/twilio/inbound", inbound_params(f"SM{i:032x}", user=f"whatsapp:+1415555{i:04d}",
+                                                               Body=f"m{i}"))
+    fake_app.reset()
+    due = utcnow() + timedelta(seconds=6)
+    apps = [create_app(forwarding.extensions["proxy"].settings) for _ in range(2)]
+    counts = [0, 0]
+
+    def work(n):
+        while Worker(apps[n].extensions["proxy"]).run_once(due):
+            counts[n] += 1
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    bodies = fake_app.bodies("/app/inbound")
+    assert sorted(bodies) == sorted(f"m{i}" for i in range(40))  # each exactly once
+    assert all(i["status"] == "delivered" for i in items(db_engine))
+    for app in apps:
+        app.extensions["proxy"].engine.dispose()
+
+
+def test_status_callbacks_are_forwarded_through_the_outbox(forwarding, fake_app, db_engine):
+    params = {"MessageSid": "SM" + "a" * 32, "MessageStatus": "delivered", "From": BUSINESS, "To": USER,
+              "AccountSid": ACCOUNT_SID}
+    assert signed_post(forwarding.test_client(), "/twilio/status", params).status_code == 200
+    assert fake_app.received == []
+    assert run_worker(forwarding) == 1
+    [(path, form, _)] = fake_app.received
+    assert path == "/app/status" and dict(form)["MessageStatus"] == "delivered" and fake_app.rejected == 0
+
+
+def fallback_app(settings, fake_twilio, **extra):
+    sid = fake_twilio.add_content({"twilio/text": {"body": "Hi {{1}}"}}, "approved")
+    app = create_app(replace(settings, policy=Policy(default_action="reroute"),
+                             fallback=Fallback(sid, {"1": "{profile_name}"}), **extra))
+    app.fallback_sid = sid
+    return app
+
+
+def failed_callback(sid, status="failed", code="63016"):
+    return {"MessageSid": sid, "MessageStatus": status, "ErrorCode": code, "From": BUSINESS, "To": USER,
+            "AccountSid": ACCOUNT_SID, "ChannelPrefix": "whatsapp"}
+
+
+def test_late_63016_closes_the_window_and_sends_the_fallback_once(settings, db_engine, fake_twilio):
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "b" * 32))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "in window"}).get_json()["sid"]
+    for _ in range(3):  # Twilio may repeat a callback
+        assert signed_post(client, "/twilio/status", failed_callback(sid)).status_code == 200
+    window = client.get(f"/v1/windows?sender={BUSINESS}&user={USER}", headers=basic_auth()).get_json()
+    assert window["open"] is False
+    with db_engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(late_failures)).scalar_one() == 1
+    assert run_worker(app) == 1
+    assert run_worker(app) == 0
+    fallback_sends = [r for r in fake_twilio.creates if dict(r.form).get("ContentSid") == app.fallback_sid]
+    assert len(fallback_sends) == 1
+    assert dict(fallback_sends[0].form)["ContentVariables"] == json.dumps({"1": "Ada"})
+    # The next free-form send is blocked: the proxy learnt the window was closed.
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "again"}).headers["X-Proxy-Decision"] == "rerouted"
+
+
+@pytest.mark.parametrize("callback", [failed_callback("SM" + "c" * 32, status="undelivered"),
+                                      failed_callback("SM" + "c" * 32, code="30008")])
+def test_other_failures_do_not_close_the_window(settings, db_engine, fake_twilio, callback):
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "d" * 32))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+    signed_post(client, "/twilio/status", {**callback, "MessageSid": sid})
+    assert client.get(f"/v1/windows?sender={BUSINESS}&user={USER}", headers=basic_auth()).get_json()["open"]
+    assert run_worker(app) == 0
+
+
+def test_63016_for_a_message_the_proxy_did_not_send_is_only_recorded(settings, db_engine, fake_twilio):
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "e" * 32))
+    signed_post(client, "/twilio/status", failed_callback("SM" + "f" * 32))
+    assert client.get(f"/v1/windows?sender={BUSINESS}&user={USER}", headers=basic_auth()).get_json()["open"]
+
+
+def test_hold_then_release_in_order_when_the_user_writes(settings, db_engine, fake_twilio):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    held_ids = []
+    for body in ("first", "second", "third"):
+        response = send(client, {"To": USER, "From": BUSINESS, "Body": body, "StatusCallback": "https://app/cb"})
+        assert response.headers["X-Proxy-Decision"] == "rerouted"
+        held_ids.append(int(response.headers["X-Proxy-Held-Id"]))
+    assert held_ids == sorted(held_ids)
+    listed = client.get("/v1/held", headers=basic_auth()).get_json()["held"]
+    assert [h["id"] for h in listed] == held_ids and all(h["status"] == "held" for h in listed)
+    assert client.get("/v1/held").status_code == 401
+    fake_twilio.requests.clear()
+
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "1" * 31 + "2"))
+    assert run_worker(app) == 1
+    sent = [dict(r.form) for r in fake_twilio.creates]
+    assert [s["Body"] for s in sent] == ["first", "second", "third"]
+    assert all(s["StatusCallback"] == "https://app/cb" and "ContentSid" not in s for s in sent)
+    released = client.get("/v1/held?status=released", headers=basic_auth()).get_json()["held"]
+    originals = [m["sid"] for m in fake_twilio.messages.values() if m["body"] in ("first", "second", "third")]
+    assert [h["message_sid"] for h in released] == originals and len(originals) == 3
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "1" * 31 + "3"))
+    run_worker(app)
+    assert len(fake_twilio.creates) == 3  # nothing is released twice
+
+
+def test_released_messages_are_judged_again(settings, db_engine, fake_twilio):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    carousel = fake_twilio.add_content({"twilio/carousel": {"body": "c", "cards": []}}, "pending")
+    send(client, {"To": USER, "From": BUSINESS, "ContentSid": carousel})  # rerouted and held
+    fake_twilio.requests.clear()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "2" * 31 + "1"))
+    run_worker(app)
+    assert fake_twilio.creates == []  # still needs an approval in session: kept, not sent
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "held"
+
+
+def test_expired_holds_are_dropped_with_a_log_line(settings, db_engine, fake_twilio, log_lines):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True, hold_ttl_seconds=60)
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    run_worker(app, utcnow() + timedelta(seconds=61))
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "expired"
+    [dropped] = [line for line in log_lines() if line["event"] == "hold_expired"]
+    assert dropped["decision"] == "dropped" and dropped["user"] == "whatsapp:+1415*****11"
+    fake_twilio.requests.clear()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 31 + "1"))
+    assert run_worker(app) == 0 and fake_twilio.creates == []
