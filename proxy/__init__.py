@@ -37,7 +37,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     logs.configure(settings.log_level, settings.log_format)
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
+    if settings.allow_unsigned_webhooks:
+        logs.log.critical("unsigned_webhooks_allowed", extra={
+            "detail": "ALLOW_UNSIGNED_WEBHOOKS=true: anyone can open windows; for local development only"})
+    if settings.fail_open:
+        logs.log.critical("fail_open_enabled", extra={
+            "detail": "FAIL_OPEN=true: if the database is down, sends go to Twilio unjudged"})
     engine = make_engine(settings.database_url, pool_size=DB_POOL_SIZE)
     upstream = Upstream(settings.twilio_api_base_url, settings.twilio_timeout_seconds, DEFAULT_POOL_SIZE)
     app.extensions["proxy"] = Runtime(

@@ -7,6 +7,7 @@ import re
 # Channels whose free-form sends Meta limits to a customer-service window.
 WINDOWED_CHANNELS = frozenset({"whatsapp", "messenger"})
 
+MAX_LENGTH = 128  # what the database keeps of an address
 _E164_DIGITS = re.compile(r"^\+?[1-9]\d{6,14}$")
 _PUNCTUATION = re.compile(r"[\s\-().]")
 
@@ -30,6 +31,8 @@ def normalise(address: str) -> str:
     raw = address.strip()
     if not raw:
         raise InvalidAddress("empty address")
+    if len(raw) > MAX_LENGTH or any(ord(c) < 32 for c in raw):
+        raise InvalidAddress("address too long or contains control characters")
     channel = channel_of(raw)
     if channel is None:
         return _phone(raw)

@@ -6,8 +6,10 @@ import hmac
 import json
 import re
 import time
+from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, g, request
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 
 from . import holds, logs, store
@@ -15,7 +17,7 @@ from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
 from .db import utcnow
 from .errors import twilio_error
-from .judge import Judgement, judge
+from .judge import Judgement, fail_open, judge
 from .policy import Action, explain
 from .runtime import runtime
 from .upstream import UpstreamError
@@ -47,8 +49,17 @@ def authenticate():
 def create_message(account_sid: str):
     rt, started = runtime(), time.perf_counter()
     raw_body = request.get_data(cache=True)  # kept so the forward is byte-for-byte what was sent
+    if not _is_utf8_form(raw_body):
+        return twilio_error(400, 400, "The request body is not valid UTF-8 form data.")
     form = request.form
-    judgement = judge(rt, form)
+    try:
+        judgement = judge(rt, form)
+    except SQLAlchemyError:
+        if not rt.settings.fail_open:
+            raise  # 503: fail closed, nothing is sent unjudged
+        logs.log.critical("fail_open", extra={"request_id": g.request_id,
+                                              "detail": "database unavailable; send forwarded unjudged"})
+        judgement = fail_open(form)
     decision = judgement.decision
     if decision.action is Action.BLOCKED:
         response = twilio_error(decision.code, 400, explain(decision, judgement.send, judgement.window))
@@ -64,6 +75,15 @@ def create_message(account_sid: str):
         response, outcome, upstream_status, message_sid = _forward(raw_body)
     _finish(account_sid, form, judgement, response, outcome, upstream_status, message_sid, started)
     return response
+
+
+def _is_utf8_form(raw: bytes) -> bool:
+    # werkzeug would quietly replace bad bytes; a body Twilio would read differently must not be judged.
+    try:
+        parse_qsl(raw.decode("utf-8"), keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _hold(account_sid: str, form: MultiDict, judgement: Judgement) -> int:
@@ -147,11 +167,12 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
                 created_at=utcnow(),
                 request_id=g.request_id,
                 account_sid=account_sid,
-                sender=judgement.sender,
-                user=judgement.user,
-                channel=judgement.channel,
+                # Passthrough channels are not normalised: store what fits, never fail the record.
+                sender=(judgement.sender or "")[:128] or None,
+                user=(judgement.user or "")[:128] or None,
+                channel=(judgement.channel or "")[:32] or None,
                 content_type=content_type,
-                content_sid=judgement.content_sid,
+                content_sid=(judgement.content_sid or "")[:34] or None,
                 approval_status=judgement.send.approval,
                 decision=decision.action.value,
                 reason=decision.reason,
@@ -159,7 +180,7 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
                 params=json.dumps(list(form.items(multi=True))),
                 outcome=outcome,
                 upstream_status=upstream_status,
-                message_sid=message_sid,
+                message_sid=(message_sid or "")[:64] or None,
                 duration_ms=int(duration),
             )
     except Exception:  # noqa: BLE001 — the send already happened; the caller must still get Twilio's answer

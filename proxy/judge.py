@@ -33,9 +33,25 @@ class Judgement:
     profile_name: str | None = None
 
 
+# Fields Twilio reads one value of. Two values could be judged by one and sent by another,
+# so a request that repeats one is refused rather than guessed at.
+SINGLE_VALUED = ("To", "From", "MessagingServiceSid", "Body", "ContentSid", "ContentVariables", "SendAt",
+                 "ScheduleType", "StatusCallback")
+MAX_MEDIA = 10
+MAX_BODY = 1600
+
+
 def validate(form: MultiDict) -> None:
     """The synchronous checks Twilio itself makes, answered with Twilio's codes."""
+    for name in SINGLE_VALUED:
+        if len(form.getlist(name)) > 1:
+            raise ApiError(400, 400, f"Parameter '{name}' was given more than once; the proxy does not guess "
+                                     "which value Twilio would use.")
     media_urls = [u for u in form.getlist("MediaUrl") if u.strip()]
+    if len(media_urls) > MAX_MEDIA:
+        raise ApiError(400, 400, f"A message can carry at most {MAX_MEDIA} MediaUrl values, got {len(media_urls)}.")
+    if len(form.get("Body") or "") > MAX_BODY:
+        raise ApiError(21658, 400)
     if not form.get("To", "").strip():
         raise ApiError(21604, 400)
     if not form.get("From", "").strip() and not form.get("MessagingServiceSid", "").strip():
@@ -69,6 +85,14 @@ def send_time(form: MultiDict, now: datetime) -> datetime:
     if at.tzinfo is None:
         at = at.replace(tzinfo=timezone.utc)
     return max(at.astimezone(timezone.utc), now)
+
+
+def fail_open(form: MultiDict) -> Judgement:
+    """FAIL_OPEN=true and the database is down: let the send through unjudged (and say so loudly)."""
+    to_raw = form.get("To", "").strip()
+    sender = form.get("From", "").strip() or form.get("MessagingServiceSid", "").strip()
+    return Judgement(Decision(Action.ALLOWED, "fail_open"), Send(channel_of(to_raw), None), CLOSED,
+                     channel_of(to_raw), sender, to_raw, form.get("ContentSid") or None, utcnow())
 
 
 def judge(rt: Runtime, form: MultiDict) -> Judgement:

@@ -43,6 +43,10 @@ class Settings:
     hold_ttl_seconds: int = 7 * 86400
     worker_poll_seconds: float = 1.0
     outbox_lease_seconds: int = 120
+    fail_open: bool = False
+    allow_unsigned_webhooks: bool = False
+    webhook_shared_keys: Mapping[str, str] = field(default_factory=dict)  # SharedKey id -> secret
+    max_content_length: int = 256 * 1024
     twilio_content_base_url: str = "https://content.twilio.com"
     content_cache_seconds: int = 300
     policy: Policy = field(default_factory=Policy)
@@ -88,6 +92,10 @@ class Settings:
         if forward_timeout >= 15:
             raise ConfigError("FORWARD_TIMEOUT_SECONDS must be below 15: Twilio gives up on a webhook after 15 s.")
         return cls(
+            fail_open=_bool(env, "FAIL_OPEN", False),
+            allow_unsigned_webhooks=_bool(env, "ALLOW_UNSIGNED_WEBHOOKS", False),
+            webhook_shared_keys=_pairs(env, "TWILIO_WEBHOOK_SHARED_KEYS", "key-id:secret"),
+            max_content_length=_int(env, "MAX_CONTENT_LENGTH", 256 * 1024, minimum=1024),
             forward_inbound_url=_url(env, "FORWARD_INBOUND_URL", None),
             forward_status_url=_url(env, "FORWARD_STATUS_URL", None),
             forward_timeout_seconds=forward_timeout,
@@ -162,6 +170,16 @@ def _schedule(env: Mapping[str, str]) -> tuple[int, ...]:
     if not delays or any(d < 0 for d in delays):
         raise ConfigError("OUTBOX_RETRY_SCHEDULE must be comma-separated seconds, e.g. 0,5,300,1800,7200.")
     return delays
+
+
+def _pairs(env: Mapping[str, str], name: str, shape: str) -> dict[str, str]:
+    pairs = {}
+    for item in filter(None, (part.strip() for part in env.get(name, "").split(","))):
+        key, sep, secret = item.partition(":")
+        if not sep or not key or not secret:
+            raise ConfigError(f"{name} must be comma-separated {shape} pairs.")
+        pairs[key] = secret
+    return pairs
 
 
 def _api_keys(env: Mapping[str, str]) -> dict[str, str]:

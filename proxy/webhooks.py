@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 
 from flask import Blueprint, Response, g, request
-from twilio.request_validator import SIGNATURE_HEADER
+from werkzeug.datastructures import MultiDict
 from twilio.twiml.messaging_response import MessagingResponse
 
-from . import holds, late_failures, logs, outbox, store
+from . import holds, late_failures, logs, outbox, signatures, store
 from .forwarding import KEPT_HEADERS
 from .addresses import InvalidAddress, normalise
 from .db import utcnow
@@ -19,19 +21,40 @@ from .runtime import runtime
 bp = Blueprint("webhooks", __name__, url_prefix="/twilio")
 
 EMPTY_TWIML = str(MessagingResponse())
+_SID = re.compile(r"^[A-Za-z]{2}[0-9a-zA-Z]{1,62}$")
+_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
 
 
 @bp.before_request
 def require_twilio_signature():
     rt = runtime()
-    signature = request.headers.get(SIGNATURE_HEADER, "")
-    if not signature or not rt.validator.validate(signed_url(), request.form, signature):
-        WEBHOOKS.labels("unknown", "signature_rejected").inc()
-        logs.event("webhook_rejected", redact=rt.settings.log_redact_numbers, level=30,
-                   path=request.path, reason="missing_signature" if not signature else "invalid_signature",
+    g.params = webhook_params()
+    if g.params is None:
+        return twilio_error(400, 400, "Webhook body must be a form or a JSON object.")
+    reason = signatures.problem(request, signed_url(), rt.settings, rt.validator)
+    if reason is None:
+        return None
+    if rt.settings.allow_unsigned_webhooks:
+        logs.event("webhook_unsigned_accepted", redact=True, level=30, path=request.path, reason=reason,
                    request_id=g.request_id)
-        return twilio_error(20403, 403, "Forbidden: X-Twilio-Signature is missing or does not match this URL.")
-    return None
+        return None
+    WEBHOOKS.labels("unknown", "signature_rejected").inc()
+    logs.event("webhook_rejected", redact=rt.settings.log_redact_numbers, level=30, path=request.path,
+               reason=reason, request_id=g.request_id)
+    return twilio_error(20403, 403, f"Forbidden: X-Twilio-Signature check failed ({reason}).")
+
+
+def webhook_params() -> MultiDict | None:
+    """The webhook's fields: the form, or the top-level fields of a JSON object body."""
+    if request.mimetype != "application/json":
+        return request.form
+    try:
+        data = json.loads(request.get_data(as_text=True) or "{}")
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    return MultiDict([(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in data.items()])
 
 
 def signed_url() -> str:
@@ -48,18 +71,18 @@ def signed_url() -> str:
 def webhook():
     # What a webhook is depends on its fields, not on the URL it was sent to: a status
     # callback pointed at /inbound must never open a window.
-    if request.form.get("MessageStatus"):
+    if g.params.get("MessageStatus"):
         return _status_callback()
     return _inbound_message()
 
 
 def _inbound_message() -> Response:
     rt, started = runtime(), time.perf_counter()
-    form = request.form
+    form = g.params
     sid = form.get("MessageSid") or form.get("SmsSid")
     try:
-        if not sid:
-            raise InvalidAddress("MessageSid is missing")
+        if not sid or not _SID.match(sid):
+            raise InvalidAddress("MessageSid is missing or malformed")
         user, sender = normalise(form.get("From", "")), normalise(form.get("To", ""))
     except InvalidAddress as exc:
         logs.event("inbound", redact=True, level=30, decision="rejected", reason="malformed_webhook",
@@ -67,6 +90,8 @@ def _inbound_message() -> Response:
         WEBHOOKS.labels("inbound", "malformed").inc()
         return twilio_error(21211, 400, f"Malformed inbound webhook: {exc}")
     service_sid = form.get("MessagingServiceSid") or None
+    if service_sid and not _SERVICE_SID.match(service_sid):
+        service_sid = None  # never key a window by something that cannot be a Messaging Service
     settings, now = rt.settings, utcnow()
     forward_id, pairs, kept = None, list(form.items(multi=True)), {}
     # One transaction: the message, its window and its forward are stored together or not at all.
@@ -77,7 +102,7 @@ def _inbound_message() -> Response:
             sender=sender,
             user=user,
             messaging_service_sid=service_sid,
-            profile_name=form.get("ProfileName") or None,
+            profile_name=(form.get("ProfileName") or "")[:256] or None,
             num_media=_int_or_none(form.get("NumMedia")),
             received_at=now,
             window_seconds=settings.session_window_seconds,
@@ -143,11 +168,11 @@ def _kept_headers(expires_at) -> dict:
 
 def _status_callback() -> Response:
     rt, started = runtime(), time.perf_counter()
-    form = request.form
+    form = g.params
     sid = form.get("MessageSid") or form.get("SmsSid")
-    if not sid:
-        return twilio_error(21211, 400, "Malformed status callback: MessageSid is missing")
-    status = form["MessageStatus"].strip().lower()
+    if not sid or not _SID.match(sid):
+        return twilio_error(21211, 400, "Malformed status callback: MessageSid is missing or malformed")
+    status = form["MessageStatus"].strip().lower()[:32]
     error_code = _int_or_none(form.get("ErrorCode"))
     settings, now = rt.settings, utcnow()
     sender, user = _normalised_or_raw(form.get("From")), _normalised_or_raw(form.get("To"))
@@ -183,10 +208,12 @@ def _twiml() -> Response:
 
 
 def _int_or_none(value: str | None) -> int | None:
+    """A small non-negative integer field (NumMedia, ErrorCode), or None when it is anything else."""
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except ValueError:
         return None
+    return number if number is not None and 0 <= number < 2**31 else None
 
 
 def _normalised_or_raw(value: str | None) -> str | None:

@@ -11,6 +11,7 @@ from email.utils import format_datetime
 from datetime import datetime, timezone
 
 from flask import Flask, Response, json, request
+from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
 
@@ -110,6 +111,35 @@ class FakeTwilio:
             if sid not in self.messages:
                 return _error(20404, 404, f"The requested resource {request.path} was not found")
             return Response(json.dumps(self.messages[sid]), mimetype="application/json; charset=utf-8")
+
+        @app.post("/2010-04-01/Accounts/<account>/Messages/<sid>.json")
+        def update(account, sid):  # Twilio's update: redact the body or cancel a scheduled message
+            if sid not in self.messages:
+                return _error(20404, 404, f"The requested resource {request.path} was not found")
+            if "Body" in request.form:
+                self.messages[sid]["body"] = request.form["Body"]
+            if request.form.get("Status") == "canceled":
+                self.messages[sid]["status"] = "canceled"
+            return Response(json.dumps(self.messages[sid]), mimetype="application/json; charset=utf-8")
+
+        @app.delete("/2010-04-01/Accounts/<account>/Messages/<sid>.json")
+        def delete(account, sid):
+            if self.messages.pop(sid, None) is None:
+                return _error(20404, 404, f"The requested resource {request.path} was not found")
+            return Response(status=204)
+
+        @app.get("/2010-04-01/Accounts/<account>/Messages.json")
+        def read(account):
+            page = [m for m in self.messages.values()
+                    if request.args.get("To") in (None, m["to"]) and request.args.get("From") in (None, m["from"])]
+            return Response(json.dumps({"messages": page, "page": 0, "page_size": 50, "first_page_uri": request.path,
+                                        "next_page_uri": None, "previous_page_uri": None, "uri": request.path,
+                                        "start": 0, "end": len(page)}),
+                            mimetype="application/json; charset=utf-8")
+
+        @app.errorhandler(HTTPException)
+        def http_error(exc):  # Twilio answers every error in its JSON shape
+            return _error(20000 + exc.code if exc.code == 404 else exc.code, exc.code, exc.description)
 
         def content_json(sid):
             c = self.contents[sid]

@@ -1,0 +1,47 @@
+"""Check a Twilio webhook's X-Twilio-Signature: auth-token HMAC-SHA1, SharedKey HMAC-SHA256, JSON bodySHA256."""
+
+from __future__ import annotations
+
+from flask import Request
+from twilio.request_validator import (
+    SIGNATURE_HEADER,
+    SIGNATURE_SETTINGS_HEADER,
+    RequestValidator,
+    get_signature_algorithm,
+)
+
+from .settings import Settings
+
+
+def shared_key_id(settings_header: str | None) -> str | None:
+    """`key=<id>,algorithm=HMAC_SHA256` → `<id>`."""
+    for part in (settings_header or "").split(","):
+        name, sep, value = part.partition("=")
+        if sep and name.strip() == "key" and value.strip():
+            return value.strip()
+    return None
+
+
+def problem(request: Request, url: str, settings: Settings, token_validator: RequestValidator) -> str | None:
+    """Why the request is not validly signed by Twilio for `url`, or None when it is.
+
+    All the cryptography is twilio-python's RequestValidator; this only picks the secret,
+    the algorithm and the parameters Twilio signed.
+    """
+    signature = request.headers.get(SIGNATURE_HEADER, "")
+    if not signature:
+        return "missing_signature"
+    settings_header = request.headers.get(SIGNATURE_SETTINGS_HEADER)
+    algorithm = get_signature_algorithm(settings_header)
+    validator = token_validator
+    key_id = shared_key_id(settings_header)
+    if key_id is not None:
+        secret = settings.webhook_shared_keys.get(key_id)
+        if secret is None:
+            return "unknown_shared_key"
+        validator = RequestValidator(secret)
+    # JSON webhooks are signed over the URL (with bodySHA256 in its query) and the raw body's hash.
+    params = request.get_data(as_text=True) if request.mimetype == "application/json" else request.form
+    if isinstance(params, str) and "bodySHA256=" not in url:
+        return "json_without_body_hash"
+    return None if validator.validate(url, params, signature, algorithm) else "invalid_signature"

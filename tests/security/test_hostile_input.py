@@ -1,0 +1,115 @@
+"""Hostile input against the Messages endpoint and the webhooks: no 5xx, Twilio-shaped errors, nothing sent."""
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from tests.conftest import ACCOUNT_SID, BUSINESS, USER, basic_auth, inbound_params, signed_post
+from tests.http.test_gateway import MESSAGES, SHAPE, open_window, send
+
+RFC9457 = {"type", "title", "status", "code"}
+
+
+def assert_twilio_error(response, status=None):
+    assert response.status_code < 500 or response.status_code in (502, 503, 504)
+    body = response.get_json()
+    assert set(body) == SHAPE, body
+    assert not RFC9457 <= set(body)  # twilio-python would raise TwilioServiceException
+    assert isinstance(body["code"], int) and body["status"] == response.status_code
+    if status is not None:
+        assert response.status_code == status
+
+
+def test_oversized_body_is_413(client, fake_twilio):
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x" * (300 * 1024)})
+    assert_twilio_error(response, 413)
+    assert fake_twilio.requests == []
+
+
+def test_invalid_utf8_is_400(client, fake_twilio):
+    open_window(client)
+    raw = b"To=whatsapp%3A%2B14155550111&From=whatsapp%3A%2B14155550100&Body=%FF%FE%C3"
+    response = client.post(MESSAGES, data=raw, content_type="application/x-www-form-urlencoded",
+                           headers=basic_auth())
+    assert_twilio_error(response, 400)
+    assert fake_twilio.requests == []
+
+
+@pytest.mark.parametrize("field", ["To", "From", "Body", "ContentSid", "MessagingServiceSid"])
+def test_repeated_single_valued_fields_are_refused(client, fake_twilio, field):
+    open_window(client)  # the first To has an open window; a second To must not ride on it
+    pairs = [("To", USER), ("From", BUSINESS), ("Body", "x")]
+    pairs += [(field, "whatsapp:+14155550199")] if field in ("To", "From", "Body") else [(field, "a"), (field, "b")]
+    response = send(client, pairs)
+    assert_twilio_error(response, 400)
+    assert field in response.get_json()["message"]
+    assert fake_twilio.requests == []
+
+
+def test_more_than_ten_media_urls_is_400(client, fake_twilio):
+    open_window(client)
+    pairs = [("To", USER), ("From", BUSINESS)] + [("MediaUrl", f"https://example.com/{i}.png") for i in range(11)]
+    assert_twilio_error(send(client, pairs), 400)
+    assert fake_twilio.requests == []
+
+
+def test_body_over_1600_characters_is_21658(client, fake_twilio):
+    open_window(client)
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x" * 1601})
+    assert_twilio_error(response, 400)
+    assert response.get_json()["code"] == 21658
+
+
+@pytest.mark.parametrize("to", ["whatsapp:", "whatsapp:+", "whatsapp:+1", "whatsapp:++14155550111",
+                                "whatsapp:+1415555011a", "whatsapp:" + "9" * 40, "WHATSAPP:\x00+1415",
+                                "whatsapp:+14155550111\r\nX-Injected: 1"])
+def test_malformed_addresses(client, fake_twilio, to):
+    assert_twilio_error(send(client, {"To": to, "From": BUSINESS, "Body": "x"}), 400)
+    assert fake_twilio.requests == []
+
+
+def test_crlf_in_values_never_becomes_a_header(client, fake_twilio):
+    open_window(client)
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "hi\r\nX-Injected: yes\r\n\r\n"})
+    assert response.status_code == 201
+    [received] = fake_twilio.creates
+    assert "X-Injected" not in received.headers
+    assert dict(received.form)["Body"] == "hi\r\nX-Injected: yes\r\n\r\n"
+
+
+def test_request_fields_never_choose_where_the_proxy_connects(client, fake_twilio, fake_app):
+    """No open relay: StatusCallback, Host and odd paths do not redirect the proxy's own requests."""
+    open_window(client)
+    send(client, {"To": USER, "From": BUSINESS, "Body": "x", "StatusCallback": fake_app.url + "/steal"},
+         )
+    client.post(MESSAGES, data={"To": USER, "From": BUSINESS, "Body": "x"},
+                headers={**basic_auth(), "Host": "evil.example", "X-Forwarded-Host": "evil.example"})
+    client.get(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/..%2F..%2F@evil.example.json", headers=basic_auth())
+    assert fake_app.started == 0  # the proxy itself never called the URL from the request
+    assert all(r.path.startswith("/2010-04-01/") for r in fake_twilio.requests)
+
+
+form_values = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=200)
+field_names = st.sampled_from(["To", "From", "Body", "MediaUrl", "ContentSid", "ContentVariables",
+                               "MessagingServiceSid", "SendAt", "StatusCallback", "Unknown", "To[]", ""])
+
+
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(field_names, form_values), max_size=8))
+def test_property_any_form_gets_a_twilio_shaped_answer(client, fake_twilio, pairs):
+    response = send(client, pairs)
+    assert response.status_code < 500 or response.status_code == 503
+    if response.status_code >= 400:
+        assert_twilio_error(response)
+
+
+@hsettings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(extra=st.dictionaries(st.sampled_from(["From", "To", "MessageSid", "MessageStatus", "ErrorCode",
+                                              "NumMedia", "MessagingServiceSid", "SmsStatus"]), form_values))
+def test_property_signed_webhooks_never_500(client, extra):
+    params = {**inbound_params("SM" + "a" * 32), **extra}
+    response = signed_post(client, "/twilio/inbound", params)
+    assert response.status_code < 500
+    if response.status_code >= 400:
+        assert_twilio_error(response)

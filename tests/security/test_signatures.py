@@ -1,0 +1,111 @@
+"""Webhook signatures: forged, replayed, missing, port variants, JSON bodySHA256, SharedKey HMAC-SHA256."""
+
+import hashlib
+import json
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import func, select
+from twilio.request_validator import RequestValidator
+
+from proxy import create_app
+from proxy.db import messages, windows
+from tests.conftest import AUTH_TOKEN, inbound_params, sign
+
+URL = "http://localhost/twilio/inbound"
+
+
+def count(engine, table):
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def test_forged_signature_with_a_guessed_token_is_rejected(client, db_engine):
+    params = inbound_params("SM" + "1" * 32)
+    for token in ("", "0" * 32, AUTH_TOKEN[:-1], AUTH_TOKEN.upper()):
+        forged = RequestValidator(token or "x").compute_signature(URL, params)
+        assert client.post("/twilio/inbound", data=params, headers={"X-Twilio-Signature": forged}).status_code == 403
+    assert count(db_engine, messages) == 0
+
+
+def test_signature_replayed_to_another_url_is_rejected(client, db_engine):
+    params = inbound_params("SM" + "2" * 32)
+    for signed_for in ("http://localhost/twilio/status", "http://localhost/twilio/inbound?x=1",
+                       "https://localhost/twilio/inbound", "http://evil.example/twilio/inbound"):
+        response = client.post("/twilio/inbound", data=params, headers={"X-Twilio-Signature": sign(signed_for, params)})
+        assert response.status_code == 403, signed_for
+    assert count(db_engine, windows) == 0
+
+
+@pytest.mark.parametrize("signed_for, base", [
+    ("https://proxy.example.com:443/twilio/inbound", "https://proxy.example.com"),  # Twilio added the default port
+    ("https://proxy.example.com/twilio/inbound", "https://proxy.example.com:443"),  # configured with the port
+])
+def test_default_port_variants_are_accepted(settings, db_engine, signed_for, base):
+    client = create_app(replace(settings, public_base_url=base)).test_client()
+    params = inbound_params("SM" + "3" * 32)
+    assert client.post("/twilio/inbound", data=params,
+                       headers={"X-Twilio-Signature": sign(signed_for, params)}).status_code == 200
+
+
+def test_another_port_is_another_url(settings, db_engine):
+    client = create_app(replace(settings, public_base_url="https://proxy.example.com")).test_client()
+    params = inbound_params("SM" + "4" * 32)
+    signature = sign("https://proxy.example.com:8443/twilio/inbound", params)
+    assert client.post("/twilio/inbound", data=params, headers={"X-Twilio-Signature": signature}).status_code == 403
+
+
+def json_webhook(client, body: dict, *, tamper: bool = False, token: str = AUTH_TOKEN):
+    raw = json.dumps(body)
+    digest = hashlib.sha256(raw.encode()).hexdigest()
+    path = f"/twilio/inbound?bodySHA256={digest}"
+    signature = RequestValidator(token).compute_signature("http://localhost" + path, {})
+    sent = raw.replace("hello", "HELLO") if tamper else raw
+    return client.post(path, data=sent, content_type="application/json", headers={"X-Twilio-Signature": signature})
+
+
+def test_json_webhooks_are_checked_by_body_hash(client, db_engine):
+    body = inbound_params("SM" + "5" * 32)
+    assert json_webhook(client, body, tamper=True).status_code == 403
+    assert json_webhook(client, body, token="other").status_code == 403
+    assert count(db_engine, messages) == 0
+    assert json_webhook(client, body).status_code == 200
+    assert count(db_engine, windows) == 1
+
+
+def test_json_without_body_hash_is_rejected(client):
+    body = json.dumps(inbound_params("SM" + "6" * 32))
+    signature = RequestValidator(AUTH_TOKEN).compute_signature(URL, {})
+    response = client.post("/twilio/inbound", data=body, content_type="application/json",
+                           headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 403
+
+
+SHARED = {"webhooks_sharedkey_1": "shared-secret-1"}
+
+
+def test_shared_key_hmac_sha256_signatures(settings, db_engine):
+    client = create_app(replace(settings, webhook_shared_keys=SHARED)).test_client()
+    params = inbound_params("SM" + "7" * 32)
+    good = RequestValidator("shared-secret-1").compute_signature(URL, params, "HMAC_SHA256")
+    header = "key=webhooks_sharedkey_1,algorithm=HMAC_SHA256"
+    ok = client.post("/twilio/inbound", data=params,
+                     headers={"X-Twilio-Signature": good, "X-Twilio-Webhooks-Signature-Settings": header})
+    assert ok.status_code == 200
+    sha1 = RequestValidator("shared-secret-1").compute_signature(URL, params)  # right key, wrong algorithm
+    unknown = "key=webhooks_sharedkey_2,algorithm=HMAC_SHA256"
+    for signature, settings_header in ((sha1, header), (good, unknown),
+                                       (sign(URL, params), header)):  # auth token where the key is expected
+        response = client.post("/twilio/inbound", data=params, headers={
+            "X-Twilio-Signature": signature, "X-Twilio-Webhooks-Signature-Settings": settings_header})
+        assert response.status_code == 403
+    assert count(db_engine, messages) == 1
+
+
+def test_unsigned_webhooks_only_with_the_development_switch(settings, db_engine, log_lines):
+    params = inbound_params("SM" + "8" * 32)
+    assert create_app(settings).test_client().post("/twilio/inbound", data=params).status_code == 403
+    dev = create_app(replace(settings, allow_unsigned_webhooks=True))
+    assert [line["event"] for line in log_lines() if line["level"] == "CRITICAL"] == ["unsigned_webhooks_allowed"]
+    assert dev.test_client().post("/twilio/inbound", data=params).status_code == 200
+    assert any(line["event"] == "webhook_unsigned_accepted" for line in log_lines())
