@@ -5,7 +5,7 @@ VENV ?= .venv
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: run test test-pg migrate clean
+.PHONY: run test test-pg migrate demo clean
 
 $(BIN)/activate:
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
@@ -23,9 +23,19 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/activate
 migrate: $(VENV)/.run-installed
 	$(BIN)/flask --app proxy db upgrade
 
-# The same command the Procfile gives a hosting platform.
-run: migrate
-	PATH="$(abspath $(BIN)):$$PATH" PORT=$(PORT) bash -c "exec $$(sed -n 's/^web: //p' Procfile)"
+# With credentials: the Procfile's own command. Without: sandbox mode (a local Twilio simulator, loud banner).
+run: $(VENV)/.run-installed
+	@if [ -n "$$TWILIO_ACCOUNT_SID" ] && [ -n "$$TWILIO_AUTH_TOKEN" ]; then \
+	  $(BIN)/flask --app proxy db upgrade && \
+	  PATH="$(abspath $(BIN)):$$PATH" PORT=$(PORT) exec bash -c "exec $$(sed -n 's/^web: //p' Procfile)"; \
+	else \
+	  echo "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: starting in SANDBOX mode."; \
+	  exec $(BIN)/flask --app proxy sandbox up --port $(PORT); \
+	fi
+
+# A scripted conversation through the proxy and the simulator; exits non-zero if a step misbehaves.
+demo: $(VENV)/.run-installed
+	env -u TWILIO_ACCOUNT_SID -u TWILIO_AUTH_TOKEN $(BIN)/flask --app proxy sandbox demo
 
 test: $(VENV)/.dev-installed
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -6,7 +6,7 @@ import sys
 import uuid
 
 from flask import Flask, g, request
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
@@ -82,6 +82,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         if exc.code == 404:
             return twilio_error(20404, 404, path=request.path)
         return twilio_error(exc.code, exc.code, exc.description)
+
+    @app.errorhandler(DataError)
+    def unstorable_value(exc: DataError):
+        # A value the database refuses is bad input, not an outage.
+        logs.log.warning("unstorable_value", extra={"path": request.path, "request_id": g.get("request_id")})
+        return twilio_error(400, 400, "A value in the request cannot be stored (control characters or too long).")
 
     @app.errorhandler(SQLAlchemyError)
     def database_error(exc: SQLAlchemyError):

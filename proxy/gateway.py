@@ -168,11 +168,11 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
                 request_id=g.request_id,
                 account_sid=account_sid,
                 # Passthrough channels are not normalised: store what fits, never fail the record.
-                sender=(judgement.sender or "")[:128] or None,
-                user=(judgement.user or "")[:128] or None,
-                channel=(judgement.channel or "")[:32] or None,
+                sender=_printable(judgement.sender)[:128] or None,
+                user=_printable(judgement.user)[:128] or None,
+                channel=_printable(judgement.channel)[:32] or None,
                 content_type=content_type,
-                content_sid=(judgement.content_sid or "")[:34] or None,
+                content_sid=_printable(judgement.content_sid)[:34] or None,
                 approval_status=judgement.send.approval,
                 decision=decision.action.value,
                 reason=decision.reason,
@@ -209,6 +209,11 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
         duration_ms=duration,
         request_id=g.request_id,
     )
+
+
+def _printable(value: str | None) -> str:
+    # PostgreSQL refuses NUL in text; a passthrough address is stored as given, minus control characters.
+    return "".join(c for c in (value or "") if c >= " ")
 
 
 def _ms(started: float) -> float:

@@ -18,7 +18,7 @@ from proxy import logs as proxy_logs
 from proxy.migrate import upgrade
 from proxy.db import metadata
 from proxy.settings import Settings, normalise_database_url
-from tests.fake_twilio import FakeTwilio, ServerThread
+from proxy.sandbox import ServerThread, Simulator
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -89,7 +89,7 @@ def db_engine(database_url):
 
 @pytest.fixture(scope="session")
 def fake_twilio_server():
-    fake = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
+    fake = Simulator(ACCOUNT_SID, AUTH_TOKEN)  # the sandbox simulator is the one fake Twilio
     with ServerThread(fake.app()) as server:
         fake.url = server.url
         yield fake

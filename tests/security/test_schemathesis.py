@@ -8,7 +8,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings as hsettings
 
 from tests.conftest import ACCOUNT_SID, basic_auth
-from tests.fake_twilio import ServerThread
+from proxy.sandbox import ServerThread
 
 # Twilio's OpenAPI (twilio/twilio-oai 2.6.7): the team's copy in shared/ beside the checkout when it is
 # there, else the copy kept in tests/data so the suite runs anywhere.

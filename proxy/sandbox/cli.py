@@ -1,0 +1,148 @@
+"""`flask --app proxy sandbox …`: run the simulator, play the user, run the proxy against it, run the demo.
+
+Registered as a Flask plugin command (pyproject entry point), so it runs without Twilio credentials:
+the app factory is never called for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import click
+import requests
+
+from .server import ServerThread
+from .simulator import BUSINESS, SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, Simulator
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BANNER = """
+================================================================================
+  SANDBOX MODE: no Twilio account is used. A local Twilio simulator answers on
+  {sim}; nothing leaves this machine, and no real WhatsApp message is sent.
+  Set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN to serve for real.
+================================================================================
+"""
+
+
+def procfile_command(kind: str) -> str:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith(f"{kind}:"):
+            return line.split(":", 1)[1].strip()
+    raise click.ClickException(f"Procfile has no {kind}: line")
+
+
+def start_simulator(port: int, proxy_url: str) -> tuple[Simulator, ServerThread, dict]:
+    sim = Simulator(inbound_url=f"{proxy_url}/twilio/inbound", status_callback_url=f"{proxy_url}/twilio/status")
+    samples = sim.load_samples()
+    server = ServerThread(sim.app(), port).__enter__()
+    sim.url = server.url
+    return sim, server, samples
+
+
+@click.group("sandbox", invoke_without_command=True)
+@click.option("--port", default=8001, show_default=True, help="Port of the simulator on 127.0.0.1.")
+@click.option("--proxy-url", default="http://127.0.0.1:8000", show_default=True,
+              help="The proxy the simulated users write to and status callbacks go to.")
+@click.pass_context
+def sandbox(ctx: click.Context, port: int, proxy_url: str):
+    """A local Twilio simulator: Messages and Content APIs, WhatsApp's own window, status callbacks."""
+    if ctx.invoked_subcommand is not None:
+        return
+    sim, server, samples = start_simulator(port, proxy_url)
+    click.echo(BANNER.format(sim=sim.url))
+    click.echo(f"account {sim.account_sid}, auth token {sim.auth_token} (sandbox values, not secrets)")
+    click.echo("templates:")
+    for (content_type, approved), sid in sorted(samples.items()):
+        click.echo(f"  {sid}  {content_type:<26} {'approved' if approved else 'unapproved'}")
+    click.echo(f"users write with: flask --app proxy sandbox say whatsapp:+14155550100 'hi' --sim-url {sim.url}")
+    _wait_for_signal()
+    server.__exit__(None, None, None)
+
+
+@sandbox.command("say")
+@click.argument("user")
+@click.argument("text")
+@click.option("--to", "business", default=BUSINESS, show_default=True, help="The business number written to.")
+@click.option("--sim-url", default="http://127.0.0.1:8001", show_default=True)
+@click.option("--profile-name", default="Sandbox User", show_default=True)
+@click.option("--button-payload", default=None, help="Reply as if a quick-reply button with this id was tapped.")
+@click.option("--latitude", default=None)
+@click.option("--longitude", default=None)
+def say(user, text, business, sim_url, profile_name, button_payload, latitude, longitude):
+    """Play the user: USER writes TEXT; the simulator posts a signed inbound webhook to the proxy."""
+    form = {"From": user, "To": business, "Body": text, "ProfileName": profile_name}
+    if button_payload:
+        form["ButtonPayload"] = button_payload
+    if latitude and longitude:
+        form.update(Latitude=latitude, Longitude=longitude)
+    try:
+        reply = requests.post(f"{sim_url}/sandbox/say", data=form, timeout=30)
+    except requests.RequestException:
+        raise click.ClickException(f"no simulator at {sim_url}: start it with `flask --app proxy sandbox`") from None
+    body = reply.json()
+    if reply.status_code != 200:
+        raise click.ClickException(body.get("message", reply.text))
+    click.echo(f"proxy answered {body['proxy_status']}: {body['proxy_reply']}")
+
+
+@sandbox.command("up")
+@click.option("--port", default=8000, show_default=True, help="Port of the proxy.")
+@click.option("--sandbox-port", default=8001, show_default=True, help="Port of the simulator.")
+def up(port: int, sandbox_port: int):
+    """The proxy (the Procfile's web and worker lines) wired to the simulator: `make run` with no credentials."""
+    proxy_url = f"http://127.0.0.1:{port}"
+    sim, server, samples = start_simulator(sandbox_port, proxy_url)
+    env = {**os.environ, "TWILIO_ACCOUNT_SID": SANDBOX_ACCOUNT_SID, "TWILIO_AUTH_TOKEN": SANDBOX_AUTH_TOKEN,
+           "TWILIO_API_BASE_URL": sim.url, "TWILIO_CONTENT_BASE_URL": sim.url, "PORT": str(port)}
+    env.setdefault("FALLBACK_CONTENT_SID", samples[("twilio/text", True)])
+    env.setdefault("FALLBACK_CONTENT_VARIABLES", json.dumps({"1": "{profile_name}", "2": "#1001"}))
+    env.setdefault("HOLD_ON_REROUTE", "true")
+    env.setdefault("WORKER_POLL_SECONDS", "0.5")
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = f"{bin_dir}:{env.get('PATH', '')}"
+    subprocess.run([f"{bin_dir}/flask", "--app", "proxy", "db", "upgrade"], env=env, check=True, cwd=ROOT)
+    click.echo(BANNER.format(sim=sim.url))
+    web = procfile_command("web").replace("0.0.0.0:", "127.0.0.1:")
+    processes = [subprocess.Popen(["bash", "-c", f"exec {web}"], env=env, cwd=ROOT),
+                 subprocess.Popen(["bash", "-c", f"exec {procfile_command('worker')}"], env=env, cwd=ROOT)]
+    click.echo(f"proxy on {proxy_url}; account {SANDBOX_ACCOUNT_SID}, auth token {SANDBOX_AUTH_TOKEN}\n"
+               f"try:  curl -u {SANDBOX_ACCOUNT_SID}:{SANDBOX_AUTH_TOKEN} "
+               f"{proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json "
+               f"-d To=whatsapp:+14155550100 -d From={BUSINESS} -d Body=hello -i\n"
+               f"then: flask --app proxy sandbox say whatsapp:+14155550100 'hi' --sim-url {sim.url}\n"
+               f"      flask --app proxy sandbox demo   (a scripted tour)")
+    try:
+        _wait_for_signal(processes)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        server.__exit__(None, None, None)
+
+
+@sandbox.command("demo")
+def demo():
+    """A scripted conversation through the proxy and the simulator; says what each step showed."""
+    from .demo import run
+
+    sys.exit(0 if run(click.echo) else 1)
+
+
+def _wait_for_signal(processes: list | None = None) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        if processes and any(p.poll() is not None for p in processes):
+            raise click.ClickException("the proxy stopped; see its output above")

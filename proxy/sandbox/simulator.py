@@ -1,0 +1,390 @@
+"""The simulator: Twilio's Messages and Content APIs plus WhatsApp's own view of each user's window.
+
+Like real Twilio it accepts every well-formed create with 201 and only later fails the ones WhatsApp
+refuses (a signed status callback with ErrorCode 63016 or 63005); accepted messages go sent →
+delivered → read. Its window and content rules are its own, kept apart from the proxy's decision code.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from urllib.parse import urlsplit
+
+import requests
+from flask import Flask, Response, json, request
+from twilio.request_validator import RequestValidator
+from werkzeug.exceptions import HTTPException
+
+from ..rules import TABLE, WHATSAPP_COMPLEXITY, Cell
+from .templates import SAMPLE_TEMPLATES
+
+SANDBOX_ACCOUNT_SID = "AC" + "5a" * 16
+SANDBOX_AUTH_TOKEN = "sandbox-auth-token-not-a-secret"
+BUSINESS = "whatsapp:+14155238886"  # Twilio's WhatsApp sandbox number, the usual first sender
+
+log = logging.getLogger("proxy.sandbox")
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    query: str
+    headers: dict
+    form: list[tuple[str, str]]
+    body: bytes
+
+
+def is_loopback(url: str) -> bool:
+    """The simulator only ever calls this machine: it is a local stand-in, not a relay."""
+    host = urlsplit(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@dataclass
+class Simulator:
+    account_sid: str = SANDBOX_ACCOUNT_SID
+    auth_token: str = SANDBOX_AUTH_TOKEN
+    inbound_url: str | None = None  # where a user's messages go (the proxy's /twilio/inbound)
+    status_callback_url: str | None = None  # status callbacks of sends without their own StatusCallback
+    callback_delay: float = 0.05
+    window_seconds: int = 86400
+    requests: list[Received] = field(default_factory=list)
+    delay: float = 0.0
+    fail_with: tuple[int, dict] | None = None
+    messages: dict = field(default_factory=dict)
+    contents: dict = field(default_factory=dict)
+    content_down: bool = False
+    url: str = ""
+    api_keys: dict = field(default_factory=dict)  # SK sid -> secret, accepted like Twilio does
+    windows: dict = field(default_factory=dict)  # (business, user) -> last inbound time, WhatsApp's view
+    callbacks: list = field(default_factory=list)  # (url, params) of every status callback sent
+    _threads: list = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.messages.clear()
+        self.contents.clear()
+        self.windows.clear()
+        self.callbacks.clear()
+        self.delay = 0.0
+        self.fail_with = None
+        self.content_down = False
+
+    # -- content ------------------------------------------------------------------------------------
+    def add_content(self, types: dict, approval: str | None = "approved", *, flat: bool = False,
+                    sid: str | None = None, name: str | None = None) -> str:
+        """A Content resource shaped like the Content API's examples; approval None means never submitted."""
+        sid = sid or "HX" + uuid.uuid4().hex
+        self.contents[sid] = {"types": types, "approval": approval, "flat": flat, "name": name}
+        return sid
+
+    def load_samples(self) -> dict[tuple[str, bool], str]:
+        """One template per content type, approved and not: {(type, approved): sid}."""
+        sids = {}
+        for content_type, body in SAMPLE_TEMPLATES.items():
+            for approved in (True, False):
+                name = f"{content_type.replace('/', '_')}_{'approved' if approved else 'unapproved'}"
+                sid = "HX" + uuid.uuid5(uuid.NAMESPACE_URL, name).hex
+                sids[(content_type, approved)] = self.add_content({content_type: body},
+                                                                  "approved" if approved else "unsubmitted",
+                                                                  sid=sid, name=name)
+        return sids
+
+    def content_requests(self, sid: str | None = None) -> list[Received]:
+        return [r for r in self.requests if r.path.startswith("/v1/") and (sid is None or sid in r.path)]
+
+    @property
+    def creates(self) -> list[Received]:
+        return [r for r in self.requests if r.method == "POST" and r.path.endswith("/Messages.json")]
+
+    # -- WhatsApp's view ------------------------------------------------------------------------------
+    def window_open(self, sender: str | None, user: str, now: datetime | None = None) -> bool:
+        now = now or datetime.now(timezone.utc)
+        limit = timedelta(seconds=self.window_seconds)
+        return any(u == user and (sender is None or b == sender or (sender or "").startswith("MG"))
+                   and now - at < limit for (b, u), at in self.windows.items())
+
+    def expire_window(self, user: str) -> None:
+        """WhatsApp closes a window early ("in rare cases"): the proxy only learns it from a 63016."""
+        for key in [k for k in self.windows if k[1] == user]:
+            del self.windows[key]
+
+    def verdict(self, form) -> int | None:
+        """What WhatsApp does with an accepted create: None delivers it, else the error it fails with."""
+        to = form.get("To", "")
+        if not to.startswith("whatsapp:"):
+            return None
+        sender = form.get("From") or form.get("MessagingServiceSid")
+        in_window = self.window_open(sender, to)
+        content_sid = form.get("ContentSid")
+        if content_sid:
+            content = self.contents.get(content_sid)
+            if content is None:
+                return 63005
+            present = [t for t in content["types"] if t in WHATSAPP_COMPLEXITY]
+            if not present:
+                return 63005
+            kind = max(present, key=WHATSAPP_COMPLEXITY.index)
+            approved = (content["approval"] or "").lower() == "approved"
+            buttons = [str(a.get("type", "")).upper() for a in content["types"][kind].get("actions") or []]
+        else:
+            kind, approved, buttons = ("twilio/media" if form.getlist("MediaUrl") else "twilio/text"), False, []
+        in_session, out_of_session = TABLE[kind]
+        if not in_window:
+            return None if out_of_session is Cell.NEEDS_APPROVAL and approved else 63016
+        if in_session is Cell.ALLOWED or approved:
+            return None
+        if in_session is Cell.DEPENDS_ON_BUTTONS and _whatsapp_accepts_buttons(buttons):
+            return None
+        return 63005
+
+    # -- playing the user -------------------------------------------------------------------------------
+    def say(self, user: str, body: str = "", *, to: str = BUSINESS, profile_name: str = "Sandbox User",
+            button_payload: str | None = None, latitude: str | None = None, longitude: str | None = None,
+            messaging_service_sid: str | None = None, url: str | None = None) -> requests.Response:
+        """The user writes to the business: WhatsApp opens the window, Twilio posts a signed webhook."""
+        target = url or self.inbound_url
+        if not target or not is_loopback(target):
+            raise ValueError("the simulator posts webhooks only to a 127.0.0.1/localhost URL")
+        sid = "SM" + uuid.uuid4().hex
+        params = {"MessageSid": sid, "SmsSid": sid, "SmsMessageSid": sid, "AccountSid": self.account_sid,
+                  "From": user, "To": to, "Body": body, "NumMedia": "0", "NumSegments": "1",
+                  "SmsStatus": "received", "ApiVersion": "2010-04-01", "ProfileName": profile_name,
+                  "WaId": user.removeprefix("whatsapp:").lstrip("+"), "MessageType": "text"}
+        if messaging_service_sid:
+            params["MessagingServiceSid"] = messaging_service_sid
+        if button_payload is not None:
+            params.update(ButtonPayload=button_payload, ButtonText=body, MessageType="button")
+        if latitude is not None and longitude is not None:
+            params.update(Latitude=latitude, Longitude=longitude, MessageType="location")
+        self.windows[(to, user)] = datetime.now(timezone.utc)
+        signature = RequestValidator(self.auth_token).compute_signature(target, params)
+        return requests.post(target, data=params, headers={"X-Twilio-Signature": signature,
+                                                           "I-Twilio-Idempotency-Token": uuid.uuid4().hex},
+                             timeout=30)
+
+    # -- status callbacks -------------------------------------------------------------------------------
+    def _callbacks_for(self, message: dict, url: str, code: int | None) -> None:
+        statuses = ["sent", "failed"] if code else ["sent", "delivered", "read"]
+        for status in statuses:
+            time.sleep(self.callback_delay)
+            message["status"] = status
+            if status == "failed":
+                message["error_code"], message["error_message"] = code, _ERRORS.get(code)
+            params = {"MessageSid": message["sid"], "SmsSid": message["sid"], "AccountSid": self.account_sid,
+                      "From": message["from"] or "", "To": message["to"], "MessageStatus": status,
+                      "SmsStatus": status, "ApiVersion": "2010-04-01", "ChannelPrefix": "whatsapp",
+                      "ChannelToAddress": message["to"].removeprefix("whatsapp:")}
+            if status == "failed":
+                params["ErrorCode"] = str(code)
+                params["ChannelStatusMessage"] = _ERRORS.get(code, "")
+            if status in ("delivered", "read"):
+                params["EventType"] = status.upper()
+            signature = RequestValidator(self.auth_token).compute_signature(url, params)
+            self.callbacks.append((url, params))
+            try:
+                requests.post(url, data=params, headers={"X-Twilio-Signature": signature}, timeout=15)
+            except requests.RequestException as exc:
+                log.warning("status callback to %s failed: %s", url, type(exc).__name__)
+
+    def wait_for_callbacks(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    # -- the HTTP API -----------------------------------------------------------------------------------
+    def app(self) -> Flask:
+        app = Flask("twilio_simulator")
+
+        def authorised() -> bool:
+            pairs = [(self.account_sid, self.auth_token), *self.api_keys.items()]
+            given = request.headers.get("Authorization")
+            return any(given == "Basic " + base64.b64encode(f"{u}:{p}".encode()).decode() for u, p in pairs)
+
+        @app.before_request
+        def record():
+            if request.path.startswith("/sandbox"):
+                return None
+            body = request.get_data(cache=True)  # before .form, which would consume the stream
+            self.requests.append(Received(
+                method=request.method, path=request.path, query=request.query_string.decode(),
+                headers=dict(request.headers), form=list(request.form.items(multi=True)), body=body,
+            ))
+            if self.delay:
+                time.sleep(self.delay)
+            if not authorised():
+                return _error(20003, 401, "Authenticate")
+            if self.content_down and request.path.startswith("/v1/"):
+                return _error(20503, 503, "Service Unavailable")
+            if self.fail_with and not request.path.startswith("/v1/"):
+                status, error = self.fail_with
+                return Response(json.dumps(error), status=status, mimetype="application/json")
+            return None
+
+        @app.post("/2010-04-01/Accounts/<account>/Messages.json")
+        def create(account):
+            now = format_datetime(datetime.now(timezone.utc))
+            sid = "SM" + uuid.uuid4().hex
+            media = request.form.getlist("MediaUrl")
+            message = {
+                "account_sid": account, "api_version": "2010-04-01", "body": request.form.get("Body", ""),
+                "date_created": now, "date_sent": None, "date_updated": now, "direction": "outbound-api",
+                "error_code": None, "error_message": None, "from": request.form.get("From") or None,
+                "messaging_service_sid": request.form.get("MessagingServiceSid") or None,
+                "num_media": str(len(media)), "num_segments": "1", "price": None, "price_unit": "USD",
+                "sid": sid, "status": "accepted" if request.form.get("MessagingServiceSid") else "queued",
+                "subresource_uris": {"media": f"/2010-04-01/Accounts/{account}/Messages/{sid}/Media.json"},
+                "to": request.form.get("To"), "uri": f"/2010-04-01/Accounts/{account}/Messages/{sid}.json",
+            }
+            self.messages[sid] = message
+            reply = json.dumps(message)
+            callback = request.form.get("StatusCallback") or self.status_callback_url
+            if callback and is_loopback(callback):
+                code = self.verdict(request.form)
+                thread = threading.Thread(target=self._callbacks_for, args=(message, callback, code), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            return Response(reply, status=201, mimetype="application/json; charset=utf-8",
+                            headers={"Twilio-Request-Id": "RQ" + uuid.uuid4().hex})
+
+        @app.get("/2010-04-01/Accounts/<account>/Messages/<sid>.json")
+        def fetch(account, sid):
+            if sid not in self.messages:
+                return _error(20404, 404, f"The requested resource {request.path} was not found")
+            return Response(json.dumps(self.messages[sid]), mimetype="application/json; charset=utf-8")
+
+        @app.post("/2010-04-01/Accounts/<account>/Messages/<sid>.json")
+        def update(account, sid):  # Twilio's update: redact the body or cancel a scheduled message
+            if sid not in self.messages:
+                return _error(20404, 404, f"The requested resource {request.path} was not found")
+            if "Body" in request.form:
+                self.messages[sid]["body"] = request.form["Body"]
+            if request.form.get("Status") == "canceled":
+                self.messages[sid]["status"] = "canceled"
+            return Response(json.dumps(self.messages[sid]), mimetype="application/json; charset=utf-8")
+
+        @app.delete("/2010-04-01/Accounts/<account>/Messages/<sid>.json")
+        def delete(account, sid):
+            if self.messages.pop(sid, None) is None:
+                return _error(20404, 404, f"The requested resource {request.path} was not found")
+            return Response(status=204)
+
+        @app.get("/2010-04-01/Accounts/<account>/Messages.json")
+        def read(account):
+            page = [m for m in self.messages.values()
+                    if request.args.get("To") in (None, m["to"]) and request.args.get("From") in (None, m["from"])]
+            return Response(json.dumps({"messages": page, "page": 0, "page_size": 50, "first_page_uri": request.path,
+                                        "next_page_uri": None, "previous_page_uri": None, "uri": request.path,
+                                        "start": 0, "end": len(page)}),
+                            mimetype="application/json; charset=utf-8")
+
+        def content_json(sid):
+            c = self.contents[sid]
+            return {
+                "sid": sid, "account_sid": self.account_sid, "friendly_name": c.get("name") or f"content {sid[-4:]}",
+                "language": "en", "variables": {"1": "name"}, "types": c["types"],
+                "url": f"{self.url}/v1/Content/{sid}", "date_created": "2026-01-01T00:00:00Z",
+                "date_updated": "2026-01-01T00:00:00Z",
+                "links": {"approval_create": f"{self.url}/v1/Content/{sid}/ApprovalRequests/whatsapp",
+                          "approval_fetch": f"{self.url}/v1/Content/{sid}/ApprovalRequests"},
+            }
+
+        def approval_json(sid):
+            c = self.contents[sid]
+            return {"type": "whatsapp", "name": c.get("name") or f"template_{sid[-6:]}", "category": "UTILITY",
+                    "content_type": next(iter(c["types"]), ""), "status": c["approval"] or "unsubmitted",
+                    "rejection_reason": "", "allow_category_change": True}
+
+        @app.get("/v1/Content/<sid>")
+        def content(sid):
+            if sid not in self.contents:
+                return _error(20404, 404, f"The requested resource /Content/{sid} was not found")
+            return Response(json.dumps(content_json(sid)), mimetype="application/json")
+
+        @app.get("/v1/Content/<sid>/ApprovalRequests")
+        def approval(sid):
+            if sid not in self.contents:
+                return _error(20404, 404, f"The requested resource /Content/{sid}/ApprovalRequests was not found")
+            whatsapp = approval_json(sid)
+            body = whatsapp if self.contents[sid]["flat"] else {
+                "sid": sid, "account_sid": self.account_sid, "whatsapp": whatsapp,
+                "url": f"{self.url}/v1/Content/{sid}/ApprovalRequests"}
+            return Response(json.dumps(body), mimetype="application/json")
+
+        @app.get("/v1/ContentAndApprovals")
+        def content_and_approvals():
+            size, page = int(request.args.get("PageSize", 50)), int(request.args.get("Page", 0))
+            sids = sorted(self.contents)
+            items = []
+            for sid in sids[page * size:(page + 1) * size]:
+                item = content_json(sid)
+                item.pop("url"), item.pop("links")
+                approval = approval_json(sid)
+                approval.pop("type")
+                item["approval_requests"] = approval if self.contents[sid]["flat"] else {"whatsapp": approval}
+                items.append(item)
+            base = f"{self.url}/v1/ContentAndApprovals?PageSize={size}"
+            more = (page + 1) * size < len(sids)
+            meta = {"page": page, "page_size": size, "first_page_url": f"{base}&Page=0",
+                    "previous_page_url": f"{base}&Page={page - 1}" if page else None,
+                    "next_page_url": f"{base}&Page={page + 1}" if more else None,
+                    "url": f"{base}&Page={page}", "key": "contents"}
+            return Response(json.dumps({"contents": items, "meta": meta}), mimetype="application/json")
+
+        # The sandbox's own controls (no Twilio equivalent), used by `flask --app proxy sandbox say`.
+        @app.post("/sandbox/say")
+        def sandbox_say():
+            form = request.form
+            try:
+                reply = self.say(form["From"], form.get("Body", ""), to=form.get("To") or BUSINESS,
+                                 profile_name=form.get("ProfileName") or "Sandbox User",
+                                 button_payload=form.get("ButtonPayload"), latitude=form.get("Latitude"),
+                                 longitude=form.get("Longitude"))
+            except (KeyError, ValueError) as exc:
+                return _error(400, 400, f"say needs From (and a loopback inbound URL): {exc}")
+            except requests.RequestException as exc:
+                return _error(502, 502, f"the proxy at {self.inbound_url} did not answer ({type(exc).__name__})")
+            return {"proxy_status": reply.status_code, "proxy_reply": reply.text}
+
+        @app.get("/sandbox")
+        def sandbox_index():
+            return {"account_sid": self.account_sid, "inbound_url": self.inbound_url,
+                    "status_callback_url": self.status_callback_url,
+                    "templates": [{"sid": sid, "name": c.get("name"), "types": list(c["types"]),
+                                   "approval": c["approval"] or "unsubmitted"} for sid, c in self.contents.items()],
+                    "windows": [{"sender": b, "user": u, "last_inbound_at": at.isoformat()}
+                                for (b, u), at in self.windows.items()]}
+
+        @app.errorhandler(HTTPException)
+        def http_error(exc):  # Twilio answers every error in its JSON shape
+            return _error(20000 + exc.code if exc.code == 404 else exc.code, exc.code, exc.description)
+
+        return app
+
+
+def _whatsapp_accepts_buttons(buttons: list[str]) -> bool:
+    # What WhatsApp itself accepts in session without approval (Twilio's per-type pages, lenient reading).
+    allowed = {"QUICK_REPLY", "URL", "VOICE_CALL", "VOICE_CALL_REQUEST"}
+    return len(buttons) <= 3 and set(buttons) <= allowed and len(set(buttons)) <= 1 and buttons.count("URL") <= 1
+
+
+_ERRORS = {
+    63016: "Failed to send freeform message because you are outside the allowed window. If you are using WhatsApp, "
+           "please use a Message Template.",
+    63005: "Channel did not accept given content. Please see Channel specific error message for more information",
+}
+
+
+def _error(code: int, status: int, message: str) -> Response:
+    body = {"code": code, "message": message, "more_info": f"https://www.twilio.com/docs/errors/{code}",
+            "status": status}
+    return Response(json.dumps(body), status=status, mimetype="application/json; charset=utf-8")

@@ -1,0 +1,123 @@
+"""The simulator's own WhatsApp rules against the seed table, its late 63016, and the sandbox commands."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from twilio.request_validator import RequestValidator
+from werkzeug.datastructures import MultiDict
+
+from proxy.sandbox import ServerThread, Simulator
+from proxy.sandbox.simulator import BUSINESS
+from tests.fake_app import FakeApp
+
+USER = "whatsapp:+14155550100"
+
+# The seed, re-typed cell by cell: (in the 24-hour window, outside it) for an unapproved template
+# whose buttons WhatsApp accepts, and for an approved one. None = delivered, else the late error.
+SEED = {
+    "twilio/text": ((None, 63016), (None, None)),
+    "twilio/media": ((None, 63016), (None, None)),
+    "twilio/location": ((None, 63016), (None, 63016)),
+    "twilio/call-to-action": ((None, 63016), (None, None)),
+    "twilio/quick-reply": ((None, 63016), (None, None)),
+    "twilio/list-picker": ((None, 63016), (None, 63016)),
+    "twilio/card": ((None, 63016), (None, None)),
+    "twilio/carousel": ((63005, 63016), (None, None)),
+    "twilio/catalog": ((None, 63016), (None, None)),
+    "twilio/flows": ((63005, 63016), (None, None)),
+    "whatsapp/card": ((None, 63016), (None, None)),
+    "whatsapp/authentication": ((63005, 63016), (None, None)),
+    "twilio/pay": ((None, 63016), (None, 63016)),
+}
+
+
+@pytest.mark.parametrize("content_type", list(SEED))
+def test_simulator_rules_follow_the_seed(content_type):
+    sim = Simulator()
+    samples = sim.load_samples()
+    sim.windows[(BUSINESS, USER)] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+    unapproved, approved = SEED[content_type]
+    for expected, is_approved in ((unapproved, False), (approved, True)):
+        sid = samples[(content_type, is_approved)]
+        in_window = sim.verdict(MultiDict({"To": USER, "From": BUSINESS, "ContentSid": sid}))
+        out_window = sim.verdict(MultiDict({"To": "whatsapp:+14155550999", "From": BUSINESS, "ContentSid": sid}))
+        assert (in_window, out_window) == expected
+
+
+def test_simulator_free_form_and_buttons():
+    sim = Simulator()
+    form = MultiDict({"To": USER, "From": BUSINESS, "Body": "hi"})
+    assert sim.verdict(form) == 63016  # nobody wrote
+    sim.windows[(BUSINESS, USER)] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+    assert sim.verdict(form) is None
+    sim.expire_window(USER)
+    assert sim.verdict(form) == 63016
+    assert sim.verdict(MultiDict({"To": "+14155550100", "From": "+1415", "Body": "sms"})) is None
+    sim.windows[(BUSINESS, USER)] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+    phone = sim.add_content({"twilio/card": {"title": "t", "actions": [{"type": "PHONE_NUMBER"}]}}, "unsubmitted")
+    assert sim.verdict(MultiDict({"To": USER, "From": BUSINESS, "ContentSid": phone})) == 63005
+
+
+def test_out_of_window_send_is_accepted_then_failed_by_a_signed_63016_callback():
+    app_side = FakeApp("sandbox-auth-token-not-a-secret")
+    sim = Simulator(callback_delay=0.01)
+    with ServerThread(app_side.app()) as callbacks, ServerThread(sim.app()) as server:
+        app_side.url, sim.url = callbacks.url, server.url
+        response = requests.post(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                                 auth=(sim.account_sid, sim.auth_token), timeout=10,
+                                 data={"To": USER, "From": BUSINESS, "Body": "cold",
+                                       "StatusCallback": f"{callbacks.url}/status"})
+        assert response.status_code == 201 and response.json()["status"] == "queued"  # like Twilio: 201 first
+        sim.wait_for_callbacks()
+        statuses = [(dict(form)["MessageStatus"], dict(form).get("ErrorCode")) for _, form, _ in app_side.received]
+        assert statuses == [("sent", None), ("failed", "63016")]
+        assert app_side.rejected == 0  # signed like Twilio's: the app's RequestValidator accepts them
+        assert sim.messages[response.json()["sid"]]["error_code"] == 63016
+
+
+def test_in_window_send_is_delivered_and_read():
+    app_side = FakeApp("sandbox-auth-token-not-a-secret")
+    sim = Simulator(callback_delay=0.01)
+    with ServerThread(app_side.app()) as proxy_side, ServerThread(sim.app()) as server:
+        sim.url, sim.inbound_url = server.url, f"{proxy_side.url}/twilio/inbound"
+        sim.status_callback_url = f"{proxy_side.url}/twilio/status"
+        assert sim.say(USER, "hi", button_payload="yes").status_code == 200
+        [(path, inbound, _)] = app_side.received
+        assert path == "/twilio/inbound" and dict(inbound)["ButtonPayload"] == "yes"
+        assert dict(inbound)["WaId"] == "14155550100" and dict(inbound)["SmsStatus"] == "received"
+        requests.post(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                      auth=(sim.account_sid, sim.auth_token), data={"To": USER, "From": BUSINESS, "Body": "x"},
+                      timeout=10)
+        sim.wait_for_callbacks()
+        assert [dict(f)["MessageStatus"] for p, f, _ in app_side.received if p == "/twilio/status"] == \
+            ["sent", "delivered", "read"]
+
+
+def test_simulator_never_calls_beyond_this_machine():
+    sim = Simulator(inbound_url="https://example.com/twilio/inbound")
+    with pytest.raises(ValueError):
+        sim.say(USER, "hi")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sandbox_say_command_against_a_running_simulator(tmp_path):
+    app_side = FakeApp("sandbox-auth-token-not-a-secret")
+    sim = Simulator()
+    with ServerThread(app_side.app()) as proxy_side, ServerThread(sim.app()) as server:
+        sim.inbound_url = f"{proxy_side.url}/twilio/inbound"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
+        result = subprocess.run([f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "say", USER,
+                                 "where is my order?", "--sim-url", server.url, "--latitude", "1.5",
+                                 "--longitude", "2.5"], env=env, cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "proxy answered 200" in result.stdout
+        [(_, form, _)] = app_side.received
+        assert dict(form)["Body"] == "where is my order?" and dict(form)["Latitude"] == "1.5"
