@@ -1,11 +1,12 @@
 # make run: install into .venv, migrate the database (SQLite by default), serve on $(PORT).
 # make test: install with dev extras and run the whole suite (TEST_DATABASE_URL picks PostgreSQL).
+# make bench: install the bench extras and run bench/ (SQLite and a throw-away PostgreSQL); see bench/README.md.
 PYTHON ?= python3
 VENV ?= .venv
 PORT ?= 8000
 BIN := $(VENV)/bin
 
-.PHONY: run test test-pg migrate demo clean
+.PHONY: run test test-pg migrate demo clean bench bench-profile
 
 $(BIN)/activate:
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
@@ -43,6 +44,29 @@ test: $(VENV)/.dev-installed
 # Starts a throw-away PostgreSQL on 127.0.0.1:54329 (needs root and apt-get) and runs the suite on it.
 test-pg: $(VENV)/.dev-installed
 	TEST_DATABASE_URL="$$(.ci/start-postgres)" $(BIN)/pytest $(PYTEST_ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@ $(VENV)/.run-installed
+
+# Benchmarks (about 4 minutes). PostgreSQL: BENCH_POSTGRES_URL, else a throw-away cluster started on
+# 127.0.0.1:$(BENCH_PGPORT) (needs root; without it only SQLite runs). wrk is installed with apt-get
+# when possible, else the aiohttp client generates the load.
+BENCH_PGPORT ?= 54340
+BENCH_PGDIR ?= /tmp/bench-postgres
+bench: $(VENV)/.bench-installed
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || \
+	  echo "wrk unavailable: the aiohttp client generates the load"
+	@url="$$BENCH_POSTGRES_URL"; \
+	if [ -z "$$url" ]; then url=$$(PGPORT=$(BENCH_PGPORT) PGDIR=$(BENCH_PGDIR) .ci/start-postgres) || url=""; fi; \
+	BENCH_POSTGRES_URL="$$url" PYTHONPATH="$(CURDIR)" $(BIN)/python -m bench.run
+
+# py-spy on one worker under load: make bench-profile SCENARIO=gateway DB=sqlite [PROFILE_ARGS=--gil]
+SCENARIO ?= gateway
+DB ?= sqlite
+bench-profile: $(VENV)/.bench-installed
+	PYTHONPATH="$(CURDIR)" $(BIN)/python -m bench.profile $(SCENARIO) --db $(DB) $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(VENV) instance build *.egg-info

@@ -1,0 +1,1 @@
+"""Benchmarks of the proxy (issue 6): `make bench` runs them all; see bench/README.md."""

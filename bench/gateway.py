@@ -1,0 +1,108 @@
+"""Benchmark 2: the send gateway in front of a fake Twilio that answers each create after 250 ms.
+
+256 concurrent clients POST Messages creates (Basic auth, free-form Body, inside an open window, so
+every send is judged `allowed` and forwarded). The same requests are then sent straight to the fake
+upstream. Reported: sends/s, p50/p99 through the proxy and direct, the added latency and the ratio.
+
+    PYTHONPATH=. BENCH_POSTGRES_URL=postgresql://... python -m bench.gateway
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlencode
+
+from sqlalchemy import create_engine, func, select
+
+from bench.common import (ACCOUNT_SID, AUTH_TOKEN, BUSINESSES, Gunicorn, Subprocess, database_url,
+                          databases_from_env, free_port, open_windows, run_load, table, user_number, write_result)
+
+DURATION = float(os.environ.get("BENCH_DURATION", "10"))
+WARMUP = float(os.environ.get("BENCH_WARMUP", "3"))
+CONNECTIONS = int(os.environ.get("BENCH_GATEWAY_CONNECTIONS", "256"))
+UPSTREAM_DELAY = float(os.environ.get("BENCH_UPSTREAM_DELAY", "0.25"))
+USERS = int(os.environ.get("BENCH_GATEWAY_USERS", "20000"))
+PATH = f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+
+
+def pairs(count: int) -> list[tuple[str, str]]:
+    return [(BUSINESSES[n % len(BUSINESSES)], user_number(n)) for n in range(count)]
+
+
+def send_requests(count: int) -> list[tuple[str, str, dict, str]]:
+    auth = "Basic " + base64.b64encode(f"{ACCOUNT_SID}:{AUTH_TOKEN}".encode()).decode()
+    headers = {"Authorization": auth, "Content-Type": "application/x-www-form-urlencoded",
+               "User-Agent": "twilio-python/9 (bench)", "Accept": "application/json"}
+    return [("POST", PATH, headers, urlencode({"To": user, "From": sender, "Body": f"Your order {n} has shipped."}))
+            for n, (sender, user) in enumerate(pairs(count))]
+
+
+def direct(upstream_url: str, reqs) -> dict:
+    run_load(upstream_url, reqs[::7], connections=CONNECTIONS, duration=WARMUP)
+    return run_load(upstream_url, reqs, connections=CONNECTIONS, duration=DURATION)
+
+
+def through_proxy(kind: str, workdir: Path, upstream_url: str, reqs) -> dict:
+    url = database_url(kind, workdir)
+    open_windows(url, pairs(USERS))
+    env = {"DATABASE_URL": url, "TWILIO_API_BASE_URL": upstream_url, "TWILIO_CONTENT_BASE_URL": upstream_url,
+           "TWILIO_TIMEOUT_SECONDS": "10"}
+    with Gunicorn(env, label=f"gateway-{kind}", extra_args=os.environ.get("BENCH_GUNICORN_ARGS", "")) as proxy:
+        proxy.load(reqs[::7], connections=CONNECTIONS, duration=WARMUP)
+        result = proxy.load(reqs, connections=CONNECTIONS, duration=DURATION)
+        result["memory_mib"] = proxy.rss()
+        settings = {"command": proxy.command, "web_concurrency": proxy.env.get("WEB_CONCURRENCY", "2"),
+                    "web_threads": proxy.env.get("WEB_THREADS", "64")}
+        warnings = sum("Connection pool is full" in line for line in proxy.log_path.read_text().splitlines())
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        from proxy.db import send_attempts
+        decisions = dict(conn.execute(select(send_attempts.c.decision + "/" + send_attempts.c.outcome, func.count())
+                                      .group_by(send_attempts.c.decision, send_attempts.c.outcome)).all())
+    engine.dispose()
+    return {"database": kind, **settings, "proxy": result, "attempts_by_decision": decisions,
+            "upstream_pool_full_warnings": warnings}
+
+
+def main() -> list[dict]:
+    reqs = send_requests(USERS)
+    port = free_port()
+    upstream_url = f"http://127.0.0.1:{port}"
+    results = []
+    with Subprocess(["-m", "bench.fake_upstream", "--port", str(port), "--delay", str(UPSTREAM_DELAY)], port,
+                    "fake-upstream"), tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
+        baseline = direct(upstream_url, reqs)
+        for kind in databases_from_env():
+            r = through_proxy(kind, Path(tmp), upstream_url, reqs)
+            r.update(direct=baseline, connections=CONNECTIONS, upstream_delay_s=UPSTREAM_DELAY, duration_s=DURATION,
+                     ratio_rps=round(r["proxy"]["rps"] / baseline["rps"], 3) if baseline["rps"] else None,
+                     added_p50_ms=round(r["proxy"]["p50_ms"] - baseline["p50_ms"], 2),
+                     added_p99_ms=round(r["proxy"]["p99_ms"] - baseline["p99_ms"], 2),
+                     targets={"sends_per_s": 1000, "added_p50_ms": 5})
+            write_result(f"gateway-{kind}", r)
+            results.append(r)
+    print(report(results, baseline))
+    return results
+
+
+def report(results: list[dict], baseline: dict) -> str:
+    rows = [["direct to fake upstream", baseline["rps"], baseline["p50_ms"], baseline["p99_ms"], "", "",
+             baseline["non_2xx_3xx"] + baseline["socket_errors"] + baseline["timeouts"], "", ""]]
+    for r in results:
+        m = r["proxy"]
+        rows.append([f"{r['database']}: through proxy", m["rps"], m["p50_ms"], m["p99_ms"], r["added_p50_ms"],
+                     f"{r['ratio_rps']:.2f}", m["non_2xx_3xx"] + m["socket_errors"] + m["timeouts"],
+                     m["server_cpu_ms_per_request"], m["server_cpu_cores"]])
+    r0 = results[0] if results else {"web_concurrency": "?", "web_threads": "?"}
+    return table(f"Gateway sends ({CONNECTIONS} clients, upstream answers after {UPSTREAM_DELAY * 1000:g} ms, "
+                 f"{DURATION:g}s, {r0['web_concurrency']}x{r0['web_threads']} gthread; targets >= 1000/s, "
+                 f"<= 5 ms added p50)",
+                 ["run", "sends/s", "p50 ms", "p99 ms", "added p50 ms", "proxy/direct", "errors", "CPU ms/send",
+                  "CPU cores"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Run every benchmark (what `make bench` does) and print one summary, memory included.
+
+    PYTHONPATH=. BENCH_POSTGRES_URL=postgresql://... python -m bench.run
+Knobs (environment): BENCH_DATABASES=sqlite,postgresql  BENCH_DURATION=10  BENCH_WARMUP=3
+BENCH_LOADGEN=wrk|aiohttp  WEB_CONCURRENCY / WEB_THREADS (as in the Procfile)  BENCH_GUNICORN_ARGS.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench import gateway, growth, inbound
+from bench.common import machine, table, write_result
+
+
+def memory_table(inbound_results: list[dict], gateway_results: list[dict]) -> str:
+    rows = []
+    for label, results, key in (("inbound bare Flask", inbound_results, "bare"),
+                                ("inbound proxy", inbound_results, "proxy"),
+                                ("gateway proxy", gateway_results, "proxy")):
+        for r in results:
+            mem = r[key]["memory_mib"]
+            workers = mem["workers"]
+            rows.append([f"{label} ({r['database']})", mem["master"].get("VmRSS"),
+                         " / ".join(str(w.get("VmRSS")) for w in workers),
+                         " / ".join(str(w.get("VmHWM")) for w in workers),
+                         " / ".join(str(w.get("Threads")) for w in workers)])
+    return table("Memory after each run (MiB; /proc/<pid>/status of the gunicorn processes)",
+                 ["run", "master RSS", "worker RSS", "worker peak (VmHWM)", "worker threads"], rows)
+
+
+def main() -> None:
+    started = time.monotonic()
+    print(f"machine: {machine()}")
+    inbound_results = inbound.main()
+    gateway_results = gateway.main()
+    growth_results = growth.main()
+    summary = [inbound.report(inbound_results)]
+    if gateway_results:
+        summary.append(gateway.report(gateway_results, gateway_results[0]["direct"]))
+    summary += [growth.report(growth_results), memory_table(inbound_results, gateway_results)]
+    write_result("summary", {"inbound": inbound_results, "gateway": gateway_results, "growth": growth_results,
+                             "seconds": round(time.monotonic() - started)})
+    print("\n\n## Summary (one run)\n" + "\n".join(summary))
+    print(f"\n{round(time.monotonic() - started)}s; JSON in bench/results/")
+
+
+if __name__ == "__main__":
+    main()
