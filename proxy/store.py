@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import Connection, bindparam, case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .db import held_messages, messages, outbox, send_attempts, windows
@@ -51,21 +51,19 @@ def record_inbound(
     A webhook Twilio retries carries the same MessageSid: it must change nothing.
     """
     inserted = conn.execute(
-        _insert(conn, messages)
-        .values(
-            sid=sid,
-            direction="inbound",
-            sender=sender,
-            user=user,
-            messaging_service_sid=messaging_service_sid,
-            status="received",
-            status_rank=STATUS_RANK["received"],
-            num_media=num_media,
-            created_at=received_at,
-            updated_at=received_at,
-        )
-        .on_conflict_do_nothing(index_elements=["sid"])
-        .returning(messages.c.sid)  # rowcount is unreliable for upserts across drivers
+        _statement(conn, "message_insert"),
+        {
+            "sid": sid,
+            "direction": "inbound",
+            "sender": sender,
+            "user": user,
+            "messaging_service_sid": messaging_service_sid,
+            "status": "received",
+            "status_rank": STATUS_RANK["received"],
+            "num_media": num_media,
+            "created_at": received_at,
+            "updated_at": received_at,
+        },
     ).first()
     if inserted is None:
         return None
@@ -78,18 +76,35 @@ def record_inbound(
 def _extend_window(conn, sender, user, expires_at, received_at, sid, profile_name) -> datetime:
     # One atomic upsert: concurrent webhooks for one pair leave one row holding the
     # latest expiry, whatever order they commit in.
-    stmt = _insert(conn, windows).values(
-        sender=sender,
-        user=user,
-        expires_at=expires_at,
-        last_inbound_at=received_at,
-        last_inbound_sid=sid,
-        profile_name=profile_name,
-        updated_at=received_at,
-    )
+    return conn.execute(
+        _statement(conn, "window_upsert"),
+        {"sender": sender, "user": user, "expires_at": expires_at, "last_inbound_at": received_at,
+         "last_inbound_sid": sid, "profile_name": profile_name, "updated_at": received_at},
+    ).scalar_one()
+
+
+# Statements are built once per dialect and executed with parameters: building an upsert with
+# case() expressions and generating its cache key costs more CPU than the database round trips.
+_STATEMENTS: dict[tuple[str, str], object] = {}
+
+
+def _statement(conn: Connection, name: str):
+    key = (conn.dialect.name, name)
+    stmt = _STATEMENTS.get(key)
+    if stmt is None:
+        stmt = _STATEMENTS[key] = _BUILDERS[name](postgresql if conn.dialect.name == "postgresql" else sqlite)
+    return stmt
+
+
+def _build_message_insert(dialect):
+    return dialect.insert(messages).on_conflict_do_nothing(index_elements=["sid"]).returning(messages.c.sid)
+
+
+def _build_window_upsert(dialect):
+    stmt = dialect.insert(windows)
     new = stmt.excluded
     newer = windows.c.last_inbound_at < new.last_inbound_at
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=["sender", "user"],
         set_={
             "expires_at": case((windows.c.expires_at < new.expires_at, new.expires_at), else_=windows.c.expires_at),
@@ -101,7 +116,28 @@ def _extend_window(conn, sender, user, expires_at, received_at, sid, profile_nam
             "updated_at": new.updated_at,
         },
     ).returning(windows.c.expires_at)
-    return conn.execute(stmt).scalar_one()
+
+
+def _build_status_upsert(dialect):
+    stmt = dialect.insert(messages)
+    new = stmt.excluded
+    return stmt.on_conflict_do_update(
+        index_elements=["sid"],
+        set_={
+            "status": new.status,
+            "status_rank": new.status_rank,
+            "error_code": func.coalesce(new.error_code, messages.c.error_code),
+            "updated_at": new.updated_at,
+        },
+        where=messages.c.status_rank < new.status_rank,
+    ).returning(messages.c.sid)
+
+
+_LOAD_WINDOW = select(windows.c.expires_at, windows.c.last_inbound_at, windows.c.profile_name).where(
+    windows.c.sender == bindparam("sender"), windows.c.user == bindparam("user")
+)
+_BUILDERS = {"message_insert": _build_message_insert, "window_upsert": _build_window_upsert,
+             "status_upsert": _build_status_upsert}
 
 
 def record_status(
@@ -116,42 +152,21 @@ def record_status(
 ) -> bool:
     """Store the status of a message; False when a higher-ranked status was already known."""
     rank = STATUS_RANK.get(status, 0)
-    stmt = _insert(conn, messages).values(
-        sid=sid,
-        direction="outbound",
-        sender=sender,
-        user=user,
-        status=status,
-        status_rank=rank,
-        error_code=error_code,
-        created_at=at,
-        updated_at=at,
-    )
-    new = stmt.excluded
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["sid"],
-        set_={
-            "status": new.status,
-            "status_rank": new.status_rank,
-            "error_code": func.coalesce(new.error_code, messages.c.error_code),
-            "updated_at": new.updated_at,
-        },
-        where=messages.c.status_rank < new.status_rank,
-    ).returning(messages.c.sid)
-    return conn.execute(stmt).first() is not None
+    params = {"sid": sid, "direction": "outbound", "sender": sender, "user": user, "status": status,
+              "status_rank": rank, "error_code": error_code, "created_at": at, "updated_at": at}
+    return conn.execute(_statement(conn, "status_upsert"), params).first() is not None
 
 
 def load_window(conn: Connection, sender: str, user: str):
     """(expires_at, last_inbound_at, profile_name) of the pair, through the unique (sender, user) index."""
-    return conn.execute(
-        select(windows.c.expires_at, windows.c.last_inbound_at, windows.c.profile_name).where(
-            windows.c.sender == sender, windows.c.user == user
-        )
-    ).first()
+    return conn.execute(_LOAD_WINDOW, {"sender": sender, "user": user}).first()
 
 
 def record_attempt(conn: Connection, **fields) -> None:
-    conn.execute(send_attempts.insert().values(**fields))
+    conn.execute(_INSERT_ATTEMPT, fields)
+
+
+_INSERT_ATTEMPT = send_attempts.insert()
 
 
 def expiring_windows(conn: Connection, *, usable_after: datetime, usable_before: datetime, margin_seconds: int,

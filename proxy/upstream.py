@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import requests
@@ -26,6 +27,11 @@ class Upstream:
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self.http.session.mount("https://", adapter)
         self.http.session.mount("http://", adapter)
+        # requests re-reads the proxy and CA-bundle variables from os.environ on every request
+        # (about 1 ms of CPU per send); read them once here instead.
+        self.http.proxy = requests.utils.get_environ_proxies(self.base_url)
+        self.http.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        self.http.session.trust_env = False
 
     def request(self, method: str, path: str, *, query: str = "", data=None, headers: dict) -> Response:
         url = self.base_url + path + (f"?{query}" if query else "")
