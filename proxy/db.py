@@ -201,5 +201,11 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cursor.close()
 
 
+def storable(value: str | None, length: int) -> str | None:
+    """Text as the database keeps it: no control characters (PostgreSQL refuses NUL), at most `length`."""
+    text = "".join(c for c in (value or "") if c >= " " or c == "\t")[:length]
+    return text or None
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)

@@ -15,7 +15,7 @@ from werkzeug.datastructures import MultiDict
 from . import holds, logs, store
 from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
-from .db import utcnow
+from .db import storable, utcnow
 from .errors import twilio_error
 from .judge import Judgement, fail_open, judge
 from .policy import Action, explain
@@ -168,11 +168,11 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
                 request_id=g.request_id,
                 account_sid=account_sid,
                 # Passthrough channels are not normalised: store what fits, never fail the record.
-                sender=_printable(judgement.sender)[:128] or None,
-                user=_printable(judgement.user)[:128] or None,
-                channel=_printable(judgement.channel)[:32] or None,
+                sender=storable(judgement.sender, 128),
+                user=storable(judgement.user, 128),
+                channel=storable(judgement.channel, 32),
                 content_type=content_type,
-                content_sid=_printable(judgement.content_sid)[:34] or None,
+                content_sid=storable(judgement.content_sid, 34),
                 approval_status=judgement.send.approval,
                 decision=decision.action.value,
                 reason=decision.reason,
@@ -209,11 +209,6 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
         duration_ms=duration,
         request_id=g.request_id,
     )
-
-
-def _printable(value: str | None) -> str:
-    # PostgreSQL refuses NUL in text; a passthrough address is stored as given, minus control characters.
-    return "".join(c for c in (value or "") if c >= " ")
 
 
 def _ms(started: float) -> float:

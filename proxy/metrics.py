@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import REGISTRY, multiprocess
+from prometheus_client import multiprocess
+from prometheus_client.core import GaugeMetricFamily
 
 DECISIONS = Counter(
     "proxy_send_decisions_total", "Send decisions of the gateway.", ["action", "reason", "content_type"]
@@ -19,10 +20,32 @@ UPSTREAM_SECONDS = Histogram(
 )
 
 
-def exposition() -> tuple[bytes, str]:
+class OutboxDepth:
+    """Outbox items by status, read from the database at scrape time (shared by every instance)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        from . import outbox
+
+        family = GaugeMetricFamily("proxy_outbox_items", "Outbox items by status.", labels=["status"])
+        try:
+            with self.engine.connect() as conn:
+                counts = outbox.depth(conn)
+        except Exception:  # noqa: BLE001 — a scrape must not fail because the database is away
+            return
+        for status in ("pending", "delivered", "exhausted"):
+            family.add_metric([status], counts.get(status, 0))
+        yield family
+
+
+def exposition(engine) -> tuple[bytes, str]:
+    registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
-        registry = REGISTRY
+        for collector in (DECISIONS, WEBHOOKS, UPSTREAM_SECONDS):
+            registry.register(collector)
+    registry.register(OutboxDepth(engine))
     return generate_latest(registry), CONTENT_TYPE_LATEST

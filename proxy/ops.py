@@ -43,5 +43,5 @@ def metrics():
         denied = require_basic_auth()
         if denied is not None:
             return denied
-    body, content_type = exposition()
+    body, content_type = exposition(runtime().engine)
     return Response(body, content_type=content_type)

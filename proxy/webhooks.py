@@ -13,7 +13,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from . import holds, late_failures, logs, outbox, signatures, store
 from .forwarding import KEPT_HEADERS
 from .addresses import InvalidAddress, normalise
-from .db import utcnow
+from .db import storable, utcnow
 from .errors import twilio_error
 from .metrics import WEBHOOKS
 from .runtime import runtime
@@ -102,7 +102,7 @@ def _inbound_message() -> Response:
             sender=sender,
             user=user,
             messaging_service_sid=service_sid,
-            profile_name=_printable(form.get("ProfileName"))[:256] or None,
+            profile_name=storable(form.get("ProfileName"), 256),
             num_media=_int_or_none(form.get("NumMedia")),
             received_at=now,
             window_seconds=settings.session_window_seconds,
@@ -172,7 +172,7 @@ def _status_callback() -> Response:
     sid = form.get("MessageSid") or form.get("SmsSid")
     if not sid or not _SID.match(sid):
         return twilio_error(21211, 400, "Malformed status callback: MessageSid is missing or malformed")
-    status = _printable(form["MessageStatus"]).strip().lower()[:32] or "unknown"
+    status = (storable(form["MessageStatus"], 32) or "").strip().lower() or "unknown"
     error_code = _int_or_none(form.get("ErrorCode"))
     settings, now = rt.settings, utcnow()
     sender, user = _normalised_or_raw(form.get("From")), _normalised_or_raw(form.get("To"))
@@ -207,11 +207,6 @@ def _twiml() -> Response:
     return Response(EMPTY_TWIML, status=200, mimetype="text/xml")
 
 
-def _printable(value: str | None) -> str:
-    # PostgreSQL refuses NUL in text, and control characters have no business in these fields.
-    return "".join(c for c in (value or "") if c >= " " or c == "\t")
-
-
 def _int_or_none(value: str | None) -> int | None:
     """A small non-negative integer field (NumMedia, ErrorCode), or None when it is anything else."""
     try:
@@ -227,4 +222,4 @@ def _normalised_or_raw(value: str | None) -> str | None:
     try:
         return normalise(value)
     except InvalidAddress:
-        return _printable(value)[:128] or None
+        return storable(value, 128)

@@ -219,6 +219,25 @@ def test_reroute_sends_the_approved_fallback_instead(reroute_app, fake_twilio, d
         ("rerouted", "window_closed", response.get_json()["sid"])
 
 
+@pytest.mark.parametrize("content_type", list(TABLE))
+def test_reroute_for_every_type_that_may_not_go_out(reroute_app, fake_twilio, content_type):
+    """Out of the window, an unapproved template of any type is replaced by the approved fallback."""
+    sid = fake_twilio.add_content({content_type: SAMPLE_BODIES[content_type]}, "unsubmitted")
+    response = template_send(reroute_app.test_client(), sid)
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "rerouted"
+    assert [dict(r.form)["ContentSid"] for r in fake_twilio.creates] == [reroute_app.fallback_sid]
+
+
+@pytest.mark.parametrize("content_type", ["twilio/carousel", "twilio/flows", "whatsapp/authentication"])
+def test_reroute_in_window_for_types_that_need_approval(reroute_app, fake_twilio, content_type):
+    client = reroute_app.test_client()
+    open_window(client)
+    sid = fake_twilio.add_content({content_type: SAMPLE_BODIES[content_type]}, "pending")
+    response = template_send(client, sid)
+    assert response.headers["X-Proxy-Decision"] == "rerouted"
+    assert [dict(r.form)["ContentSid"] for r in fake_twilio.creates] == [reroute_app.fallback_sid]
+
+
 def test_reroute_of_types_not_supported_out_of_session(reroute_app, fake_twilio):
     sid = fake_twilio.add_content({"twilio/location": SAMPLE_BODIES["twilio/location"]}, "approved")
     response = template_send(reroute_app.test_client(), sid)

@@ -182,6 +182,7 @@ def test_metrics_need_auth_or_token(settings, db_engine, fake_twilio):
     assert by_token.status_code == 200 and by_token.mimetype == "text/plain"
     text = by_token.get_data(as_text=True)
     assert 'proxy_send_decisions_total{action="blocked",content_type="twilio/text",reason="no_window"}' in text
+    assert 'proxy_outbox_items{status="pending"} 0.0' in text
     assert client.get("/metrics", headers=basic_auth()).status_code == 200
 
 
