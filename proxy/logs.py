@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import queue
 import sys
+from logging.handlers import QueueHandler, QueueListener
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -36,11 +39,21 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(level: str, fmt: str = "json") -> None:
-    """Install the stdout handler once per process (create_app may run many times in tests)."""
+    """Install the stdout handler once per process (create_app may run many times in tests).
+
+    Request threads only format and enqueue; one listener thread writes to stdout, so busy
+    threads never queue on the stream's lock.
+    """
     handler = next((h for h in log.handlers if getattr(h, "_proxy_handler", False)), None)
     if handler is None:
-        handler = logging.StreamHandler(sys.stdout)
+        stream = logging.StreamHandler(sys.stdout)
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        records: queue.SimpleQueue = queue.SimpleQueue()
+        handler = QueueHandler(records)
         handler._proxy_handler = True
+        listener = QueueListener(records, stream)
+        listener.start()
+        atexit.register(listener.stop)  # drains what is queued when the process exits
         log.addHandler(handler)
         log.propagate = False
     handler.setFormatter(make_formatter() if fmt == "json" else

@@ -61,9 +61,18 @@ class Gunicorn:
         raise AssertionError("gunicorn did not start listening")
 
     def log_lines(self) -> list[str]:
-        """What the server logged since the current test started."""
+        """What the server logged since the current test started.
+
+        The proxy writes its log from a listener thread, so wait until the file stops growing."""
         self.log.flush()
-        return self.log_path.read_text().splitlines()[self.mark:]
+        text, deadline = None, time.monotonic() + 3
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            current = self.log_path.read_text()
+            if current == text:
+                break
+            text = current
+        return (text or "").splitlines()[self.mark:]
 
     def start_test(self) -> None:
         self.log.flush()
