@@ -6,7 +6,7 @@ import hmac
 import json
 import re
 import time
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 from flask import Blueprint, Response, g, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -28,7 +28,8 @@ _ACCOUNT_IN_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+?)(?:\.json)?(?:/|$)
 # Caller headers worth keeping upstream; hop-by-hop and proxy headers are not.
 _FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept", "Accept-Charset", "User-Agent", "X-Twilio-Client",
                       "I-Twilio-Idempotency-Token")
-_RELAYED_HEADERS = ("Content-Type", "Twilio-Request-Id", "Twilio-Request-Duration", "Twilio-Concurrent-Requests")
+_RELAYED_HEADERS = ("Content-Type", "Location", "Twilio-Request-Id", "Twilio-Request-Duration",
+                    "Twilio-Concurrent-Requests")
 # What a rerouted send keeps of the original request; the content itself is replaced.
 _KEPT_ON_REROUTE = ("To", "From", "MessagingServiceSid", "StatusCallback", "ApplicationSid", "ValidityPeriod",
                     "SendAt", "ScheduleType", "MessageIntent", "ContentRetention", "AddressRetention")
@@ -48,6 +49,10 @@ def authenticate():
 @bp.post("/Accounts/<account_sid>/Messages.json")
 def create_message(account_sid: str):
     rt, started = runtime(), time.perf_counter()
+    if request.query_string:
+        return twilio_error(400, 400, "A Messages create takes its fields in the form body, not the query string.")
+    if request.content_length and request.mimetype != "application/x-www-form-urlencoded":
+        return twilio_error(400, 400, "A Messages create must be application/x-www-form-urlencoded, as Twilio's is.")
     raw_body = request.get_data(cache=True)  # kept so the forward is byte-for-byte what was sent
     if not _is_utf8_form(raw_body):
         return twilio_error(400, 400, "The request body is not valid UTF-8 form data.")
@@ -65,12 +70,13 @@ def create_message(account_sid: str):
         response = twilio_error(decision.code, 400, explain(decision, judgement.send, judgement.window))
         outcome, upstream_status, message_sid = "blocked", None, None
     elif decision.action is Action.REROUTED:
-        held_id = _hold(account_sid, form, judgement) if rt.settings.hold_on_reroute else None
         body = rerouted_form(form, judgement)
         response, outcome, upstream_status, message_sid = _forward(body)
         response.headers["X-Proxy-Rerouted-To"] = judgement.fallback.content_sid
-        if held_id is not None:
-            response.headers["X-Proxy-Held-Id"] = str(held_id)
+        # Held only once the fallback went out: a caller retrying a failed reroute must not
+        # leave two copies waiting for release.
+        if rt.settings.hold_on_reroute and outcome == "sent":
+            response.headers["X-Proxy-Held-Id"] = str(_hold(account_sid, form, judgement))
     else:
         response, outcome, upstream_status, message_sid = _forward(raw_body)
     _finish(account_sid, form, judgement, response, outcome, upstream_status, message_sid, started)
@@ -107,12 +113,27 @@ def rerouted_form(form: MultiDict, judgement: Judgement) -> list[tuple[str, str]
 @bp.route("/<path:rest>", methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
 def passthrough(rest: str):
     """Every other 2010-04-01 call goes to Twilio unchanged, so the whole client keeps working."""
+    if not _safe_passthrough_path(request.path, request.method):
+        # A path that Twilio could read as a Messages create must never bypass the judge.
+        return twilio_error(400, 400, f"The proxy does not forward {request.method} {request.path!r}: "
+                                      "send messages with POST to /2010-04-01/Accounts/{AccountSid}/Messages.json.")
     started = time.perf_counter()
     response, outcome, upstream_status, _ = _forward(request.get_data())
     response.headers["X-Proxy-Decision"] = Action.PASSTHROUGH.value
     logs.event("api_passthrough", redact=True, method=request.method, path=request.path, outcome=outcome,
                upstream_status=upstream_status, duration_ms=_ms(started), request_id=g.request_id)
     return response
+
+
+_CREATE_LIKE = re.compile(r"/Accounts/[^/]+/Messages(\.[^/]*)?/*$", re.IGNORECASE)
+
+
+def _safe_passthrough_path(path: str, method: str) -> bool:
+    if any(c in path for c in "?#\\") or "//" in path or any(ord(c) < 32 for c in path):
+        return False
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return False
+    return not (method == "POST" and _CREATE_LIKE.search(path))
 
 
 def _forward(body) -> tuple[Response, str, int | None, str | None]:
@@ -125,7 +146,7 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
     try:
         upstream = rt.upstream.request(
             request.method,
-            request.path,
+            quote(request.path, safe="/:@!$&'()*+,;=-._~"),  # re-encoded: the path Twilio sees is the one judged
             query=request.query_string.decode("latin-1"),
             data=body or None,
             headers=headers,

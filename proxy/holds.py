@@ -9,7 +9,7 @@ from sqlalchemy import Connection, exists, select, update
 
 from .db import held_messages
 
-HELD, RELEASED, EXPIRED, FAILED = "held", "released", "expired", "failed"
+HELD, SENDING, RELEASED, EXPIRED, FAILED = "held", "sending", "released", "expired", "failed"
 
 
 def hold(conn: Connection, *, sender: str, user: str, account_sid: str, params: list, request_id: str,
@@ -38,10 +38,16 @@ def held_for(conn: Connection, sender: str, user: str, now: datetime):
     ).mappings().all()
 
 
+def take(conn: Connection, held_id: int) -> bool:
+    """Move one held message to `sending`; only one worker ever wins it, and it is never sent twice."""
+    return conn.execute(update(held_messages).where(held_messages.c.id == held_id, held_messages.c.status == HELD)
+                        .values(status=SENDING).returning(held_messages.c.id)).first() is not None
+
+
 def mark(conn: Connection, held_id: int, status: str, now: datetime, *, message_sid: str | None = None,
          error: str | None = None) -> None:
     conn.execute(update(held_messages).where(held_messages.c.id == held_id)
-                 .values(status=status, released_at=now, message_sid=message_sid,
+                 .values(status=status, released_at=None if status == HELD else now, message_sid=message_sid,
                          last_error=error[:500] if error else None))
 
 

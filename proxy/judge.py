@@ -67,7 +67,7 @@ def validate(form: MultiDict) -> None:
             raise ApiError(21654, 400)
         try:
             parsed = json.loads(variables)
-        except ValueError:
+        except (ValueError, RecursionError):
             parsed = None
         if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
             raise ApiError(21656, 400, "The ContentVariables Parameter is invalid: it must be a JSON object of strings.")
@@ -80,11 +80,11 @@ def send_time(form: MultiDict, now: datetime) -> datetime:
         return now
     try:
         at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=timezone.utc)
+        return max(at.astimezone(timezone.utc), now)
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range by its offset
         raise ApiError(35115, 400) from None
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=timezone.utc)
-    return max(at.astimezone(timezone.utc), now)
 
 
 def fail_open(form: MultiDict) -> Judgement:

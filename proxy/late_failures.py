@@ -37,8 +37,12 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
     if first is None:
         return "duplicate"
     senders = {s for s in (attempt.sender, callback_sender) if s}
+    # The same inbound message may also have opened the pair's Messaging Service row: close it too.
+    opened_by = select(windows.c.last_inbound_sid).where(windows.c.user == attempt.user,
+                                                         windows.c.sender.in_(senders))
     conn.execute(update(windows)
-                 .where(windows.c.user == attempt.user, windows.c.sender.in_(senders), windows.c.expires_at > now)
+                 .where(windows.c.user == attempt.user, windows.c.expires_at > now,
+                        windows.c.sender.in_(senders) | (windows.c.last_inbound_sid.in_(opened_by)))
                  .values(expires_at=now, updated_at=now))
     if reroute:
         kept = ("To", "From", "MessagingServiceSid", "StatusCallback")

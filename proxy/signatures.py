@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlsplit
+
 from flask import Request
 from twilio.request_validator import (
     SIGNATURE_HEADER,
@@ -42,6 +44,6 @@ def problem(request: Request, url: str, settings: Settings, token_validator: Req
         validator = RequestValidator(secret)
     # JSON webhooks are signed over the URL (with bodySHA256 in its query) and the raw body's hash.
     params = request.get_data(as_text=True) if request.mimetype == "application/json" else request.form
-    if isinstance(params, str) and "bodySHA256=" not in url:
+    if isinstance(params, str) and "bodySHA256" not in parse_qs(urlsplit(url).query):
         return "json_without_body_hash"
     return None if validator.validate(url, params, signature, algorithm) else "invalid_signature"

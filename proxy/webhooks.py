@@ -50,7 +50,7 @@ def webhook_params() -> MultiDict | None:
         return request.form
     try:
         data = json.loads(request.get_data(as_text=True) or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None

@@ -65,6 +65,9 @@ def _decode(token: str | None) -> tuple[datetime, int] | None:
         return None
     try:
         at, row_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
-        return datetime.fromisoformat(at), int(row_id)
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError("token time without a zone")
+        return when, int(row_id)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, 400, "PageToken is not one this API handed out.") from None

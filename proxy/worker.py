@@ -60,7 +60,15 @@ class Worker:
         handler = {"inbound": self._forward, "status": self._forward, "send": self._send,
                    "release": self._release}[item.kind]
         try:
-            handler(item)
+            try:
+                handler(item)
+            except (Retry, GiveUp):
+                raise
+            except ApiError as exc:  # a judgement that could not be made now (e.g. Content API down)
+                raise (Retry if exc.status >= 500 else GiveUp)(f"{exc.code}: {exc.message}") from None
+            except Exception as exc:  # noqa: BLE001 — one bad item must not stall the batch
+                logs.log.exception("delivery_error", extra={"outbox_id": item.id, "kind": item.kind})
+                raise Retry(type(exc).__name__) from None
         except (Retry, GiveUp) as exc:
             with self.rt.engine.begin() as conn:
                 status = outbox.failed(conn, item.id, str(exc), utcnow(), settings.retry_schedule,
@@ -98,6 +106,8 @@ class Worker:
             try:
                 decision = judge(self.rt, MultiDict(pairs)).decision
             except ApiError as exc:
+                if exc.status >= 500:  # the Content API or the database is away: try again later
+                    raise Retry(f"{exc.code}: {exc.message}") from None
                 self._mark(row, holds.FAILED, error=f"{exc.code}: {exc.message}")
                 continue
             if decision.action is not Action.ALLOWED:
@@ -105,8 +115,15 @@ class Worker:
                 logs.event("release", redact=settings.log_redact_numbers, decision="still_held", held_id=row["id"],
                            reason=decision.reason, sender=sender, user=user, request_id=row["request_id"])
                 return
+            with self.rt.engine.begin() as conn:
+                if not holds.take(conn, row["id"]):
+                    continue  # another worker has it
             try:
                 sid = self.send_to_twilio(row["account_sid"], pairs)
+            except Retry as exc:  # Twilio never received it: put it back in line
+                with self.rt.engine.begin() as conn:
+                    holds.mark(conn, row["id"], holds.HELD, utcnow(), error=str(exc))
+                raise
             except GiveUp as exc:
                 self._mark(row, holds.FAILED, error=str(exc))
                 continue
@@ -137,8 +154,10 @@ class Worker:
             if exc.kind == "unreachable":
                 raise Retry(f"Twilio unreachable: {exc.detail}") from None
             raise GiveUp(f"Twilio did not answer ({exc.detail}); not retried, it may have been sent") from None
-        if response.status_code == 429 or response.status_code >= 500:
+        if response.status_code == 429:  # rate limited: Twilio did not take it
             raise Retry(f"Twilio answered {response.status_code}")
+        if response.status_code >= 500:
+            raise GiveUp(f"Twilio answered {response.status_code}; not retried, it may have been accepted")
         if response.status_code >= 300:
             raise GiveUp(f"Twilio answered {response.status_code}: {response.text[:200]}")
         try:

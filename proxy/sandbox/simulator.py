@@ -8,6 +8,7 @@ delivered → read. Its window and content rules are its own, kept apart from th
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
 import threading
 import time
@@ -45,7 +46,12 @@ class Received:
 def is_loopback(url: str) -> bool:
     """The simulator only ever calls this machine: it is a local stand-in, not a relay."""
     host = urlsplit(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other name, e.g. 127.example.com
 
 
 @dataclass

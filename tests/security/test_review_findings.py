@@ -1,0 +1,120 @@
+"""Regression tests for defects a code review found: bypasses of the judge, 500s, double sends."""
+
+import base64
+import hashlib
+import json
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from proxy import create_app
+from proxy.db import held_messages, utcnow, windows
+from proxy.sandbox.simulator import is_loopback
+from proxy.worker import Worker
+from tests.conftest import ACCOUNT_SID, BUSINESS, USER, basic_auth, inbound_params, sign, signed_post
+from tests.http.test_forwarding import failed_callback, fallback_app
+from tests.http.test_gateway import MESSAGES, open_window, send
+
+SHAPE = {"code", "message", "more_info", "status"}
+ACCOUNT = f"/2010-04-01/Accounts/{ACCOUNT_SID}"
+
+
+@pytest.mark.parametrize("path", [
+    f"{ACCOUNT}/Messages.json%3Fx=1", f"{ACCOUNT}/Messages.json%23", f"{ACCOUNT}/x/../Messages.json",
+    f"{ACCOUNT}/x/%2E%2E/Messages.json", f"{ACCOUNT}/Messages", f"{ACCOUNT}/Messages.xml", f"{ACCOUNT}/Messages.json/",
+    f"{ACCOUNT}//Messages.json", f"{ACCOUNT}/Messages.JSON",
+])
+def test_no_path_reaches_twilios_create_without_the_judge(client, fake_twilio, path):
+    response = client.post(path, data={"To": USER, "From": BUSINESS, "Body": "cold"}, headers=basic_auth())
+    assert response.status_code in (400, 404) and set(response.get_json()) == SHAPE
+    assert fake_twilio.requests == []
+
+
+def test_create_fields_only_from_a_form_body(client, fake_twilio):
+    in_query = client.post(f"{MESSAGES}?To={USER}&Body=x", data={"To": USER, "From": BUSINESS, "Body": "x"},
+                           headers=basic_auth())
+    multipart = client.post(MESSAGES, data={"To": USER, "From": BUSINESS, "Body": "x"},
+                            content_type="multipart/form-data", headers=basic_auth())
+    assert in_query.status_code == 400 and multipart.status_code == 400
+    assert fake_twilio.requests == []
+
+
+def test_a_failed_reroute_holds_nothing(settings, db_engine, fake_twilio):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    fake_twilio.fail_with = (500, {"code": 20500, "message": "x", "more_info": "x", "status": 500})
+    client = app.test_client()
+    for _ in range(2):  # the caller retries after the error
+        response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+        assert response.status_code == 500 and "X-Proxy-Held-Id" not in response.headers
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages)).all() == []
+
+
+@pytest.mark.parametrize("send_at", ["9999-12-31T23:59:59-10:00", "0001-01-01T00:00:00+01:00"])
+def test_send_at_out_of_range_is_35115(client, fake_twilio, send_at):
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x", "SendAt": send_at})
+    assert response.status_code == 400 and response.get_json()["code"] == 35115
+
+
+def test_deeply_nested_json_is_400_not_500(client, fake_twilio):
+    response = client.post("/twilio/inbound", data="[" * 50000, content_type="application/json")
+    assert response.status_code in (400, 403) and set(response.get_json()) == SHAPE
+    deep = send(client, {"To": USER, "From": BUSINESS, "ContentSid": "HX" + "1" * 32,
+                         "ContentVariables": "[" * 50000})
+    assert deep.status_code == 400 and deep.get_json()["code"] == 21656
+
+
+def test_body_hash_must_be_a_real_query_parameter(client):
+    body = json.dumps(inbound_params("SM" + "1" * 32))
+    path = "/twilio/inbound?xbodySHA256=" + hashlib.sha256(body.encode()).hexdigest()
+    response = client.post(path, data=body, content_type="application/json",
+                           headers={"X-Twilio-Signature": sign("http://localhost" + path, {})})
+    assert response.status_code == 403
+
+
+def test_page_token_without_a_zone_is_400(client):
+    token = base64.urlsafe_b64encode(f"{datetime(2026, 1, 1).isoformat()}|5".encode()).decode()
+    response = client.get(f"/v1/windows/expiring?PageToken={token}", headers=basic_auth())
+    assert response.status_code == 400
+
+
+def test_late_63016_also_closes_the_messaging_service_window(settings, db_engine, fake_twilio):
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    service = "MG" + "c" * 32
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "d" * 32, MessagingServiceSid=service))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+    signed_post(client, "/twilio/status", failed_callback(sid))
+    for sender in (BUSINESS, service):
+        window = client.get(f"/v1/windows?sender={sender}&user={USER}", headers=basic_auth()).get_json()
+        assert window["open"] is False, sender
+
+
+def test_release_waits_out_a_content_api_outage(settings, db_engine, fake_twilio):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    card = fake_twilio.add_content({"twilio/list-picker": {"body": "pick", "items": []}}, "unsubmitted")
+    send(client, {"To": USER, "From": BUSINESS, "ContentSid": card})  # rerouted and held
+    fake_twilio.requests.clear()
+    app.extensions["proxy"].content._memory.clear()
+    from proxy.db import content_cache
+    with db_engine.begin() as conn:
+        conn.execute(content_cache.delete())
+    fake_twilio.content_down = True
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "e" * 32))
+    Worker(app.extensions["proxy"]).run_once()
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "held"  # kept, not failed
+    fake_twilio.content_down = False
+    Worker(app.extensions["proxy"]).run_once(utcnow() + timedelta(seconds=10))
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "released"
+    assert [dict(r.form).get("ContentSid") for r in fake_twilio.creates] == [card]
+
+
+def test_the_simulator_only_calls_loopback_hosts():
+    assert is_loopback("http://127.0.0.1:8000/x") and is_loopback("http://localhost/x")
+    assert is_loopback("http://[::1]:8000/x")
+    assert not is_loopback("http://127.evil.example/x") and not is_loopback("http://10.0.0.1/x")
