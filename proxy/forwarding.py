@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 
 import requests
@@ -34,6 +35,7 @@ class Forwarder:
         adapter = HTTPAdapter(pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="forward")
 
     def headers_for(self, url: str, pairs: list[tuple[str, str]], kept: dict) -> dict:
         # twilio-python's validator sorts and de-duplicates values itself; a MultiDict keeps repeats.
@@ -44,6 +46,15 @@ class Forwarder:
         return headers
 
     def post(self, url: str, pairs: list[tuple[str, str]], kept: dict) -> Reply:
+        """POST within one overall deadline: requests' timeout is per socket read, and an app that
+        drip-feeds its answer must not hold Twilio's webhook past its 15 s limit."""
+        future = self.pool.submit(self._post, url, pairs, kept)
+        try:
+            return future.result(timeout=self.timeout)
+        except concurrent.futures.TimeoutError:
+            return Reply(False, None, b"", None, f"no answer within {self.timeout:g}s")
+
+    def _post(self, url: str, pairs: list[tuple[str, str]], kept: dict) -> Reply:
         try:
             response = self.session.post(url, data=pairs, headers=self.headers_for(url, pairs, kept),
                                          timeout=self.timeout, allow_redirects=False)

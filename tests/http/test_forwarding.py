@@ -294,3 +294,38 @@ def test_expired_holds_are_dropped_with_a_log_line(settings, db_engine, fake_twi
     fake_twilio.requests.clear()
     signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 31 + "1"))
     assert run_worker(app) == 0 and fake_twilio.creates == []
+
+
+def test_a_drip_feeding_app_cannot_hold_twilios_webhook(settings, db_engine):
+    """The inline forward has one overall deadline, not a per-read timeout."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def drip():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nX-Slow: " + b"x" * 40:
+            if stop.is_set():
+                break
+            conn.sendall(bytes([byte]))
+            time.sleep(0.2)  # every read returns well within the 1 s timeout
+        conn.close()
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    app = create_app(replace(settings, forward_inbound_url=f"http://127.0.0.1:{port}/app",
+                             forward_timeout_seconds=1.0, retry_schedule=SCHEDULE))
+    started = time.monotonic()
+    response = signed_post(app.test_client(), "/twilio/inbound", inbound_params("SM" + "7" * 31 + "a"))
+    elapsed = time.monotonic() - started
+    stop.set()
+    listener.close()
+    assert response.status_code == 200 and response.get_data(as_text=True).endswith("<Response />")
+    assert elapsed < 10  # bounded by the 1 s deadline, not by the app's 18 s drip
+    assert items(db_engine)[0]["status"] == "pending"  # the outbox takes over
+    app.extensions["proxy"].engine.dispose()
