@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -12,19 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from proxy.sandbox.cli import procfile_command  # the one reader of the Procfile, shared with `sandbox up`
+
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 API_KEY, API_SECRET = "SK" + "7" * 32, "e2e-api-key-secret"
 METRICS_TOKEN = "e2e-metrics-token"
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def procfile_command(kind: str) -> str:
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        if line.startswith(f"{kind}:"):
-            return line.split(":", 1)[1].strip()
-    raise AssertionError(f"Procfile has no {kind}: line")
 
 
 def free_port() -> int:
@@ -112,4 +106,4 @@ def json_lines(lines: list[str]) -> list[str]:
     return [line for line in lines if line.startswith("{")]
 
 
-__all__ = ["procfile_command", "json_lines", "re"]
+__all__ = ["procfile_command", "json_lines"]
