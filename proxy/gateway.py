@@ -159,14 +159,14 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
                 else f"Twilio's API could not be reached ({exc.detail}); nothing was sent.")
         return twilio_error(status, status, text), f"upstream_{exc.kind}", None, None
     UPSTREAM_SECONDS.labels(operation, str(upstream.status_code)).observe(time.perf_counter() - started)
-    response = Response(upstream.text, status=upstream.status_code)
+    response = Response(upstream.content, status=upstream.status_code)
     for name in _RELAYED_HEADERS:
         if name in upstream.headers:
             response.headers[name] = upstream.headers[name]
     sid = None
     if 200 <= upstream.status_code < 300:
         try:
-            sid = json.loads(upstream.text).get("sid")
+            sid = json.loads(upstream.content).get("sid")
         except (ValueError, AttributeError):
             sid = None
     outcome = "sent" if 200 <= upstream.status_code < 300 else "upstream_error"
@@ -180,33 +180,26 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
     duration = _ms(started)
     content_type = judgement.send.content_type or ("content" if judgement.content_sid else None)
     DECISIONS.labels(decision.action.value, decision.reason, content_type or "none").inc()
-    stored = True
-    try:
-        with rt.engine.begin() as conn:
-            store.record_attempt(
-                conn,
-                created_at=utcnow(),
-                request_id=g.request_id,
-                account_sid=account_sid,
-                # Passthrough channels are not normalised: store what fits, never fail the record.
-                sender=storable(judgement.sender, 128),
-                user=storable(judgement.user, 128),
-                channel=storable(judgement.channel, 32),
-                content_type=content_type,
-                content_sid=storable(judgement.content_sid, 34),
-                approval_status=judgement.send.approval,
-                decision=decision.action.value,
-                reason=decision.reason,
-                error_code=decision.code,
-                params=json.dumps(list(form.items(multi=True))),
-                outcome=outcome,
-                upstream_status=upstream_status,
-                message_sid=(message_sid or "")[:64] or None,
-                duration_ms=int(duration),
-            )
-    except Exception:  # noqa: BLE001 — the send already happened; the caller must still get Twilio's answer
-        stored = False
-        logs.log.exception("attempt_not_stored", extra={"request_id": g.request_id, "message_sid": message_sid})
+    rt.attempts.submit(dict(
+        created_at=utcnow(),
+        request_id=g.request_id,
+        account_sid=account_sid,
+        # Passthrough channels are not normalised: store what fits, never fail the record.
+        sender=storable(judgement.sender, 128),
+        user=storable(judgement.user, 128),
+        channel=storable(judgement.channel, 32),
+        content_type=content_type,
+        content_sid=storable(judgement.content_sid, 34),
+        approval_status=judgement.send.approval,
+        decision=decision.action.value,
+        reason=decision.reason,
+        error_code=decision.code,
+        params=json.dumps(list(form.items(multi=True))),
+        outcome=outcome,
+        upstream_status=upstream_status,
+        message_sid=(message_sid or "")[:64] or None,
+        duration_ms=int(duration),
+    ))
     state = judgement.window
     logs.event(
         "send",
@@ -226,7 +219,6 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
         upstream_status=upstream_status,
         window_expires_at=state.expires_at.isoformat() if state.expires_at else None,
         seconds_left=state.seconds_left,
-        attempt_stored=stored,
         duration_ms=duration,
         request_id=g.request_id,
     )

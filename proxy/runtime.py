@@ -8,6 +8,7 @@ from flask import current_app
 from sqlalchemy import Engine
 from twilio.request_validator import RequestValidator
 
+from .attempts import AttemptWriter
 from .content import ContentResolver
 from .forwarding import Forwarder
 from .settings import Settings
@@ -23,6 +24,7 @@ class Runtime:
     content: ContentResolver
     migrations_head: str
     forwarder: Forwarder
+    attempts: AttemptWriter
 
 
 def runtime() -> Runtime:

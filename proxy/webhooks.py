@@ -176,11 +176,16 @@ def _status_callback() -> Response:
     error_code = _int_or_none(form.get("ErrorCode"))
     settings, now = rt.settings, utcnow()
     sender, user = _normalised_or_raw(form.get("From")), _normalised_or_raw(form.get("To"))
+    late_window_failure = status == "failed" and error_code == late_failures.LATE_WINDOW_FAILURE
+    if late_window_failure:
+        # Attempts are stored a few milliseconds after the send: make sure this process's are in.
+        # (Before the transaction: on SQLite the writer needs the write lock this one would hold.)
+        rt.attempts.flush()
     with rt.engine.begin() as conn:
         changed = store.record_status(conn, sid=sid, status=status, error_code=error_code, sender=sender,
                                       user=user, at=now)
         # Only `failed` with 63016 proves the window was closed; `undelivered` can have other causes.
-        if status == "failed" and error_code == late_failures.LATE_WINDOW_FAILURE:
+        if late_window_failure:
             late_failures.handle(rt, conn, sid=sid, callback_sender=sender, now=now)
         if settings.forward_status_url:
             kept = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}

@@ -15,6 +15,7 @@ from twilio.request_validator import RequestValidator
 
 from proxy import create_app
 from proxy import logs as proxy_logs
+from proxy.attempts import flush_all
 from proxy.migrate import upgrade
 from proxy.db import metadata
 from proxy.settings import Settings, normalise_database_url
@@ -79,6 +80,7 @@ def database_url(tmp_path_factory) -> str:
 
 @pytest.fixture
 def db_engine(database_url):
+    flush_all()  # an earlier test's attempt records must land before the tables are emptied
     engine = create_engine(database_url)
     with engine.begin() as conn:
         for table in reversed(metadata.sorted_tables):
@@ -118,6 +120,7 @@ def settings(database_url, fake_twilio) -> Settings:
 def app(settings, db_engine):
     app = create_app(settings)
     yield app
+    app.extensions["proxy"].attempts.flush()
     app.extensions["proxy"].engine.dispose()
 
 

@@ -2,12 +2,13 @@
 and both recover without a restart. Real PostgreSQL, real gunicorn, fake Twilio on 127.0.0.1."""
 
 import json
+import time
 
 import pytest
 import requests
 from sqlalchemy import create_engine, func, select
 
-from proxy.db import messages
+from proxy.db import messages, send_attempts
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, sign
 from tests.e2e.conftest import Gunicorn
 
@@ -80,7 +81,18 @@ def test_fail_open_forwards_unjudged_and_says_so_loudly(pg_cluster, fake_twilio,
         critical = [line["event"] for line in lines if line["level"] == "CRITICAL"]
         assert "fail_open_enabled" in critical and "fail_open" in critical
         sends = [line for line in lines if line["event"] == "send"]
-        assert sends[-1]["reason"] == "fail_open" and sends[-1]["attempt_stored"] is False
+        assert sends[-1]["reason"] == "fail_open" and sends[-1]["outcome"] == "sent"
+        # The attempt's record waits in the worker's writer and lands once the database is back.
+        pg_cluster.start()
+        deadline, stored = time.monotonic() + 30, []
+        while time.monotonic() < deadline and not stored:
+            time.sleep(0.5)
+            engine = create_engine(pg_cluster.url)
+            with engine.connect() as conn:
+                stored = conn.execute(select(send_attempts.c.reason, send_attempts.c.outcome)
+                                      .where(send_attempts.c.reason == "fail_open")).all()
+            engine.dispose()
+        assert stored == [("fail_open", "sent")]
     finally:
         server.stop()
         if not _running(pg_cluster):

@@ -3,6 +3,7 @@ with sends through both. Every window ends with the latest expiry, every sid is 
 send decision matches the window state."""
 
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -55,6 +56,13 @@ def test_two_instances_share_one_database(pg_cluster, fake_twilio, tmp_path):
         assert all(r.status_code in (200, 201, 400) for _, r in results)
         assert all(r.status_code == 200 for (kind, _), r in results if kind == "in")
 
+        # Attempts are written by each worker's background writer, milliseconds after the answer.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                if conn.execute(select(func.count()).select_from(send_attempts)).scalar_one() >= 300:
+                    break
+            time.sleep(0.1)
         with engine.connect() as conn:
             rows = conn.execute(select(windows)).mappings().all()
             received = conn.execute(select(messages.c.sid, messages.c.user, messages.c.created_at)

@@ -4,6 +4,7 @@ the attempt is stored with its outcome, and a create is never sent twice."""
 import pytest
 from sqlalchemy import select
 
+from proxy.attempts import flush_all
 from proxy.db import send_attempts
 from tests.conftest import BUSINESS, USER
 from tests.http.test_gateway import open_window, send
@@ -18,6 +19,7 @@ def test_twilio_errors_are_relayed_and_never_retried(client, fake_twilio, db_eng
     response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
     assert response.status_code == status and response.get_json() == body
     assert len(fake_twilio.creates) == 1
+    assert flush_all()
     with db_engine.connect() as conn:
         attempt = conn.execute(select(send_attempts)).mappings().one()
     assert (attempt["outcome"], attempt["upstream_status"], attempt["decision"]) == ("upstream_error", status, "allowed")

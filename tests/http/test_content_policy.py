@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select, update
 
 from proxy import create_app
+from proxy.attempts import flush_all
 from proxy.db import content_cache, send_attempts, utcnow, windows
 from proxy.policy import Policy
 from proxy.policy_file import Fallback
@@ -213,6 +214,7 @@ def test_reroute_sends_the_approved_fallback_instead(reroute_app, fake_twilio, d
                     "ContentSid": reroute_app.fallback_sid,
                     "ContentVariables": json.dumps({"1": "Ada", "2": "order"})}
     assert response.get_json()["sid"] in fake_twilio.messages
+    assert flush_all()
     with db_engine.connect() as conn:
         attempt = conn.execute(select(send_attempts)).mappings().one()
     assert (attempt["decision"], attempt["reason"], attempt["message_sid"]) == \

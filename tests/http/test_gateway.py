@@ -7,6 +7,7 @@ from urllib.parse import parse_qsl, urlencode
 import pytest
 from sqlalchemy import select, update
 
+from proxy.attempts import flush_all
 from proxy.db import send_attempts, utcnow, windows
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, signed_post
 
@@ -25,6 +26,7 @@ def open_window(client, user=USER, business=BUSINESS, sid="SM" + "0" * 32, **ext
 
 
 def attempts(engine):
+    assert flush_all()  # attempts are written by a background writer, a few ms after the answer
     with engine.connect() as conn:
         return conn.execute(select(send_attempts).order_by(send_attempts.c.id)).mappings().all()
 

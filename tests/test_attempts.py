@@ -1,0 +1,71 @@
+"""The background attempt writer: batches, keeps every row, survives a refused row and a locked database."""
+
+import threading
+
+from sqlalchemy import create_engine, func, select
+
+from proxy.attempts import AttemptWriter
+from proxy.db import make_engine, send_attempts, utcnow
+from proxy.migrate import upgrade
+
+
+def row(n: int, **overrides) -> dict:
+    values = dict(created_at=utcnow(), request_id=f"r{n}", account_sid="AC1", sender="whatsapp:+1", user="whatsapp:+2",
+                  channel="whatsapp", content_type="twilio/text", content_sid=None, approval_status=None,
+                  decision="allowed", reason="window_open", error_code=None, params="[]", outcome="sent",
+                  upstream_status=201, message_sid=f"SM{n}", duration_ms=1)
+    return values | overrides
+
+
+def stored(engine) -> list[str]:
+    with engine.connect() as conn:
+        return conn.execute(select(send_attempts.c.request_id).order_by(send_attempts.c.id)).scalars().all()
+
+
+def test_rows_from_many_threads_are_all_stored_in_order_per_thread(database_url, db_engine):
+    engine = make_engine(database_url)
+    writer = AttemptWriter(engine)
+    threads = [threading.Thread(target=lambda t=t: [writer.submit(row(t * 1000 + i)) for i in range(250)])
+               for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert writer.flush()
+    ids = stored(db_engine)
+    assert len(ids) == 2000 and len(set(ids)) == 2000
+    for t in range(8):  # one thread's rows keep their order
+        mine = [int(i[1:]) for i in ids if int(i[1:]) // 1000 == t]
+        assert mine == sorted(mine)
+    engine.dispose()
+
+
+def test_a_refused_row_costs_only_itself(database_url, db_engine):
+    engine = make_engine(database_url)
+    writer = AttemptWriter(engine)
+    writer.submit(row(1))
+    writer.submit(row(2, decision=None))  # NOT NULL: the database refuses this one
+    writer.submit(row(3))
+    assert writer.flush()
+    assert stored(db_engine) == ["r1", "r3"]
+    assert writer.dropped == 1
+    engine.dispose()
+
+
+def test_rows_wait_while_the_database_is_locked_and_land_after(tmp_path):
+    url = f"sqlite:///{tmp_path / 'locked.sqlite3'}"
+    upgrade(url)
+    engine = make_engine(url)
+    writer = AttemptWriter(engine)
+    blocker = create_engine(url, connect_args={"timeout": 0.1}).connect()
+    blocker.exec_driver_sql("BEGIN EXCLUSIVE")
+    try:
+        writer.submit(row(1))
+        assert writer.flush(timeout=0.5) is False  # not stored yet: it waits on SQLite's busy timeout
+    finally:
+        blocker.exec_driver_sql("ROLLBACK")
+        blocker.close()
+    assert writer.flush(timeout=60)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(send_attempts)).scalar_one() == 1
+    engine.dispose()
