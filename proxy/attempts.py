@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from . import logs
-from .db import send_attempts
+from .db import send_attempts, writing
 
 MAX_BATCH = 500
 MAX_PENDING = 100_000  # rows kept while the database is down; older ones are dropped (and counted) beyond
@@ -102,7 +102,7 @@ class AttemptWriter:
         for delay in (0, *RETRY_SECONDS):
             time.sleep(delay)
             try:
-                with self.engine.begin() as conn:
+                with writing(self.engine) as conn:
                     conn.execute(send_attempts.insert(), rows)
                 return []
             except (IntegrityError, DataError):
@@ -121,7 +121,7 @@ class AttemptWriter:
         # One bad row (a value the database refuses) must not cost the others their record.
         for row in rows:
             try:
-                with self.engine.begin() as conn:
+                with writing(self.engine) as conn:
                     conn.execute(send_attempts.insert(), row)
             except SQLAlchemyError as exc:
                 self.dropped += 1

@@ -13,7 +13,7 @@ from alembic import command
 from flask import Flask
 
 from . import holds, logs, outbox, store, window_api
-from .db import utcnow
+from .db import utcnow, writing
 from .errors import ApiError
 
 from .migrate import alembic_config, upgrade
@@ -101,7 +101,7 @@ def register(app: Flask) -> None:
         """Give an exhausted item (or --all of them) a fresh round of attempts."""
         if (item_id is None) == (not replay_all):
             raise click.UsageError("give one ITEM_ID or --all")
-        with app.extensions["proxy"].engine.begin() as conn:
+        with writing(app.extensions["proxy"].engine) as conn:
             count = outbox.replay(conn, utcnow(), item_id)
         click.echo(f"{count} item(s) queued again")
 
@@ -145,7 +145,7 @@ def register(app: Flask) -> None:
 
         Open windows are never deleted."""
         cutoff = utcnow() - parse_duration(older_than)
-        with app.extensions["proxy"].engine.begin() as conn:
+        with writing(app.extensions["proxy"].engine) as conn:
             counts = store.purge(conn, cutoff)
         click.echo(", ".join(f"{n} {table}" for table, n in counts.items()) + f" deleted (before {cutoff:%Y-%m-%dT%H:%M:%SZ})")
 

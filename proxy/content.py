@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import Engine, select
 from twilio.http.http_client import TwilioHttpClient
 
-from .db import content_cache, utcnow
+from .db import content_cache, utcnow, writing
 from .rules import NOT_ON_WHATSAPP, TABLE, WHATSAPP_COMPLEXITY
 from .store import _insert
 
@@ -105,7 +105,7 @@ class ContentResolver:
         return resolved
 
     def save(self, contents: list[Content], fetched_at: datetime) -> None:
-        with self.engine.begin() as conn:
+        with writing(self.engine) as conn:
             for c in contents:
                 stmt = _insert(conn, content_cache).values(
                     sid=c.sid, types=json.dumps(c.types), approval_status=c.approval,

@@ -15,7 +15,7 @@ from werkzeug.datastructures import MultiDict
 from . import holds, logs, store
 from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
-from .db import storable, utcnow
+from .db import storable, utcnow, writing
 from .errors import twilio_error
 from .judge import Judgement, fail_open, judge
 from .policy import Action, explain
@@ -95,7 +95,7 @@ def _is_utf8_form(raw: bytes) -> bool:
 def _hold(account_sid: str, form: MultiDict, judgement: Judgement) -> int:
     """Keep the original request (StatusCallback included) until the user's next message opens the window."""
     rt = runtime()
-    with rt.engine.begin() as conn:
+    with writing(rt.engine) as conn:
         return holds.hold(conn, sender=judgement.sender, user=judgement.user, account_sid=account_sid,
                           params=list(form.items(multi=True)), request_id=g.request_id, now=utcnow(),
                           ttl_seconds=rt.settings.hold_ttl_seconds)

@@ -13,7 +13,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from . import holds, late_failures, logs, outbox, signatures, store
 from .forwarding import KEPT_HEADERS
 from .addresses import InvalidAddress, normalise
-from .db import storable, utcnow
+from .db import storable, utcnow, writing
 from .errors import twilio_error
 from .metrics import WEBHOOKS
 from .runtime import runtime
@@ -95,7 +95,7 @@ def _inbound_message() -> Response:
     settings, now = rt.settings, utcnow()
     forward_id, pairs, kept = None, list(form.items(multi=True)), {}
     # One transaction: the message, its window and its forward are stored together or not at all.
-    with rt.engine.begin() as conn:
+    with writing(rt.engine) as conn:
         expires_at = store.record_inbound(
             conn,
             sid=sid,
@@ -139,14 +139,14 @@ def _inbound_message() -> Response:
 def _forward_inline(item_id: int, sender: str, user: str, pairs: list, kept: dict) -> Response:
     """Hand the webhook to the app now and relay its TwiML; if it cannot answer, the outbox retries."""
     rt = runtime()
-    with rt.engine.begin() as conn:
+    with writing(rt.engine) as conn:
         if outbox.has_earlier_pending(conn, f"inbound:{sender}|{user}", item_id):
             # An older webhook of this conversation is still waiting: keep the order, let the worker deliver.
             outbox.release_lease(conn, item_id)
             return _twiml()
     started = time.perf_counter()
     reply = rt.forwarder.post(rt.settings.forward_inbound_url, pairs, kept)
-    with rt.engine.begin() as conn:
+    with writing(rt.engine) as conn:
         if reply.ok:
             outbox.delivered(conn, item_id, utcnow())
         else:
@@ -181,7 +181,7 @@ def _status_callback() -> Response:
         # Attempts are stored a few milliseconds after the send: make sure this process's are in.
         # (Before the transaction: on SQLite the writer needs the write lock this one would hold.)
         rt.attempts.flush()
-    with rt.engine.begin() as conn:
+    with writing(rt.engine) as conn:
         changed = store.record_status(conn, sid=sid, status=status, error_code=error_code, sender=sender,
                                       user=user, at=now)
         # Only `failed` with 63016 proves the window was closed; `undelivered` can have other causes.

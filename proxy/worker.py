@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from werkzeug.datastructures import MultiDict
 
 from . import holds, logs, outbox
-from .db import utcnow
+from .db import utcnow, writing
 from .errors import ApiError
 from .judge import judge
 from .policy import Action
@@ -34,11 +34,11 @@ class Worker:
     def run_once(self, now: datetime | None = None) -> int:
         """Expire old holds, then claim and process the due items; returns how many were processed."""
         now = now or utcnow()
-        with self.rt.engine.begin() as conn:
+        with writing(self.rt.engine) as conn:
             for row in holds.expire(conn, now):
                 logs.event("hold_expired", redact=self.rt.settings.log_redact_numbers, decision="dropped",
                            held_id=row.id, sender=row.sender, user=row.user, request_id=row.request_id)
-        with self.rt.engine.begin() as conn:
+        with writing(self.rt.engine) as conn:
             # A claimed item is this worker's for the lease; a crashed worker's items come back after it.
             items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds)
         for item in items:
@@ -70,14 +70,14 @@ class Worker:
                 logs.log.exception("delivery_error", extra={"outbox_id": item.id, "kind": item.kind})
                 raise Retry(type(exc).__name__) from None
         except (Retry, GiveUp) as exc:
-            with self.rt.engine.begin() as conn:
+            with writing(self.rt.engine) as conn:
                 status = outbox.failed(conn, item.id, str(exc), utcnow(), settings.retry_schedule,
                                        retry=isinstance(exc, Retry))
             logs.event("delivery", redact=settings.log_redact_numbers, level=30, decision="failed", kind=item.kind,
                        outbox_id=item.id, attempt=item.attempts + 1, outcome=status, error=str(exc),
                        duration_ms=_ms(started))
             return
-        with self.rt.engine.begin() as conn:
+        with writing(self.rt.engine) as conn:
             outbox.delivered(conn, item.id, utcnow())
         logs.event("delivery", redact=settings.log_redact_numbers, decision="delivered", kind=item.kind,
                    outbox_id=item.id, attempt=item.attempts + 1, duration_ms=_ms(started))
@@ -115,24 +115,24 @@ class Worker:
                 logs.event("release", redact=settings.log_redact_numbers, decision="still_held", held_id=row["id"],
                            reason=decision.reason, sender=sender, user=user, request_id=row["request_id"])
                 return
-            with self.rt.engine.begin() as conn:
+            with writing(self.rt.engine) as conn:
                 if not holds.take(conn, row["id"]):
                     continue  # another worker has it
             try:
                 sid = self.send_to_twilio(row["account_sid"], pairs)
             except Retry as exc:  # Twilio never received it: put it back in line
-                with self.rt.engine.begin() as conn:
+                with writing(self.rt.engine) as conn:
                     holds.mark(conn, row["id"], holds.HELD, utcnow(), error=str(exc))
                 raise
             except GiveUp as exc:
                 self._mark(row, holds.FAILED, error=str(exc))
                 continue
             self._mark(row, holds.RELEASED, message_sid=sid)
-            with self.rt.engine.begin() as conn:  # a long release keeps its lease
+            with writing(self.rt.engine) as conn:  # a long release keeps its lease
                 outbox.renew_lease(conn, item.id, utcnow() + timedelta(seconds=settings.outbox_lease_seconds))
 
     def _mark(self, row, status: str, *, message_sid: str | None = None, error: str | None = None) -> None:
-        with self.rt.engine.begin() as conn:
+        with writing(self.rt.engine) as conn:
             holds.mark(conn, row["id"], status, utcnow(), message_sid=message_sid, error=error)
         logs.event("release", redact=self.rt.settings.log_redact_numbers, decision=status, held_id=row["id"],
                    message_sid=message_sid, error=error, sender=row["sender"], user=row["user"],

@@ -69,3 +69,35 @@ def test_rows_wait_while_the_database_is_locked_and_land_after(tmp_path):
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(send_attempts)).scalar_one() == 1
     engine.dispose()
+
+
+def test_sqlite_writers_of_other_processes_wait_for_the_write_lock(tmp_path):
+    """The flock(2) write lock serialises writers across processes (web workers, outbox worker, CLI)."""
+    import multiprocessing
+
+    from proxy.db import _WRITE_LOCKS, writing
+
+    url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    upgrade(url)
+    engine = make_engine(url)
+    lock = _WRITE_LOCKS[engine]
+
+    def child(url, started):
+        other = make_engine(url)
+        started.set()
+        with writing(other) as conn:
+            conn.execute(send_attempts.insert(), row(7))
+        other.dispose()
+
+    ctx = multiprocessing.get_context("fork")
+    started = ctx.Event()
+    with lock.held():
+        process = ctx.Process(target=child, args=(url, started))
+        process.start()
+        assert started.wait(10)
+        process.join(0.5)
+        assert process.is_alive()  # still waiting for the lock this process holds
+        assert stored(engine) == []
+    process.join(30)
+    assert process.exitcode == 0 and stored(engine) == ["r7"]
+    engine.dispose()
