@@ -1,8 +1,25 @@
-"""gunicorn reads this file from the working directory: it makes /metrics add up across workers."""
+"""gunicorn reads this file from the working directory: the worker model, and /metrics across workers.
+
+The Procfile's flags (workers, threads, timeouts) override what is set here; the worker class is
+chosen here because it depends on the database (numbers in README.md "Performance"):
+gevent with PostgreSQL (forwarding waits cost a greenlet, not a thread, and no GIL convoy), gthread
+with SQLite (a SQLite lock wait would block every greenlet of a worker). WEB_WORKER_CLASS overrides.
+"""
 
 import glob
 import os
 import tempfile
+
+
+def _worker_class(environ=os.environ) -> str:
+    chosen = environ.get("WEB_WORKER_CLASS", "").strip()
+    if chosen:
+        return chosen
+    database = environ.get("DATABASE_URL", "").strip()
+    return "gevent" if database.startswith(("postgres://", "postgresql")) else "gthread"
+
+
+worker_class = _worker_class()
 
 
 def on_starting(server):

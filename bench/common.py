@@ -139,7 +139,7 @@ class Gunicorn:
         return self
 
     def _wait_workers(self, timeout: float = 30.0) -> None:
-        want = int(self.env.get("WEB_CONCURRENCY", "2"))
+        want = int(server_settings(self.env)["web_concurrency"])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and len(self.worker_pids()) < want:
             time.sleep(0.1)
@@ -236,23 +236,35 @@ def http_get(url: str, timeout: float = 5.0) -> int:
 
 # --- databases -----------------------------------------------------------------------------------
 
-def database_url(kind: str, workdir: Path) -> str:
-    """A fresh, migrated database: a new SQLite file, or BENCH_POSTGRES_URL with its tables dropped."""
-    from sqlalchemy import create_engine, text
+def database_url(kind: str, workdir: Path, name: str = "bench") -> str:
+    """A fresh, migrated database: a new SQLite file, or BENCH_POSTGRES_URL with its tables dropped.
+
+    Another `name` gives a second, independent database: another SQLite file, or on PostgreSQL a
+    schema of that name (the connection's search_path points at it).
+    """
+    from sqlalchemy import create_engine, make_url, text
 
     from proxy.cli import upgrade
     from proxy.db import metadata
     from proxy.settings import normalise_database_url
 
     if kind == "sqlite":
-        url = f"sqlite:///{workdir / 'bench.sqlite3'}"
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{workdir / 'bench.sqlite3'}{suffix}").unlink(missing_ok=True)
+        url = f"sqlite:///{workdir / f'{name}.sqlite3'}"
+        for suffix in ("", "-wal", "-shm", ".write-lock"):
+            Path(f"{workdir / f'{name}.sqlite3'}{suffix}").unlink(missing_ok=True)
     elif kind == "postgresql":
         raw = os.environ.get("BENCH_POSTGRES_URL", "").strip()
         if not raw:
             raise SystemExit("BENCH_POSTGRES_URL is not set (make bench starts a throw-away PostgreSQL)")
         url = normalise_database_url(raw)
+        if name != "bench":
+            engine = create_engine(url)
+            with engine.begin() as conn:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+                conn.execute(text(f'CREATE SCHEMA "{name}"'))
+            engine.dispose()
+            url = make_url(url).update_query_dict({"options": f"-csearch_path={name}"}) \
+                .render_as_string(hide_password=False)
         engine = create_engine(url)
         with engine.begin() as conn:
             for table_ in reversed(metadata.sorted_tables):
@@ -386,5 +398,16 @@ async def _run_aiohttp(base_url, requests, *, connections, duration, timeout, ma
             "mean_ms": round(sum(latencies) / len(latencies) * 1000, 3) if latencies else 0.0}
 
 
-def settings_label(env: dict) -> str:
-    return f"{env.get('WEB_CONCURRENCY', 2)}x{env.get('WEB_THREADS', 64)} gthread"
+def server_settings(env: dict) -> dict:
+    """The worker model gunicorn runs with for `env`: the Procfile's defaults and gunicorn.conf.py's choice."""
+    import importlib.util
+
+    defaults = dict(re.findall(r"\$\{(WEB_CONCURRENCY|WEB_THREADS):-(\d+)\}", procfile_web()))
+    spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "gunicorn.conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    worker_class = conf._worker_class(env)
+    workers = env.get("WEB_CONCURRENCY") or defaults["WEB_CONCURRENCY"]
+    threads = env.get("WEB_THREADS") or defaults["WEB_THREADS"]
+    label = f"{workers}x{threads} gthread" if worker_class == "gthread" else f"{workers} {worker_class}"
+    return {"worker_class": worker_class, "web_concurrency": workers, "web_threads": threads, "workers": label}

@@ -18,7 +18,8 @@ from urllib.parse import urlencode
 from sqlalchemy import create_engine, func, select
 
 from bench.common import (ACCOUNT_SID, AUTH_TOKEN, BUSINESSES, Gunicorn, Subprocess, database_url,
-                          databases_from_env, free_port, open_windows, run_load, table, user_number, write_result)
+                          databases_from_env, free_port, open_windows, run_load, server_settings, table, user_number,
+                          write_result)
 
 DURATION = float(os.environ.get("BENCH_DURATION", "10"))
 WARMUP = float(os.environ.get("BENCH_WARMUP", "3"))
@@ -54,8 +55,7 @@ def through_proxy(kind: str, workdir: Path, upstream_url: str, reqs) -> dict:
         proxy.load(reqs[::7], connections=CONNECTIONS, duration=WARMUP)
         result = proxy.load(reqs, connections=CONNECTIONS, duration=DURATION)
         result["memory_mib"] = proxy.rss()
-        settings = {"command": proxy.command, "web_concurrency": proxy.env.get("WEB_CONCURRENCY", "2"),
-                    "web_threads": proxy.env.get("WEB_THREADS", "64")}
+        settings = {"command": proxy.command, **server_settings(proxy.env)}
         warnings = sum("Connection pool is full" in line for line in proxy.log_path.read_text().splitlines())
     engine = create_engine(url)
     with engine.connect() as conn:
@@ -89,18 +89,16 @@ def main() -> list[dict]:
 
 
 def report(results: list[dict], baseline: dict) -> str:
-    rows = [["direct to fake upstream", baseline["rps"], baseline["p50_ms"], baseline["p99_ms"], "", "",
+    rows = [["direct to fake upstream", "", baseline["rps"], baseline["p50_ms"], baseline["p99_ms"], "", "",
              baseline["non_2xx_3xx"] + baseline["socket_errors"] + baseline["timeouts"], "", ""]]
     for r in results:
         m = r["proxy"]
-        rows.append([f"{r['database']}: through proxy", m["rps"], m["p50_ms"], m["p99_ms"], r["added_p50_ms"],
+        rows.append([f"{r['database']}: through proxy", r["workers"], m["rps"], m["p50_ms"], m["p99_ms"], r["added_p50_ms"],
                      f"{r['ratio_rps']:.2f}", m["non_2xx_3xx"] + m["socket_errors"] + m["timeouts"],
                      m["server_cpu_ms_per_request"], m["server_cpu_cores"]])
-    r0 = results[0] if results else {"web_concurrency": "?", "web_threads": "?"}
     return table(f"Gateway sends ({CONNECTIONS} clients, upstream answers after {UPSTREAM_DELAY * 1000:g} ms, "
-                 f"{DURATION:g}s, {r0['web_concurrency']}x{r0['web_threads']} gthread; targets >= 1000/s, "
-                 f"<= 5 ms added p50)",
-                 ["run", "sends/s", "p50 ms", "p99 ms", "added p50 ms", "proxy/direct", "errors", "CPU ms/send",
+                 f"{DURATION:g}s; targets >= 1000/s, <= 5 ms added p50)",
+                 ["run", "workers", "sends/s", "p50 ms", "p99 ms", "added p50 ms", "proxy/direct", "errors", "CPU ms/send",
                   "CPU cores"], rows)
 
 

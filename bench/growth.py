@@ -1,9 +1,10 @@
 """Benchmark 3: does the send decision slow down as the windows table grows (10^3 vs 10^6 rows)?
 
-Windows are bulk-inserted with one SQL statement (generate_series / a recursive CTE); then
-`proxy.judge.judge` (validation, address normalisation, the window lookup through the unique
-(sender, user) index, `proxy.policy.decide`) is timed in-process for random existing pairs and
-10% unknown ones, and the bare lookup `proxy.store.load_window` on its own.
+Each size gets its own database (SQLite file / PostgreSQL schema), filled with one SQL statement
+(generate_series / a recursive CTE); then `proxy.judge.judge` (validation, address normalisation,
+the window lookup through the unique (sender, user) index, `proxy.policy.decide`) is timed
+in-process for random existing pairs and 10% unknown ones, and the bare lookup
+`proxy.store.load_window` on its own, in alternating rounds of 200 calls per size.
 
     PYTHONPATH=. BENCH_POSTGRES_URL=postgresql://... python -m bench.growth
 """
@@ -25,8 +26,9 @@ from bench.common import ACCOUNT_SID, AUTH_TOKEN, BUSINESSES, database_url, data
 from bench.common import write_result
 
 SIZES = [int(s) for s in os.environ.get("BENCH_GROWTH_SIZES", "1000,1000000").split(",")]
-CALLS = int(os.environ.get("BENCH_GROWTH_CALLS", "4000"))
-TIME_LIMIT = float(os.environ.get("BENCH_GROWTH_SECONDS", "20"))  # per size and kind, whichever comes first
+CALLS = int(os.environ.get("BENCH_GROWTH_CALLS", "6000"))  # per size, in rounds of ROUND calls
+ROUND = 200
+TIME_LIMIT = float(os.environ.get("BENCH_GROWTH_SECONDS", "40"))  # per kind, whichever comes first
 
 
 def insert_windows(engine, start: int, stop: int) -> float:
@@ -62,18 +64,6 @@ def form_for(n: int) -> MultiDict:
     return MultiDict({"To": user_number(n), "From": BUSINESSES[n % len(BUSINESSES)], "Body": "Your order shipped."})
 
 
-def timed(fn, args_list) -> list[float]:
-    out = []
-    deadline = time.monotonic() + TIME_LIMIT
-    for args in args_list:
-        t0 = time.perf_counter()
-        fn(*args)
-        out.append(time.perf_counter() - t0)
-        if time.monotonic() > deadline:
-            break
-    return out
-
-
 def stats(samples: list[float]) -> dict:
     s = sorted(samples)
     return {"calls": len(s), "p50_us": round(statistics.median(s) * 1e6, 1),
@@ -81,39 +71,61 @@ def stats(samples: list[float]) -> dict:
 
 
 def run(kind: str, workdir: Path) -> dict:
+    """One database per size, measured in alternating rounds: drift and noise on this shared machine
+    then hit every size alike, instead of whichever size happened to be measured in a noisy moment."""
     from proxy import create_app
+    from proxy.db import reading
     from proxy.judge import judge
     from proxy.policy import Action
     from proxy.settings import Settings
     from proxy.store import load_window
 
-    url = database_url(kind, workdir)
-    app = create_app(Settings(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, database_url=url,
-                              twilio_api_base_url="http://127.0.0.1:9", twilio_content_base_url="http://127.0.0.1:9"))
-    rt = app.extensions["proxy"]
     rng = random.Random(42)
-    per_size, inserted = {}, 0
-    for size in SIZES:
-        insert_s = insert_windows(rt.engine, inserted, size)
-        inserted = size
-        # 90% pairs that exist anywhere in the table, 10% that do not (a closed window: blocked).
+    sizes = {}
+    for i, size in enumerate(SIZES):
+        url = database_url(kind, workdir, "bench" if i == len(SIZES) - 1 else f"growth_{size}")
+        app = create_app(Settings(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, database_url=url,
+                                  twilio_api_base_url="http://127.0.0.1:9", twilio_content_base_url="http://127.0.0.1:9"))
+        rt = app.extensions["proxy"]
+        insert_s = insert_windows(rt.engine, 0, size)
+        # 90% pairs that exist in the table, 10% that do not (a closed window: blocked).
         picks = [rng.randrange(size) if rng.random() < 0.9 else size + rng.randrange(10**6) for _ in range(CALLS)]
-        forms = [(rt, form_for(n)) for n in picks]
-        for args in forms[:300]:  # warm the pool, the statement cache, the pages
-            judge(*args)
-        allowed = sum(judge(*args).decision.action is Action.ALLOWED for args in forms[:1000])
-        judge_t = timed(judge, forms)
+        forms = [form_for(n) for n in picks]
+        for form in forms[:300]:  # warm the pool, the statement cache, the pages
+            judge(rt, form)
+        allowed = sum(judge(rt, form).decision.action is Action.ALLOWED for form in forms[:1000])
+        sizes[size] = {"rt": rt, "forms": forms, "pairs": [(BUSINESSES[n % len(BUSINESSES)], user_number(n))
+                                                         for n in picks],
+                       "insert_s": round(insert_s, 1), "allowed_share": round(allowed / 1000, 3),
+                       "judge": [], "lookup": []}
 
-        def lookup(sender, user):
-            with rt.engine.connect() as conn:
-                return load_window(conn, sender, user)
+    def lookup(rt, sender, user):
+        with reading(rt.engine) as conn:  # as proxy.judge reads it
+            return load_window(conn, sender, user)
 
-        lookup_t = timed(lookup, [(BUSINESSES[n % len(BUSINESSES)], user_number(n)) for n in picks])
-        per_size[str(size)] = {"insert_s": round(insert_s, 1), "allowed_share": round(allowed / 1000, 3),
-                               "judge": stats(judge_t), "lookup": stats(lookup_t)}
-    rt.engine.dispose()
+    deadline = time.monotonic() + TIME_LIMIT
+    rounds = 0
+    for start in range(0, CALLS, ROUND):
+        for size, s in sizes.items():
+            rt = s["rt"]
+            for form in s["forms"][start:start + ROUND]:
+                t0 = time.perf_counter()
+                judge(rt, form)
+                s["judge"].append(time.perf_counter() - t0)
+            for sender, user in s["pairs"][start:start + ROUND]:
+                t0 = time.perf_counter()
+                lookup(rt, sender, user)
+                s["lookup"].append(time.perf_counter() - t0)
+        rounds += 1
+        if time.monotonic() > deadline:
+            break
+    per_size = {}
+    for size, s in sizes.items():
+        s["rt"].engine.dispose()
+        per_size[str(size)] = {"insert_s": s["insert_s"], "allowed_share": s["allowed_share"],
+                               "judge": stats(s["judge"]), "lookup": stats(s["lookup"])}
     small, large = per_size[str(SIZES[0])], per_size[str(SIZES[-1])]
-    return {"database": kind, "sizes": SIZES, "results": per_size,
+    return {"database": kind, "sizes": SIZES, "rounds": rounds, "round_calls": ROUND, "results": per_size,
             "ratio_judge_p50": round(large["judge"]["p50_us"] / small["judge"]["p50_us"], 3),
             "ratio_lookup_p50": round(large["lookup"]["p50_us"] / small["lookup"]["p50_us"], 3),
             "ratio_judge_mean": round(large["judge"]["mean_us"] / small["judge"]["mean_us"], 3), "target_ratio": 1.3}

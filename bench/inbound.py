@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, func, select
 from twilio.request_validator import RequestValidator
 
 from bench.common import (ACCOUNT_SID, AUTH_TOKEN, BUSINESSES, Gunicorn, database_url, databases_from_env,
-                          table, user_number, write_result)
+                          server_settings, table, user_number, write_result)
 
 DURATION = float(os.environ.get("BENCH_DURATION", "10"))
 WARMUP = float(os.environ.get("BENCH_WARMUP", "3"))
@@ -77,8 +77,8 @@ def run(kind: str, workdir: Path) -> dict:
         stored = {"messages": conn.scalar(select(func.count()).select_from(messages)),
                   "windows": conn.scalar(select(func.count()).select_from(windows))}
     engine.dispose()
-    return {"database": kind, "command": proxy.command, "web_concurrency": proxy.env.get("WEB_CONCURRENCY", "2"),
-            "web_threads": proxy.env.get("WEB_THREADS", "64"), "duration_s": DURATION, "connections": CONNECTIONS,
+    return {"database": kind, "command": proxy.command, **server_settings(proxy.env),
+            "duration_s": DURATION, "connections": CONNECTIONS,
             "bare": bare_result, "proxy": proxy_result, "stored_rows": stored,
             "ratio_rps": round(proxy_result["rps"] / bare_result["rps"], 3) if bare_result["rps"] else None,
             "target_ratio": 0.6 if kind == "sqlite" else 0.5, "proxy_log_last_line": log_tail}
@@ -90,12 +90,12 @@ def report(results: list[dict]) -> str:
         for name in ("bare", "proxy"):
             m = r[name]
             rows.append([f"{r['database']}: {'bare Flask' if name == 'bare' else 'proxy /twilio/inbound'}",
-                         m["rps"], m["p50_ms"], m["p99_ms"], m["ok"], m["non_2xx_3xx"] + m["socket_errors"] + m["timeouts"],
+                         r["workers"], m["rps"], m["p50_ms"], m["p99_ms"], m["ok"], m["non_2xx_3xx"] + m["socket_errors"] + m["timeouts"],
                          m["server_cpu_ms_per_request"],
                          f"{r['ratio_rps']:.2f} (target >= {r['target_ratio']})" if name == "proxy" else ""])
-    return table(f"Inbound webhooks ({results[0]['connections']} connections, {DURATION:g}s, "
-                 f"{results[0]['web_concurrency']}x{results[0]['web_threads']} gthread)",
-                 ["run", "req/s", "p50 ms", "p99 ms", "ok", "errors", "CPU ms/req", "proxy/bare"], rows)
+    return table(f"Inbound webhooks ({results[0]['connections']} connections, {DURATION:g}s; "
+                 f"the bare endpoint runs under the same gunicorn settings)",
+                 ["run", "workers", "req/s", "p50 ms", "p99 ms", "ok", "errors", "CPU ms/req", "proxy/bare"], rows)
 
 
 def main() -> list[dict]:

@@ -214,6 +214,9 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # Reads through the OS page cache without a read(2) per page: a million-window table's index
+    # is far larger than SQLite's own 2 MB page cache (bench/growth.py).
+    cursor.execute("PRAGMA mmap_size=268435456")
     cursor.close()
 
 
@@ -269,6 +272,21 @@ def writing(engine: Engine) -> Iterator[Connection]:
         return
     with lock.held(), engine.begin() as conn:
         yield conn
+
+
+_READERS: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+
+
+def reading(engine: Engine):
+    """A connection for reads, in autocommit: no BEGIN before and no ROLLBACK after the query.
+
+    On PostgreSQL those are two round trips of a judge's three (measured: 2.0 -> 1.3 ms per
+    lookup on this machine's loopback); a single SELECT needs no transaction around it.
+    """
+    reader = _READERS.get(engine)
+    if reader is None:
+        reader = _READERS[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return reader.connect()
 
 
 def storable(value: str | None, length: int) -> str | None:
