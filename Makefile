@@ -41,7 +41,7 @@ demo: $(VENV)/.run-installed
 test: $(VENV)/.dev-installed
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# Starts a throw-away PostgreSQL on 127.0.0.1:54329 (needs root and apt-get) and runs the suite on it.
+# Starts a throw-away PostgreSQL on 127.0.0.1:25432 (needs root and apt-get) and runs the suite on it.
 test-pg: $(VENV)/.dev-installed
 	TEST_DATABASE_URL="$$(.ci/start-postgres)" $(BIN)/pytest $(PYTEST_ARGS)
 
@@ -52,7 +52,7 @@ $(VENV)/.bench-installed: pyproject.toml | $(BIN)/activate
 # Benchmarks (about 4 minutes). PostgreSQL: BENCH_POSTGRES_URL, else a throw-away cluster started on
 # 127.0.0.1:$(BENCH_PGPORT) (needs root; without it only SQLite runs). wrk is installed with apt-get
 # when possible, else the aiohttp client generates the load.
-BENCH_PGPORT ?= 54340
+BENCH_PGPORT ?= 25440
 BENCH_PGDIR ?= /tmp/bench-postgres
 bench: $(VENV)/.bench-installed
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \

@@ -39,3 +39,11 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def worker_exit(server, worker):
+    # Send-attempt records still queued in this worker's writer go to the database before it exits
+    # (atexit does it too; this runs first and inside gunicorn's graceful timeout).
+    from proxy.attempts import flush_all
+
+    flush_all(5.0)

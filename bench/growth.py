@@ -74,7 +74,6 @@ def run(kind: str, workdir: Path) -> dict:
     """One database per size, measured in alternating rounds: drift and noise on this shared machine
     then hit every size alike, instead of whichever size happened to be measured in a noisy moment."""
     from proxy import create_app
-    from proxy.db import reading
     from proxy.judge import judge
     from proxy.policy import Action
     from proxy.settings import Settings
@@ -100,7 +99,7 @@ def run(kind: str, workdir: Path) -> dict:
                        "judge": [], "lookup": []}
 
     def lookup(rt, sender, user):
-        with reading(rt.engine) as conn:  # as proxy.judge reads it
+        with rt.reader.connect() as conn:  # as proxy.judge reads it
             return load_window(conn, sender, user)
 
     deadline = time.monotonic() + TIME_LIMIT

@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["proxy"] = Runtime(
         settings=settings,
         engine=engine,
+        reader=engine.execution_options(isolation_level="AUTOCOMMIT"),
         upstream=upstream,
         validator=RequestValidator(settings.auth_token),
         migrations_head=head_revision(),

@@ -13,7 +13,6 @@ import atexit
 import os
 import queue
 import threading
-import time
 import weakref
 
 from sqlalchemy import Engine
@@ -24,7 +23,6 @@ from .db import send_attempts, writing
 
 MAX_BATCH = 500
 MAX_PENDING = 100_000  # rows kept while the database is down; older ones are dropped (and counted) beyond
-RETRY_SECONDS = (0.1, 0.5, 1, 2, 5)
 
 _writers: weakref.WeakSet[AttemptWriter] = weakref.WeakSet()
 _registered = False
@@ -60,75 +58,72 @@ class AttemptWriter:
 
     def _ensure_thread(self) -> None:
         # Started lazily, in the process that writes: gunicorn may fork after the app was created.
-        if self._thread is not None and self._pid == os.getpid():
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
             return
         with self._lock:
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._rows = queue.SimpleQueue()
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="attempt-writer", daemon=True)
                 self._thread.start()
 
     def _run(self) -> None:
         pending: list[dict] = []
         markers: list[threading.Event] = []
+        failures = 0
         while True:
             try:
-                # Rows the database refused for now are retried on their own after a pause.
-                item = self._rows.get(timeout=1.0 if pending else None)
+                # While the database is away, wait a little longer each time (new rows still queue).
+                item = self._rows.get(timeout=min(5.0, 0.1 * 2 ** failures) if pending else None)
             except queue.Empty:
                 item = None
-            while item is not None:
-                if isinstance(item, threading.Event):
-                    markers.append(item)
-                else:
-                    pending.append(item)
-                if len(pending) >= MAX_BATCH:
-                    break
+            while item is not None:  # take everything that is queued, so MAX_PENDING can bound it
+                (markers if isinstance(item, threading.Event) else pending).append(item)
                 try:
                     item = self._rows.get_nowait()
                 except queue.Empty:
                     item = None
-            pending = self._store(pending)
+            if len(pending) > MAX_PENDING:
+                extra = len(pending) - MAX_PENDING
+                self.dropped += extra
+                logs.log.error("attempts_dropped", extra={"count": extra, "detail": "database unavailable; "
+                                                          "the oldest attempt records were not kept"})
+                del pending[:extra]
+            try:
+                while pending:
+                    self._store(pending[:MAX_BATCH])
+                    del pending[:MAX_BATCH]
+                failures = 0
+            except SQLAlchemyError as exc:  # down, restarting or locked: keep the rows and try again
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    logs.log.error("attempts_not_stored_yet", extra={"count": len(pending),
+                                                                     "error": type(exc).__name__})
+            except Exception:  # noqa: BLE001 — never let the writer die; these rows cannot be stored
+                self.dropped += len(pending[:MAX_BATCH])
+                logs.log.exception("attempts_not_stored", extra={"count": len(pending[:MAX_BATCH])})
+                del pending[:MAX_BATCH]
             if not pending:
                 for marker in markers:
                     marker.set()
                 markers.clear()
 
-    def _store(self, rows: list[dict]) -> list[dict]:
-        """Store rows; what could not be stored yet (the database is down) is returned to retry."""
-        if not rows:
-            return rows
-        for delay in (0, *RETRY_SECONDS):
-            time.sleep(delay)
-            try:
-                with writing(self.engine) as conn:
-                    conn.execute(send_attempts.insert(), rows)
-                return []
-            except (IntegrityError, DataError):
-                return self._store_one_by_one(rows)
-            except SQLAlchemyError:
-                continue  # the database is down, restarting or locked: wait for it
-        if len(rows) > MAX_PENDING:
-            self.dropped += len(rows) - MAX_PENDING
-            logs.log.error("attempts_dropped", extra={"count": len(rows) - MAX_PENDING,
-                                                      "detail": "database unavailable; oldest attempt records"})
-            rows = rows[-MAX_PENDING:]
-        logs.log.error("attempts_not_stored_yet", extra={"count": len(rows), "detail": "database unavailable"})
-        return rows
-
-    def _store_one_by_one(self, rows: list[dict]) -> list[dict]:
-        # One bad row (a value the database refuses) must not cost the others their record.
-        for row in rows:
-            try:
-                with writing(self.engine) as conn:
-                    conn.execute(send_attempts.insert(), row)
-            except SQLAlchemyError as exc:
-                self.dropped += 1
-                logs.log.error("attempt_not_stored", extra={"error": type(exc).__name__,
-                                                            "request_id": row.get("request_id"),
-                                                            "message_sid": row.get("message_sid")})
-        return []
+    def _store(self, rows: list[dict]) -> None:
+        """One transaction for the batch; a refused value costs only its own row."""
+        try:
+            with writing(self.engine) as conn:
+                conn.execute(send_attempts.insert(), rows)
+        except (IntegrityError, DataError):
+            for row in rows:
+                try:
+                    with writing(self.engine) as conn:
+                        conn.execute(send_attempts.insert(), row)
+                except (IntegrityError, DataError) as exc:
+                    self.dropped += 1
+                    logs.log.error("attempt_not_stored", extra={"error": type(exc).__name__,
+                                                                "request_id": row.get("request_id"),
+                                                                "message_sid": row.get("message_sid")})
 
 
 def flush_all(timeout: float = 10.0) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -32,6 +34,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.exc import SQLAlchemyError
 
 
 class UTCDateTime(TypeDecorator):
@@ -201,7 +204,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         database = engine.url.database
         if fcntl is not None and database and database != ":memory:" and not database.startswith("file:"):
-            _WRITE_LOCKS[engine] = SQLiteWriteLock(database + ".write-lock")
+            _WRITE_LOCKS[engine] = _sqlite_write_lock(database)
         return engine
     # pre_ping lets the pool drop connections a restarted database closed.
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, hide_parameters=True)
@@ -220,17 +223,22 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cursor.close()
 
 
+class WriteLockTimeout(SQLAlchemyError):
+    """Another writer held the SQLite database longer than its busy timeout: answered 503, like SQLite's own."""
+
+
 class SQLiteWriteLock:
     """One write transaction at a time on a SQLite file, across the threads and processes of the proxy.
 
     SQLite lets one writer in and makes the others poll with sleeps of 1 to 100 ms (its busy
     handler); with 128 request threads in two workers that polling, not the writes, set the
-    throughput and gave multi-second p99s (bench/README.md). Waiting on a lock instead wakes the
-    next writer the moment the last one commits: a thread lock inside a process, flock(2) between
-    processes (the web workers, the outbox worker, the CLI).
+    throughput and gave multi-second p99s (bench/README.md). Here the threads of a process queue on
+    a lock, and one thread per process at a time takes flock(2) (the web workers, the outbox worker,
+    the CLI), polling it at most every 2 ms, so the next writer starts right after the last commits.
     """
 
     _setup = threading.Lock()
+    timeout = 30.0  # as SQLite's busy_timeout
 
     def __init__(self, path: str):
         self.path = path
@@ -239,27 +247,62 @@ class SQLiteWriteLock:
         self._local = threading.RLock()
         self._depth = 0
 
+    def _open(self) -> None:
+        with self._setup:  # first write of this process (or after a fork): its own lock and descriptor
+            if self._pid == os.getpid():
+                return
+            self._local, self._depth, self._fd = threading.RLock(), 0, None
+            try:
+                # Read-only is enough for flock, and 0644 lets a proxy running as another user (a CLI
+                # command run as root, say) share the file; it holds nothing.
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+            except OSError as exc:
+                logging.getLogger("proxy").warning("sqlite_write_lock_unavailable", extra={
+                    "path": self.path, "error": type(exc).__name__,
+                    "detail": "writers fall back to SQLite's own busy timeout"})
+            self._pid = os.getpid()
+
     @contextmanager
     def held(self) -> Iterator[None]:
         if self._pid != os.getpid():
-            with self._setup:  # first write of this process (or after a fork): its own lock and descriptor
-                if self._pid != os.getpid():
-                    self._local, self._depth = threading.RLock(), 0
-                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                    self._pid = os.getpid()
-        with self._local:
-            if self._depth == 0:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._open()
+        deadline = time.monotonic() + self.timeout
+        if not self._local.acquire(timeout=self.timeout):
+            raise WriteLockTimeout("another thread held the SQLite write lock too long")
+        try:
+            if self._depth == 0 and self._fd is not None:
+                self._take(deadline)
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
-                if self._depth == 0:
+                if self._depth == 0 and self._fd is not None:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._local.release()
+
+    def _take(self, deadline: float) -> None:
+        pause = 0.0002
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise WriteLockTimeout("another process held the SQLite write lock too long") from None
+                time.sleep(pause)  # cooperative under gevent, unlike a blocking flock
+                pause = min(pause * 2, 0.002)
 
 
+_LOCKS: dict[str, SQLiteWriteLock] = {}  # one per database file: nested writes through two engines share it
 _WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, SQLiteWriteLock] = weakref.WeakKeyDictionary()
+
+
+def _sqlite_write_lock(database: str) -> SQLiteWriteLock:
+    path = os.path.realpath(database) + ".write-lock"
+    with SQLiteWriteLock._setup:
+        return _LOCKS.setdefault(path, SQLiteWriteLock(path))
 
 
 @contextmanager
@@ -272,21 +315,6 @@ def writing(engine: Engine) -> Iterator[Connection]:
         return
     with lock.held(), engine.begin() as conn:
         yield conn
-
-
-_READERS: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
-
-
-def reading(engine: Engine):
-    """A connection for reads, in autocommit: no BEGIN before and no ROLLBACK after the query.
-
-    On PostgreSQL those are two round trips of a judge's three (measured: 2.0 -> 1.3 ms per
-    lookup on this machine's loopback); a single SELECT needs no transaction around it.
-    """
-    reader = _READERS.get(engine)
-    if reader is None:
-        reader = _READERS[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
-    return reader.connect()
 
 
 def storable(value: str | None, length: int) -> str | None:

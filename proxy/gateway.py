@@ -154,9 +154,14 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
     except UpstreamError as exc:
         UPSTREAM_SECONDS.labels(operation, exc.kind).observe(time.perf_counter() - started)
         status = 504 if exc.kind == "timeout" else 502
-        text = (f"Twilio did not answer within {rt.settings.twilio_timeout_seconds:g}s; the message may or may not "
-                "have been accepted (check the Messages list before retrying)." if exc.kind == "timeout"
-                else f"Twilio's API could not be reached ({exc.detail}); nothing was sent.")
+        if exc.kind == "timeout":
+            text = (f"Twilio did not answer within {rt.settings.twilio_timeout_seconds:g}s; the message may or may "
+                    "not have been accepted (check the Messages list before retrying).")
+        elif exc.kind == "broken":
+            text = (f"The connection to Twilio broke after the request was sent ({exc.detail}); the message may or "
+                    "may not have been accepted (check the Messages list before retrying).")
+        else:
+            text = f"Twilio's API could not be reached ({exc.detail}); nothing was sent."
         return twilio_error(status, status, text), f"upstream_{exc.kind}", None, None
     UPSTREAM_SECONDS.labels(operation, str(upstream.status_code)).observe(time.perf_counter() - started)
     response = Response(upstream.content, status=upstream.status_code)

@@ -11,7 +11,7 @@ from werkzeug.datastructures import MultiDict
 from . import store
 from .addresses import WINDOWED_CHANNELS, InvalidAddress, channel_of, normalise
 from .content import CONTENT_SID, ContentNotFound, ContentUnavailable
-from .db import reading, utcnow
+from .db import utcnow
 from .errors import ApiError
 from .policy import Action, Decision, Send, content_type_of, decide, reroute
 from .policy_file import Fallback
@@ -123,7 +123,7 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
             raise ApiError(21910, 400)
 
     at = send_time(form, now)
-    with reading(rt.engine) as conn:
+    with rt.reader.connect() as conn:
         row = store.load_window(conn, sender, user)
     window = window_state(row.expires_at, row.last_inbound_at, now=at,
                           safety_margin_seconds=rt.settings.window_safety_margin_seconds) if row else CLOSED

@@ -19,6 +19,9 @@ from .upstream import Upstream
 class Runtime:
     settings: Settings
     engine: Engine
+    # The same pool in autocommit, for single-SELECT reads: no BEGIN before and no ROLLBACK after the
+    # query (on PostgreSQL two of a window lookup's three round trips; 2.0 -> 1.3 ms measured here).
+    reader: Engine
     upstream: Upstream
     validator: RequestValidator
     content: ContentResolver

@@ -13,15 +13,18 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
+import certifi
 import requests
 import urllib3
 from twilio.http.http_client import TwilioHttpClient
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProxyError, ReadTimeoutError,
+                                SSLError)
 
 
 @dataclass
 class UpstreamError(Exception):
-    """Twilio could not be reached (`unreachable`) or did not answer in time (`timeout`)."""
+    """Twilio was not reached (`unreachable`: nothing was sent), did not answer in time (`timeout`), or
+    the connection broke after the request went out (`broken`): the last two may have been accepted."""
 
     kind: str
     detail: str
@@ -38,21 +41,35 @@ class UpstreamResponse:
         return self.content.decode("utf-8", errors="replace")
 
 
+def _pool_manager(base_url: str, timeout: float, pool_size: int) -> urllib3.PoolManager:
+    """urllib3 set up as requests would: HTTPS_PROXY/NO_PROXY (credentials included), the CA bundle
+    variables else certifi's bundle. Read once: requests re-reads them on every request."""
+    proxies = requests.utils.get_environ_proxies(base_url)
+    proxy_url = requests.utils.select_proxy(base_url, proxies)
+    ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+    # retries=False: a Messages create is not idempotent, a blind retry could send twice.
+    options = dict(num_pools=4, maxsize=pool_size, block=False, retries=False,
+                   timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                   **({"ca_cert_dir": ca_bundle} if os.path.isdir(ca_bundle) else {"ca_certs": ca_bundle}))
+    if not proxy_url:
+        return urllib3.PoolManager(**options)
+    if proxy_url.lower().startswith("socks"):
+        from urllib3.contrib.socks import SOCKSProxyManager  # needs PySocks, as requests does for SOCKS
+
+        return SOCKSProxyManager(proxy_url, **options)
+    user, password = requests.utils.get_auth_from_url(proxy_url)
+    headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}") if user else None
+    return urllib3.ProxyManager(proxy_url, proxy_headers=headers, **options)
+
+
 class Upstream:
     def __init__(self, base_url: str, timeout: float, pool_size: int):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        # The proxy and CA-bundle variables are read once here (requests re-reads them per request).
-        proxies = requests.utils.get_environ_proxies(self.base_url)
-        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None
-        proxy_url = proxies.get(self.base_url.split(":", 1)[0]) or proxies.get("all")
-        # retries=False: a Messages create is not idempotent, a blind retry could send twice.
-        options = dict(num_pools=4, maxsize=pool_size, block=False, retries=False, ca_certs=ca_bundle,
-                       timeout=urllib3.Timeout(connect=timeout, read=timeout))
-        self.pool = urllib3.ProxyManager(proxy_url, **options) if proxy_url else urllib3.PoolManager(**options)
+        self.pool = _pool_manager(self.base_url, timeout, pool_size)
         self.http = TwilioHttpClient(pool_connections=True, timeout=timeout)
-        self.http.proxy = proxies
-        self.http.session.verify = ca_bundle or True
+        self.http.proxy = requests.utils.get_environ_proxies(self.base_url)
+        self.http.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
         self.http.session.trust_env = False
 
     def request(self, method: str, path: str, *, query: str = "", data=None, headers: dict) -> UpstreamResponse:
@@ -65,8 +82,13 @@ class Upstream:
                                        preload_content=True)
         except ReadTimeoutError as exc:
             raise UpstreamError("timeout", f"no answer within {self.timeout:g}s") from exc
-        except (ConnectTimeoutError, NewConnectionError) as exc:
+        except (ConnectTimeoutError, NewConnectionError, ProxyError) as exc:
             raise UpstreamError("unreachable", f"connect failed: {type(exc).__name__}") from exc
+        except SSLError as exc:
+            if "certificate" in str(exc).lower():  # refused at the handshake: nothing was written
+                raise UpstreamError("unreachable", "TLS certificate verification failed") from exc
+            raise UpstreamError("broken", f"TLS: {type(exc).__name__}") from exc
         except HTTPError as exc:
-            raise UpstreamError("unreachable", type(exc).__name__) from exc
+            # Reset or cut off after the request was written: Twilio may have accepted it.
+            raise UpstreamError("broken", type(exc).__name__) from exc
         return UpstreamResponse(answer.status, answer.headers, answer.data)

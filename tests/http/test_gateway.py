@@ -203,6 +203,41 @@ def test_upstream_unreachable_is_502(settings, db_engine):
     app.extensions["proxy"].engine.dispose()
 
 
+def test_a_connection_cut_after_the_request_is_502_may_have_been_sent_and_not_retried(settings, db_engine):
+    """Twilio read the create and the connection broke before its answer: the caller must not be told
+    that nothing was sent, and the create is not tried again (it may have been accepted)."""
+    import socket
+    import threading
+    from dataclasses import replace
+
+    from proxy import create_app
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    requests_seen = []
+
+    def read_then_hang_up():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            requests_seen.append(conn.recv(65536))
+            conn.close()
+
+    threading.Thread(target=read_then_hang_up, daemon=True).start()
+    app = create_app(replace(settings, twilio_api_base_url=f"http://127.0.0.1:{server.getsockname()[1]}"))
+    try:
+        response = send(app.test_client(), {"To": "+14155550111", "From": "+14155550100", "Body": "x"})
+        assert response.status_code == 502 and set(response.get_json()) == SHAPE
+        assert "may or may not have been accepted" in response.get_json()["message"]
+        assert attempts(db_engine)[0]["outcome"] == "upstream_broken"
+        assert len(requests_seen) == 1 and requests_seen[0].startswith(b"POST ")
+    finally:
+        server.close()
+        app.extensions["proxy"].engine.dispose()
+
+
 def test_other_api_calls_pass_through(client, fake_twilio):
     open_window(client)
     created = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()
