@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["proxy"] = Runtime(
         settings=settings,
         engine=engine,
-        reader=engine.execution_options(isolation_level="AUTOCOMMIT"),
+        # pysqlite begins no transaction before a SELECT, and switching isolation costs it a PRAGMA.
+        reader=engine if engine.dialect.name == "sqlite" else engine.execution_options(isolation_level="AUTOCOMMIT"),
         upstream=upstream,
         validator=RequestValidator(settings.auth_token),
         migrations_head=head_revision(),
