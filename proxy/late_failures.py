@@ -15,18 +15,14 @@ from .store import _insert
 LATE_WINDOW_FAILURE = 63016
 
 
-def _judged_send(conn: Connection, sid: str):
-    return conn.execute(
+def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime) -> str | None:
+    """Act once per message sid on a `failed` + 63016 callback for a send the proxy let through."""
+    attempt = conn.execute(
         select(send_attempts.c.sender, send_attempts.c.user, send_attempts.c.account_sid, send_attempts.c.params,
                send_attempts.c.content_type)
         .where(send_attempts.c.message_sid == sid, send_attempts.c.decision.in_(("allowed", "rerouted")))
         .order_by(send_attempts.c.id.desc()).limit(1)
     ).first()
-
-
-def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime) -> str | None:
-    """Act once per message sid on a `failed` + 63016 callback for a send the proxy let through."""
-    attempt = _judged_send(conn, sid)
     if attempt is None:
         return None  # not a send the proxy judged: nothing of ours was wrong
     fallback = rt.settings.fallback_for(attempt.sender)
