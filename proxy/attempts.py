@@ -39,7 +39,6 @@ class AttemptWriter:
         _writers.add(self)
         global _registered
         if not _registered:
-            # Registered after logging was configured, so it runs before the log listener stops.
             atexit.register(flush_all, 5.0)
             _registered = True
 

@@ -137,17 +137,18 @@ def _safe_passthrough_path(path: str, method: str) -> bool:
 
 
 def _forward(body) -> tuple[Response, str, int | None, str | None]:
-    rt = runtime()
-    headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
+    rt, req = runtime(), request._get_current_object()  # one context lookup, not one per attribute
+    received = req.headers
+    headers = {name: received[name] for name in _FORWARDED_HEADERS if name in received}
     if isinstance(body, list):
         headers["Content-Type"] = "application/x-www-form-urlencoded"
-    operation = "create" if request.path.endswith("/Messages.json") and request.method == "POST" else "passthrough"
+    operation = "create" if req.path.endswith("/Messages.json") and req.method == "POST" else "passthrough"
     started = time.perf_counter()
     try:
         upstream = rt.upstream.request(
-            request.method,
-            quote(request.path, safe="/:@!$&'()*+,;=-._~"),  # re-encoded: the path Twilio sees is the one judged
-            query=request.query_string.decode("latin-1"),
+            req.method,
+            quote(req.path, safe="/:@!$&'()*+,;=-._~"),  # re-encoded: the path Twilio sees is the one judged
+            query=req.query_string.decode("latin-1"),
             data=body or None,
             headers=headers,
         )

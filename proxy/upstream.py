@@ -67,6 +67,13 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.pool = _pool_manager(self.base_url, timeout, pool_size)
+        # Every forward goes to this one host: its connection pool is looked up once, not per send
+        # (PoolManager.urlopen parses the URL and normalises a pool key each time). Only an http://
+        # target behind an HTTP proxy needs the absolute URL that the manager's urlopen builds.
+        target = urllib3.util.parse_url(self.base_url)
+        self._prefix = (target.path or "").rstrip("/")
+        self._host_pool = None if isinstance(self.pool, urllib3.ProxyManager) and target.scheme == "http" \
+            else self.pool.connection_from_url(self.base_url)
         self.http = TwilioHttpClient(pool_connections=True, timeout=timeout)
         self.http.proxy = requests.utils.get_environ_proxies(self.base_url)
         self.http.session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
@@ -74,12 +81,16 @@ class Upstream:
 
     def request(self, method: str, path: str, *, query: str = "", data=None, headers: dict) -> UpstreamResponse:
         """Send `data` (bytes as received, or form pairs to encode) and return Twilio's answer unparsed."""
-        url = self.base_url + path + (f"?{query}" if query else "")
+        target = path + (f"?{query}" if query else "")
         if isinstance(data, list):
             data = urlencode(data).encode()
         try:
-            answer = self.pool.urlopen(method, url, body=data, headers=headers, redirect=False,
-                                       preload_content=True)
+            if self._host_pool is not None:
+                answer = self._host_pool.urlopen(method, self._prefix + target, body=data, headers=headers,
+                                                 redirect=False, assert_same_host=False, preload_content=True)
+            else:
+                answer = self.pool.urlopen(method, self.base_url + target, body=data, headers=headers,
+                                           redirect=False, preload_content=True)
         except ReadTimeoutError as exc:
             raise UpstreamError("timeout", f"no answer within {self.timeout:g}s") from exc
         except (ConnectTimeoutError, NewConnectionError, ProxyError) as exc:

@@ -57,7 +57,7 @@ class Gunicorn:
     def log_lines(self) -> list[str]:
         """What the server logged since the current test started.
 
-        The proxy writes its log from a listener thread, so wait until the file stops growing."""
+        Workers log as requests finish, in several processes: wait until the file stops growing."""
         self.log.flush()
         text, deadline = None, time.monotonic() + 3
         while time.monotonic() < deadline:
