@@ -1,4 +1,4 @@
-"""Start the proxy exactly as the Procfile does (gunicorn, gthread workers) on 127.0.0.1."""
+"""Start the proxy exactly as the Procfile does (gunicorn, its gunicorn.conf.py worker model) on 127.0.0.1."""
 
 from __future__ import annotations
 
