@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, bindparam, case, func, select
+from sqlalchemy import Connection, bindparam, case, func, select, true, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .db import held_messages, messages, outbox, send_attempts, windows
@@ -50,6 +50,14 @@ def record_inbound(
 
     A webhook Twilio retries carries the same MessageSid: it must change nothing.
     """
+    expires_at = received_at + timedelta(seconds=window_seconds)
+    if conn.dialect.name == "postgresql":
+        # One statement, one round trip: the insert and the upserts it feeds (none for a known sid).
+        rows = conn.execute(_statement(conn, "inbound_upsert"), {
+            "sid": sid, "sender": sender, "service_sid": messaging_service_sid, "user": user,
+            "num_media": num_media, "received_at": received_at, "expires_at": expires_at,
+            "profile_name": profile_name}).all()
+        return next((row.expires_at for row in rows if row.sender == sender), None)
     inserted = conn.execute(
         _statement(conn, "message_insert"),
         {
@@ -67,7 +75,6 @@ def record_inbound(
     ).first()
     if inserted is None:
         return None
-    expires_at = received_at + timedelta(seconds=window_seconds)
     if messaging_service_sid:
         _extend_window(conn, messaging_service_sid, user, expires_at, received_at, sid, profile_name)
     return _extend_window(conn, sender, user, expires_at, received_at, sid, profile_name)
@@ -101,7 +108,10 @@ def _build_message_insert(dialect):
 
 
 def _build_window_upsert(dialect):
-    stmt = dialect.insert(windows)
+    return _on_conflict_keep_latest(dialect.insert(windows)).returning(windows.c.expires_at)
+
+
+def _on_conflict_keep_latest(stmt):
     new = stmt.excluded
     newer = windows.c.last_inbound_at < new.last_inbound_at
     return stmt.on_conflict_do_update(
@@ -115,7 +125,35 @@ def _build_window_upsert(dialect):
             ),
             "updated_at": new.updated_at,
         },
-    ).returning(windows.c.expires_at)
+    )
+
+
+def _build_inbound_upsert(dialect):
+    """PostgreSQL: WITH inserted AS (INSERT the message … ON CONFLICT DO NOTHING RETURNING sid)
+    INSERT the pair's window (and the Messaging Service's) SELECTed from it … ON CONFLICT DO UPDATE:
+    a known sid inserts nothing, so it upserts nothing; the same rules as the two statements."""
+    at = bindparam("received_at", type_=messages.c.created_at.type)
+    inserted = (
+        dialect.insert(messages)
+        .values(sid=bindparam("sid"), direction="inbound", sender=bindparam("sender"), user=bindparam("user"),
+                messaging_service_sid=bindparam("service_sid"), status="received",
+                status_rank=STATUS_RANK["received"], num_media=bindparam("num_media"), created_at=at, updated_at=at)
+        .on_conflict_do_nothing(index_elements=["sid"])
+        .returning(messages.c.sid)
+        .cte("inserted")
+    )
+    keys = union_all(select(bindparam("sender", type_=windows.c.sender.type).label("key")),
+                     select(bindparam("service_sid", type_=windows.c.sender.type).label("key"))).subquery("keys")
+    rows = (
+        select(keys.c.key, bindparam("user", type_=windows.c.user.type),
+               bindparam("expires_at", type_=windows.c.expires_at.type), at, inserted.c.sid,
+               bindparam("profile_name", type_=windows.c.profile_name.type), at)
+        .select_from(inserted.join(keys, true()))
+        .where(keys.c.key.is_not(None))
+    )
+    stmt = dialect.insert(windows).from_select(
+        ["sender", "user", "expires_at", "last_inbound_at", "last_inbound_sid", "profile_name", "updated_at"], rows)
+    return _on_conflict_keep_latest(stmt).returning(windows.c.sender, windows.c.expires_at).add_cte(inserted)
 
 
 def _build_status_upsert(dialect):
@@ -137,7 +175,7 @@ _LOAD_WINDOW = select(windows.c.expires_at, windows.c.last_inbound_at, windows.c
     windows.c.sender == bindparam("sender"), windows.c.user == bindparam("user")
 )
 _BUILDERS = {"message_insert": _build_message_insert, "window_upsert": _build_window_upsert,
-             "status_upsert": _build_status_upsert}
+             "status_upsert": _build_status_upsert, "inbound_upsert": _build_inbound_upsert}
 
 
 def record_status(

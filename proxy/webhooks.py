@@ -95,7 +95,10 @@ def _inbound_message() -> Response:
     settings, now = rt.settings, utcnow()
     forward_id, pairs, kept = None, list(form.items(multi=True)), {}
     # One transaction: the message, its window and its forward are stored together or not at all.
-    with writing(rt.engine) as conn:
+    # On PostgreSQL the message and its windows are one statement (store.record_inbound): when nothing
+    # else is written with them it runs alone, in autocommit — one round trip instead of four.
+    alone = rt.engine.dialect.name == "postgresql" and not (settings.forward_inbound_url or settings.hold_on_reroute)
+    with rt.reader.connect() if alone else writing(rt.engine) as conn:
         expires_at = store.record_inbound(
             conn,
             sid=sid,
