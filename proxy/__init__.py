@@ -21,12 +21,12 @@ from .runtime import Runtime
 from .settings import ConfigError, Settings
 from .upstream import Upstream
 
-# The threads (or greenlets) of one gunicorn worker share its upstream pool (one connection per
-# in-flight send; a gevent worker can have hundreds) and its database pool (a connection is held
-# for about a millisecond per request: 5, growing to 10, per worker is plenty, and keeps
-# WEB_CONCURRENCY x 10 under PostgreSQL's default max_connections of 100).
+# The greenlets (or threads) of one gunicorn worker share its upstream pool (one connection per
+# in-flight send; a gevent worker can have hundreds) and its database pool: a request holds a
+# connection for about a millisecond, so 10 per worker, kept open and never more (callers queue for
+# one), keeps WEB_CONCURRENCY x 10 under PostgreSQL's default max_connections of 100.
 DEFAULT_POOL_SIZE = 256
-DB_POOL_SIZE = 5
+DB_POOL_SIZE = 10
 
 
 def create_app(settings: Settings | None = None) -> Flask:
