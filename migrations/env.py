@@ -3,7 +3,7 @@
 import os
 
 from alembic import context
-from proxy.db import make_engine, metadata
+from proxy.db import make_engine, metadata, write_lock
 from proxy.settings import normalise_database_url
 
 config = context.config
@@ -18,7 +18,7 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     engine = make_engine(url, pool_size=1)
-    with engine.connect() as connection:
+    with write_lock(engine), engine.connect() as connection:  # web workers wait their turn, not SQLite's
         context.configure(connection=connection, target_metadata=metadata,
                           render_as_batch=connection.dialect.name == "sqlite")
         with context.begin_transaction():

@@ -34,7 +34,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
+from sqlalchemy.exc import InvalidatePoolError, SQLAlchemyError
 
 
 class UTCDateTime(TypeDecorator):
@@ -221,8 +221,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             return
         try:
             dialect.do_ping(dbapi_connection)  # what pool_pre_ping runs
-        except Exception:  # noqa: BLE001 — any failure: let the pool connect afresh (up to 3 tries)
-            raise DisconnectionError() from None
+        except Exception:  # noqa: BLE001 — the server went away: every pooled connection is stale too
+            raise InvalidatePoolError() from None
 
     event.listen(engine, "checkin", _note_idle)
     event.listen(engine, "checkout", ping_if_idle)
@@ -337,14 +337,23 @@ def _sqlite_write_lock(database: str) -> SQLiteWriteLock:
 
 
 @contextmanager
-def writing(engine: Engine) -> Iterator[Connection]:
-    """A write transaction: `engine.begin()`, taken in turn with the other writers on SQLite."""
+def write_lock(engine: Engine) -> Iterator[None]:
+    """Take SQLite's write turn with the proxy's other writers (nothing on PostgreSQL).
+
+    Migrations hold it too: a writer SQLite itself makes wait would block a gevent worker whole.
+    """
     lock = _WRITE_LOCKS.get(engine)
     if lock is None:
-        with engine.begin() as conn:
-            yield conn
+        yield
         return
-    with lock.held(), engine.begin() as conn:
+    with lock.held():
+        yield
+
+
+@contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """A write transaction: `engine.begin()`, taken in turn with the other writers on SQLite."""
+    with write_lock(engine), engine.begin() as conn:
         yield conn
 
 

@@ -43,8 +43,7 @@ class _Lines(logging.StreamHandler):
     Measured on the way here (bench/README.md): logging.Handler.handle formats under the handler's
     lock, where 28 of 64 gateway threads waited; a QueueHandler instead woke a listener thread for
     every record, and that hand-off cost ~0.3 ms of CPU per request, more than the line itself.
-    Here nothing is shared: the line is formatted without a lock and written in one system call,
-    which the kernel keeps whole (a log line is far below a pipe's 4 KiB atomic write).
+    Here the line is formatted without a lock, and only its write(2) holds the handler's lock.
     """
 
     def __init__(self, stream):
@@ -61,11 +60,23 @@ class _Lines(logging.StreamHandler):
             return super().handle(record)
         try:
             data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
-            while data:
-                data = data[os.write(self._fd, data):]
+            # Only the write holds the lock: a line longer than a pipe's atomic size (a traceback)
+            # is written in pieces, and another thread's line must not land between them.
+            with self.lock:
+                self._write(data)
         except Exception:  # noqa: BLE001 — logging must never break a request
             self.handleError(record)
         return True
+
+    def _write(self, data: bytes) -> None:
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError:
+            if written:  # end the torn line, so the next record starts a line of its own
+                os.write(self._fd, b"\n")
+            raise
 
 
 def configure(level: str, fmt: str = "json") -> None:

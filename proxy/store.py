@@ -142,8 +142,9 @@ def _build_inbound_upsert(dialect):
         .returning(messages.c.sid)
         .cte("inserted")
     )
-    keys = union_all(select(bindparam("sender", type_=windows.c.sender.type).label("key")),
-                     select(bindparam("service_sid", type_=windows.c.sender.type).label("key"))).subquery("keys")
+    # The Messaging Service row first, as the two statements did: one lock order for old and new workers.
+    keys = union_all(select(bindparam("service_sid", type_=windows.c.sender.type).label("key")),
+                     select(bindparam("sender", type_=windows.c.sender.type).label("key"))).subquery("keys")
     rows = (
         select(keys.c.key, bindparam("user", type_=windows.c.user.type),
                bindparam("expires_at", type_=windows.c.expires_at.type), at, inserted.c.sid,
