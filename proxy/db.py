@@ -206,8 +206,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # hide_parameters: a database error must never carry a message body into the logs.
-        engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True, connect_args={"timeout": 30},
-                               hide_parameters=True)
+        engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True,
+                               connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         database = engine.url.database
         if fcntl is not None and database and database != ":memory:" and not database.startswith("file:"):
