@@ -14,6 +14,7 @@ from . import admin, cli, gateway, logs, ops, webhooks
 from .attempts import AttemptWriter
 from .content import ContentResolver
 from .forwarding import Forwarder
+from .group_commit import GroupCommit
 from .db import make_engine
 from .errors import ApiError, twilio_error
 from .migrate import head_revision
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         migrations_head=head_revision(),
         forwarder=Forwarder(settings.auth_token, settings.forward_timeout_seconds),
         attempts=AttemptWriter(engine),
+        inbound_writes=GroupCommit(engine),
         content=ContentResolver(upstream.http, settings.twilio_content_base_url,
                                 (settings.account_sid, settings.auth_token), engine, settings.content_cache_seconds),
     )

@@ -11,6 +11,7 @@ from twilio.request_validator import RequestValidator
 from .attempts import AttemptWriter
 from .content import ContentResolver
 from .forwarding import Forwarder
+from .group_commit import GroupCommit
 from .settings import Settings
 from .upstream import Upstream
 
@@ -28,6 +29,7 @@ class Runtime:
     migrations_head: str
     forwarder: Forwarder
     attempts: AttemptWriter
+    inbound_writes: GroupCommit  # SQLite: concurrent inbound messages committed together
 
 
 def runtime() -> Runtime:

@@ -94,22 +94,22 @@ def _inbound_message() -> Response:
         service_sid = None  # never key a window by something that cannot be a Messaging Service
     settings, now = rt.settings, utcnow()
     forward_id, pairs, kept = None, list(form.items(multi=True)), {}
+    record = dict(sid=sid, sender=sender, user=user, messaging_service_sid=service_sid,
+                  profile_name=storable(form.get("ProfileName"), 256), num_media=_int_or_none(form.get("NumMedia")),
+                  received_at=now, window_seconds=settings.session_window_seconds)
+    if not (settings.forward_inbound_url or settings.hold_on_reroute):
+        # Nothing else is written with the message. PostgreSQL: one statement (store.record_inbound),
+        # alone in autocommit, one round trip instead of four. SQLite: committed together with the
+        # other requests' messages waiting for the write turn (proxy/group_commit.py).
+        if rt.engine.dialect.name == "postgresql":
+            with rt.reader.connect() as conn:
+                expires_at = store.record_inbound(conn, **record)
+        else:
+            expires_at = rt.inbound_writes.run(lambda conn: store.record_inbound(conn, **record))
+        return _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     # One transaction: the message, its window and its forward are stored together or not at all.
-    # On PostgreSQL the message and its windows are one statement (store.record_inbound): when nothing
-    # else is written with them it runs alone, in autocommit — one round trip instead of four.
-    alone = rt.engine.dialect.name == "postgresql" and not (settings.forward_inbound_url or settings.hold_on_reroute)
-    with rt.reader.connect() if alone else writing(rt.engine) as conn:
-        expires_at = store.record_inbound(
-            conn,
-            sid=sid,
-            sender=sender,
-            user=user,
-            messaging_service_sid=service_sid,
-            profile_name=storable(form.get("ProfileName"), 256),
-            num_media=_int_or_none(form.get("NumMedia")),
-            received_at=now,
-            window_seconds=settings.session_window_seconds,
-        )
+    with writing(rt.engine) as conn:
+        expires_at = store.record_inbound(conn, **record)
         if expires_at and settings.forward_inbound_url:
             # Leased for the inline attempt below; if this process dies, the worker takes over.
             kept = _kept_headers(expires_at)
@@ -121,6 +121,13 @@ def _inbound_message() -> Response:
                 if holds.any_held(conn, key, user, now):
                     outbox.enqueue(conn, kind="release", ordering_key=f"release:{key}|{user}",
                                    target=f"{key}\n{user}", headers={}, body=[], now=now)
+    response = _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
+    if forward_id is not None:
+        return _forward_inline(forward_id, sender, user, pairs, kept)
+    return response
+
+
+def _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at) -> Response:
     WEBHOOKS.labels("inbound", "window_opened" if expires_at else "duplicate").inc()
     logs.event(
         "inbound",
@@ -134,8 +141,6 @@ def _inbound_message() -> Response:
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
         request_id=g.request_id,
     )
-    if forward_id is not None:
-        return _forward_inline(forward_id, sender, user, pairs, kept)
     return _twiml()
 
 
