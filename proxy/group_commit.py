@@ -50,7 +50,11 @@ class GroupCommit:
             job.lead = not self._leading
             self._leading = True
         if not job.lead:
-            job.done.wait()
+            try:
+                job.done.wait()
+            except BaseException:  # interrupted (a worker shutting down): never strand the queue
+                self._abandon(job)
+                raise
         if job.lead:  # first to arrive, or handed the lead: this job heads the next batch
             self._lead_once()
         if job.error is not None:
@@ -62,14 +66,27 @@ class GroupCommit:
         # others' batches for longer than its own.
         with self._mutex:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-        self._commit(batch)
+        try:
+            self._commit(batch)
+        finally:
+            with self._mutex:
+                self._pass_lead()
+
+    def _pass_lead(self) -> None:
+        """With the mutex held: wake the oldest waiting request to lead, or step down."""
+        if self._pending:
+            successor = self._pending[0]
+            successor.lead = True
+            successor.done.set()
+        else:
+            self._leading = False
+
+    def _abandon(self, job: _Job) -> None:
         with self._mutex:
-            if self._pending:
-                successor = self._pending[0]
-                successor.lead = True
-                successor.done.set()
-            else:
-                self._leading = False
+            if job in self._pending:  # not in a batch yet: drop it, and pass on a lead just handed to it
+                self._pending.remove(job)
+                if job.lead:
+                    self._pass_lead()
 
     def _commit(self, batch: list[_Job]) -> None:
         try:

@@ -9,6 +9,7 @@ from sqlalchemy import event, func, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from proxy.db import late_failures, make_engine, metadata, utcnow, writing
+from proxy import group_commit
 from proxy.group_commit import MAX_BATCH, GroupCommit
 
 
@@ -113,3 +114,18 @@ def test_many_threads_without_coordination_all_land(engine):
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(late_failures)).scalar_one() == 200
     assert group._leading is False and group._pending == []
+
+
+
+def test_a_waiter_that_dies_after_being_handed_the_lead_passes_it_on(engine):
+    # A waiting request interrupted (its worker shutting down) must not leave the queue without a leader.
+    group = GroupCommit(engine)
+    dying, later = group_commit._Job(row("SM" + "7" * 32)), group_commit._Job(row("SM" + "8" * 32))
+    group._leading, group._pending = True, [dying, later]
+    with group._mutex:
+        group._pass_lead()  # what the previous leader does after its batch
+    assert dying.lead and dying.done.is_set()
+    group._abandon(dying)
+    assert group._pending == [later] and later.lead and later.done.is_set()
+    group._lead_once()  # what `later` does when it wakes
+    assert stored(engine) == {"SM" + "8" * 32} and group._leading is False and group._pending == []
