@@ -93,7 +93,6 @@ def _inbound_message() -> Response:
     if service_sid and not _SERVICE_SID.match(service_sid):
         service_sid = None  # never key a window by something that cannot be a Messaging Service
     settings, now = rt.settings, utcnow()
-    forward_id, pairs, kept = None, list(form.items(multi=True)), {}
     record = dict(sid=sid, sender=sender, user=user, messaging_service_sid=service_sid,
                   profile_name=storable(form.get("ProfileName"), 256), num_media=_int_or_none(form.get("NumMedia")),
                   received_at=now, window_seconds=settings.session_window_seconds)
@@ -107,6 +106,7 @@ def _inbound_message() -> Response:
         else:
             expires_at = rt.inbound_writes.run(lambda conn: store.record_inbound(conn, **record))
         return _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
+    forward_id, pairs, kept = None, list(form.items(multi=True)), {}
     # One transaction: the message, its window and its forward are stored together or not at all.
     with writing(rt.engine) as conn:
         expires_at = store.record_inbound(conn, **record)
