@@ -6,7 +6,7 @@ import hmac
 import json
 import re
 import time
-from urllib.parse import parse_qsl, quote
+from urllib.parse import quote
 
 from flask import Blueprint, Response, g, request
 from sqlalchemy.exc import SQLAlchemyError
@@ -17,6 +17,7 @@ from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
 from .db import storable, utcnow, writing
 from .errors import twilio_error
+from .forms import strict_form
 from .judge import Judgement, fail_open, judge
 from .policy import Action, explain
 from .runtime import runtime
@@ -54,9 +55,9 @@ def create_message(account_sid: str):
     if request.content_length and request.mimetype != "application/x-www-form-urlencoded":
         return twilio_error(400, 400, "A Messages create must be application/x-www-form-urlencoded, as Twilio's is.")
     raw_body = request.get_data(cache=True)  # kept so the forward is byte-for-byte what was sent
-    if not _is_utf8_form(raw_body):
+    form = strict_form(raw_body)
+    if form is None:
         return twilio_error(400, 400, "The request body is not valid UTF-8 form data.")
-    form = request.form
     try:
         judgement = judge(rt, form)
     except SQLAlchemyError:
@@ -81,15 +82,6 @@ def create_message(account_sid: str):
         response, outcome, upstream_status, message_sid = _forward(raw_body)
     _finish(account_sid, form, judgement, response, outcome, upstream_status, message_sid, started)
     return response
-
-
-def _is_utf8_form(raw: bytes) -> bool:
-    # werkzeug would quietly replace bad bytes; a body Twilio would read differently must not be judged.
-    try:
-        parse_qsl(raw.decode("utf-8"), keep_blank_values=True, encoding="utf-8", errors="strict")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def _hold(account_sid: str, form: MultiDict, judgement: Judgement) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 from flask import Request
+from werkzeug.datastructures import MultiDict
 from twilio.request_validator import (
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
@@ -24,8 +25,9 @@ def shared_key_id(settings_header: str | None) -> str | None:
     return None
 
 
-def problem(request: Request, url: str, settings: Settings, token_validator: RequestValidator) -> str | None:
-    """Why the request is not validly signed by Twilio for `url`, or None when it is.
+def problem(request: Request, form: MultiDict, url: str, settings: Settings,
+            token_validator: RequestValidator) -> str | None:
+    """Why the request is not validly signed by Twilio for `url`, or None when it is (`form`: its fields).
 
     All the cryptography is twilio-python's RequestValidator; this only picks the secret,
     the algorithm and the parameters Twilio signed.
@@ -43,7 +45,7 @@ def problem(request: Request, url: str, settings: Settings, token_validator: Req
             return "unknown_shared_key"
         validator = RequestValidator(secret)
     # JSON webhooks are signed over the URL (with bodySHA256 in its query) and the raw body's hash.
-    params = request.get_data(as_text=True) if request.mimetype == "application/json" else request.form
+    params = request.get_data(as_text=True) if request.mimetype == "application/json" else form
     if isinstance(params, str) and "bodySHA256" not in parse_qs(urlsplit(url).query):
         return "json_without_body_hash"
     return None if validator.validate(url, params, signature, algorithm) else "invalid_signature"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import Connection, bindparam, case, func, select, true, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .db import held_messages, messages, outbox, send_attempts, windows
+from .prepared import Prepared
 
 # Status callbacks can arrive out of order; a status only replaces one of lower rank,
 # so a late "sent" never overwrites "delivered", and nothing overwrites a failure.
@@ -53,13 +55,13 @@ def record_inbound(
     expires_at = received_at + timedelta(seconds=window_seconds)
     if conn.dialect.name == "postgresql":
         # One statement, one round trip: the insert and the upserts it feeds (none for a known sid).
-        rows = conn.execute(_statement(conn, "inbound_upsert"), {
+        rows = _statement(conn, "inbound_upsert").rows(conn, {
             "sid": sid, "sender": sender, "service_sid": messaging_service_sid, "user": user,
             "num_media": num_media, "received_at": received_at, "expires_at": expires_at,
-            "profile_name": profile_name}).all()
-        return next((row.expires_at for row in rows if row.sender == sender), None)
-    inserted = conn.execute(
-        _statement(conn, "message_insert"),
+            "profile_name": profile_name})
+        return next((row_expires_at for row_sender, row_expires_at in rows if row_sender == sender), None)
+    inserted = _statement(conn, "message_insert").first(
+        conn,
         {
             "sid": sid,
             "direction": "inbound",
@@ -72,7 +74,7 @@ def record_inbound(
             "created_at": received_at,
             "updated_at": received_at,
         },
-    ).first()
+    )
     if inserted is None:
         return None
     if messaging_service_sid:
@@ -83,24 +85,29 @@ def record_inbound(
 def _extend_window(conn, sender, user, expires_at, received_at, sid, profile_name) -> datetime:
     # One atomic upsert: concurrent webhooks for one pair leave one row holding the
     # latest expiry, whatever order they commit in.
-    return conn.execute(
-        _statement(conn, "window_upsert"),
+    (expiry,) = _statement(conn, "window_upsert").first(
+        conn,
         {"sender": sender, "user": user, "expires_at": expires_at, "last_inbound_at": received_at,
          "last_inbound_sid": sid, "profile_name": profile_name, "updated_at": received_at},
-    ).scalar_one()
+    )
+    return expiry
 
 
-# Statements are built once per dialect and executed with parameters: building an upsert with
-# case() expressions and generating its cache key costs more CPU than the database round trips.
-_STATEMENTS: dict[tuple[str, str], object] = {}
+# The statements on every request's path are built and compiled once per dialect and run on the
+# DBAPI cursor (proxy/prepared.py): building an upsert with case() expressions and its cache key,
+# then SQLAlchemy's per-call execution, cost more CPU than the database's own work.
+_STATEMENTS: dict[tuple[str, str, str], Prepared] = {}
 
 
-def _statement(conn: Connection, name: str):
-    key = (conn.dialect.name, name)
-    stmt = _STATEMENTS.get(key)
-    if stmt is None:
-        stmt = _STATEMENTS[key] = _BUILDERS[name](postgresql if conn.dialect.name == "postgresql" else sqlite)
-    return stmt
+def _statement(conn: Connection, name: str) -> Prepared:
+    dialect = conn.dialect
+    key = (dialect.name, dialect.driver, name)
+    prepared = _STATEMENTS.get(key)
+    if prepared is None:
+        builder, column_keys = _BUILDERS[name]
+        statement = builder(postgresql if dialect.name == "postgresql" else sqlite)
+        prepared = _STATEMENTS[key] = Prepared(statement, dialect, column_keys)
+    return prepared
 
 
 def _build_message_insert(dialect):
@@ -172,11 +179,22 @@ def _build_status_upsert(dialect):
     ).returning(messages.c.sid)
 
 
-_LOAD_WINDOW = select(windows.c.expires_at, windows.c.last_inbound_at, windows.c.profile_name).where(
-    windows.c.sender == bindparam("sender"), windows.c.user == bindparam("user")
-)
-_BUILDERS = {"message_insert": _build_message_insert, "window_upsert": _build_window_upsert,
-             "status_upsert": _build_status_upsert, "inbound_upsert": _build_inbound_upsert}
+def _build_load_window(_dialect):
+    return select(windows.c.expires_at, windows.c.last_inbound_at, windows.c.profile_name).where(
+        windows.c.sender == bindparam("sender"), windows.c.user == bindparam("user"))
+
+
+_WINDOW_COLUMNS = ("sender", "user", "expires_at", "last_inbound_at", "last_inbound_sid", "profile_name", "updated_at")
+# name → (builder, the columns an INSERT is given)
+_BUILDERS = {
+    "message_insert": (_build_message_insert, ("sid", "direction", "sender", "user", "messaging_service_sid",
+                                               "status", "status_rank", "num_media", "created_at", "updated_at")),
+    "window_upsert": (_build_window_upsert, _WINDOW_COLUMNS),
+    "status_upsert": (_build_status_upsert, ("sid", "direction", "sender", "user", "status", "status_rank",
+                                             "error_code", "created_at", "updated_at")),
+    "inbound_upsert": (_build_inbound_upsert, None),
+    "load_window": (_build_load_window, None),
+}
 
 
 def record_status(
@@ -193,12 +211,19 @@ def record_status(
     rank = STATUS_RANK.get(status, 0)
     params = {"sid": sid, "direction": "outbound", "sender": sender, "user": user, "status": status,
               "status_rank": rank, "error_code": error_code, "created_at": at, "updated_at": at}
-    return conn.execute(_statement(conn, "status_upsert"), params).first() is not None
+    return _statement(conn, "status_upsert").first(conn, params) is not None
 
 
-def load_window(conn: Connection, sender: str, user: str):
-    """(expires_at, last_inbound_at, profile_name) of the pair, through the unique (sender, user) index."""
-    return conn.execute(_LOAD_WINDOW, {"sender": sender, "user": user}).first()
+class WindowRow(NamedTuple):
+    expires_at: datetime
+    last_inbound_at: datetime
+    profile_name: str | None
+
+
+def load_window(conn: Connection, sender: str, user: str) -> WindowRow | None:
+    """The pair's window row, through the unique (sender, user) index; None when it has none."""
+    row = _statement(conn, "load_window").first(conn, {"sender": sender, "user": user})
+    return WindowRow(*row) if row else None
 
 
 def record_attempt(conn: Connection, **fields) -> None:

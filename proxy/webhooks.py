@@ -15,6 +15,7 @@ from .forwarding import KEPT_HEADERS
 from .addresses import InvalidAddress, normalise
 from .db import storable, utcnow, writing
 from .errors import twilio_error
+from .forms import Fields, form_of
 from .metrics import WEBHOOKS
 from .runtime import runtime
 
@@ -31,7 +32,7 @@ def require_twilio_signature():
     g.params = webhook_params()
     if g.params is None:
         return twilio_error(400, 400, "Webhook body must be a form or a JSON object.")
-    reason = signatures.problem(request, signed_url(), rt.settings, rt.validator)
+    reason = signatures.problem(request, g.params, signed_url(), rt.settings, rt.validator)
     if reason is None:
         return None
     if rt.settings.allow_unsigned_webhooks:
@@ -47,14 +48,14 @@ def require_twilio_signature():
 def webhook_params() -> MultiDict | None:
     """The webhook's fields: the form, or the top-level fields of a JSON object body."""
     if request.mimetype != "application/json":
-        return request.form
+        return form_of(request)
     try:
         data = json.loads(request.get_data(as_text=True) or "{}")
     except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
-    return MultiDict([(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in data.items()])
+    return Fields([(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in data.items()])
 
 
 def signed_url() -> str:
