@@ -101,3 +101,23 @@ def test_sqlite_writers_of_other_processes_wait_for_the_write_lock(tmp_path):
     process.join(30)
     assert process.exitcode == 0 and stored(engine) == ["r7"]
     engine.dispose()
+
+
+def test_rows_sent_together_are_stored_in_one_transaction_and_flush_does_not_wait_for_the_pause(
+        database_url, db_engine, monkeypatch):
+    from sqlalchemy import event
+
+    from proxy import attempts
+
+    # A pause longer than flush's timeout: flush() can only succeed by cutting it short.
+    monkeypatch.setattr(attempts, "LINGER_SECONDS", 60.0)
+    engine = make_engine(database_url)
+    commits = []
+    event.listen(engine, "commit", lambda conn: commits.append(1))
+    writer = AttemptWriter(engine)
+    for n in range(50):
+        writer.submit(row(n))
+    assert writer.flush(timeout=10)
+    assert len(stored(db_engine)) == 50
+    assert len(commits) == 1
+    engine.dispose()
