@@ -152,10 +152,11 @@ class Gunicorn:
         """User + system CPU of the master and its workers so far (from /proc/<pid>/stat)."""
         return sum(proc_cpu(pid) for pid in [self.process.pid, *self.worker_pids()])
 
-    def load(self, requests, **kwargs) -> dict:
-        """run_load against this server, adding the server's CPU time per request and its cores in use."""
+    def load(self, requests, *, rate: float | None = None, **kwargs) -> dict:
+        """run_load (or run_at_rate, given a rate) against this server, adding the server's CPU time per
+        request and its cores in use."""
         cpu0, t0 = self.cpu_seconds(), time.monotonic()
-        result = run_load(self.url, requests, **kwargs)
+        result = run_at_rate(self.url, requests, rate=rate, **kwargs) if rate else run_load(self.url, requests, **kwargs)
         cpu, wall = self.cpu_seconds() - cpu0, time.monotonic() - t0
         result["server_cpu_cores"] = round(cpu / wall, 2)
         result["server_cpu_ms_per_request"] = round(1000 * cpu / result["ok"], 2) if result["ok"] else None
@@ -395,6 +396,56 @@ async def _run_aiohttp(base_url, requests, *, connections, duration, timeout, ma
             "requests": issued, "ok": counts["ok"], "non_2xx_3xx": counts["bad"], "socket_errors": counts["errors"],
             "timeouts": counts["timeouts"], "rps": round(counts["ok"] / seconds, 1),
             "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+            "mean_ms": round(sum(latencies) / len(latencies) * 1000, 3) if latencies else 0.0}
+
+
+def run_at_rate(base_url: str, requests: list[tuple[str, str, dict, str]], *, rate: float, duration: float,
+                timeout: float = 10.0) -> dict:
+    """Open loop: request i is due at start + i/rate, whether or not earlier ones were answered.
+
+    Latency counts from the moment a request was due, not from when it went out, so a server that
+    falls behind shows it (no coordinated omission). wrk cannot pace requests; the aiohttp client does.
+    """
+    return asyncio.run(_run_at_rate(base_url, requests, rate=rate, duration=duration, timeout=timeout))
+
+
+async def _run_at_rate(base_url, requests, *, rate, duration, timeout) -> dict:
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    counts = {"ok": 0, "bad": 0, "errors": 0, "timeouts": 0}
+    total = int(rate * duration)
+
+    async def one(i: int, session, start: float) -> None:
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        method, path, headers, body = requests[i % len(requests)]
+        try:
+            async with session.request(method, base_url + path, headers=headers, data=body) as response:
+                await response.read()
+                if response.status < 400:
+                    counts["ok"] += 1
+                    latencies.append(loop.time() - due)
+                else:
+                    counts["bad"] += 1
+        except asyncio.TimeoutError:
+            counts["timeouts"] += 1
+        except aiohttp.ClientError:
+            counts["errors"] += 1
+
+    connector = aiohttp.TCPConnector(limit=0)  # open loop: never queue behind the client's own pool
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        start = loop.time() + 0.05
+        await asyncio.gather(*(one(i, session, start) for i in range(total)))
+        seconds = loop.time() - start
+    latencies.sort()
+    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0  # noqa
+    return {"load_generator": "aiohttp (fixed rate)", "rate_per_s": rate, "seconds": round(seconds, 2),
+            "requests": total, "ok": counts["ok"], "non_2xx_3xx": counts["bad"], "socket_errors": counts["errors"],
+            "timeouts": counts["timeouts"], "rps": round(counts["ok"] / seconds, 1),
+            "p50_ms": round(pct(0.50), 2), "p90_ms": round(pct(0.90), 2), "p99_ms": round(pct(0.99), 2),
+            "max_ms": round(pct(1.0), 2),
             "mean_ms": round(sum(latencies) / len(latencies) * 1000, 3) if latencies else 0.0}
 
 

@@ -4,6 +4,11 @@
 every send is judged `allowed` and forwarded). The same requests are then sent straight to the fake
 upstream. Reported: sends/s, p50/p99 through the proxy and direct, the added latency and the ratio.
 
+The 256 clients send as fast as answers come back, so they measure the proxy at saturation, where
+added latency is queueing. A second, open-loop run sends at a steady BENCH_GATEWAY_RATE (default
+200/s, about 2.5 times Meta's default of 80 messages/s per number) and reports the latency the proxy
+adds when it is not the bottleneck.
+
     PYTHONPATH=. BENCH_POSTGRES_URL=postgresql://... python -m bench.gateway
 """
 
@@ -18,14 +23,15 @@ from urllib.parse import urlencode
 from sqlalchemy import create_engine, func, select
 
 from bench.common import (ACCOUNT_SID, AUTH_TOKEN, BUSINESSES, Gunicorn, Subprocess, database_url,
-                          databases_from_env, free_port, open_windows, run_load, server_settings, table, user_number,
-                          write_result)
+                          databases_from_env, free_port, open_windows, run_at_rate, run_load, server_settings, table,
+                          user_number, write_result)
 
 DURATION = float(os.environ.get("BENCH_DURATION", "10"))
 WARMUP = float(os.environ.get("BENCH_WARMUP", "3"))
 CONNECTIONS = int(os.environ.get("BENCH_GATEWAY_CONNECTIONS", "256"))
 UPSTREAM_DELAY = float(os.environ.get("BENCH_UPSTREAM_DELAY", "0.25"))
 USERS = int(os.environ.get("BENCH_GATEWAY_USERS", "20000"))
+RATE = float(os.environ.get("BENCH_GATEWAY_RATE", "200"))
 PATH = f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
 
 
@@ -41,9 +47,10 @@ def send_requests(count: int) -> list[tuple[str, str, dict, str]]:
             for n, (sender, user) in enumerate(pairs(count))]
 
 
-def direct(upstream_url: str, reqs) -> dict:
+def direct(upstream_url: str, reqs) -> tuple[dict, dict]:
     run_load(upstream_url, reqs[::7], connections=CONNECTIONS, duration=WARMUP)
-    return run_load(upstream_url, reqs, connections=CONNECTIONS, duration=DURATION)
+    saturated = run_load(upstream_url, reqs, connections=CONNECTIONS, duration=DURATION)
+    return saturated, run_at_rate(upstream_url, reqs[1::2], rate=RATE, duration=DURATION)
 
 
 def through_proxy(kind: str, workdir: Path, upstream_url: str, reqs) -> dict:
@@ -54,6 +61,7 @@ def through_proxy(kind: str, workdir: Path, upstream_url: str, reqs) -> dict:
     with Gunicorn(env, label=f"gateway-{kind}", extra_args=os.environ.get("BENCH_GUNICORN_ARGS", "")) as proxy:
         proxy.load(reqs[::7], connections=CONNECTIONS, duration=WARMUP)
         result = proxy.load(reqs, connections=CONNECTIONS, duration=DURATION)
+        steady = proxy.load(reqs[1::2], rate=RATE, duration=DURATION)
         result["memory_mib"] = proxy.rss()
         settings = {"command": proxy.command, **server_settings(proxy.env)}
         warnings = sum("Connection pool is full" in line for line in proxy.log_path.read_text().splitlines())
@@ -63,7 +71,7 @@ def through_proxy(kind: str, workdir: Path, upstream_url: str, reqs) -> dict:
         decisions = dict(conn.execute(select(send_attempts.c.decision + "/" + send_attempts.c.outcome, func.count())
                                       .group_by(send_attempts.c.decision, send_attempts.c.outcome)).all())
     engine.dispose()
-    return {"database": kind, **settings, "proxy": result, "attempts_by_decision": decisions,
+    return {"database": kind, **settings, "proxy": result, "proxy_at_rate": steady, "attempts_by_decision": decisions,
             "upstream_pool_full_warnings": warnings}
 
 
@@ -74,10 +82,14 @@ def main() -> list[dict]:
     results = []
     with Subprocess(["-m", "bench.fake_upstream", "--port", str(port), "--delay", str(UPSTREAM_DELAY)], port,
                     "fake-upstream"), tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
-        baseline = direct(upstream_url, reqs)
+        baseline, baseline_at_rate = direct(upstream_url, reqs)
         for kind in databases_from_env():
             r = through_proxy(kind, Path(tmp), upstream_url, reqs)
-            r.update(direct=baseline, connections=CONNECTIONS, upstream_delay_s=UPSTREAM_DELAY, duration_s=DURATION,
+            steady = r["proxy_at_rate"]
+            r.update(direct=baseline, direct_at_rate=baseline_at_rate, rate_per_s=RATE,
+                     added_p50_ms_at_rate=round(steady["p50_ms"] - baseline_at_rate["p50_ms"], 2),
+                     added_p99_ms_at_rate=round(steady["p99_ms"] - baseline_at_rate["p99_ms"], 2),
+                     connections=CONNECTIONS, upstream_delay_s=UPSTREAM_DELAY, duration_s=DURATION,
                      ratio_rps=round(r["proxy"]["rps"] / baseline["rps"], 3) if baseline["rps"] else None,
                      added_p50_ms=round(r["proxy"]["p50_ms"] - baseline["p50_ms"], 2),
                      added_p99_ms=round(r["proxy"]["p99_ms"] - baseline["p99_ms"], 2),
@@ -85,6 +97,7 @@ def main() -> list[dict]:
             write_result(f"gateway-{kind}", r)
             results.append(r)
     print(report(results, baseline))
+    print(report_at_rate(results, baseline_at_rate))
     return results
 
 
@@ -100,6 +113,21 @@ def report(results: list[dict], baseline: dict) -> str:
                  f"{DURATION:g}s; targets >= 1000/s, <= 5 ms added p50)",
                  ["run", "workers", "sends/s", "p50 ms", "p99 ms", "added p50 ms", "proxy/direct", "errors", "CPU ms/send",
                   "CPU cores"], rows)
+
+
+def report_at_rate(results: list[dict], baseline: dict) -> str:
+    def errors(m):
+        return m["non_2xx_3xx"] + m["socket_errors"] + m["timeouts"]
+
+    rows = [["direct to fake upstream", baseline["rps"], baseline["p50_ms"], baseline["p99_ms"], "", "",
+             errors(baseline), ""]]
+    for r in results:
+        m = r["proxy_at_rate"]
+        rows.append([f"{r['database']}: through proxy", m["rps"], m["p50_ms"], m["p99_ms"], r["added_p50_ms_at_rate"],
+                     r["added_p99_ms_at_rate"], errors(m), m["server_cpu_ms_per_request"]])
+    return table(f"Gateway at a steady {RATE:g} sends/s (open loop, latency from when each send was due; "
+                 f"upstream answers after {UPSTREAM_DELAY * 1000:g} ms, {DURATION:g}s)",
+                 ["run", "sends/s", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "errors", "CPU ms/send"], rows)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import base64
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -77,3 +78,55 @@ def test_no_proxy_sends_the_forward_straight_to_the_host(recorder, no_proxy_env)
     no_proxy_env.setenv("NO_PROXY", "127.0.0.1")
     answer = Upstream(url, timeout=2.0, pool_size=2).request("POST", "/x.json", data=b"a=b", headers={})
     assert answer.status_code == 201 and seen[0]["line"] == "POST /x.json HTTP/1.1"
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_not_reused(no_proxy_env):
+    """The reuse check (proxy.upstream._ReuseCheck): a kept-alive connection the peer has since closed
+    is dropped before the next send, so that send goes out on a new connection instead of failing."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+
+    def serve():
+        for _ in range(2):
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            conn.recv(65536)
+            body = b'{"sid": "SM1"}'
+            conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)  # keep-alive, as far as urllib3 knows
+            conn.close()  # ... but the server goes away right after answering
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    upstream = Upstream(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=2.0, pool_size=1)
+    first = upstream.request("POST", "/x", data=b"a=1", headers={})
+    pooled = upstream._host_pool.pool.queue[-1]
+    assert first.status_code == 201 and pooled is not None and pooled.sock is not None
+    deadline = time.monotonic() + 5
+    while pooled.is_connected and time.monotonic() < deadline:  # the FIN reaches the client's socket
+        time.sleep(0.01)
+    assert not pooled.is_connected
+    second = upstream.request("POST", "/x", data=b"a=2", headers={})
+    assert second.status_code == 201 and len(accepted) == 2
+    thread.join(5)
+    listener.close()
+
+
+def test_a_kept_alive_connection_is_reused(no_proxy_env):
+    handler = type("Handler", (Recorder,), {"seen": [], "protocol_version": "HTTP/1.1"})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        upstream = Upstream(f"http://127.0.0.1:{server.server_address[1]}", timeout=2.0, pool_size=1)
+        upstream.request("POST", "/x", data=b"a=1", headers={})
+        pooled = upstream._host_pool.pool.queue[-1]
+        assert type(pooled).__name__ == "_HTTPConnection" and pooled.is_connected
+        upstream.request("POST", "/x", data=b"a=2", headers={})
+        assert upstream._host_pool.pool.queue[-1] is pooled and upstream._host_pool.num_connections == 1
+    finally:
+        server.shutdown()
+        server.server_close()
