@@ -38,6 +38,7 @@ def main() -> None:
     summary = [inbound.report(inbound_results)]
     if gateway_results:
         summary.append(gateway.report(gateway_results, gateway_results[0]["direct"]))
+        summary.append(gateway.report_at_rate(gateway_results, gateway_results[0]["direct_at_rate"]))
     summary += [growth.report(growth_results), memory_table(inbound_results, gateway_results)]
     write_result("summary", {"inbound": inbound_results, "gateway": gateway_results, "growth": growth_results,
                              "seconds": round(time.monotonic() - started)})

@@ -187,7 +187,7 @@ def _status_callback() -> Response:
     sender, user = _normalised_or_raw(form.get("From")), _normalised_or_raw(form.get("To"))
     late_window_failure = status == "failed" and error_code == late_failures.LATE_WINDOW_FAILURE
     if late_window_failure:
-        # Attempts are stored a few milliseconds after the send: make sure this process's are in.
+        # Attempts are stored up to ~50 ms after the send (proxy/attempts.py): make sure this process's are in.
         # (Before the transaction: on SQLite the writer needs the write lock this one would hold.)
         rt.attempts.flush()
     with writing(rt.engine) as conn:

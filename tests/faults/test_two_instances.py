@@ -56,7 +56,7 @@ def test_two_instances_share_one_database(pg_cluster, fake_twilio, tmp_path):
         assert all(r.status_code in (200, 201, 400) for _, r in results)
         assert all(r.status_code == 200 for (kind, _), r in results if kind == "in")
 
-        # Attempts are written by each worker's background writer, milliseconds after the answer.
+        # Attempts are written by each worker's background writer, within ~50 ms of the answer.
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             with engine.connect() as conn:

@@ -26,7 +26,7 @@ def open_window(client, user=USER, business=BUSINESS, sid="SM" + "0" * 32, **ext
 
 
 def attempts(engine):
-    assert flush_all()  # attempts are written by a background writer, a few ms after the answer
+    assert flush_all()  # attempts are written by a background writer, within ~50 ms of the answer
     with engine.connect() as conn:
         return conn.execute(select(send_attempts).order_by(send_attempts.c.id)).mappings().all()
 
