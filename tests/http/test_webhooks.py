@@ -163,3 +163,28 @@ def test_malformed_inbound_is_a_twilio_shaped_400(client, db_engine):
     assert response.status_code == 400
     assert set(response.get_json()) == {"code", "message", "more_info", "status"}
     assert count(db_engine, windows) == 0
+
+
+def test_the_url_as_received_is_remembered_per_host_and_path_not_across_them(client, db_engine):
+    """signed_url() remembers request.url by the environ values it is built from: a request on another
+    host, port, path or query is checked against its own URL, never a remembered one."""
+    params = inbound_params("SM" + "a" * 32)
+    for round_ in range(2):  # the second round is answered from what was remembered
+        for base in ("http://localhost", "http://localhost:8080", "http://proxy.internal"):
+            for path in ("/twilio/inbound", "/twilio/inbound?tenant=acme", "/twilio/inbound?tenant=other"):
+                good = sign(base + path, params)
+                bad = sign(("http://elsewhere" if base != "http://elsewhere" else "http://localhost") + path, params)
+                assert client.post(path, base_url=base, data=params,
+                                   headers={"X-Twilio-Signature": good}).status_code == 200, (round_, base, path)
+                assert client.post(path, base_url=base, data=params,
+                                   headers={"X-Twilio-Signature": bad}).status_code == 403, (round_, base, path)
+    assert count(db_engine, windows) == 1
+
+
+def test_remembered_urls_are_bounded(app):
+    from proxy import webhooks
+
+    for n in range(webhooks._MAX_RECEIVED_URLS + 50):
+        with app.test_request_context("/twilio/inbound", base_url=f"http://host{n}.example"):
+            assert webhooks.signed_url() == f"http://host{n}.example/twilio/inbound"
+    assert len(webhooks._RECEIVED_URLS) <= webhooks._MAX_RECEIVED_URLS
