@@ -17,7 +17,7 @@ from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
 from .db import storable, utcnow, writing
 from .errors import twilio_error
-from .forms import strict_form
+from .forms import URLENCODED, strict_form
 from .judge import Judgement, fail_open, judge
 from .policy import Action, explain
 from .runtime import runtime
@@ -52,9 +52,11 @@ def create_message(account_sid: str):
     rt, started = runtime(), time.perf_counter()
     if request.query_string:
         return twilio_error(400, 400, "A Messages create takes its fields in the form body, not the query string.")
-    if request.content_length and request.mimetype != "application/x-www-form-urlencoded":
-        return twilio_error(400, 400, "A Messages create must be application/x-www-form-urlencoded, as Twilio's is.")
     raw_body = request.get_data(cache=True)  # kept so the forward is byte-for-byte what was sent
+    # Judged as a form, so only a form may be forwarded: a body of another type (also one sent chunked,
+    # without a Content-Length) would be judged as one thing and reach Twilio as another.
+    if raw_body and request.mimetype != URLENCODED:
+        return twilio_error(400, 400, "A Messages create must be application/x-www-form-urlencoded, as Twilio's is.")
     form = strict_form(raw_body)
     if form is None:
         return twilio_error(400, 400, "The request body is not valid UTF-8 form data.")

@@ -5,10 +5,10 @@ costs 65–125 µs of CPU (execution context, parameter and result objects), whi
 window lookup in ~7 µs. The statements on every request's path (window lookup, inbound upsert,
 status upsert) skip that layer: SQLAlchemy still writes the SQL for the dialect, supplies the type
 conversions (`bind_processor` / `result_processor`, so values are stored exactly as its own
-execution stores them), owns the pool and the transaction; only the per-call machinery is left out.
-Database errors are raised as SQLAlchemy's exception classes, and a connection the database
-dropped is invalidated, as `Connection.execute` would do, so callers and error handlers see no
-difference.
+execution stores them), owns the pool and the transaction, and handles every error — a failure
+goes through the same handler `Connection.execute` uses (SQLAlchemy's exception classes, parameters
+hidden, a dropped connection invalidated together with the pool's other connections); only the
+per-call machinery is left out.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 
 
@@ -30,8 +29,9 @@ class Prepared:
         self.sql = compiled.string
         self._compiled = compiled
         self._positions = tuple(compiled.positiontup) if compiled.positional else None
+        # By the name each parameter has in the SQL (construct_params' keys), anonymous ones included.
         self._bind_conversions = [
-            (name, convert) for name, bind in compiled.binds.items()
+            (name, convert) for bind, name in compiled.bind_names.items()
             if (convert := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
         ]
         columns = getattr(statement, "exported_columns", ())
@@ -42,19 +42,21 @@ class Prepared:
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[tuple]:
         """Execute with `params` (bind name → value) on `conn`'s current transaction; all result rows."""
-        values = self._compiled.construct_params(params)  # adds the statement's own literal values
-        for name, convert in self._bind_conversions:
-            values[name] = convert(values[name])
-        args = tuple(values[name] for name in self._positions) if self._positions is not None else values
-        dbapi_connection = conn.connection.dbapi_connection
-        cursor = dbapi_connection.cursor()
+        cursor = None
         try:
+            values = self._compiled.construct_params(params)  # adds the statement's own literal values
+            for name, convert in self._bind_conversions:
+                values[name] = convert(values[name])
+            args = tuple(values[name] for name in self._positions) if self._positions is not None else values
+            cursor = conn.connection.dbapi_connection.cursor()
             cursor.execute(self.sql, args)
             found = cursor.fetchall() if cursor.description is not None else []
-        except conn.dialect.loaded_dbapi.Error as exc:
-            raise self._translated(conn, dbapi_connection, cursor, exc) from exc
-        finally:
             cursor.close()
+        except BaseException as exc:  # noqa: BLE001 — as Connection.execute: exit exceptions invalidate too
+            # SQLAlchemy's own handler (what Connection.execute calls): wraps the error (StatementError
+            # for a value no processor could convert), hides the parameters (none are passed), closes
+            # the cursor, and invalidates a dropped connection together with the pool's others.
+            conn._handle_dbapi_exception(exc, self.sql, None, cursor, None)
         if not self._converts_results:
             return [tuple(row) for row in found]
         conversions = self._result_conversions
@@ -64,12 +66,3 @@ class Prepared:
     def first(self, conn: Connection, params: dict[str, Any]) -> tuple | None:
         found = self.rows(conn, params)
         return found[0] if found else None
-
-    def _translated(self, conn: Connection, dbapi_connection, cursor, exc: Exception) -> BaseException:
-        dialect = conn.dialect
-        invalidated = dialect.is_disconnect(exc, dbapi_connection, cursor)
-        if invalidated:
-            conn.invalidate(exc)  # as Connection.execute does: the pool replaces it
-        # Never the parameters: a message body must not reach a log through an exception.
-        return DBAPIError.instance(self.sql, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True,
-                                   connection_invalidated=invalidated, dialect=dialect)

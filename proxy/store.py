@@ -96,12 +96,13 @@ def _extend_window(conn, sender, user, expires_at, received_at, sid, profile_nam
 # The statements on every request's path are built and compiled once per dialect and run on the
 # DBAPI cursor (proxy/prepared.py): building an upsert with case() expressions and its cache key,
 # then SQLAlchemy's per-call execution, cost more CPU than the database's own work.
-_STATEMENTS: dict[tuple[str, str, str], Prepared] = {}
+_STATEMENTS: dict[tuple, Prepared] = {}
 
 
 def _statement(conn: Connection, name: str) -> Prepared:
     dialect = conn.dialect
-    key = (dialect.name, dialect.driver, name)
+    # What the compiled SQL depends on: the dialect and driver, its parameter style, the server version.
+    key = (dialect.name, dialect.driver, dialect.paramstyle, dialect.server_version_info, name)
     prepared = _STATEMENTS.get(key)
     if prepared is None:
         builder, column_keys = _BUILDERS[name]

@@ -79,3 +79,44 @@ def test_a_connection_the_server_dropped_is_invalidated_and_replaced(db_engine):
         assert conn.invalidated
     with db_engine.connect() as conn:  # the pool hands out a live connection again
         assert probe.rows(conn, {"sid": "SM1"}) == []
+
+
+def test_a_value_no_type_can_convert_is_sqlalchemys_statement_error(db_engine):
+    from sqlalchemy.exc import StatementError
+
+    naive = datetime(2026, 11, 26, 12, 0)  # UTCDateTime refuses naive datetimes
+    with pytest.raises(StatementError) as caught, db_engine.begin() as conn:
+        insert(db_engine).rows(conn, row("SM1", naive))
+    assert SECRET not in str(caught.value)
+
+
+def test_anonymous_parameters_get_their_types_conversion(db_engine):
+    from sqlalchemy import literal
+
+    from proxy.db import UTCDateTime
+
+    at = datetime(2026, 11, 26, 12, 0, 0, 5, tzinfo=timezone.utc)
+    with db_engine.begin() as conn:
+        insert(db_engine).rows(conn, row("SM1", at))
+    probe = Prepared(select(messages.c.sid).where(messages.c.created_at == literal(at, UTCDateTime())),
+                     db_engine.dialect)
+    with db_engine.connect() as conn:
+        assert probe.rows(conn, {}) == [("SM1",)]
+
+
+def test_a_server_restart_invalidates_every_pooled_connection_not_just_the_one_that_saw_it(db_engine):
+    if db_engine.dialect.name != "postgresql":
+        pytest.skip("a SQLite connection cannot be dropped by a server")
+    probe = Prepared(select(messages.c.sid).where(messages.c.sid == bindparam("sid")), db_engine.dialect)
+    first, second, other = db_engine.connect(), db_engine.connect(), db_engine.connect()
+    pids = [c.execute(text("SELECT pg_backend_pid()")).scalar_one() for c in (first, second)]
+    first.close()
+    second.close()  # both back in the pool, as after a burst of requests
+    for pid in pids:  # a third connection plays the restart
+        other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    other.invalidate()  # and stays out of the pool: only the two stale ones are left there
+    other.close()
+    with db_engine.connect() as conn, pytest.raises(OperationalError):
+        probe.rows(conn, {"sid": "SM1"})
+    with db_engine.connect() as conn:  # the other stale connection is not handed out again
+        assert probe.rows(conn, {"sid": "SM1"}) == []

@@ -260,3 +260,20 @@ def test_query_string_is_forwarded_for_passthrough(client, fake_twilio):
     client.get(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json?PageSize=5&To=%2B1415", headers=basic_auth())
     [received] = fake_twilio.requests
     assert dict(parse_qsl(received.query)) == {"PageSize": "5", "To": "+1415"}
+
+
+def test_a_body_that_is_not_a_form_is_refused_even_without_a_content_length(client, fake_twilio, db_engine):
+    """Chunked, a multipart body has no Content-Length: it must still be refused, never judged as an
+    urlencoded form (whose fields could differ from the parts Twilio would read) and forwarded."""
+    import io
+
+    body = (b"To=sms:+15005550006&From=sms:+15005550001&Body=hi&x=\r\n--b\r\n"
+            b'Content-Disposition: form-data; name="To"\r\n\r\n' + USER.encode() + b"\r\n--b\r\n"
+            b'Content-Disposition: form-data; name="From"\r\n\r\n' + BUSINESS.encode() + b"\r\n--b--\r\n")
+    response = client.post(MESSAGES, input_stream=io.BytesIO(body),
+                           headers={**basic_auth(), "Content-Type": "multipart/form-data; boundary=b",
+                                    "Transfer-Encoding": "chunked"},
+                           environ_overrides={"wsgi.input_terminated": True})  # as gunicorn serves chunked bodies
+    assert response.status_code == 400 and set(response.get_json()) == SHAPE
+    assert "x-www-form-urlencoded" in response.get_json()["message"]
+    assert fake_twilio.requests == []
