@@ -355,6 +355,26 @@ def _run_wrk(base_url, requests, *, connections, duration, timeout) -> dict:
             "max_ms": raw["max_us"] / 1000, "mean_ms": round(raw["mean_us"] / 1000, 3)}
 
 
+async def _send_one(session, base_url: str, request: tuple[str, str, dict, str], since: float, clock,
+                    counts: dict, latencies: list[float]) -> None:
+    """One request; its latency (clock() - since) is kept when it succeeds, else it is counted by kind."""
+    import aiohttp
+
+    method, path, headers, body = request
+    try:
+        async with session.request(method, base_url + path, headers=headers, data=body) as response:
+            await response.read()
+            if response.status < 400:
+                counts["ok"] += 1
+                latencies.append(clock() - since)
+            else:
+                counts["bad"] += 1
+    except asyncio.TimeoutError:
+        counts["timeouts"] += 1
+    except aiohttp.ClientError:
+        counts["errors"] += 1
+
+
 async def _run_aiohttp(base_url, requests, *, connections, duration, timeout, max_requests) -> dict:
     import aiohttp
 
@@ -371,31 +391,24 @@ async def _run_aiohttp(base_url, requests, *, connections, duration, timeout, ma
         i = offset
         while time.perf_counter() < deadline and issued < max_requests:
             issued += 1
-            method, path, headers, body = requests[i % len(requests)]
+            request = requests[i % len(requests)]
             i += connections
-            t0 = time.perf_counter()
-            try:
-                async with session.request(method, base_url + path, headers=headers, data=body) as response:
-                    await response.read()
-                    if response.status < 400:
-                        counts["ok"] += 1
-                        latencies.append(time.perf_counter() - t0)
-                    else:
-                        counts["bad"] += 1
-            except asyncio.TimeoutError:
-                counts["timeouts"] += 1
-            except aiohttp.ClientError:
-                counts["errors"] += 1
+            await _send_one(session, base_url, request, time.perf_counter(), time.perf_counter, counts, latencies)
 
     async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
         await asyncio.gather(*(worker(n, session) for n in range(connections)))
     seconds = time.perf_counter() - started
+    return {"load_generator": "aiohttp", "connections": connections,
+            **_summary(latencies, counts, seconds, requests=issued)}
+
+
+def _summary(latencies: list[float], counts: dict, seconds: float, *, requests: int) -> dict:
     latencies.sort()
     pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0  # noqa
-    return {"load_generator": "aiohttp", "connections": connections, "seconds": round(seconds, 2),
-            "requests": issued, "ok": counts["ok"], "non_2xx_3xx": counts["bad"], "socket_errors": counts["errors"],
-            "timeouts": counts["timeouts"], "rps": round(counts["ok"] / seconds, 1),
-            "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+    return {"seconds": round(seconds, 2), "requests": requests, "ok": counts["ok"], "non_2xx_3xx": counts["bad"],
+            "socket_errors": counts["errors"], "timeouts": counts["timeouts"], "rps": round(counts["ok"] / seconds, 1),
+            "p50_ms": round(pct(0.50), 3), "p90_ms": round(pct(0.90), 3), "p99_ms": round(pct(0.99), 3),
+            "max_ms": round(pct(1.0), 3),
             "mean_ms": round(sum(latencies) / len(latencies) * 1000, 3) if latencies else 0.0}
 
 
@@ -420,33 +433,15 @@ async def _run_at_rate(base_url, requests, *, rate, duration, timeout) -> dict:
     async def one(i: int, session, start: float) -> None:
         due = start + i / rate
         await asyncio.sleep(max(0.0, due - loop.time()))
-        method, path, headers, body = requests[i % len(requests)]
-        try:
-            async with session.request(method, base_url + path, headers=headers, data=body) as response:
-                await response.read()
-                if response.status < 400:
-                    counts["ok"] += 1
-                    latencies.append(loop.time() - due)
-                else:
-                    counts["bad"] += 1
-        except asyncio.TimeoutError:
-            counts["timeouts"] += 1
-        except aiohttp.ClientError:
-            counts["errors"] += 1
+        await _send_one(session, base_url, requests[i % len(requests)], due, loop.time, counts, latencies)
 
     connector = aiohttp.TCPConnector(limit=0)  # open loop: never queue behind the client's own pool
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         start = loop.time() + 0.05
         await asyncio.gather(*(one(i, session, start) for i in range(total)))
         seconds = loop.time() - start
-    latencies.sort()
-    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0  # noqa
-    return {"load_generator": "aiohttp (fixed rate)", "rate_per_s": rate, "seconds": round(seconds, 2),
-            "requests": total, "ok": counts["ok"], "non_2xx_3xx": counts["bad"], "socket_errors": counts["errors"],
-            "timeouts": counts["timeouts"], "rps": round(counts["ok"] / seconds, 1),
-            "p50_ms": round(pct(0.50), 2), "p90_ms": round(pct(0.90), 2), "p99_ms": round(pct(0.99), 2),
-            "max_ms": round(pct(1.0), 2),
-            "mean_ms": round(sum(latencies) / len(latencies) * 1000, 3) if latencies else 0.0}
+    return {"load_generator": "aiohttp (fixed rate)", "rate_per_s": rate,
+            **_summary(latencies, counts, seconds, requests=total)}
 
 
 def server_settings(env: dict) -> dict:
