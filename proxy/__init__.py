@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         migrations_head=head_revision(),
         forwarder=Forwarder(settings.auth_token, settings.forward_timeout_seconds),
         attempts=AttemptWriter(engine),
-        inbound_writes=GroupCommit(engine),
+        shared_writes=GroupCommit(engine),
         content=ContentResolver(upstream.http, settings.twilio_content_base_url,
                                 (settings.account_sid, settings.auth_token), engine, settings.content_cache_seconds),
     )

@@ -29,7 +29,7 @@ class Runtime:
     migrations_head: str
     forwarder: Forwarder
     attempts: AttemptWriter
-    inbound_writes: GroupCommit  # SQLite: concurrent inbound messages committed together
+    shared_writes: GroupCommit  # SQLite: concurrent webhooks' single writes committed together
 
 
 def runtime() -> Runtime:

@@ -120,7 +120,7 @@ def _inbound_message() -> Response:
             with rt.reader.connect() as conn:
                 expires_at = store.record_inbound(conn, **record)
         else:
-            expires_at = rt.inbound_writes.run(lambda conn: store.record_inbound(conn, **record))
+            expires_at = rt.shared_writes.run(lambda conn: store.record_inbound(conn, **record))
         return _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     forward_id, pairs, kept = None, list(form.items(multi=True)), {}
     # One transaction: the message, its window and its forward are stored together or not at all.
@@ -205,17 +205,27 @@ def _status_callback() -> Response:
         # Attempts are stored up to ~50 ms after the send (proxy/attempts.py): make sure this process's are in.
         # (Before the transaction: on SQLite the writer needs the write lock this one would hold.)
         rt.attempts.flush()
-    with writing(rt.engine) as conn:
-        changed = store.record_status(conn, sid=sid, status=status, error_code=error_code, sender=sender,
-                                      user=user, at=now)
-        # Only `failed` with 63016 proves the window was closed; `undelivered` can have other causes.
-        if late_window_failure:
-            late_failures.handle(rt, conn, sid=sid, callback_sender=sender, now=now)
-        if settings.forward_status_url:
-            kept = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
-            outbox.enqueue(conn, kind="status", ordering_key=f"status:{sender}|{user}",
-                           target=settings.forward_status_url, headers=kept, body=list(form.items(multi=True)),
-                           now=now)
+    status_row = dict(sid=sid, status=status, error_code=error_code, sender=sender, user=user, at=now)
+    if not (late_window_failure or settings.forward_status_url):
+        # Only the status is written — most callbacks (sent, delivered, read: several per message
+        # sent). As for inbound messages: PostgreSQL, one upsert alone in autocommit; SQLite, committed
+        # together with the other requests' writes waiting for the write turn (proxy/group_commit.py).
+        if rt.engine.dialect.name == "postgresql":
+            with rt.reader.connect() as conn:
+                changed = store.record_status(conn, **status_row)
+        else:
+            changed = rt.shared_writes.run(lambda conn: store.record_status(conn, **status_row))
+    else:
+        with writing(rt.engine) as conn:
+            changed = store.record_status(conn, **status_row)
+            # Only `failed` with 63016 proves the window was closed; `undelivered` can have other causes.
+            if late_window_failure:
+                late_failures.handle(rt, conn, sid=sid, callback_sender=sender, now=now)
+            if settings.forward_status_url:
+                kept = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
+                outbox.enqueue(conn, kind="status", ordering_key=f"status:{sender}|{user}",
+                               target=settings.forward_status_url, headers=kept, body=list(form.items(multi=True)),
+                               now=now)
     WEBHOOKS.labels("status", "recorded" if changed else "stale").inc()
     logs.event(
         "status",

@@ -133,6 +133,28 @@ def test_late_earlier_status_never_overwrites_a_later_one(client, db_engine):
     assert message_row(db_engine, sid)["status"] == "read"
 
 
+def test_concurrent_status_callbacks_end_at_each_messages_highest_status(app, db_engine):
+    """Callbacks written together (SQLite: one write turn for many requests; PostgreSQL: autocommit)
+    still apply the ranks one by one: whatever order 8 threads deliver them in, each message ends at
+    its highest-ranked status."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [("SM" + f"{n:032x}", status) for n in range(40) for status in ("queued", "sent", "delivered", "read")]
+    random.Random(7).shuffle(jobs)
+
+    def deliver(job):
+        client = app.test_client()  # one per request: test clients are not shared across threads
+        return signed_post(client, "/twilio/status", status_params(*job)).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(deliver, jobs))
+    assert codes == [200] * len(codes)
+    with db_engine.connect() as conn:
+        final = dict(conn.execute(select(messages.c.sid, messages.c.status)).all())
+    assert final == {sid: "read" for sid, _ in jobs}
+
+
 def test_failure_is_final_and_keeps_its_error_code(client, db_engine):
     sid = "SM" + "d" * 32
     signed_post(client, "/twilio/status", status_params(sid, "failed", ErrorCode="63016"))
