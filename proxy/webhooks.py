@@ -113,14 +113,9 @@ def _inbound_message() -> Response:
                   profile_name=storable(form.get("ProfileName"), 256), num_media=_int_or_none(form.get("NumMedia")),
                   received_at=now, window_seconds=settings.session_window_seconds)
     if not (settings.forward_inbound_url or settings.hold_on_reroute):
-        # Nothing else is written with the message. PostgreSQL: one statement (store.record_inbound),
-        # alone in autocommit, one round trip instead of four. SQLite: committed together with the
-        # other requests' messages waiting for the write turn (proxy/group_commit.py).
-        if rt.engine.dialect.name == "postgresql":
-            with rt.reader.connect() as conn:
-                expires_at = store.record_inbound(conn, **record)
-        else:
-            expires_at = rt.shared_writes.run(lambda conn: store.record_inbound(conn, **record))
+        # Nothing else is written with the message: one statement on PostgreSQL (store.record_inbound),
+        # one round trip instead of four.
+        expires_at = _write_alone(rt, lambda conn: store.record_inbound(conn, **record))
         return _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     forward_id, pairs, kept = None, list(form.items(multi=True)), {}
     # One transaction: the message, its window and its forward are stored together or not at all.
@@ -141,6 +136,18 @@ def _inbound_message() -> Response:
     if forward_id is not None:
         return _forward_inline(forward_id, sender, user, pairs, kept)
     return response
+
+
+def _write_alone(rt, work):
+    """`work(conn)`: a request's single write statement, when nothing else is written with it.
+
+    PostgreSQL: alone in autocommit, one round trip. SQLite: committed together with the other
+    requests' writes waiting for the write turn (proxy/group_commit.py); `work` may run twice there.
+    """
+    if rt.engine.dialect.name == "postgresql":
+        with rt.reader.connect() as conn:
+            return work(conn)
+    return rt.shared_writes.run(work)
 
 
 def _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at) -> Response:
@@ -207,14 +214,8 @@ def _status_callback() -> Response:
         rt.attempts.flush()
     status_row = dict(sid=sid, status=status, error_code=error_code, sender=sender, user=user, at=now)
     if not (late_window_failure or settings.forward_status_url):
-        # Only the status is written — most callbacks (sent, delivered, read: several per message
-        # sent). As for inbound messages: PostgreSQL, one upsert alone in autocommit; SQLite, committed
-        # together with the other requests' writes waiting for the write turn (proxy/group_commit.py).
-        if rt.engine.dialect.name == "postgresql":
-            with rt.reader.connect() as conn:
-                changed = store.record_status(conn, **status_row)
-        else:
-            changed = rt.shared_writes.run(lambda conn: store.record_status(conn, **status_row))
+        # Only the status is written — most callbacks (sent, delivered, read: several per message sent).
+        changed = _write_alone(rt, lambda conn: store.record_status(conn, **status_row))
     else:
         with writing(rt.engine) as conn:
             changed = store.record_status(conn, **status_row)
