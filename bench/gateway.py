@@ -3,6 +3,9 @@
 256 concurrent clients POST Messages creates (Basic auth, free-form Body, inside an open window, so
 every send is judged `allowed` and forwarded). The same requests are then sent straight to the fake
 upstream. Reported: sends/s, p50/p99 through the proxy and direct, the added latency and the ratio.
+The same load also goes through the floor (bench/bare_forward.py: gunicorn + Flask + the proxy's
+forwarding transport, and nothing else, under the same settings): what this machine allows any
+Flask proxy, so "proxy/floor" is the share the proxy's own work (auth, judging, records, logs) leaves.
 
 The 256 clients send as fast as answers come back, so they measure the proxy at saturation, where
 added latency is queueing. A second, open-loop run sends at a steady BENCH_GATEWAY_RATE (default
@@ -17,6 +20,7 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -47,10 +51,29 @@ def send_requests(count: int) -> list[tuple[str, str, dict, str]]:
             for n, (sender, user) in enumerate(pairs(count))]
 
 
+def settle() -> None:
+    """Let the sends the saturated run left in flight (256, cut off by the load tool) finish first:
+    the steady-rate run measures a quiet server, not the tail of the previous run's queue."""
+    time.sleep(2 * UPSTREAM_DELAY + 1)
+
+
 def direct(upstream_url: str, reqs) -> tuple[dict, dict]:
     run_load(upstream_url, reqs[::7], connections=CONNECTIONS, duration=WARMUP)
     saturated = run_load(upstream_url, reqs, connections=CONNECTIONS, duration=DURATION)
+    settle()
     return saturated, run_at_rate(upstream_url, reqs[1::2], rate=RATE, duration=DURATION)
+
+
+def floor(upstream_url: str, reqs) -> tuple[dict, dict]:
+    env = {"TWILIO_API_BASE_URL": upstream_url, "TWILIO_TIMEOUT_SECONDS": "10"}
+    with Gunicorn(env, app_spec="bench.bare_forward:app", label="gateway-floor",
+                  extra_args=os.environ.get("BENCH_GUNICORN_ARGS", "")) as bare:
+        bare.load(reqs[::7], connections=CONNECTIONS, duration=WARMUP)
+        saturated = bare.load(reqs, connections=CONNECTIONS, duration=DURATION)
+        settle()
+        steady = bare.load(reqs[1::2], rate=RATE, duration=DURATION)
+        saturated["memory_mib"] = bare.rss()
+    return saturated, steady
 
 
 def through_proxy(kind: str, workdir: Path, upstream_url: str, reqs) -> dict:
@@ -61,6 +84,7 @@ def through_proxy(kind: str, workdir: Path, upstream_url: str, reqs) -> dict:
     with Gunicorn(env, label=f"gateway-{kind}", extra_args=os.environ.get("BENCH_GUNICORN_ARGS", "")) as proxy:
         proxy.load(reqs[::7], connections=CONNECTIONS, duration=WARMUP)
         result = proxy.load(reqs, connections=CONNECTIONS, duration=DURATION)
+        settle()
         steady = proxy.load(reqs[1::2], rate=RATE, duration=DURATION)
         result["memory_mib"] = proxy.rss()
         settings = {"command": proxy.command, **server_settings(proxy.env)}
@@ -83,10 +107,13 @@ def main() -> list[dict]:
     with Subprocess(["-m", "bench.fake_upstream", "--port", str(port), "--delay", str(UPSTREAM_DELAY)], port,
                     "fake-upstream"), tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         baseline, baseline_at_rate = direct(upstream_url, reqs)
+        bare, bare_at_rate = floor(upstream_url, reqs)
         for kind in databases_from_env():
             r = through_proxy(kind, Path(tmp), upstream_url, reqs)
             steady = r["proxy_at_rate"]
-            r.update(direct=baseline, direct_at_rate=baseline_at_rate, rate_per_s=RATE,
+            r.update(direct=baseline, direct_at_rate=baseline_at_rate, floor=bare, floor_at_rate=bare_at_rate,
+                     rate_per_s=RATE,
+                     ratio_to_floor=round(r["proxy"]["rps"] / bare["rps"], 3) if bare["rps"] else None,
                      added_p50_ms_at_rate=round(steady["p50_ms"] - baseline_at_rate["p50_ms"], 2),
                      added_p99_ms_at_rate=round(steady["p99_ms"] - baseline_at_rate["p99_ms"], 2),
                      connections=CONNECTIONS, upstream_delay_s=UPSTREAM_DELAY, duration_s=DURATION,
@@ -96,35 +123,45 @@ def main() -> list[dict]:
                      targets={"sends_per_s": 1000, "added_p50_ms": 5})
             write_result(f"gateway-{kind}", r)
             results.append(r)
-    print(report(results, baseline))
-    print(report_at_rate(results, baseline_at_rate))
+    print(report(results, baseline, bare))
+    print(report_at_rate(results, baseline_at_rate, bare_at_rate))
     return results
 
 
-def report(results: list[dict], baseline: dict) -> str:
-    rows = [["direct to fake upstream", "", baseline["rps"], baseline["p50_ms"], baseline["p99_ms"], "", "",
-             baseline["non_2xx_3xx"] + baseline["socket_errors"] + baseline["timeouts"], "", ""]]
+def _errors(m: dict) -> int:
+    return m["non_2xx_3xx"] + m["socket_errors"] + m["timeouts"]
+
+
+def report(results: list[dict], baseline: dict, bare: dict) -> str:
+    def added(m):
+        return round(m["p50_ms"] - baseline["p50_ms"], 2)
+
+    rows = [["direct to fake upstream", "", baseline["rps"], baseline["p50_ms"], baseline["p99_ms"], "", "", "",
+             _errors(baseline), "", ""],
+            ["floor: bare Flask forward", results[0]["workers"] if results else "", bare["rps"], bare["p50_ms"],
+             bare["p99_ms"], added(bare), f"{bare['rps'] / baseline['rps']:.2f}" if baseline["rps"] else "", "",
+             _errors(bare), bare["server_cpu_ms_per_request"], bare["server_cpu_cores"]]]
     for r in results:
         m = r["proxy"]
-        rows.append([f"{r['database']}: through proxy", r["workers"], m["rps"], m["p50_ms"], m["p99_ms"], r["added_p50_ms"],
-                     f"{r['ratio_rps']:.2f}", m["non_2xx_3xx"] + m["socket_errors"] + m["timeouts"],
+        rows.append([f"{r['database']}: through proxy", r["workers"], m["rps"], m["p50_ms"], m["p99_ms"], added(m),
+                     f"{r['ratio_rps']:.2f}", f"{r['ratio_to_floor']:.2f}", _errors(m),
                      m["server_cpu_ms_per_request"], m["server_cpu_cores"]])
     return table(f"Gateway sends ({CONNECTIONS} clients, upstream answers after {UPSTREAM_DELAY * 1000:g} ms, "
                  f"{DURATION:g}s; targets >= 1000/s, <= 5 ms added p50)",
-                 ["run", "workers", "sends/s", "p50 ms", "p99 ms", "added p50 ms", "proxy/direct", "errors", "CPU ms/send",
-                  "CPU cores"], rows)
+                 ["run", "workers", "sends/s", "p50 ms", "p99 ms", "added p50 ms", "÷ direct", "÷ floor", "errors",
+                  "CPU ms/send", "CPU cores"], rows)
 
 
-def report_at_rate(results: list[dict], baseline: dict) -> str:
-    def errors(m):
-        return m["non_2xx_3xx"] + m["socket_errors"] + m["timeouts"]
-
+def report_at_rate(results: list[dict], baseline: dict, bare: dict) -> str:
     rows = [["direct to fake upstream", baseline["rps"], baseline["p50_ms"], baseline["p99_ms"], "", "",
-             errors(baseline), ""]]
+             _errors(baseline), ""],
+            ["floor: bare Flask forward", bare["rps"], bare["p50_ms"], bare["p99_ms"],
+             round(bare["p50_ms"] - baseline["p50_ms"], 2), round(bare["p99_ms"] - baseline["p99_ms"], 2),
+             _errors(bare), bare["server_cpu_ms_per_request"]]]
     for r in results:
         m = r["proxy_at_rate"]
         rows.append([f"{r['database']}: through proxy", m["rps"], m["p50_ms"], m["p99_ms"], r["added_p50_ms_at_rate"],
-                     r["added_p99_ms_at_rate"], errors(m), m["server_cpu_ms_per_request"]])
+                     r["added_p99_ms_at_rate"], _errors(m), m["server_cpu_ms_per_request"]])
     return table(f"Gateway at a steady {RATE:g} sends/s (open loop, latency from when each send was due; "
                  f"upstream answers after {UPSTREAM_DELAY * 1000:g} ms, {DURATION:g}s)",
                  ["run", "sends/s", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "errors", "CPU ms/send"], rows)

@@ -17,11 +17,13 @@ def memory_table(inbound_results: list[dict], gateway_results: list[dict]) -> st
     rows = []
     for label, results, key in (("inbound bare Flask", inbound_results, "bare"),
                                 ("inbound proxy", inbound_results, "proxy"),
+                                ("gateway floor", gateway_results[:1], "floor"),
                                 ("gateway proxy", gateway_results, "proxy")):
         for r in results:
             mem = r[key]["memory_mib"]
             workers = mem["workers"]
-            rows.append([f"{label} ({r['database']})", mem["master"].get("VmRSS"),
+            name = label if key == "floor" else f"{label} ({r['database']})"  # the floor has no database
+            rows.append([name, mem["master"].get("VmRSS"),
                          " / ".join(str(w.get("VmRSS")) for w in workers),
                          " / ".join(str(w.get("VmHWM")) for w in workers),
                          " / ".join(str(w.get("Threads")) for w in workers)])
@@ -37,8 +39,9 @@ def main() -> None:
     growth_results = growth.main()
     summary = [inbound.report(inbound_results)]
     if gateway_results:
-        summary.append(gateway.report(gateway_results, gateway_results[0]["direct"]))
-        summary.append(gateway.report_at_rate(gateway_results, gateway_results[0]["direct_at_rate"]))
+        first = gateway_results[0]
+        summary.append(gateway.report(gateway_results, first["direct"], first["floor"]))
+        summary.append(gateway.report_at_rate(gateway_results, first["direct_at_rate"], first["floor_at_rate"]))
     summary += [growth.report(growth_results), memory_table(inbound_results, gateway_results)]
     write_result("summary", {"inbound": inbound_results, "gateway": gateway_results, "growth": growth_results,
                              "seconds": round(time.monotonic() - started)})
