@@ -445,15 +445,15 @@ async def _run_at_rate(base_url, requests, *, rate, duration, timeout) -> dict:
 
 
 def server_settings(env: dict) -> dict:
-    """The worker model gunicorn runs with for `env`: the Procfile's defaults and gunicorn.conf.py's choice."""
+    """The worker model gunicorn runs with for `env`: the Procfile's defaults and gunicorn.conf.py's choices."""
     import importlib.util
 
-    defaults = dict(re.findall(r"\$\{(WEB_CONCURRENCY|WEB_THREADS):-(\d+)\}", procfile_web()))
+    defaults = dict(re.findall(r"\$\{(WEB_THREADS):-(\d+)\}", procfile_web()))
     spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "gunicorn.conf.py")
     conf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conf)
     worker_class = conf._worker_class(env)
-    workers = env.get("WEB_CONCURRENCY") or defaults["WEB_CONCURRENCY"]
+    workers = str(conf._workers(env))
     threads = env.get("WEB_THREADS") or defaults["WEB_THREADS"]
     label = f"{workers}x{threads} gthread" if worker_class == "gthread" else f"{workers} {worker_class}"
     return {"worker_class": worker_class, "web_concurrency": workers, "web_threads": threads, "workers": label}
