@@ -73,6 +73,7 @@ def floor(upstream_url: str, reqs) -> tuple[dict, dict]:
         settle()
         steady = bare.load(reqs[1::2], rate=RATE, duration=DURATION)
         saturated["memory_mib"] = bare.rss()
+        saturated["workers"] = server_settings(bare.env)["workers"]  # its own, not the proxy's
     return saturated, steady
 
 
@@ -138,7 +139,7 @@ def report(results: list[dict], baseline: dict, bare: dict) -> str:
 
     rows = [["direct to fake upstream", "", baseline["rps"], baseline["p50_ms"], baseline["p99_ms"], "", "", "",
              _errors(baseline), "", ""],
-            ["floor: bare Flask forward", results[0]["workers"] if results else "", bare["rps"], bare["p50_ms"],
+            ["floor: bare Flask forward", bare["workers"], bare["rps"], bare["p50_ms"],
              bare["p99_ms"], added(bare), f"{bare['rps'] / baseline['rps']:.2f}" if baseline["rps"] else "", "",
              _errors(bare), bare["server_cpu_ms_per_request"], bare["server_cpu_cores"]]]
     for r in results:
