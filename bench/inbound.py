@@ -2,7 +2,9 @@
 
 Each request is a Twilio-shaped, correctly signed POST /twilio/inbound with its own MessageSid; most
 come from new users (a new window), about a quarter from a user seen before (the window is extended).
-The bare endpoint gets the very same requests under the same gunicorn command in the same run.
+The bare endpoint gets the very same requests under the same gunicorn command in the same run, and
+so does the floor (bench/bare_webhook.py: Flask checking the signature as Twilio's guide does, no
+database): "proxy/floor" is the share the proxy's own work (the message, its window, the log line) leaves.
 
     PYTHONPATH=. BENCH_POSTGRES_URL=postgresql://... python -m bench.inbound
 """
@@ -68,6 +70,8 @@ def run(kind: str, workdir: Path) -> dict:
     extra = os.environ.get("BENCH_GUNICORN_ARGS", "")
     with Gunicorn(env, app_spec="bench.bare_app:app", label="bare", extra_args=extra) as bare:
         bare_result = measure(bare)
+    with Gunicorn(env, app_spec="bench.bare_webhook:app", label="inbound-floor", extra_args=extra) as floor:
+        floor_result = measure(floor)
     with Gunicorn(env, label=f"inbound-{kind}", extra_args=extra) as proxy:
         proxy_result = measure(proxy)
         log_tail = proxy.log_path.read_text().splitlines()[-1:] if proxy.log_path.exists() else []
@@ -79,23 +83,27 @@ def run(kind: str, workdir: Path) -> dict:
     engine.dispose()
     return {"database": kind, "command": proxy.command, **server_settings(proxy.env),
             "duration_s": DURATION, "connections": CONNECTIONS,
-            "bare": bare_result, "proxy": proxy_result, "stored_rows": stored,
+            "bare": bare_result, "floor": floor_result, "proxy": proxy_result, "stored_rows": stored,
             "ratio_rps": round(proxy_result["rps"] / bare_result["rps"], 3) if bare_result["rps"] else None,
+            "ratio_to_floor": round(proxy_result["rps"] / floor_result["rps"], 3) if floor_result["rps"] else None,
             "target_ratio": 0.6 if kind == "sqlite" else 0.5, "proxy_log_last_line": log_tail}
 
 
 def report(results: list[dict]) -> str:
     rows = []
     for r in results:
-        for name in ("bare", "proxy"):
+        for name, label in (("bare", "bare Flask"), ("floor", "floor: Flask + signature check"),
+                            ("proxy", "proxy /twilio/inbound")):
             m = r[name]
-            rows.append([f"{r['database']}: {'bare Flask' if name == 'bare' else 'proxy /twilio/inbound'}",
+            rows.append([f"{r['database']}: {label}",
                          r["workers"], m["rps"], m["p50_ms"], m["p99_ms"], m["ok"], m["non_2xx_3xx"] + m["socket_errors"] + m["timeouts"],
                          m["server_cpu_ms_per_request"],
-                         f"{r['ratio_rps']:.2f} (target >= {r['target_ratio']})" if name == "proxy" else ""])
+                         f"{r['ratio_rps']:.2f} (target >= {r['target_ratio']})" if name == "proxy" else "",
+                         f"{r['ratio_to_floor']:.2f}" if name == "proxy" else ""])
     return table(f"Inbound webhooks ({results[0]['connections']} connections, {DURATION:g}s; "
                  f"the bare endpoint runs under the same gunicorn settings)",
-                 ["run", "workers", "req/s", "p50 ms", "p99 ms", "ok", "errors", "CPU ms/req", "proxy/bare"], rows)
+                 ["run", "workers", "req/s", "p50 ms", "p99 ms", "ok", "errors", "CPU ms/req", "proxy/bare",
+                  "proxy/floor"], rows)
 
 
 def main() -> list[dict]:

@@ -16,6 +16,7 @@ from bench.common import machine, table, write_result
 def memory_table(inbound_results: list[dict], gateway_results: list[dict]) -> str:
     rows = []
     for label, results, key in (("inbound bare Flask", inbound_results, "bare"),
+                                ("inbound floor", inbound_results, "floor"),
                                 ("inbound proxy", inbound_results, "proxy"),
                                 ("gateway floor", gateway_results[:1], "floor"),
                                 ("gateway proxy", gateway_results, "proxy")):
