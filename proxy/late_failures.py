@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, select, update
 
@@ -19,7 +19,7 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
     """Act once per message sid on a `failed` + 63016 callback for a send the proxy let through."""
     attempt = conn.execute(
         select(send_attempts.c.sender, send_attempts.c.user, send_attempts.c.account_sid, send_attempts.c.params,
-               send_attempts.c.content_type)
+               send_attempts.c.content_type, send_attempts.c.created_at, send_attempts.c.duration_ms)
         .where(send_attempts.c.message_sid == sid, send_attempts.c.decision.in_(("allowed", "rerouted")))
         .order_by(send_attempts.c.id.desc()).limit(1)
     ).first()
@@ -40,9 +40,14 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
     # The same inbound message may also have opened the pair's Messaging Service row: close it too.
     opened_by = select(windows.c.last_inbound_sid).where(windows.c.user == attempt.user,
                                                          windows.c.sender.in_(senders))
+    # 63016 says the window WhatsApp knew when it tried to deliver was closed: the one the proxy had
+    # when the send arrived. A message the user sent after that opened a new window (callbacks come
+    # late and out of order), which must stay open.
+    send_arrived = attempt.created_at - timedelta(milliseconds=attempt.duration_ms or 0)
     conn.execute(update(windows)
                  .where(windows.c.user == attempt.user, windows.c.expires_at > now,
-                        windows.c.sender.in_(senders) | (windows.c.last_inbound_sid.in_(opened_by)))
+                        windows.c.sender.in_(senders) | (windows.c.last_inbound_sid.in_(opened_by)),
+                        windows.c.last_inbound_at <= send_arrived)
                  .values(expires_at=now, updated_at=now))
     if reroute:
         kept = ("To", "From", "MessagingServiceSid", "StatusCallback")

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from proxy import create_app
-from proxy.db import held_messages, late_failures, outbox, utcnow, windows
+from proxy.db import held_messages, late_failures, outbox, send_attempts, utcnow, windows
 from proxy.policy import Policy
 from proxy.policy_file import Fallback
 from proxy.worker import Worker
@@ -220,6 +220,22 @@ def test_late_63016_closes_the_window_and_sends_the_fallback_once(settings, db_e
     assert dict(fallback_sends[0].form)["ContentVariables"] == json.dumps({"1": "Ada"})
     # The next free-form send is blocked: the proxy learnt the window was closed.
     assert send(client, {"To": USER, "From": BUSINESS, "Body": "again"}).headers["X-Proxy-Decision"] == "rerouted"
+
+
+def test_late_63016_keeps_a_window_the_user_reopened_after_the_send(settings, db_engine, fake_twilio):
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "b" * 31 + "1"))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "in window"}).get_json()["sid"]
+    app.extensions["proxy"].attempts.flush()
+    with db_engine.begin() as conn:  # the attempt row says when the send came in; the user wrote after it
+        conn.execute(update(windows).values(last_inbound_at=utcnow() - timedelta(seconds=90)))
+        conn.execute(update(send_attempts).values(created_at=utcnow() - timedelta(seconds=60)))
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "b" * 31 + "2"))
+    assert signed_post(client, "/twilio/status", failed_callback(sid)).status_code == 200
+    window = client.get(f"/v1/windows?sender={BUSINESS}&user={USER}", headers=basic_auth()).get_json()
+    assert window["open"] is True
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "again"}).headers["X-Proxy-Decision"] == "allowed"
 
 
 @pytest.mark.parametrize("callback", [failed_callback("SM" + "c" * 32, status="undelivered"),
