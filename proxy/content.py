@@ -46,8 +46,15 @@ class Content:
 
 
 def delivered_type(types: Mapping[str, Any]) -> str | None:
-    """The most complex type WhatsApp supports among those present; Twilio sends that one."""
-    present = [t for t in types if t in TABLE and t not in NOT_ON_WHATSAPP]
+    """The most complex type WhatsApp supports among those present; Twilio sends that one.
+
+    A type the rule table does not know may be what Twilio sends (new types are the rich ones), so it
+    wins and is judged as rules.UNKNOWN_TYPE rather than being skipped.
+    """
+    present = [t for t in types if t not in NOT_ON_WHATSAPP]
+    unknown = sorted(t for t in present if t not in TABLE)
+    if unknown:
+        return unknown[0]
     if not present:
         return None
     return max(present, key=WHATSAPP_COMPLEXITY.index)

@@ -14,6 +14,7 @@ from .rules import (
     OUTSIDE_WINDOW,
     SESSION_BUTTON_TYPES,
     TABLE,
+    UNKNOWN_TYPE,
     Cell,
 )
 from .windows import WindowState
@@ -76,7 +77,7 @@ def decide(send: Send, window: WindowState, policy: Policy) -> Decision:
         return Decision(Action.ALLOWED, "window_open") if window.open else _closed(window)
     if send.content_type is None:
         return Decision(Action.BLOCKED, "type_not_supported_on_whatsapp", NEEDS_TEMPLATE)
-    in_session, out_of_session = TABLE[send.content_type]
+    in_session, out_of_session = TABLE.get(send.content_type, UNKNOWN_TYPE)
     if not send.template:
         # Free-form Body/MediaUrl can never be an approved template.
         return Decision(Action.ALLOWED, "window_open") if window.open else _closed(window)

@@ -31,7 +31,14 @@ TABLE: dict[str, tuple[Cell, Cell]] = {
     "whatsapp/authentication": (T, T),
     # Not in the seed; placed where Twilio's content-types overview table puts it.
     "twilio/pay":              (A, X),
+    # Not in the seed: a Flow built in WhatsApp's own tools (the Content API's `whatsapp/flows`, by
+    # flow_id), the same kind of message as twilio/flows, which needs approval both ways.
+    "whatsapp/flows":          (T, T),
 }
+
+# A type this table does not know (Twilio adds types): fail closed, as if it needed approval both
+# ways; an approved template still goes out, an unapproved one is never guessed to be allowed.
+UNKNOWN_TYPE: tuple[Cell, Cell] = (T, T)
 
 # Content types WhatsApp cannot receive at all (twilio/schedule is for other channels).
 NOT_ON_WHATSAPP = frozenset({"twilio/schedule"})
@@ -50,6 +57,7 @@ WHATSAPP_COMPLEXITY: tuple[str, ...] = (
     "twilio/catalog",
     "twilio/pay",
     "twilio/flows",
+    "whatsapp/flows",
     "whatsapp/card",
     "whatsapp/authentication",
 )

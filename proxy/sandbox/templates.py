@@ -19,6 +19,7 @@ SAMPLE_TEMPLATES = {
     "twilio/pay": {"body": "Pay for order {{1}}"},
     "twilio/flows": {"body": "Book an appointment", "button_text": "Book", "subtitle": "Takes 1 minute",
                      "pages": [{"id": "page1", "title": "When?", "layout": []}], "type": "flow"},
+    "whatsapp/flows": {"body": "Tell us about your visit", "button_text": "Start", "flow_id": "1234567890123456"},
     "whatsapp/card": {"body": "Rate your delivery", "footer": "Thanks!", "actions": [
         {"type": "URL", "title": "Rate", "url": "https://example.com/rate"}]},
     "whatsapp/authentication": {"add_security_recommendation": True, "code_expiration_minutes": 5,

@@ -31,6 +31,7 @@ SAMPLE_BODIES = {
     "whatsapp/authentication": {"add_security_recommendation": True,
                                 "actions": [{"type": "COPY_CODE", "copy_code_text": "Copy"}]},
     "twilio/pay": {"body": "Pay"},
+    "whatsapp/flows": {"body": "Flow", "button_text": "Start", "flow_id": "1"},
 }
 
 
@@ -290,3 +291,14 @@ def test_preflight_needs_auth_and_valid_fields(client):
     assert client.post(PREFLIGHT, data={"To": USER, "From": BUSINESS, "Body": "x"}).status_code == 401
     response = client.post(PREFLIGHT, data={"From": BUSINESS, "Body": "x"}, headers=basic_auth())
     assert response.status_code == 400 and response.get_json()["code"] == 21604
+
+
+@pytest.mark.parametrize("approval, status", [("unsubmitted", 400), ("approved", 201)])
+def test_a_type_the_table_does_not_know_is_judged_as_needing_approval(client, fake_twilio, approval, status):
+    """Twilio adds content types; one the proxy does not know is never skipped in favour of a known one."""
+    sid = fake_twilio.add_content({"twilio/text": {"body": "Hi"}, "twilio/brand-new": {"body": "?"}}, approval)
+    open_window(client)
+    response = template_send(client, sid)
+    assert response.status_code == status
+    if status == 400:
+        assert response.get_json()["code"] == 63005 and "twilio/brand-new" in response.get_json()["message"]

@@ -16,6 +16,11 @@ from proxy.content import approval_status, buttons_of, delivered_type
         ({"whatsapp/card": {}, "whatsapp/authentication": {}, "twilio/text": {}}, "whatsapp/authentication"),
         ({"twilio/schedule": {}, "twilio/text": {}}, "twilio/text"),  # schedule is not a WhatsApp type
         ({"twilio/schedule": {}}, None),
+        ({"twilio/text": {}, "whatsapp/flows": {}}, "whatsapp/flows"),
+        ({"twilio/flows": {}, "whatsapp/flows": {}, "whatsapp/card": {}}, "whatsapp/card"),
+        # A type the table does not know wins, so it is judged (as needing approval), never skipped.
+        ({"twilio/text": {}, "twilio/brand-new": {}}, "twilio/brand-new"),
+        ({"twilio/schedule": {}, "twilio/brand-new": {}}, "twilio/brand-new"),
         ({}, None),
     ],
 )

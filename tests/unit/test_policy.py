@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from proxy.policy import MEDIA, TEXT, Action, Policy, Send, buttons_allowed_unapproved, content_type_of, decide, reroute
-from proxy.rules import TABLE, WHATSAPP_COMPLEXITY, Cell
+from proxy.rules import TABLE, UNKNOWN_TYPE, WHATSAPP_COMPLEXITY, Cell
 from proxy.windows import CLOSED, window_state
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
@@ -34,8 +34,9 @@ SYMBOL = {Cell.ALLOWED: "✅", Cell.NEEDS_APPROVAL: "⚠️", Cell.DEPENDS_ON_BU
 
 def test_the_table_is_the_seed():
     assert {t: (SYMBOL[a], SYMBOL[b]) for t, (a, b) in TABLE.items() if t in SEED} == SEED
-    assert set(TABLE) - set(SEED) == {"twilio/pay"}
+    assert set(TABLE) - set(SEED) == {"twilio/pay", "whatsapp/flows"}
     assert TABLE["twilio/pay"] == (Cell.ALLOWED, Cell.NOT_SUPPORTED)
+    assert TABLE["whatsapp/flows"] == TABLE["twilio/flows"] == (Cell.NEEDS_APPROVAL, Cell.NEEDS_APPROVAL)
     assert set(WHATSAPP_COMPLEXITY) == set(TABLE)
 
 
@@ -58,6 +59,8 @@ IN_SESSION = [
     ("whatsapp/card", Action.ALLOWED, "buttons_allowed_in_session", None),
     ("whatsapp/authentication", Action.BLOCKED, "needs_approval", 63005),
     ("twilio/pay", Action.ALLOWED, "allowed_in_session", None),
+    ("whatsapp/flows", Action.BLOCKED, "needs_approval", 63005),
+    ("twilio/some-new-type", Action.BLOCKED, "needs_approval", 63005),  # unknown: fail closed
 ]
 OUT_OF_SESSION = [
     ("twilio/text", Action.BLOCKED, "template_not_approved", 63016),
@@ -73,6 +76,8 @@ OUT_OF_SESSION = [
     ("whatsapp/card", Action.BLOCKED, "template_not_approved", 63016),
     ("whatsapp/authentication", Action.BLOCKED, "template_not_approved", 63016),
     ("twilio/pay", Action.BLOCKED, "not_supported_out_of_session", 63016),
+    ("whatsapp/flows", Action.BLOCKED, "template_not_approved", 63016),
+    ("twilio/some-new-type", Action.BLOCKED, "template_not_approved", 63016),
 ]
 
 
@@ -89,9 +94,9 @@ def test_out_of_session_unapproved(content_type, action, reason, code):
         assert (d.action, d.reason, d.code) == (action, reason, code)
 
 
-@pytest.mark.parametrize("content_type", list(TABLE))
+@pytest.mark.parametrize("content_type", [*TABLE, "twilio/some-new-type"])
 def test_approved_templates(content_type):
-    in_cell, out_cell = TABLE[content_type]
+    in_cell, out_cell = TABLE.get(content_type, UNKNOWN_TYPE)
     assert decide(template(content_type, "approved"), OPEN, STRICT).action is Action.ALLOWED
     out = decide(template(content_type, "approved"), EXPIRED, STRICT)
     if out_cell is Cell.NOT_SUPPORTED:  # approval cannot make location/list-picker/pay start a conversation
