@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 
 from flask import Request
 from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import RequestEntityTooLarge
 
 import werkzeug.urls  # noqa: F401 — registers the "werkzeug.url_quote" codec error handler used below
 
@@ -28,13 +29,28 @@ class Fields(MultiDict):
     getall = MultiDict.getlist
 
 
+def body_of(request: Request) -> bytes:
+    """The request's body (cached); one over MAX_CONTENT_LENGTH is a 413, chunked or not.
+
+    Without a Content-Length (chunked), werkzeug enforces the limit by stopping there: the first
+    MAX_CONTENT_LENGTH bytes come back as if they were the whole body, and the fields past the cut
+    would be judged and forwarded as never sent.
+    """
+    body = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(body) >= limit:
+        if request.environ["wsgi.input"].read(1):  # past werkzeug's limited stream: is there more?
+            raise RequestEntityTooLarge()
+    return body
+
+
 def form_of(request: Request) -> MultiDict:
     """`request.form`: for an urlencoded body, decoded exactly as werkzeug decodes it."""
     if request.mimetype != URLENCODED:
         return request.form
     # As werkzeug: a body that is not UTF-8 is an empty form; a %-escape that is not UTF-8 is kept escaped.
     try:
-        text = request.get_data(cache=True).decode()
+        text = body_of(request).decode()
     except UnicodeDecodeError:
         return Fields()
     return Fields(parse_qsl(text, keep_blank_values=True, errors="werkzeug.url_quote"))

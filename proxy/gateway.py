@@ -17,7 +17,7 @@ from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
 from .db import storable, utcnow, writing
 from .errors import twilio_error
-from .forms import URLENCODED, strict_form
+from .forms import URLENCODED, body_of, strict_form
 from .judge import Judgement, fail_open, judge
 from .policy import Action, explain
 from .runtime import runtime
@@ -52,7 +52,7 @@ def create_message(account_sid: str):
     rt, started = runtime(), time.perf_counter()
     if request.query_string:
         return twilio_error(400, 400, "A Messages create takes its fields in the form body, not the query string.")
-    raw_body = request.get_data(cache=True)  # kept so the forward is byte-for-byte what was sent
+    raw_body = body_of(request)  # kept so the forward is byte-for-byte what was sent
     # Judged as a form, so only a form may be forwarded: a body of another type (also one sent chunked,
     # without a Content-Length) would be judged as one thing and reach Twilio as another.
     if raw_body and request.mimetype != URLENCODED:
@@ -112,7 +112,7 @@ def passthrough(rest: str):
         return twilio_error(400, 400, f"The proxy does not forward {request.method} {request.path!r}: "
                                       "send messages with POST to /2010-04-01/Accounts/{AccountSid}/Messages.json.")
     started = time.perf_counter()
-    response, outcome, upstream_status, _ = _forward(request.get_data())
+    response, outcome, upstream_status, _ = _forward(body_of(request))
     response.headers["X-Proxy-Decision"] = Action.PASSTHROUGH.value
     logs.event("api_passthrough", redact=True, method=request.method, path=request.path, outcome=outcome,
                upstream_status=upstream_status, duration_ms=_ms(started), request_id=g.request_id)

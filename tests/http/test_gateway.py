@@ -277,3 +277,27 @@ def test_a_body_that_is_not_a_form_is_refused_even_without_a_content_length(clie
     assert response.status_code == 400 and set(response.get_json()) == SHAPE
     assert "x-www-form-urlencoded" in response.get_json()["message"]
     assert fake_twilio.requests == []
+
+
+@pytest.mark.parametrize("extra, status", [(0, 201), (1, 413)])
+def test_a_chunked_create_over_the_size_limit_is_413_never_cut_and_sent(app, client, fake_twilio, extra, status):
+    """Without a Content-Length werkzeug stops reading at MAX_CONTENT_LENGTH; the rest of the fields must
+    not be silently dropped from what is judged and forwarded."""
+    import io
+
+    open_window(client)
+    fields = [("To", USER), ("From", BUSINESS), ("Body", "hi"), ("Pad", "")]
+    tail = "&StatusCallback=https%3A%2F%2Fapp.example.com%2Fstatus"
+    pad = app.config["MAX_CONTENT_LENGTH"] - len(urlencode(fields) + tail) + extra
+    body = (urlencode(fields) + "p" * pad + tail).encode()
+    assert len(body) == app.config["MAX_CONTENT_LENGTH"] + extra
+    response = client.post(MESSAGES, input_stream=io.BytesIO(body),
+                           headers={**basic_auth(), "Content-Type": "application/x-www-form-urlencoded",
+                                    "Transfer-Encoding": "chunked"},
+                           environ_overrides={"wsgi.input_terminated": True})  # as gunicorn serves chunked bodies
+    assert response.status_code == status
+    if status == 413:
+        assert set(response.get_json()) == SHAPE and fake_twilio.creates == []
+    else:
+        [create] = fake_twilio.creates
+        assert create.body == body
