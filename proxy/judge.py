@@ -58,7 +58,7 @@ def validate(form: MultiDict) -> None:
         raise ApiError(21603, 400)
     content_sid = form.get("ContentSid", "").strip()
     if not (form.get("Body") or media_urls or content_sid):
-        raise ApiError(21602, 400)
+        raise ApiError(21619, 400)
     if content_sid and not CONTENT_SID.match(content_sid):
         raise ApiError(21655, 400)
     variables = form.get("ContentVariables")
@@ -96,7 +96,6 @@ def fail_open(form: MultiDict) -> Judgement:
 
 
 def judge(rt: Runtime, form: MultiDict) -> Judgement:
-    validate(form)
     to_raw, from_raw = form.get("To", "").strip(), form.get("From", "").strip()
     service_sid = form.get("MessagingServiceSid", "").strip() or None
     content_sid = form.get("ContentSid", "").strip() or None
@@ -104,10 +103,13 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
     channel = channel_of(to_raw)
     now = utcnow()
     free_form_type = content_type_of(form.get("Body"), media_urls, content_sid)
-    if channel not in WINDOWED_CHANNELS:
+    if channel not in WINDOWED_CHANNELS and channel_of(from_raw) not in WINDOWED_CHANNELS:
+        # SMS, MMS and other channels pass through unchanged: Twilio validates them with its own codes.
         send = Send(channel, free_form_type, template=bool(content_sid))
         return Judgement(decide(send, CLOSED, rt.settings.policy), send, CLOSED, channel, from_raw or service_sid,
                          to_raw, content_sid, now)
+    # What is judged must be what Twilio will read: refused here, with Twilio's codes, before any lookup.
+    validate(form)
 
     try:
         user = normalise(to_raw)
