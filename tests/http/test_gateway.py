@@ -134,6 +134,7 @@ def test_unauthenticated_callers_get_20003_and_nothing_is_sent(client, fake_twil
     assert response.status_code == 401
     assert response.get_json() == {"code": 20003, "message": "Authenticate",
                                    "more_info": "https://www.twilio.com/docs/errors/20003", "status": 401}
+    assert response.headers["X-Proxy-Decision"] == "rejected"
     assert fake_twilio.creates == [] and attempts(db_engine) == []
 
 
@@ -142,6 +143,7 @@ def test_another_account_in_the_path_is_404(client, fake_twilio):
     response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}, path=path)
     assert response.status_code == 404
     assert response.get_json()["code"] == 20404 and set(response.get_json()) == SHAPE
+    assert response.headers["X-Proxy-Decision"] == "rejected"
     assert fake_twilio.requests == []
 
 
@@ -162,6 +164,7 @@ def test_form_validation_like_twilio(client, fake_twilio, fields, code):
     assert response.status_code == 400
     body = response.get_json()
     assert set(body) == SHAPE and body["code"] == code and body["status"] == 400
+    assert response.headers["X-Proxy-Decision"] == "rejected"
     assert fake_twilio.requests == []
 
 

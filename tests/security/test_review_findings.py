@@ -25,6 +25,8 @@ ACCOUNT = f"/2010-04-01/Accounts/{ACCOUNT_SID}"
     f"{ACCOUNT}/Messages.json%3Fx=1", f"{ACCOUNT}/Messages.json%23", f"{ACCOUNT}/x/../Messages.json",
     f"{ACCOUNT}/x/%2E%2E/Messages.json", f"{ACCOUNT}/Messages", f"{ACCOUNT}/Messages.xml", f"{ACCOUNT}/Messages.json/",
     f"{ACCOUNT}//Messages.json", f"{ACCOUNT}/Messages.JSON",
+    # Servers that strip `;` path parameters (servlet containers do) would read these as a create.
+    f"{ACCOUNT}/Messages;x=1", f"{ACCOUNT}/Messages%3Bx.json", f"{ACCOUNT};x/Messages.json",
 ])
 def test_no_path_reaches_twilios_create_without_the_judge(client, fake_twilio, path):
     response = client.post(path, data={"To": USER, "From": BUSINESS, "Body": "cold"}, headers=basic_auth())
