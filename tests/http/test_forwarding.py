@@ -8,14 +8,15 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
-from proxy import create_app
+from proxy import create_app, holds
 from proxy.db import held_messages, late_failures, outbox, utcnow, windows
 from proxy.policy import Policy
 from proxy.policy_file import Fallback
 from proxy.worker import Worker
-from tests.conftest import ACCOUNT_SID, BUSINESS, USER, basic_auth, inbound_params, sign, signed_post
-from tests.http.test_gateway import send
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, sign, signed_post
+from tests.http.test_gateway import attempts, send
 
 SCHEDULE = (0, 5, 300)
 LEASE_SECONDS = 120
@@ -294,6 +295,36 @@ def test_expired_holds_are_dropped_with_a_log_line(settings, db_engine, fake_twi
     fake_twilio.requests.clear()
     signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 31 + "1"))
     assert run_worker(app) == 0 and fake_twilio.creates == []
+
+
+def test_a_hold_the_database_refuses_after_twilio_took_the_fallback_still_answers_twilios_201(
+        settings, db_engine, fake_twilio, log_lines, monkeypatch):
+    """Twilio accepted the fallback: a 503 would make the caller send the template a second time."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+
+    def refused(*args, **kwargs):
+        raise OperationalError("INSERT INTO held_messages", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(holds, "hold", refused)
+    response = send(app.test_client(), {"To": USER, "From": BUSINESS, "Body": "a private order note"})
+    assert response.status_code == 201
+    sid = response.get_json()["sid"]
+    assert sid in fake_twilio.messages and len(fake_twilio.creates) == 1
+    assert response.headers["X-Proxy-Decision"] == "rerouted"
+    assert response.headers["X-Proxy-Rerouted-To"] == app.fallback_sid
+    assert "X-Proxy-Held-Id" not in response.headers
+    assert response.headers["X-Proxy-Hold-Failed"] == "database_error"
+    [attempt] = attempts(db_engine)
+    assert (attempt["decision"], attempt["outcome"], attempt["message_sid"]) == ("rerouted", "sent", sid)
+    lines = log_lines()
+    [failed] = [line for line in lines if line["event"] == "hold_failed"]
+    assert failed["level"] == "ERROR" and failed["error"] == "OperationalError"
+    assert failed["message_sid"] == sid and failed["user"] == "whatsapp:+1415*****11"
+    assert [line["decision"] for line in lines if line["event"] == "send"] == ["rerouted"]
+    written = json.dumps(lines)
+    assert "private order note" not in written and AUTH_TOKEN not in written
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages)).all() == []
 
 
 def test_a_drip_feeding_app_cannot_hold_twilios_webhook(settings, db_engine):
