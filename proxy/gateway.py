@@ -100,9 +100,11 @@ def _hold(account_sid: str, form: MultiDict, judgement: Judgement) -> int:
     """Keep the original request (StatusCallback included) until the user's next message opens the window."""
     rt = runtime()
     with writing(rt.engine) as conn:
-        return holds.hold(conn, sender=judgement.sender, user=judgement.user, account_sid=account_sid,
-                          params=list(form.items(multi=True)), request_id=g.request_id, now=utcnow(),
-                          ttl_seconds=rt.settings.hold_ttl_seconds)
+        held_id, _ = holds.hold(conn, sender=judgement.sender, user=judgement.user, account_sid=account_sid,
+                                params=list(form.items(multi=True)), request_id=g.request_id, now=utcnow(),
+                                ttl_seconds=rt.settings.hold_ttl_seconds,
+                                judged_inbound_at=judgement.window.last_inbound_at)
+        return held_id
 
 
 def rerouted_form(form: MultiDict, judgement: Judgement) -> list[tuple[str, str]]:

@@ -297,6 +297,46 @@ def test_expired_holds_are_dropped_with_a_log_line(settings, db_engine, fake_twi
     assert run_worker(app) == 0 and fake_twilio.creates == []
 
 
+def test_a_user_writing_while_the_fallback_is_in_flight_still_gets_the_held_message(
+        settings, db_engine, fake_twilio, monkeypatch):
+    """The user's message lands after Twilio took the fallback but before the hold is stored: its webhook
+    finds nothing held, so storing the hold must see the newly opened window and queue the release."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    upstream = app.extensions["proxy"].upstream
+    forward, inbound = upstream.request, []
+
+    def twilio_answers_after_the_user_wrote(method, path, **kwargs):
+        answer = forward(method, path, **kwargs)
+        if not inbound:  # only the fallback create: the worker's release goes straight through
+            writer = threading.Thread(target=lambda: inbound.append(
+                signed_post(app.test_client(), "/twilio/inbound", inbound_params("SM" + "4" * 31 + "a"))))
+            writer.start()
+            writer.join()
+        return answer
+
+    monkeypatch.setattr(upstream, "request", twilio_answers_after_the_user_wrote)
+    response = send(app.test_client(), {"To": USER, "From": BUSINESS, "Body": "order shipped"})
+    assert [r.status_code for r in inbound] == [200]
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "rerouted"
+    held_id = int(response.headers["X-Proxy-Held-Id"])
+    assert [(i["kind"], i["target"]) for i in items(db_engine)] == [("release", f"{BUSINESS}\n{USER}")]
+    assert run_worker(app) == 1
+    assert [dict(r.form).get("Body") for r in fake_twilio.creates] == [None, "order shipped"]
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.id, held_messages.c.status)).all() == [(held_id, "released")]
+
+
+def test_a_hold_stored_in_a_window_the_judge_already_saw_queues_no_release(settings, db_engine, fake_twilio):
+    """Rerouted inside the window (a carousel needing approval): only a new message from the user releases it."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + "b"))
+    carousel = fake_twilio.add_content({"twilio/carousel": {"body": "c", "cards": []}}, "pending")
+    response = send(client, {"To": USER, "From": BUSINESS, "ContentSid": carousel})
+    assert "X-Proxy-Held-Id" in response.headers
+    assert items(db_engine) == []
+
+
 def test_a_hold_the_database_refuses_after_twilio_took_the_fallback_still_answers_twilios_201(
         settings, db_engine, fake_twilio, log_lines, monkeypatch):
     """Twilio accepted the fallback: a 503 would make the caller send the template a second time."""
