@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import re
 import time
 from urllib.parse import quote
@@ -88,7 +89,16 @@ def create_message(account_sid: str):
         # Held only once the fallback went out: a caller retrying a failed reroute must not
         # leave two copies waiting for release.
         if rt.settings.hold_on_reroute and outcome == "sent":
-            response.headers["X-Proxy-Held-Id"] = str(_hold(account_sid, form, judgement))
+            try:
+                response.headers["X-Proxy-Held-Id"] = str(_hold(account_sid, form, judgement))
+            except SQLAlchemyError as exc:
+                # Twilio already took the fallback: answering 503 ("nothing was sent") would make a
+                # retrying caller send the template twice. Relay Twilio's answer and say the original
+                # was not kept, so the caller can send it again itself once the user writes.
+                response.headers["X-Proxy-Hold-Failed"] = "database_error"
+                logs.event("hold_failed", redact=rt.settings.log_redact_numbers, level=logging.ERROR,
+                           error=type(exc).__name__, sender=judgement.sender, user=judgement.user,
+                           message_sid=message_sid, request_id=g.request_id)
     else:
         response, outcome, upstream_status, message_sid = _forward(raw_body)
     _finish(account_sid, form, judgement, response, outcome, upstream_status, message_sid, started)
@@ -99,9 +109,11 @@ def _hold(account_sid: str, form: MultiDict, judgement: Judgement) -> int:
     """Keep the original request (StatusCallback included) until the user's next message opens the window."""
     rt = runtime()
     with writing(rt.engine) as conn:
-        return holds.hold(conn, sender=judgement.sender, user=judgement.user, account_sid=account_sid,
-                          params=list(form.items(multi=True)), request_id=g.request_id, now=utcnow(),
-                          ttl_seconds=rt.settings.hold_ttl_seconds)
+        held_id, _ = holds.hold(conn, sender=judgement.sender, user=judgement.user, account_sid=account_sid,
+                                params=list(form.items(multi=True)), request_id=g.request_id, now=utcnow(),
+                                ttl_seconds=rt.settings.hold_ttl_seconds,
+                                judged_inbound_at=judgement.window.last_inbound_at)
+        return held_id
 
 
 def rerouted_form(form: MultiDict, judgement: Judgement) -> list[tuple[str, str]]:

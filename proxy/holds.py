@@ -5,21 +5,61 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, exists, select, update
+from sqlalchemy import Connection, exists, select, text, update
 
+from . import outbox, store
 from .db import held_messages
 
 HELD, SENDING, RELEASED, EXPIRED, FAILED = "held", "sending", "released", "expired", "failed"
 
 
 def hold(conn: Connection, *, sender: str, user: str, account_sid: str, params: list, request_id: str,
-         now: datetime, ttl_seconds: int) -> int:
-    return conn.execute(
+         now: datetime, ttl_seconds: int, judged_inbound_at: datetime | None) -> tuple[int, bool]:
+    """Keep a rerouted send; its id, and whether its release was queued at once.
+
+    `judged_inbound_at` is the pair's last inbound message as the judge saw it. The hold is stored
+    only after Twilio answered the fallback, so the user may have written in between: that webhook
+    found nothing held and queued no release, and would leave this one waiting for the next message.
+    """
+    lock_pair(conn, sender, user)
+    held_id = conn.execute(
         held_messages.insert()
         .values(sender=sender, user=user, account_sid=account_sid, params=json.dumps(params), status=HELD,
                 request_id=request_id, created_at=now, expires_at=now + timedelta(seconds=ttl_seconds))
         .returning(held_messages.c.id)
     ).scalar_one()
+    window = store.load_window(conn, sender, user)
+    wrote_since = window is not None and window.last_inbound_at != judged_inbound_at
+    if wrote_since:
+        queue_release(conn, sender, user, now)  # judged again when released, like any release
+    return held_id, wrote_since
+
+
+def release_if_held(conn: Connection, sender: str, user: str, now: datetime) -> bool:
+    """An inbound message opened the pair's window: queue the release of its held messages, if any."""
+    lock_pair(conn, sender, user)
+    if not any_held(conn, sender, user, now):
+        return False
+    queue_release(conn, sender, user, now)
+    return True
+
+
+def queue_release(conn: Connection, sender: str, user: str, now: datetime) -> int:
+    return outbox.enqueue(conn, kind="release", ordering_key=f"release:{sender}|{user}", target=f"{sender}\n{user}",
+                          headers={}, body=[], now=now)
+
+
+def lock_pair(conn: Connection, sender: str, user: str) -> None:
+    """Take the pair's hold/inbound turn until the transaction ends.
+
+    Under PostgreSQL's READ COMMITTED a hold and an inbound message of one pair, committing at the same
+    time, could each miss the other's uncommitted row (write skew): the hold sees no new message, the
+    message sees no hold, and nothing releases it. Whichever takes the turn second sees what the first
+    committed. SQLite's writers already take turns (db.writing).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:pair, 0))"),
+                     {"pair": f"hold:{sender}\n{user}"})
 
 
 def any_held(conn: Connection, sender: str, user: str, now: datetime) -> bool:

@@ -14,6 +14,10 @@ from .rules import TABLE
 
 ACTIONS = ("block", "reroute")
 CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
+# `{profile_name}` when the user's profile name is unknown (they never wrote: the usual reason to
+# reroute) or blank: Twilio refuses a "" variable with 21656, so it is never left empty.
+DEFAULT_PROFILE_NAME = "there"
+FALLBACK_KEYS = ("content_sid", "variables", "profile_name_default")
 
 
 class PolicyFileError(ValueError):
@@ -26,11 +30,21 @@ class Fallback:
 
     content_sid: str
     variables: Mapping[str, str] = field(default_factory=dict)
+    profile_name_default: str = DEFAULT_PROFILE_NAME
+
+    def __post_init__(self):
+        # Checked here, not only when a file is read: no fallback may ever render an empty variable.
+        if not isinstance(self.profile_name_default, str) or not self.profile_name_default.strip():
+            raise PolicyFileError("profile_name_default must be a non-empty string")
+        blank = sorted(k for k, v in self.variables.items() if not v.strip())
+        if blank:
+            raise PolicyFileError(f"variables must not be empty (Twilio refuses them with 21656): {blank[0]!r}")
 
     def render(self, profile_name: str | None) -> str | None:
         if not self.variables:
             return None
-        return json.dumps({k: v.replace("{profile_name}", profile_name or "") for k, v in self.variables.items()})
+        name = (profile_name or "").strip() or self.profile_name_default
+        return json.dumps({k: v.replace("{profile_name}", name) for k, v in self.variables.items()})
 
 
 @dataclass(frozen=True)
@@ -39,7 +53,7 @@ class PolicyFile:
     fallbacks: Mapping[str, Fallback]
 
 
-def parse_fallback(content_sid: object, variables: object, where: str) -> Fallback:
+def parse_fallback(content_sid: object, variables: object, where: str, profile_name_default: object = None) -> Fallback:
     if not isinstance(content_sid, str) or not CONTENT_SID.match(content_sid):
         raise PolicyFileError(f"{where}: content_sid must look like HX followed by 32 hex characters")
     if variables is None:
@@ -48,7 +62,11 @@ def parse_fallback(content_sid: object, variables: object, where: str) -> Fallba
         isinstance(k, str) and isinstance(v, str) for k, v in variables.items()
     ):
         raise PolicyFileError(f"{where}: variables must be a table (JSON object) of strings")
-    return Fallback(content_sid, dict(variables))
+    try:
+        return Fallback(content_sid, dict(variables),
+                        DEFAULT_PROFILE_NAME if profile_name_default is None else profile_name_default)
+    except PolicyFileError as exc:
+        raise PolicyFileError(f"{where}: {exc}") from None
 
 
 def load(path: str) -> PolicyFile:
@@ -83,9 +101,14 @@ def load(path: str) -> PolicyFile:
         where = at(sender)
         if not isinstance(spec, Mapping):
             raise PolicyFileError(f"{where}: fallback for {sender!r} must be a table with content_sid")
+        unknown = sorted(set(spec) - set(FALLBACK_KEYS))
+        if unknown:  # a misspelt profile_name_default would otherwise be ignored without a word
+            raise PolicyFileError(f"{where}: unknown key {unknown[0]!r} in the fallback for {sender!r} "
+                                  f"(expected {', '.join(FALLBACK_KEYS)})")
         try:
             key = sender if sender.startswith("MG") else normalise(sender)
         except InvalidAddress as exc:
             raise PolicyFileError(f"{where}: {exc}") from None
-        fallbacks[key] = parse_fallback(spec.get("content_sid"), spec.get("variables"), where)
+        fallbacks[key] = parse_fallback(spec.get("content_sid"), spec.get("variables"), where,
+                                        spec.get("profile_name_default"))
     return PolicyFile(actions, fallbacks)

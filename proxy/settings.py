@@ -145,16 +145,18 @@ def normalise_database_url(raw: str) -> str:
 def _fallback(env: Mapping[str, str]) -> Fallback | None:
     sid = env.get("FALLBACK_CONTENT_SID", "").strip()
     raw = env.get("FALLBACK_CONTENT_VARIABLES", "").strip()
+    name_default = env.get("FALLBACK_PROFILE_NAME_DEFAULT", "").strip() or None  # blank: unset, as elsewhere
     if not sid:
-        if raw:
-            raise ConfigError("FALLBACK_CONTENT_VARIABLES is set but FALLBACK_CONTENT_SID is not.")
+        for name in ("FALLBACK_CONTENT_VARIABLES", "FALLBACK_PROFILE_NAME_DEFAULT"):
+            if env.get(name, "").strip():
+                raise ConfigError(f"{name} is set but FALLBACK_CONTENT_SID is not.")
         return None
     try:
         variables = json.loads(raw) if raw else {}
     except ValueError:
         raise ConfigError("FALLBACK_CONTENT_VARIABLES must be a JSON object of strings.") from None
     try:
-        return parse_fallback(sid, variables, "FALLBACK_CONTENT_SID/FALLBACK_CONTENT_VARIABLES")
+        return parse_fallback(sid, variables, "FALLBACK_CONTENT_SID/FALLBACK_CONTENT_VARIABLES", name_default)
     except PolicyFileError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -129,9 +129,7 @@ def _inbound_message() -> Response:
                 headers=kept, body=pairs, now=now, lease_seconds=settings.forward_timeout_seconds + 5)
         if expires_at and settings.hold_on_reroute:
             for key in filter(None, (sender, service_sid)):
-                if holds.any_held(conn, key, user, now):
-                    outbox.enqueue(conn, kind="release", ordering_key=f"release:{key}|{user}",
-                                   target=f"{key}\n{user}", headers={}, body=[], now=now)
+                holds.release_if_held(conn, key, user, now)
     response = _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     if forward_id is not None:
         return _forward_inline(forward_id, sender, user, pairs, kept)

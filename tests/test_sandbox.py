@@ -80,6 +80,31 @@ def test_out_of_window_send_is_accepted_then_failed_by_a_signed_63016_callback()
         assert sim.messages[response.json()["sid"]]["error_code"] == 63016
 
 
+@pytest.mark.parametrize("fields, code", [
+    ({"ContentVariables": '{"1": ""}'}, 21656),  # Twilio refuses empty values
+    ({"ContentVariables": '{"1": null}'}, 21656),
+    ({"ContentVariables": '{"1": "Ada", "2": ""}'}, 21656),
+    ({"ContentVariables": "not json"}, 21656),
+    ({"ContentVariables": '["Ada"]'}, 21656),
+    ({"ContentVariables": '{"1": "Ada"}', "ContentSid": None}, 21654),
+])
+def test_simulator_refuses_content_variables_like_twilio(fields, code):
+    sim = Simulator()
+    template = sim.add_content({"twilio/text": {"body": "Hi {{1}}"}}, "approved")
+    form = {"To": USER, "From": BUSINESS, "ContentSid": template, **fields}
+    with ServerThread(sim.app()) as server:
+        sim.url = server.url
+        response = requests.post(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                                 auth=(sim.account_sid, sim.auth_token), timeout=10,
+                                 data={k: v for k, v in form.items() if v is not None})
+        accepted = requests.post(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                                 auth=(sim.account_sid, sim.auth_token), timeout=10,
+                                 data={**form, "ContentSid": template, "ContentVariables": '{"1": "Ada"}'})
+    assert response.status_code == 400 and response.json()["code"] == code and sim.messages.keys() == \
+        {accepted.json()["sid"]}
+    assert accepted.status_code == 201
+
+
 def test_in_window_send_is_delivered_and_read():
     app_side = FakeApp("sandbox-auth-token-not-a-secret")
     sim = Simulator(callback_delay=0.01)

@@ -238,6 +238,9 @@ class Simulator:
 
         @app.post("/2010-04-01/Accounts/<account>/Messages.json")
         def create(account):
+            refused = _content_variables_refusal(request.form)
+            if refused is not None:
+                return refused
             now = format_datetime(datetime.now(timezone.utc))
             sid = "SM" + uuid.uuid4().hex
             media = request.form.getlist("MediaUrl")
@@ -388,6 +391,22 @@ _ERRORS = {
            "please use a Message Template.",
     63005: "Channel did not accept given content. Please see Channel specific error message for more information",
 }
+
+
+def _content_variables_refusal(form) -> Response | None:
+    """Twilio's synchronous checks of ContentVariables: a JSON object, no null or "" value, with a ContentSid."""
+    raw = form.get("ContentVariables")
+    if raw is None or not raw.strip():
+        return None
+    if not form.get("ContentSid"):
+        return _error(21654, 400, "ContentSid Required")
+    try:
+        variables = json.loads(raw)
+    except ValueError:
+        variables = None
+    if not isinstance(variables, dict) or any(value is None or value == "" for value in variables.values()):
+        return _error(21656, 400, "The ContentVariables Parameter is invalid")
+    return None
 
 
 def _error(code: int, status: int, message: str) -> Response:

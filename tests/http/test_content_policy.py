@@ -222,6 +222,28 @@ def test_reroute_sends_the_approved_fallback_instead(reroute_app, fake_twilio, d
         ("rerouted", "window_closed", response.get_json()["sid"])
 
 
+@pytest.mark.parametrize("profile_name", [None, "  "])
+def test_a_cold_reroute_never_sends_an_empty_variable(reroute_app, fake_twilio, db_engine, profile_name):
+    """The user never wrote (or has a blank profile name): Twilio refuses "" with 21656."""
+    client = reroute_app.test_client()
+    if profile_name is not None:
+        open_window(client, ProfileName=profile_name)
+        with db_engine.begin() as conn:
+            conn.execute(update(windows).values(expires_at=utcnow() - timedelta(hours=1)))
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "first contact"})
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "rerouted"
+    [received] = fake_twilio.creates
+    assert dict(received.form)["ContentVariables"] == json.dumps({"1": "there", "2": "order"})
+
+
+def test_a_fallback_names_its_own_default_for_an_unknown_profile_name(settings, db_engine, fake_twilio):
+    sid = fake_twilio.add_content({"twilio/text": {"body": "Hola {{1}}"}}, "approved")
+    app = create_app(replace(settings, policy=Policy(default_action="reroute"),
+                             fallback=Fallback(sid, {"1": "{profile_name}"}, profile_name_default="cliente")))
+    assert send(app.test_client(), {"To": USER, "From": BUSINESS, "Body": "x"}).status_code == 201
+    assert dict(fake_twilio.creates[0].form)["ContentVariables"] == json.dumps({"1": "cliente"})
+
+
 @pytest.mark.parametrize("content_type", list(TABLE))
 def test_reroute_for_every_type_that_may_not_go_out(reroute_app, fake_twilio, content_type):
     """Out of the window, an unapproved template of any type is replaced by the approved fallback."""

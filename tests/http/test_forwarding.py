@@ -8,14 +8,15 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
-from proxy import create_app
+from proxy import create_app, holds
 from proxy.db import held_messages, late_failures, outbox, send_attempts, utcnow, windows
 from proxy.policy import Policy
 from proxy.policy_file import Fallback
 from proxy.worker import Worker
-from tests.conftest import ACCOUNT_SID, BUSINESS, USER, basic_auth, inbound_params, sign, signed_post
-from tests.http.test_gateway import send
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, sign, signed_post
+from tests.http.test_gateway import attempts, send
 
 SCHEDULE = (0, 5, 300)
 LEASE_SECONDS = 120
@@ -310,6 +311,76 @@ def test_expired_holds_are_dropped_with_a_log_line(settings, db_engine, fake_twi
     fake_twilio.requests.clear()
     signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 31 + "1"))
     assert run_worker(app) == 0 and fake_twilio.creates == []
+
+
+def test_a_user_writing_while_the_fallback_is_in_flight_still_gets_the_held_message(
+        settings, db_engine, fake_twilio, monkeypatch):
+    """The user's message lands after Twilio took the fallback but before the hold is stored: its webhook
+    finds nothing held, so storing the hold must see the newly opened window and queue the release."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    upstream = app.extensions["proxy"].upstream
+    forward, inbound = upstream.request, []
+
+    def twilio_answers_after_the_user_wrote(method, path, **kwargs):
+        answer = forward(method, path, **kwargs)
+        if not inbound:  # only the fallback create: the worker's release goes straight through
+            writer = threading.Thread(target=lambda: inbound.append(
+                signed_post(app.test_client(), "/twilio/inbound", inbound_params("SM" + "4" * 31 + "a"))))
+            writer.start()
+            writer.join()
+        return answer
+
+    monkeypatch.setattr(upstream, "request", twilio_answers_after_the_user_wrote)
+    response = send(app.test_client(), {"To": USER, "From": BUSINESS, "Body": "order shipped"})
+    assert [r.status_code for r in inbound] == [200]
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "rerouted"
+    held_id = int(response.headers["X-Proxy-Held-Id"])
+    assert [(i["kind"], i["target"]) for i in items(db_engine)] == [("release", f"{BUSINESS}\n{USER}")]
+    assert run_worker(app) == 1
+    assert [dict(r.form).get("Body") for r in fake_twilio.creates] == [None, "order shipped"]
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.id, held_messages.c.status)).all() == [(held_id, "released")]
+
+
+def test_a_hold_stored_in_a_window_the_judge_already_saw_queues_no_release(settings, db_engine, fake_twilio):
+    """Rerouted inside the window (a carousel needing approval): only a new message from the user releases it."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + "b"))
+    carousel = fake_twilio.add_content({"twilio/carousel": {"body": "c", "cards": []}}, "pending")
+    response = send(client, {"To": USER, "From": BUSINESS, "ContentSid": carousel})
+    assert "X-Proxy-Held-Id" in response.headers
+    assert items(db_engine) == []
+
+
+def test_a_hold_the_database_refuses_after_twilio_took_the_fallback_still_answers_twilios_201(
+        settings, db_engine, fake_twilio, log_lines, monkeypatch):
+    """Twilio accepted the fallback: a 503 would make the caller send the template a second time."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+
+    def refused(*args, **kwargs):
+        raise OperationalError("INSERT INTO held_messages", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(holds, "hold", refused)
+    response = send(app.test_client(), {"To": USER, "From": BUSINESS, "Body": "a private order note"})
+    assert response.status_code == 201
+    sid = response.get_json()["sid"]
+    assert sid in fake_twilio.messages and len(fake_twilio.creates) == 1
+    assert response.headers["X-Proxy-Decision"] == "rerouted"
+    assert response.headers["X-Proxy-Rerouted-To"] == app.fallback_sid
+    assert "X-Proxy-Held-Id" not in response.headers
+    assert response.headers["X-Proxy-Hold-Failed"] == "database_error"
+    [attempt] = attempts(db_engine)
+    assert (attempt["decision"], attempt["outcome"], attempt["message_sid"]) == ("rerouted", "sent", sid)
+    lines = log_lines()
+    [failed] = [line for line in lines if line["event"] == "hold_failed"]
+    assert failed["level"] == "ERROR" and failed["error"] == "OperationalError"
+    assert failed["message_sid"] == sid and failed["user"] == "whatsapp:+1415*****11"
+    assert [line["decision"] for line in lines if line["event"] == "send"] == ["rerouted"]
+    written = json.dumps(lines)
+    assert "private order note" not in written and AUTH_TOKEN not in written
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages)).all() == []
 
 
 def test_a_drip_feeding_app_cannot_hold_twilios_webhook(settings, db_engine):

@@ -72,6 +72,14 @@ def test_reroute_is_the_default_when_a_fallback_is_set():
     s = Settings.from_env({**BASE, "FALLBACK_CONTENT_SID": HX, "FALLBACK_CONTENT_VARIABLES": '{"1": "{profile_name}"}'})
     assert s.policy.default_action == "reroute"
     assert s.fallback.content_sid == HX and s.fallback.render("Ada") == '{"1": "Ada"}'
+    # Unknown (the user never wrote) or blank: never "", which Twilio refuses with 21656.
+    assert s.fallback.render(None) == s.fallback.render(" ") == '{"1": "there"}'
+    named = Settings.from_env({**BASE, "FALLBACK_CONTENT_SID": HX, "FALLBACK_PROFILE_NAME_DEFAULT": "you",
+                               "FALLBACK_CONTENT_VARIABLES": '{"1": "Hi {profile_name}"}'})
+    assert named.fallback.render(None) == '{"1": "Hi you"}'
+    blank = Settings.from_env({**BASE, "FALLBACK_CONTENT_SID": HX, "FALLBACK_PROFILE_NAME_DEFAULT": " ",
+                               "FALLBACK_CONTENT_VARIABLES": '{"1": "{profile_name}"}'})
+    assert blank.fallback.render(None) == '{"1": "there"}'  # blank means unset, as for every variable
     assert Settings.from_env(BASE).policy.default_action == "block"
     assert Settings.from_env({**BASE, "FALLBACK_CONTENT_SID": HX, "OUT_OF_WINDOW_ACTION": "block"}).policy \
         .default_action == "block"
@@ -87,6 +95,9 @@ def test_reroute_is_the_default_when_a_fallback_is_set():
         ({"FALLBACK_CONTENT_SID": HX, "FALLBACK_CONTENT_VARIABLES": "{"}, "FALLBACK_CONTENT_VARIABLES"),
         ({"FALLBACK_CONTENT_SID": HX, "FALLBACK_CONTENT_VARIABLES": '{"1": 2}'}, "variables"),
         ({"FALLBACK_CONTENT_VARIABLES": '{"1": "x"}'}, "FALLBACK_CONTENT_SID"),
+        ({"FALLBACK_CONTENT_SID": HX, "FALLBACK_CONTENT_VARIABLES": '{"1": ""}'}, "variables"),
+        ({"FALLBACK_CONTENT_SID": HX, "FALLBACK_CONTENT_VARIABLES": '{"1": " "}'}, "variables"),
+        ({"FALLBACK_PROFILE_NAME_DEFAULT": "you"}, "FALLBACK_CONTENT_SID"),
         ({"CONTENT_CACHE_SECONDS": "-5"}, "CONTENT_CACHE_SECONDS"),
         ({"TWILIO_CONTENT_BASE_URL": "content.twilio.com"}, "TWILIO_CONTENT_BASE_URL"),
         ({"POLICY_FILE": "/nonexistent/policy.toml"}, "POLICY_FILE"),
@@ -107,6 +118,11 @@ def test_policy_file(tmp_path):
 [fallbacks."whatsapp:14155550100"]
 content_sid = "{HX}"
 variables = {{ "1" = "{{profile_name}}" }}
+
+[fallbacks."whatsapp:+14155550101"]
+content_sid = "{HX}"
+variables = {{ "1" = "{{profile_name}}" }}
+profile_name_default = "cliente"
 ''')
     s = Settings.from_env({**BASE, "POLICY_FILE": str(path)})
     assert s.policy.action_for("twilio/list-picker") == "block"
@@ -114,6 +130,8 @@ variables = {{ "1" = "{{profile_name}}" }}
     assert s.policy.action_for("twilio/media") == "block"
     assert s.fallback_for("whatsapp:+14155550100").content_sid == HX
     assert s.fallback_for("whatsapp:+19999999999") is None
+    assert s.fallback_for("whatsapp:+14155550100").render(None) == '{"1": "there"}'
+    assert s.fallback_for("whatsapp:+14155550101").render(None) == '{"1": "cliente"}'
 
 
 @pytest.mark.parametrize(
@@ -124,6 +142,10 @@ variables = {{ "1" = "{{profile_name}}" }}
         ('[actions]\n"twilio/text" = \n', 2),  # TOML syntax error: tomllib names the line
         ('[fallbacks."whatsapp:+1415"]\ncontent_sid = "HX1"\n', 1),
         ('\n[routing]\nx = 1\n', 2),
+        (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nvariables = {{ "1" = "" }}\n', 1),
+        (f'\n[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nprofile_name_default = ""\n', 2),
+        (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nprofile_name_default = 3\n', 1),
+        (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nprofile_default = "x"\n', 1),
     ],
 )
 def test_invalid_policy_file_names_the_line(tmp_path, text, line):

@@ -1,0 +1,97 @@
+"""proxy/holds.py on PostgreSQL: a hold and an inbound message of one pair, committing at the same time.
+
+Under READ COMMITTED each transaction could miss the other's uncommitted row: the hold sees no new
+message, the message sees no hold, and the held message waits in an open window. SQLite's writers
+take turns (proxy/db.py `writing`), so there the two cannot overlap; tests/http/test_forwarding.py
+covers the interleaving through HTTP on both databases.
+"""
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import select, text
+
+from proxy import holds, store
+from proxy.db import outbox, utcnow
+from tests.conftest import ACCOUNT_SID, BUSINESS, USER
+
+
+@pytest.fixture
+def pg(db_engine):
+    if db_engine.dialect.name != "postgresql":
+        pytest.skip("SQLite writers take turns on the proxy's write lock: a hold and an inbound never overlap")
+    return db_engine
+
+
+def record_inbound(conn, now, sid="SM" + "5" * 32):
+    return store.record_inbound(conn, sid=sid, sender=BUSINESS, user=USER, messaging_service_sid=None,
+                                profile_name="Ada", num_media=0, received_at=now, window_seconds=86400)
+
+
+def hold(conn, now):
+    return holds.hold(conn, sender=BUSINESS, user=USER, account_sid=ACCOUNT_SID, params=[["Body", "x"]],
+                      request_id="r", now=now, ttl_seconds=3600, judged_inbound_at=None)
+
+
+def in_thread(work):
+    """Run `work` in its own transaction on another thread; its result lands in the returned list."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(work()))
+    thread.start()
+    return thread, result
+
+
+def wait_until_blocked_or_done(engine, thread):
+    """Until `thread` waits for the pair's advisory lock (or, without the lock, simply finished)."""
+    deadline = time.monotonic() + 30  # a guard against a hang, not a timing assertion
+    with engine.connect() as conn:
+        while thread.is_alive() and time.monotonic() < deadline:
+            if conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")).scalar():
+                return
+            time.sleep(0.01)
+
+
+def releases(engine):
+    with engine.connect() as conn:
+        return conn.execute(select(outbox.c.kind, outbox.c.target)).all()
+
+
+def test_a_hold_committed_while_an_inbound_transaction_is_open_is_released_by_it(pg):
+    now = utcnow()
+    with pg.connect() as holder:
+        tx = holder.begin()
+        held_id, queued = hold(holder, now)
+        assert not queued  # no message yet
+
+        def inbound():
+            with pg.begin() as conn:
+                assert record_inbound(conn, now)
+                return holds.release_if_held(conn, BUSINESS, USER, now)
+
+        thread, result = in_thread(inbound)
+        wait_until_blocked_or_done(pg, thread)
+        tx.commit()
+    thread.join()
+    assert result == [True]
+    assert releases(pg) == [("release", f"{BUSINESS}\n{USER}")]
+
+
+def test_an_inbound_committed_while_a_hold_transaction_is_open_is_seen_by_the_hold(pg):
+    now = utcnow()
+    with pg.connect() as receiver:
+        tx = receiver.begin()
+        assert record_inbound(receiver, now)
+        assert holds.release_if_held(receiver, BUSINESS, USER, now) is False  # nothing held yet
+
+        def hold_it():
+            with pg.begin() as conn:
+                return hold(conn, now)
+
+        thread, result = in_thread(hold_it)
+        wait_until_blocked_or_done(pg, thread)
+        tx.commit()
+    thread.join()
+    [(_, queued)] = result
+    assert queued is True
+    assert releases(pg) == [("release", f"{BUSINESS}\n{USER}")]
