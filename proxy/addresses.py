@@ -8,7 +8,7 @@ import re
 WINDOWED_CHANNELS = frozenset({"whatsapp", "messenger"})
 
 MAX_LENGTH = 128  # what the database keeps of an address
-_E164_DIGITS = re.compile(r"^\+?[1-9]\d{6,14}$")
+_E164_DIGITS = re.compile(r"^\+?[1-9]\d{6,14}\Z")
 _PUNCTUATION = re.compile(r"[\s\-().]")
 
 

@@ -13,7 +13,7 @@ from .addresses import InvalidAddress, normalise
 from .rules import TABLE
 
 ACTIONS = ("block", "reroute")
-CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
+CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}\Z")  # \Z: `$` also accepts a trailing newline
 
 
 class PolicyFileError(ValueError):

@@ -22,8 +22,13 @@ from .runtime import runtime
 bp = Blueprint("webhooks", __name__, url_prefix="/twilio")
 
 EMPTY_TWIML = str(MessagingResponse())
-_SID = re.compile(r"^[A-Za-z]{2}[0-9a-zA-Z]{1,62}$")
-_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
+# Whole values only (fullmatch: `$` would also accept a trailing newline). A message sid is exactly what
+# Twilio issues (SM, or MM for media; its OpenAPI pattern): the signature covers the fields' names and
+# values with no separators, so a looser pattern let a replay fold the next field into the sid
+# (`SM…MessageTypetext`) and pass under the captured signature as a new message.
+_SID = re.compile(r"(?:SM|MM)[0-9a-fA-F]{32}")
+_SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
+_SID_COPIES = ("MessageSid", "SmsSid", "SmsMessageSid")
 
 
 @bp.before_request
@@ -86,19 +91,33 @@ def signed_url() -> str:
 @bp.post("/status")
 def webhook():
     # What a webhook is depends on its fields, not on the URL it was sent to: a status
-    # callback pointed at /inbound must never open a window.
-    if g.params.get("MessageStatus"):
+    # callback pointed at /inbound must never open a window. Twilio's SmsStatus is `received` only
+    # on an inbound message, so a callback without its MessageStatus is still a callback.
+    form = g.params
+    if form.get("MessageStatus") or form.get("SmsStatus", "received") != "received":
         return _status_callback()
     return _inbound_message()
+
+
+def _message_sid(form) -> str | None:
+    """The webhook's message sid, or None when it is missing, not a message sid, or its copies disagree."""
+    sid = form.get("MessageSid") or form.get("SmsSid")
+    if not sid or not _SID.fullmatch(sid):
+        return None
+    for name in _SID_COPIES:  # SmsSid and SmsMessageSid are the same sid under Twilio's older names
+        copy = form.get(name)
+        if copy is not None and copy != sid:
+            return None
+    return sid
 
 
 def _inbound_message() -> Response:
     rt, started = runtime(), time.perf_counter()
     form = g.params
-    sid = form.get("MessageSid") or form.get("SmsSid")
+    sid = _message_sid(form)
     try:
-        if not sid or not _SID.match(sid):
-            raise InvalidAddress("MessageSid is missing or malformed")
+        if sid is None:
+            raise InvalidAddress("MessageSid is missing, malformed or differs from SmsSid/SmsMessageSid")
         user, sender = normalise(form.get("From", "")), normalise(form.get("To", ""))
     except InvalidAddress as exc:
         logs.event("inbound", redact=True, level=30, decision="rejected", reason="malformed_webhook",
@@ -106,7 +125,7 @@ def _inbound_message() -> Response:
         WEBHOOKS.labels("inbound", "malformed").inc()
         return twilio_error(21211, 400, f"Malformed inbound webhook: {exc}")
     service_sid = form.get("MessagingServiceSid") or None
-    if service_sid and not _SERVICE_SID.match(service_sid):
+    if service_sid and not _SERVICE_SID.fullmatch(service_sid):
         service_sid = None  # never key a window by something that cannot be a Messaging Service
     settings, now = rt.settings, utcnow()
     record = dict(sid=sid, sender=sender, user=user, messaging_service_sid=service_sid,
@@ -200,10 +219,15 @@ def _kept_headers(expires_at) -> dict:
 def _status_callback() -> Response:
     rt, started = runtime(), time.perf_counter()
     form = g.params
-    sid = form.get("MessageSid") or form.get("SmsSid")
-    if not sid or not _SID.match(sid):
-        return twilio_error(21211, 400, "Malformed status callback: MessageSid is missing or malformed")
-    status = (storable(form["MessageStatus"], 32) or "").strip().lower() or "unknown"
+    sid = _message_sid(form)
+    if sid is None:
+        logs.event("status", redact=True, level=30, decision="rejected", reason="malformed_webhook",
+                   detail="MessageSid is missing, malformed or differs from SmsSid/SmsMessageSid",
+                   request_id=g.request_id)
+        WEBHOOKS.labels("status", "malformed").inc()
+        return twilio_error(21211, 400, "Malformed status callback: MessageSid is missing, malformed "
+                                        "or differs from SmsSid/SmsMessageSid")
+    status = (storable(form.get("MessageStatus") or form.get("SmsStatus"), 32) or "").strip().lower() or "unknown"
     error_code = _int_or_none(form.get("ErrorCode"))
     settings, now = rt.settings, utcnow()
     sender, user = _normalised_or_raw(form.get("From")), _normalised_or_raw(form.get("To"))

@@ -210,3 +210,54 @@ def test_remembered_urls_are_bounded(app):
         with app.test_request_context("/twilio/inbound", base_url=f"http://host{n}.example"):
             assert webhooks.signed_url() == f"http://host{n}.example/twilio/inbound"
     assert len(webhooks._RECEIVED_URLS) <= webhooks._MAX_RECEIVED_URLS
+
+
+HEX = "0123456789abcdef" * 2
+
+
+@pytest.mark.parametrize("sid", ["SM" + HEX + "\n", "SM" + HEX[:31], "SM" + HEX + "0", "SM" + "g" * 32,
+                                 "XX" + HEX, "MG" + HEX, "sm" + HEX, "SM" + HEX + "MessageTypetext"])
+@pytest.mark.parametrize("path", ["/twilio/inbound", "/twilio/status"])
+def test_only_a_real_message_sid_is_accepted(client, db_engine, log_lines, sid, path):
+    params = status_params(sid, "sent") if path == "/twilio/status" else inbound_params(sid)
+    response = signed_post(client, path, params)
+    assert response.status_code == 400
+    body = response.get_json()
+    assert set(body) == {"code", "message", "more_info", "status"} and body["code"] == 21211
+    assert count(db_engine, messages) == 0 and count(db_engine, windows) == 0
+    [line] = [line for line in log_lines() if line.get("decision") == "rejected"]
+    assert line["reason"] == "malformed_webhook"
+
+
+def test_media_message_sids_are_message_sids(client, db_engine):
+    assert signed_post(client, "/twilio/inbound", inbound_params("MM" + HEX)).status_code == 200
+    assert window_rows(db_engine)[0]["last_inbound_sid"] == "MM" + HEX
+
+
+@pytest.mark.parametrize("copies", [{"SmsSid": "SM" + "1" * 32}, {"SmsMessageSid": "SM" + "1" * 32},
+                                    {"SmsSid": ""}, {"MessageSid": "", "SmsSid": "SM" + HEX}])
+def test_every_copy_of_the_sid_must_be_the_same_sid(client, db_engine, copies):
+    response = signed_post(client, "/twilio/inbound", {**inbound_params("SM" + HEX), **copies})
+    assert response.status_code == 400 and response.get_json()["code"] == 21211
+    assert count(db_engine, windows) == 0
+
+
+def test_sms_message_sid_equal_to_the_message_sid_is_fine(client, db_engine):
+    assert signed_post(client, "/twilio/inbound", inbound_params("SM" + HEX, SmsMessageSid="SM" + HEX)).status_code == 200
+    assert count(db_engine, windows) == 1
+
+
+@pytest.mark.parametrize("sms_status", ["delivered", "read", "failed", ""])
+def test_sms_status_other_than_received_is_a_status_callback(client, db_engine, sms_status):
+    """Twilio's SmsStatus is `received` only on an inbound message: without MessageStatus, anything
+    else is still a status callback and never opens a window."""
+    sid = "SM" + HEX
+    params = {k: v for k, v in status_params(sid, "x", SmsStatus=sms_status).items() if k != "MessageStatus"}
+    assert signed_post(client, "/twilio/inbound", params).status_code == 200
+    assert count(db_engine, windows) == 0
+    assert message_row(db_engine, sid)["status"] == (sms_status or "unknown")
+
+
+def test_a_messaging_service_sid_with_a_trailing_newline_keys_no_window(client, db_engine):
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + HEX, MessagingServiceSid="MG" + HEX + "\n"))
+    assert {(r["sender"], r["user"]) for r in window_rows(db_engine)} == {(BUSINESS, USER)}
