@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from urllib.parse import quote
 
 from flask import Blueprint, Response, g, request
 from werkzeug.datastructures import MultiDict
@@ -63,12 +64,14 @@ def webhook_params() -> MultiDict | None:
     return Fields([(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in data.items()])
 
 
-# request.url as werkzeug builds it from the WSGI environ, by the environ values it is built from:
-# Twilio calls a handful of URLs, and building one (host checks, quoting, uri_to_iri) was ~4% of a
-# webhook's CPU under load. Bounded: arbitrary Host headers cannot grow it.
-_URL_KEYS = ("wsgi.url_scheme", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING")
+# The URL as received, by the environ values it is built from: Twilio calls a handful of URLs, and
+# building one (host checks, quoting) was ~4% of a webhook's CPU under load. Bounded: arbitrary Host
+# headers cannot grow it.
+_URL_KEYS = ("wsgi.url_scheme", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "RAW_URI", "REQUEST_URI",
+             "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING")
 _RECEIVED_URLS: dict[tuple, str] = {}
 _MAX_RECEIVED_URLS = 256
+_PATH_SAFE = "!$&'()*+,/:;=@%"  # what werkzeug leaves unquoted in a path
 
 
 def signed_url() -> str:
@@ -79,12 +82,30 @@ def signed_url() -> str:
         key = tuple(environ.get(name) for name in _URL_KEYS)
         url = _RECEIVED_URLS.get(key)
         if url is None:
-            url = request.url
+            url = _url_as_requested(environ)
             if len(_RECEIVED_URLS) < _MAX_RECEIVED_URLS:
                 _RECEIVED_URLS[key] = url
         return url
     query = request.query_string.decode("latin-1")
     return base + request.path + (f"?{query}" if query else "")
+
+
+def _url_as_requested(environ: dict) -> str:
+    """Scheme and host as werkzeug reads them, then the request target exactly as the client sent it.
+
+    Not request.url: werkzeug decodes its %-escapes (%7E, %2F, %C3%A9...), and Twilio signed the URL
+    it requested, escapes and all.
+    """
+    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")  # gunicorn; uWSGI, mod_wsgi, werkzeug
+    if not target or not target.startswith("/"):  # neither, or an absolute-form target
+        path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1", "replace")
+        query = environ.get("QUERY_STRING", "")
+        target = quote(path, safe=_PATH_SAFE) + (f"?{query}" if query else "")
+    try:  # WSGI hands the request's bytes over as latin-1 text; what Twilio sent is UTF-8
+        target = target.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        pass
+    return request.host_url[:-1] + target
 
 
 @bp.post("/inbound")

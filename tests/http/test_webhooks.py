@@ -1,6 +1,7 @@
 """Inbound webhooks and status callbacks through the Flask test client, on the configured database."""
 
 from datetime import timedelta
+from urllib.parse import unquote
 
 import pytest
 from sqlalchemy import func, select
@@ -261,3 +262,53 @@ def test_sms_status_other_than_received_is_a_status_callback(client, db_engine, 
 def test_a_messaging_service_sid_with_a_trailing_newline_keys_no_window(client, db_engine):
     signed_post(client, "/twilio/inbound", inbound_params("SM" + HEX, MessagingServiceSid="MG" + HEX + "\n"))
     assert {(r["sender"], r["user"]) for r in window_rows(db_engine)} == {(BUSINESS, USER)}
+
+
+# Twilio signs the URL it requested, %-escapes and all; werkzeug's request.url decodes them (uri_to_iri).
+ESCAPED_TARGETS = ["/twilio/inbound?k=%7E", "/twilio/inbound?k=%41", "/twilio/inbound?k=%C3%A9",
+                   "/twilio/inbound?k=%2F&j=%2B", "/twilio/inbound?k=%20&j=+", "/twilio/%69nbound",
+                   "/twilio/inbound?tenant=acme"]
+
+
+@pytest.mark.parametrize("target", ESCAPED_TARGETS)
+def test_the_signature_covers_the_url_as_requested_escapes_included(client, db_engine, target):
+    params = inbound_params("SM" + HEX)
+    signature = sign("http://localhost" + target, params)
+    response = client.post(target, data=params, headers={"X-Twilio-Signature": signature},
+                           environ_overrides={"RAW_URI": target})  # as gunicorn passes the request line's target
+    assert response.status_code == 200
+    decoded = sign("http://localhost" + unquote(target), params)
+    if decoded != signature:  # the decoded URL is not what Twilio signed
+        assert client.post(target, data=params, headers={"X-Twilio-Signature": decoded},
+                           environ_overrides={"RAW_URI": target}).status_code == 403
+    assert count(db_engine, windows) == 1
+
+
+@pytest.mark.parametrize("target", [t for t in ESCAPED_TARGETS if "?" in t])
+def test_without_raw_uri_the_query_string_is_taken_as_received(settings, db_engine, target):
+    """A server that passes neither RAW_URI nor REQUEST_URI: the path from PATH_INFO (quoted again),
+    the query string exactly as received."""
+    from proxy import create_app
+    app = create_app(settings)
+    inner = app.wsgi_app
+
+    def without_raw_uri(environ, start_response):
+        environ.pop("RAW_URI", None), environ.pop("REQUEST_URI", None)
+        return inner(environ, start_response)
+
+    app.wsgi_app = without_raw_uri
+    params = inbound_params("SM" + HEX)
+    response = app.test_client().post(target, data=params,
+                                      headers={"X-Twilio-Signature": sign("http://localhost" + target, params)})
+    app.extensions["proxy"].engine.dispose()
+    assert response.status_code == 200
+    assert count(db_engine, windows) == 1
+
+
+def test_the_remembered_url_follows_the_raw_target(client, db_engine):
+    """Two targets with the same decoded path and query are two URLs: neither is checked against the other's."""
+    params = inbound_params("SM" + HEX)
+    for target in ("/twilio/%69nbound", "/twilio/inbound", "/twilio/%69nbound"):
+        signature = sign("http://localhost" + target, params)
+        assert client.post(target, data=params, headers={"X-Twilio-Signature": signature},
+                           environ_overrides={"RAW_URI": target}).status_code == 200, target
