@@ -30,6 +30,7 @@ EMPTY_TWIML = str(MessagingResponse())
 _SID = re.compile(r"(?:SM|MM)[0-9a-fA-F]{32}")
 _SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
 _SID_COPIES = ("MessageSid", "SmsSid", "SmsMessageSid")
+_BAD_SID = "missing, not a message sid, or not the same as SmsSid/SmsMessageSid"
 
 
 @bp.before_request
@@ -120,6 +121,16 @@ def webhook():
     return _inbound_message()
 
 
+def _malformed(kind: str, field: str, problem) -> Response:
+    """Twilio-shaped 400 for a webhook that cannot be read. The log names the field and the kind of
+    problem, never the value: InvalidAddress's text leaves the address out (proxy/addresses.py)."""
+    logs.event(kind, redact=True, level=30, decision="rejected", reason="malformed_webhook", field=field,
+               detail=str(problem), request_id=g.request_id)
+    WEBHOOKS.labels(kind, "malformed").inc()
+    what = "inbound webhook" if kind == "inbound" else "status callback"
+    return twilio_error(21211, 400, f"Malformed {what}: {field}: {problem}")
+
+
 def _message_sid(form) -> str | None:
     """The webhook's message sid, or None when it is missing, not a message sid, or its copies disagree."""
     sid = form.get("MessageSid") or form.get("SmsSid")
@@ -136,15 +147,16 @@ def _inbound_message() -> Response:
     rt, started = runtime(), time.perf_counter()
     form = g.params
     sid = _message_sid(form)
+    if sid is None:
+        return _malformed("inbound", "MessageSid", _BAD_SID)
     try:
-        if sid is None:
-            raise InvalidAddress("MessageSid is missing, malformed or differs from SmsSid/SmsMessageSid")
-        user, sender = normalise(form.get("From", "")), normalise(form.get("To", ""))
+        user = normalise(form.get("From", ""))
     except InvalidAddress as exc:
-        logs.event("inbound", redact=True, level=30, decision="rejected", reason="malformed_webhook",
-                   detail=str(exc), request_id=g.request_id)
-        WEBHOOKS.labels("inbound", "malformed").inc()
-        return twilio_error(21211, 400, f"Malformed inbound webhook: {exc}")
+        return _malformed("inbound", "From", exc)
+    try:
+        sender = normalise(form.get("To", ""))
+    except InvalidAddress as exc:
+        return _malformed("inbound", "To", exc)
     service_sid = form.get("MessagingServiceSid") or None
     if service_sid and not _SERVICE_SID.fullmatch(service_sid):
         service_sid = None  # never key a window by something that cannot be a Messaging Service
@@ -242,12 +254,7 @@ def _status_callback() -> Response:
     form = g.params
     sid = _message_sid(form)
     if sid is None:
-        logs.event("status", redact=True, level=30, decision="rejected", reason="malformed_webhook",
-                   detail="MessageSid is missing, malformed or differs from SmsSid/SmsMessageSid",
-                   request_id=g.request_id)
-        WEBHOOKS.labels("status", "malformed").inc()
-        return twilio_error(21211, 400, "Malformed status callback: MessageSid is missing, malformed "
-                                        "or differs from SmsSid/SmsMessageSid")
+        return _malformed("status", "MessageSid", _BAD_SID)
     status = (storable(form.get("MessageStatus") or form.get("SmsStatus"), 32) or "").strip().lower() or "unknown"
     error_code = _int_or_none(form.get("ErrorCode"))
     settings, now = rt.settings, utcnow()

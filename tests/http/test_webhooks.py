@@ -1,5 +1,6 @@
 """Inbound webhooks and status callbacks through the Flask test client, on the configured database."""
 
+import json
 from datetime import timedelta
 from urllib.parse import unquote
 
@@ -312,3 +313,14 @@ def test_the_remembered_url_follows_the_raw_target(client, db_engine):
         signature = sign("http://localhost" + target, params)
         assert client.post(target, data=params, headers={"X-Twilio-Signature": signature},
                            environ_overrides={"RAW_URI": target}).status_code == 200, target
+
+
+@pytest.mark.parametrize("field, value", [("From", "whatsapp:+14155550111;ext=9"), ("From", "whatsapp:+14155550111 (m)"),
+                                          ("To", "whatsapp:+14155550111x"), ("From", "+14155550111:"),
+                                          ("From", "whatsapp:+14155550111\x00")])
+def test_a_rejected_inbound_never_logs_the_number(client, db_engine, log_lines, field, value):
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + HEX, **{field: value}))
+    assert response.status_code == 400 and response.get_json()["code"] == 21211
+    [line] = [line for line in log_lines() if line["event"] == "inbound"]
+    assert (line["decision"], line["reason"], line["field"]) == ("rejected", "malformed_webhook", field)
+    assert "4155550111" not in json.dumps(log_lines())
