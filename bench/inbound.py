@@ -32,6 +32,11 @@ PATH = "/twilio/inbound"
 
 
 def webhook_requests(base_url: str, count: int, *, sid_prefix: str, seed: int) -> list[tuple[str, str, dict, str]]:
+    """`count` signed webhooks; `sid_prefix` (hex) keeps the sids of different batches apart."""
+    # The proxy takes only real message sids (SM + 32 hex digits); anything else would measure its 400.
+    if not (0 < len(sid_prefix) <= 8 and all(c in "0123456789abcdefABCDEF" for c in sid_prefix)):
+        raise ValueError(f"sid_prefix must be 1 to 8 hex digits, got {sid_prefix!r}")
+    digits = 32 - len(sid_prefix)
     rng = random.Random(seed)
     validator = RequestValidator(AUTH_TOKEN)
     seen: list[int] = []
@@ -43,7 +48,7 @@ def webhook_requests(base_url: str, count: int, *, sid_prefix: str, seed: int) -
             n = seed * 10_000_000 + i
             seen.append(n)
         user = user_number(n % 10_000_000)
-        params = {"MessageSid": f"SM{sid_prefix}{i:030d}"[:34], "AccountSid": ACCOUNT_SID, "From": user,
+        params = {"MessageSid": f"SM{sid_prefix}{i:0{digits}x}", "AccountSid": ACCOUNT_SID, "From": user,
                   "To": BUSINESSES[n % len(BUSINESSES)], "Body": "hello there", "NumMedia": "0",
                   "SmsStatus": "received", "ApiVersion": "2010-04-01", "ProfileName": f"User {n}",
                   "WaId": user.removeprefix("whatsapp:+")}

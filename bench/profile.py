@@ -70,7 +70,7 @@ def main() -> None:
         try:
             with Gunicorn(env, label=f"profile-{args.scenario}", extra_args=extra) as server:
                 reqs = (gateway.send_requests(gateway.USERS) if args.scenario == "gateway"
-                        else inbound.webhook_requests(server.url, 40000, sid_prefix="pp", seed=11))
+                        else inbound.webhook_requests(server.url, 40000, sid_prefix="cc", seed=11))
                 result = {}
                 loader = threading.Thread(target=lambda: result.update(
                     run_load(server.url, reqs, connections=connections, duration=duration)))

@@ -8,12 +8,15 @@ import re
 WINDOWED_CHANNELS = frozenset({"whatsapp", "messenger"})
 
 MAX_LENGTH = 128  # what the database keeps of an address
-_E164_DIGITS = re.compile(r"^\+?[1-9]\d{6,14}$")
+_E164_DIGITS = re.compile(r"^\+?[1-9]\d{6,14}\Z")
 _PUNCTUATION = re.compile(r"[\s\-().]")
 
 
 class InvalidAddress(ValueError):
-    """The address cannot be a valid recipient or sender on its channel."""
+    """The address cannot be a valid recipient or sender on its channel.
+
+    Its text names the kind of problem, never the address: it is logged, and logs keep numbers masked.
+    """
 
 
 def channel_of(address: str) -> str | None:
@@ -38,7 +41,7 @@ def normalise(address: str) -> str:
         return _phone(raw)
     ident = raw.partition(":")[2].strip()
     if not ident:
-        raise InvalidAddress(f"no identifier after {channel}:")
+        raise InvalidAddress("no identifier after the channel prefix")
     if channel == "whatsapp":
         return f"whatsapp:{_phone(ident)}"
     return f"{channel}:{ident}"
@@ -47,7 +50,7 @@ def normalise(address: str) -> str:
 def _phone(raw: str) -> str:
     digits = _PUNCTUATION.sub("", raw)
     if not _E164_DIGITS.match(digits):
-        raise InvalidAddress(f"not an E.164 phone number: {raw!r}")
+        raise InvalidAddress("not an E.164 phone number")
     return digits if digits.startswith("+") else f"+{digits}"
 
 

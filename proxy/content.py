@@ -18,7 +18,7 @@ from .db import content_cache, utcnow, writing
 from .rules import NOT_ON_WHATSAPP, TABLE, WHATSAPP_COMPLEXITY
 from .store import _insert
 
-CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
+CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}\Z")  # \Z: `$` also accepts a trailing newline
 
 
 class ContentNotFound(LookupError):

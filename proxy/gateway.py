@@ -26,7 +26,7 @@ from .upstream import UpstreamError
 
 bp = Blueprint("gateway", __name__, url_prefix="/2010-04-01")
 
-_ACCOUNT_IN_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+?)(?:\.json)?(?:/|$)")
+_ACCOUNT_IN_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+?)(?:\.json)?(?:/|\Z)")
 # Caller headers worth keeping upstream; hop-by-hop and proxy headers are not.
 _FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept", "Accept-Charset", "User-Agent", "X-Twilio-Client",
                       "I-Twilio-Idempotency-Token")

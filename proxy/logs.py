@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 from pythonjsonlogger.json import JsonFormatter
@@ -98,6 +99,15 @@ def configure(level: str, fmt: str = "json") -> None:
 def output_formatter() -> logging.Formatter | None:
     """The formatter stdout lines are written with (JSON, or LOG_FORMAT=text)."""
     return _stream.formatter if _stream else None
+
+
+# A phone number inside free text (Twilio's error messages quote the `To` they refused), punctuated or not.
+_NUMBER_IN_TEXT = re.compile(r"\+?\d[\d\s\-().]{5,}\d")
+
+
+def mask_numbers(text: str) -> str:
+    """`text` with every phone-number-like run masked the way address fields are."""
+    return _NUMBER_IN_TEXT.sub(lambda found: mask(found.group()), text)
 
 
 def event(name: str, *, redact: bool, level: int = logging.INFO, **fields) -> None:

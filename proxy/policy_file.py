@@ -13,7 +13,7 @@ from .addresses import InvalidAddress, normalise
 from .rules import TABLE
 
 ACTIONS = ("block", "reroute")
-CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
+CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}\Z")  # \Z: `$` also accepts a trailing newline
 # `{profile_name}` when the user's profile name is unknown (they never wrote: the usual reason to
 # reroute) or blank: Twilio refuses a "" variable with 21656, so it is never left empty.
 DEFAULT_PROFILE_NAME = "there"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from urllib.parse import quote
 
 from flask import Blueprint, Response, g, request
 from werkzeug.datastructures import MultiDict
@@ -22,8 +23,14 @@ from .runtime import runtime
 bp = Blueprint("webhooks", __name__, url_prefix="/twilio")
 
 EMPTY_TWIML = str(MessagingResponse())
-_SID = re.compile(r"^[A-Za-z]{2}[0-9a-zA-Z]{1,62}$")
-_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
+# Whole values only (fullmatch: `$` would also accept a trailing newline). A message sid is exactly what
+# Twilio issues (SM, or MM for media; its OpenAPI pattern): the signature covers the fields' names and
+# values with no separators, so a looser pattern let a replay fold the next field into the sid
+# (`SM…MessageTypetext`) and pass under the captured signature as a new message.
+_SID = re.compile(r"(?:SM|MM)[0-9a-fA-F]{32}")
+_SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
+_SID_COPIES = ("MessageSid", "SmsSid", "SmsMessageSid")
+_BAD_SID = "missing, not a message sid, or not the same as SmsSid/SmsMessageSid"
 
 
 @bp.before_request
@@ -58,12 +65,14 @@ def webhook_params() -> MultiDict | None:
     return Fields([(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in data.items()])
 
 
-# request.url as werkzeug builds it from the WSGI environ, by the environ values it is built from:
-# Twilio calls a handful of URLs, and building one (host checks, quoting, uri_to_iri) was ~4% of a
-# webhook's CPU under load. Bounded: arbitrary Host headers cannot grow it.
-_URL_KEYS = ("wsgi.url_scheme", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING")
+# The URL as received, by the environ values it is built from: Twilio calls a handful of URLs, and
+# building one (host checks, quoting) was ~4% of a webhook's CPU under load. Bounded: arbitrary Host
+# headers cannot grow it.
+_URL_KEYS = ("wsgi.url_scheme", "HTTP_HOST", "SERVER_NAME", "SERVER_PORT", "RAW_URI", "REQUEST_URI",
+             "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING")
 _RECEIVED_URLS: dict[tuple, str] = {}
 _MAX_RECEIVED_URLS = 256
+_PATH_SAFE = "!$&'()*+,/:;=@%"  # what werkzeug leaves unquoted in a path
 
 
 def signed_url() -> str:
@@ -74,7 +83,7 @@ def signed_url() -> str:
         key = tuple(environ.get(name) for name in _URL_KEYS)
         url = _RECEIVED_URLS.get(key)
         if url is None:
-            url = request.url
+            url = _url_as_requested(environ)
             if len(_RECEIVED_URLS) < _MAX_RECEIVED_URLS:
                 _RECEIVED_URLS[key] = url
         return url
@@ -82,31 +91,74 @@ def signed_url() -> str:
     return base + request.path + (f"?{query}" if query else "")
 
 
+def _url_as_requested(environ: dict) -> str:
+    """Scheme and host as werkzeug reads them, then the request target exactly as the client sent it.
+
+    Not request.url: werkzeug decodes its %-escapes (%7E, %2F, %C3%A9...), and Twilio signed the URL
+    it requested, escapes and all.
+    """
+    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")  # gunicorn; uWSGI, mod_wsgi, werkzeug
+    if not target or not target.startswith("/"):  # neither, or an absolute-form target
+        path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1", "replace")
+        query = environ.get("QUERY_STRING", "")
+        target = quote(path, safe=_PATH_SAFE) + (f"?{query}" if query else "")
+    try:  # WSGI hands the request's bytes over as latin-1 text; what Twilio sent is UTF-8
+        target = target.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        pass
+    return request.host_url[:-1] + target
+
+
 @bp.post("/inbound")
 @bp.post("/status")
 def webhook():
     # What a webhook is depends on its fields, not on the URL it was sent to: a status
-    # callback pointed at /inbound must never open a window.
-    if g.params.get("MessageStatus"):
+    # callback pointed at /inbound must never open a window. Twilio's SmsStatus is `received` only
+    # on an inbound message, so a callback without its MessageStatus is still a callback.
+    form = g.params
+    if form.get("MessageStatus") or form.get("SmsStatus", "received") != "received":
         return _status_callback()
     return _inbound_message()
+
+
+def _malformed(kind: str, field: str, problem) -> Response:
+    """Twilio-shaped 400 for a webhook that cannot be read. The log names the field and the kind of
+    problem, never the value: InvalidAddress's text leaves the address out (proxy/addresses.py)."""
+    logs.event(kind, redact=True, level=30, decision="rejected", reason="malformed_webhook", field=field,
+               detail=str(problem), request_id=g.request_id)
+    WEBHOOKS.labels(kind, "malformed").inc()
+    what = "inbound webhook" if kind == "inbound" else "status callback"
+    return twilio_error(21211, 400, f"Malformed {what}: {field}: {problem}")
+
+
+def _message_sid(form) -> str | None:
+    """The webhook's message sid, or None when it is missing, not a message sid, or its copies disagree."""
+    sid = form.get("MessageSid") or form.get("SmsSid")
+    if not sid or not _SID.fullmatch(sid):
+        return None
+    for name in _SID_COPIES:  # SmsSid and SmsMessageSid are the same sid under Twilio's older names
+        copy = form.get(name)
+        if copy is not None and copy != sid:
+            return None
+    return sid
 
 
 def _inbound_message() -> Response:
     rt, started = runtime(), time.perf_counter()
     form = g.params
-    sid = form.get("MessageSid") or form.get("SmsSid")
+    sid = _message_sid(form)
+    if sid is None:
+        return _malformed("inbound", "MessageSid", _BAD_SID)
     try:
-        if not sid or not _SID.match(sid):
-            raise InvalidAddress("MessageSid is missing or malformed")
-        user, sender = normalise(form.get("From", "")), normalise(form.get("To", ""))
+        user = normalise(form.get("From", ""))
     except InvalidAddress as exc:
-        logs.event("inbound", redact=True, level=30, decision="rejected", reason="malformed_webhook",
-                   detail=str(exc), request_id=g.request_id)
-        WEBHOOKS.labels("inbound", "malformed").inc()
-        return twilio_error(21211, 400, f"Malformed inbound webhook: {exc}")
+        return _malformed("inbound", "From", exc)
+    try:
+        sender = normalise(form.get("To", ""))
+    except InvalidAddress as exc:
+        return _malformed("inbound", "To", exc)
     service_sid = form.get("MessagingServiceSid") or None
-    if service_sid and not _SERVICE_SID.match(service_sid):
+    if service_sid and not _SERVICE_SID.fullmatch(service_sid):
         service_sid = None  # never key a window by something that cannot be a Messaging Service
     settings, now = rt.settings, utcnow()
     record = dict(sid=sid, sender=sender, user=user, messaging_service_sid=service_sid,
@@ -198,10 +250,10 @@ def _kept_headers(expires_at) -> dict:
 def _status_callback() -> Response:
     rt, started = runtime(), time.perf_counter()
     form = g.params
-    sid = form.get("MessageSid") or form.get("SmsSid")
-    if not sid or not _SID.match(sid):
-        return twilio_error(21211, 400, "Malformed status callback: MessageSid is missing or malformed")
-    status = (storable(form["MessageStatus"], 32) or "").strip().lower() or "unknown"
+    sid = _message_sid(form)
+    if sid is None:
+        return _malformed("status", "MessageSid", _BAD_SID)
+    status = (storable(form.get("MessageStatus") or form.get("SmsStatus"), 32) or "").strip().lower() or "unknown"
     error_code = _int_or_none(form.get("ErrorCode"))
     settings, now = rt.settings, utcnow()
     sender, user = _normalised_or_raw(form.get("From")), _normalised_or_raw(form.get("To"))

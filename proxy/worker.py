@@ -159,11 +159,21 @@ class Worker:
         if response.status_code >= 500:
             raise GiveUp(f"Twilio answered {response.status_code}; not retried, it may have been accepted")
         if response.status_code >= 300:
-            raise GiveUp(f"Twilio answered {response.status_code}: {response.text[:200]}")
+            raise GiveUp(f"Twilio answered {response.status_code}: {self._twilio_error(response.text)}")
         try:
             return json.loads(response.text).get("sid")
         except (ValueError, AttributeError):
             return None
+
+    def _twilio_error(self, text: str) -> str:
+        """Twilio's error code and message, trimmed; logged and stored, so its numbers are masked
+        (a 21211 quotes the `To` it refused) unless LOG_REDACT_NUMBERS=false."""
+        try:
+            body = json.loads(text)
+            text = f"{body['code']} {body['message']}"
+        except (ValueError, TypeError, KeyError, RecursionError):
+            pass  # not Twilio's JSON: its text as it came
+        return (logs.mask_numbers(text) if self.rt.settings.log_redact_numbers else text)[:200]
 
 
 def _ms(started: float) -> float:

@@ -35,3 +35,10 @@ def test_lines_from_many_threads_arrive_whole():
     records = [json.loads(line) for line in lines]  # a torn or interleaved line would not parse
     assert len(records) == 8 * 50
     assert all(r["detail"] == str(r["writer"]) * (20 if r["i"] % 2 else 9000) for r in records)
+
+
+def test_numbers_in_free_text_are_masked_like_address_fields():
+    text = "21211 The 'To' number whatsapp:+14155550111 is not a valid phone number (nor +1 (415) 555-0122)."
+    masked = logs.mask_numbers(text)
+    assert "whatsapp:+1415*****11" in masked and masked.startswith("21211 The 'To' number")
+    assert "4155550111" not in masked and "555-0122" not in masked

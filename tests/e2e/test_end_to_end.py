@@ -142,3 +142,23 @@ def test_metrics_add_up_across_gunicorn_workers(proxy_server, fake_twilio):
     assert requests.get(proxy_server.url + "/metrics", timeout=10).status_code == 401
     ready = requests.get(proxy_server.url + "/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["status"] == "ok"
+
+
+def test_a_webhook_url_with_escapes_is_checked_as_twilio_requested_it(proxy_server, db_engine):
+    """gunicorn passes the request line's target on (RAW_URI): the URL Twilio signed, %-escapes and all.
+    (http.client sends the target as given; requests would normalise %7E and %69 first.)"""
+    import http.client
+    from urllib.parse import urlencode
+
+    target = "/twilio/%69nbound?k=%7E&v=%C3%A9&p=%2F"
+    params = inbound_params("SM" + "4" * 32)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy_server.port, timeout=10)
+    try:
+        conn.request("POST", target, body=urlencode(params),
+                     headers={"Content-Type": "application/x-www-form-urlencoded",
+                              "X-Twilio-Signature": sign(proxy_server.url + target, params)})
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    with db_engine.connect() as conn:
+        assert conn.execute(select(windows.c.last_inbound_sid)).scalars().all() == ["SM" + "4" * 32]

@@ -416,3 +416,20 @@ def test_a_drip_feeding_app_cannot_hold_twilios_webhook(settings, db_engine):
     assert elapsed < 10  # bounded by the 1 s deadline, not by the app's 18 s drip
     assert items(db_engine)[0]["status"] == "pending"  # the outbox takes over
     app.extensions["proxy"].engine.dispose()
+
+
+def test_twilios_error_text_is_logged_and_kept_without_the_number(settings, db_engine, fake_twilio, log_lines):
+    """Twilio's 21211 names the rejected `To` in its message: the release keeps its code and a masked message."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "held"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + "1"))
+    fake_twilio.fail_with = (400, {"code": 21211, "message": f"The 'To' number {USER} is not a valid phone number.",
+                                   "more_info": "https://www.twilio.com/docs/errors/21211", "status": 400})
+    run_worker(app)
+    with db_engine.connect() as conn:
+        status, error = conn.execute(select(held_messages.c.status, held_messages.c.last_error)).one()
+    [failed] = [line for line in log_lines() if line["event"] == "release" and line["decision"] == "failed"]
+    assert status == "failed" and "21211" in error and failed["error"] == error
+    assert "whatsapp:+1415*****11" in error
+    assert "4155550111" not in json.dumps(log_lines()) and "4155550111" not in error

@@ -1,6 +1,8 @@
 """Inbound webhooks and status callbacks through the Flask test client, on the configured database."""
 
+import json
 from datetime import timedelta
+from urllib.parse import unquote
 
 import pytest
 from sqlalchemy import func, select
@@ -210,3 +212,115 @@ def test_remembered_urls_are_bounded(app):
         with app.test_request_context("/twilio/inbound", base_url=f"http://host{n}.example"):
             assert webhooks.signed_url() == f"http://host{n}.example/twilio/inbound"
     assert len(webhooks._RECEIVED_URLS) <= webhooks._MAX_RECEIVED_URLS
+
+
+HEX = "0123456789abcdef" * 2
+
+
+@pytest.mark.parametrize("sid", ["SM" + HEX + "\n", "SM" + HEX[:31], "SM" + HEX + "0", "SM" + "g" * 32,
+                                 "XX" + HEX, "MG" + HEX, "sm" + HEX, "SM" + HEX + "MessageTypetext"])
+@pytest.mark.parametrize("path", ["/twilio/inbound", "/twilio/status"])
+def test_only_a_real_message_sid_is_accepted(client, db_engine, log_lines, sid, path):
+    params = status_params(sid, "sent") if path == "/twilio/status" else inbound_params(sid)
+    response = signed_post(client, path, params)
+    assert response.status_code == 400
+    body = response.get_json()
+    assert set(body) == {"code", "message", "more_info", "status"} and body["code"] == 21211
+    assert count(db_engine, messages) == 0 and count(db_engine, windows) == 0
+    [line] = [line for line in log_lines() if line.get("decision") == "rejected"]
+    assert line["reason"] == "malformed_webhook"
+
+
+def test_media_message_sids_are_message_sids(client, db_engine):
+    assert signed_post(client, "/twilio/inbound", inbound_params("MM" + HEX)).status_code == 200
+    assert window_rows(db_engine)[0]["last_inbound_sid"] == "MM" + HEX
+
+
+@pytest.mark.parametrize("copies", [{"SmsSid": "SM" + "1" * 32}, {"SmsMessageSid": "SM" + "1" * 32},
+                                    {"SmsSid": ""}, {"MessageSid": "", "SmsSid": "SM" + HEX}])
+def test_every_copy_of_the_sid_must_be_the_same_sid(client, db_engine, copies):
+    response = signed_post(client, "/twilio/inbound", {**inbound_params("SM" + HEX), **copies})
+    assert response.status_code == 400 and response.get_json()["code"] == 21211
+    assert count(db_engine, windows) == 0
+
+
+def test_sms_message_sid_equal_to_the_message_sid_is_fine(client, db_engine):
+    assert signed_post(client, "/twilio/inbound", inbound_params("SM" + HEX, SmsMessageSid="SM" + HEX)).status_code == 200
+    assert count(db_engine, windows) == 1
+
+
+@pytest.mark.parametrize("sms_status", ["delivered", "read", "failed", ""])
+def test_sms_status_other_than_received_is_a_status_callback(client, db_engine, sms_status):
+    """Twilio's SmsStatus is `received` only on an inbound message: without MessageStatus, anything
+    else is still a status callback and never opens a window."""
+    sid = "SM" + HEX
+    params = {k: v for k, v in status_params(sid, "x", SmsStatus=sms_status).items() if k != "MessageStatus"}
+    assert signed_post(client, "/twilio/inbound", params).status_code == 200
+    assert count(db_engine, windows) == 0
+    assert message_row(db_engine, sid)["status"] == (sms_status or "unknown")
+
+
+def test_a_messaging_service_sid_with_a_trailing_newline_keys_no_window(client, db_engine):
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + HEX, MessagingServiceSid="MG" + HEX + "\n"))
+    assert {(r["sender"], r["user"]) for r in window_rows(db_engine)} == {(BUSINESS, USER)}
+
+
+# Twilio signs the URL it requested, %-escapes and all; werkzeug's request.url decodes them (uri_to_iri).
+ESCAPED_TARGETS = ["/twilio/inbound?k=%7E", "/twilio/inbound?k=%41", "/twilio/inbound?k=%C3%A9",
+                   "/twilio/inbound?k=%2F&j=%2B", "/twilio/inbound?k=%20&j=+", "/twilio/%69nbound",
+                   "/twilio/inbound?tenant=acme"]
+
+
+@pytest.mark.parametrize("target", ESCAPED_TARGETS)
+def test_the_signature_covers_the_url_as_requested_escapes_included(client, db_engine, target):
+    params = inbound_params("SM" + HEX)
+    signature = sign("http://localhost" + target, params)
+    response = client.post(target, data=params, headers={"X-Twilio-Signature": signature},
+                           environ_overrides={"RAW_URI": target})  # as gunicorn passes the request line's target
+    assert response.status_code == 200
+    decoded = sign("http://localhost" + unquote(target), params)
+    if decoded != signature:  # the decoded URL is not what Twilio signed
+        assert client.post(target, data=params, headers={"X-Twilio-Signature": decoded},
+                           environ_overrides={"RAW_URI": target}).status_code == 403
+    assert count(db_engine, windows) == 1
+
+
+@pytest.mark.parametrize("target", [t for t in ESCAPED_TARGETS if "?" in t])
+def test_without_raw_uri_the_query_string_is_taken_as_received(settings, db_engine, target):
+    """A server that passes neither RAW_URI nor REQUEST_URI: the path from PATH_INFO (quoted again),
+    the query string exactly as received."""
+    from proxy import create_app
+    app = create_app(settings)
+    inner = app.wsgi_app
+
+    def without_raw_uri(environ, start_response):
+        environ.pop("RAW_URI", None), environ.pop("REQUEST_URI", None)
+        return inner(environ, start_response)
+
+    app.wsgi_app = without_raw_uri
+    params = inbound_params("SM" + HEX)
+    response = app.test_client().post(target, data=params,
+                                      headers={"X-Twilio-Signature": sign("http://localhost" + target, params)})
+    app.extensions["proxy"].engine.dispose()
+    assert response.status_code == 200
+    assert count(db_engine, windows) == 1
+
+
+def test_the_remembered_url_follows_the_raw_target(client, db_engine):
+    """Two targets with the same decoded path and query are two URLs: neither is checked against the other's."""
+    params = inbound_params("SM" + HEX)
+    for target in ("/twilio/%69nbound", "/twilio/inbound", "/twilio/%69nbound"):
+        signature = sign("http://localhost" + target, params)
+        assert client.post(target, data=params, headers={"X-Twilio-Signature": signature},
+                           environ_overrides={"RAW_URI": target}).status_code == 200, target
+
+
+@pytest.mark.parametrize("field, value", [("From", "whatsapp:+14155550111;ext=9"), ("From", "whatsapp:+14155550111 (m)"),
+                                          ("To", "whatsapp:+14155550111x"), ("From", "+14155550111:"),
+                                          ("From", "whatsapp:+14155550111\x00")])
+def test_a_rejected_inbound_never_logs_the_number(client, db_engine, log_lines, field, value):
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + HEX, **{field: value}))
+    assert response.status_code == 400 and response.get_json()["code"] == 21211
+    [line] = [line for line in log_lines() if line["event"] == "inbound"]
+    assert (line["decision"], line["reason"], line["field"]) == ("rejected", "malformed_webhook", field)
+    assert "4155550111" not in json.dumps(log_lines())

@@ -109,3 +109,34 @@ def test_unsigned_webhooks_only_with_the_development_switch(settings, db_engine,
     assert [line["event"] for line in log_lines() if line["level"] == "CRITICAL"] == ["unsigned_webhooks_allowed"]
     assert dev.test_client().post("/twilio/inbound", data=params).status_code == 200
     assert any(line["event"] == "webhook_unsigned_accepted" for line in log_lines())
+
+
+def test_a_replay_cannot_fold_the_next_field_into_the_message_sid(client, db_engine):
+    """The signed string is name+value of each field with no separators: `MessageSid=SM…` followed by
+    `MessageType=text` signs exactly like `MessageSid=SM…MessageTypetext` alone. That must not pass as a
+    new message (a window extended, a webhook forwarded again) under the captured signature."""
+    sid = "SM" + "a" * 32
+    captured = inbound_params(sid, MessageType="text")
+    signature = sign(URL, captured)
+    assert client.post("/twilio/inbound", data=captured, headers={"X-Twilio-Signature": signature}).status_code == 200
+    forged = {k: v for k, v in captured.items() if k != "MessageType"} | {"MessageSid": sid + "MessageTypetext"}
+    assert sign(URL, forged) == signature  # the same signed string
+    response = client.post("/twilio/inbound", data=forged, headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 400 and response.get_json()["code"] == 21211
+    with db_engine.connect() as conn:
+        assert conn.execute(select(windows.c.last_inbound_sid)).scalars().all() == [sid]
+    assert count(db_engine, messages) == 1
+
+
+def test_a_replayed_status_callback_cannot_become_an_inbound_message(client, db_engine):
+    """`MessageSid=SM…MessageStatusdelivered` without MessageStatus signs like the status callback it was."""
+    sid = "SM" + "b" * 32
+    callback = {"MessageSid": sid, "SmsSid": sid, "AccountSid": "AC" + "0" * 32, "From": "whatsapp:+14155550100",
+                "To": "whatsapp:+14155550111", "MessageStatus": "delivered", "SmsStatus": "delivered",
+                "ApiVersion": "2010-04-01", "MessagingServiceSid": "MG" + "c" * 32}
+    signature = sign(URL, callback)
+    assert client.post("/twilio/inbound", data=callback, headers={"X-Twilio-Signature": signature}).status_code == 200
+    forged = {k: v for k, v in callback.items() if k != "MessageStatus"} | {"MessageSid": sid + "MessageStatusdelivered"}
+    assert sign(URL, forged) == signature
+    assert client.post("/twilio/inbound", data=forged, headers={"X-Twilio-Signature": signature}).status_code == 400
+    assert count(db_engine, windows) == 0

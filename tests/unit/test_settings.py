@@ -153,3 +153,11 @@ def test_invalid_policy_file_names_the_line(tmp_path, text, line):
     path.write_text(text)
     with pytest.raises(ConfigError, match=rf"POLICY_FILE.*line {line}"):
         Settings.from_env({**BASE, "POLICY_FILE": str(path)})
+
+
+def test_policy_file_content_sid_is_the_whole_value(tmp_path):
+    """`$` also matches before a trailing newline: `HX…\\n` must not pass as a sid and reach Twilio."""
+    path = tmp_path / "policy.toml"
+    path.write_text(f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}\\n"\n')
+    with pytest.raises(ConfigError, match="content_sid"):
+        Settings.from_env({**BASE, "POLICY_FILE": str(path)})
