@@ -12,6 +12,7 @@ from sqlalchemy.orm import aliased
 from .db import outbox
 
 PENDING, DELIVERED, EXHAUSTED = "pending", "delivered", "exhausted"
+OUTBOX_ID_HEADER = "X-Proxy-Outbox-Id"
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,12 @@ def next_attempt_at(attempts_made: int, schedule: tuple[int, ...], now: datetime
 
 def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, headers: dict, body: list,
             now: datetime, lease_seconds: float | None = None) -> int:
-    """Store an item; with a lease, the caller tries it inline first and workers leave it alone meanwhile."""
-    return conn.execute(
+    """Store an item; with a lease, the caller tries it inline first and workers leave it alone meanwhile.
+
+    The item's id is also put into `headers` as X-Proxy-Outbox-Id (`with_id` does it for the worker's
+    attempts), so the inline attempt made with them carries the same id as every retry.
+    """
+    item_id = conn.execute(
         outbox.insert()
         .values(kind=kind, ordering_key=ordering_key[:300], target=target, headers=json.dumps(headers),
                 body=json.dumps(body), status=PENDING, attempts=0, next_attempt_at=now,
@@ -43,6 +48,14 @@ def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, head
                 created_at=now, updated_at=now)
         .returning(outbox.c.id)
     ).scalar_one()
+    headers[OUTBOX_ID_HEADER] = str(item_id)
+    return item_id
+
+
+def with_id(item: Item) -> dict:
+    """The item's forwarding headers with its id: delivery is at-least-once, and the id is how the app
+    recognises a second copy of one forward."""
+    return {**item.headers, OUTBOX_ID_HEADER: str(item.id)}
 
 
 def has_earlier_pending(conn: Connection, ordering_key: str, item_id: int) -> bool:

@@ -83,7 +83,7 @@ class Worker:
                    outbox_id=item.id, attempt=item.attempts + 1, duration_ms=_ms(started))
 
     def _forward(self, item: outbox.Item) -> None:
-        reply = self.rt.forwarder.post(item.target, [tuple(p) for p in item.body], item.headers)
+        reply = self.rt.forwarder.post(item.target, [tuple(p) for p in item.body], outbox.with_id(item))
         if not reply.ok:
             raise Retry(reply.error or "failed")
 
