@@ -24,6 +24,7 @@ class Item:
     headers: dict
     body: list
     attempts: int
+    lease_until: datetime | None = None  # as claimed: while the row still has it, no one else has claimed it
 
 
 def next_attempt_at(attempts_made: int, schedule: tuple[int, ...], now: datetime) -> datetime | None:
@@ -73,6 +74,19 @@ def renew_lease(conn: Connection, item_id: int, until: datetime) -> None:
     conn.execute(update(outbox).where(outbox.c.id == item_id).values(lease_until=until))
 
 
+def keep(conn: Connection, item: Item, now: datetime, lease_seconds: float) -> bool:
+    """Lease a claimed item afresh for its delivery; False if another worker has claimed it since.
+
+    A worker delivers its batch one item after another, so the last ones can outlive the claim's
+    lease; any claim changes lease_until, so an unchanged one means the item is still this worker's.
+    """
+    return conn.execute(
+        update(outbox)
+        .where(outbox.c.id == item.id, outbox.c.status == PENDING, outbox.c.lease_until == item.lease_until)
+        .values(lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
+    ).rowcount == 1
+
+
 def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10) -> list[Item]:
     """Lease up to `limit` due items, each the oldest pending one of its ordering key.
 
@@ -104,11 +118,11 @@ def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10
                    (outbox.c.lease_until.is_(None)) | (outbox.c.lease_until < now))
             .values(lease_until=lease, updated_at=now)
             .returning(outbox.c.id, outbox.c.kind, outbox.c.ordering_key, outbox.c.target, outbox.c.headers,
-                       outbox.c.body, outbox.c.attempts)
+                       outbox.c.body, outbox.c.attempts, outbox.c.lease_until)
         ).first()
         if row is not None:
             claimed.append(Item(row.id, row.kind, row.ordering_key, row.target, json.loads(row.headers),
-                                json.loads(row.body), row.attempts))
+                                json.loads(row.body), row.attempts, row.lease_until))
     return claimed
 
 

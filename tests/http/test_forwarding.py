@@ -215,6 +215,31 @@ def test_two_workers_never_deliver_one_item_twice(forwarding, fake_app, db_engin
         app.extensions["proxy"].engine.dispose()
 
 
+def test_a_worker_delivers_only_the_items_it_still_holds(forwarding, fake_app, db_engine):
+    """A batch can outlast its lease (one delivery after another, each up to FORWARD_TIMEOUT_SECONDS):
+    an item another worker claimed meanwhile is that worker's to deliver, not a second copy."""
+    client = forwarding.test_client()
+    for i in range(3):  # three conversations, each with a status callback queued
+        signed_post(client, "/twilio/status", {"MessageSid": f"SM{i:032x}", "MessageStatus": "delivered",
+                                               "From": BUSINESS, "To": f"whatsapp:+1415555{i:04d}"})
+    due = utcnow()
+    other = create_app(forwarding.extensions["proxy"].settings)
+    took_over = []
+
+    class Stalled(Worker):
+        def process(self, item, *args):
+            if not took_over:  # stalls after claiming, past its lease: another worker claims the batch
+                took_over.append(run_worker(other, due + timedelta(seconds=LEASE_SECONDS + 1)))
+            super().process(item, *args)
+
+    assert Stalled(forwarding.extensions["proxy"]).run_once(due) == 3
+    assert took_over == [3]
+    sids = [dict(form)["MessageSid"] for _, form, _ in fake_app.received]
+    assert sorted(sids) == [f"SM{i:032x}" for i in range(3)]  # each exactly once
+    assert all(i["status"] == "delivered" and i["attempts"] == 1 for i in items(db_engine))
+    other.extensions["proxy"].engine.dispose()
+
+
 def test_status_callbacks_are_forwarded_through_the_outbox(forwarding, fake_app, db_engine):
     params = {"MessageSid": "SM" + "a" * 32, "MessageStatus": "delivered", "From": BUSINESS, "To": USER,
               "AccountSid": ACCOUNT_SID}
