@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from dataclasses import dataclass
 
 import requests
@@ -12,7 +13,8 @@ from werkzeug.datastructures import MultiDict
 
 # Twilio's request headers worth passing on, and the proxy's own. The signature is recomputed
 # for the app's URL with the auth token, so Twilio's SharedKey signature-settings header is not kept.
-KEPT_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent", "X-Proxy-Window-Expires-At")
+KEPT_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent", "X-Proxy-Window-Expires-At",
+                "X-Proxy-Outbox-Id")
 
 
 @dataclass(frozen=True)
@@ -46,18 +48,30 @@ class Forwarder:
         return headers
 
     def post(self, url: str, pairs: list[tuple[str, str]], kept: dict) -> Reply:
-        """POST within one overall deadline: requests' timeout is per socket read, and an app that
-        drip-feeds its answer must not hold Twilio's webhook past its 15 s limit."""
-        future = self.pool.submit(self._post, url, pairs, kept)
+        """POST within one overall deadline, counted from this call: requests' timeout is per socket
+        read, an app that drip-feeds its answer must not hold Twilio's webhook past its 15 s limit, and
+        the inline attempt's lease (FORWARD_TIMEOUT_SECONDS + 5) must outlast it.
+
+        A post still waiting for a thread at the deadline is cancelled: it is reported failed and
+        retried by the outbox, so it must never go out afterwards. One that went out and was not
+        answered in time may still reach the app: that copy and the retry are the same webhook.
+        """
+        deadline = time.monotonic() + self.timeout
+        future = self.pool.submit(self._post, url, pairs, kept, deadline)
         try:
             return future.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError:
+            if future.cancel():
+                return _not_sent(self.timeout)
             return Reply(False, None, b"", None, f"no answer within {self.timeout:g}s")
 
-    def _post(self, url: str, pairs: list[tuple[str, str]], kept: dict) -> Reply:
+    def _post(self, url: str, pairs: list[tuple[str, str]], kept: dict, deadline: float) -> Reply:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:  # the caller gave up just as a thread took this post, too late to cancel it
+            return _not_sent(self.timeout)
         try:
             response = self.session.post(url, data=pairs, headers=self.headers_for(url, pairs, kept),
-                                         timeout=self.timeout, allow_redirects=False)
+                                         timeout=remaining, allow_redirects=False)
         except requests.exceptions.Timeout:
             return Reply(False, None, b"", None, f"no answer within {self.timeout:g}s")
         except requests.exceptions.RequestException as exc:
@@ -65,3 +79,7 @@ class Forwarder:
         if response.status_code >= 500:
             return Reply(False, response.status_code, b"", None, f"answered {response.status_code}")
         return Reply(True, response.status_code, response.content, response.headers.get("Content-Type"))
+
+
+def _not_sent(timeout: float) -> Reply:
+    return Reply(False, None, b"", None, f"not sent: no forwarding thread free within {timeout:g}s")

@@ -12,6 +12,7 @@ from sqlalchemy.orm import aliased
 from .db import outbox
 
 PENDING, DELIVERED, EXHAUSTED = "pending", "delivered", "exhausted"
+OUTBOX_ID_HEADER = "X-Proxy-Outbox-Id"
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Item:
     headers: dict
     body: list
     attempts: int
+    lease_until: datetime | None = None  # as claimed: while the row still has it, no one else has claimed it
 
 
 def next_attempt_at(attempts_made: int, schedule: tuple[int, ...], now: datetime) -> datetime | None:
@@ -34,8 +36,12 @@ def next_attempt_at(attempts_made: int, schedule: tuple[int, ...], now: datetime
 
 def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, headers: dict, body: list,
             now: datetime, lease_seconds: float | None = None) -> int:
-    """Store an item; with a lease, the caller tries it inline first and workers leave it alone meanwhile."""
-    return conn.execute(
+    """Store an item; with a lease, the caller tries it inline first and workers leave it alone meanwhile.
+
+    The item's id is also put into `headers` as X-Proxy-Outbox-Id (`with_id` does it for the worker's
+    attempts), so the inline attempt made with them carries the same id as every retry.
+    """
+    item_id = conn.execute(
         outbox.insert()
         .values(kind=kind, ordering_key=ordering_key[:300], target=target, headers=json.dumps(headers),
                 body=json.dumps(body), status=PENDING, attempts=0, next_attempt_at=now,
@@ -43,6 +49,14 @@ def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, head
                 created_at=now, updated_at=now)
         .returning(outbox.c.id)
     ).scalar_one()
+    headers[OUTBOX_ID_HEADER] = str(item_id)
+    return item_id
+
+
+def with_id(item: Item) -> dict:
+    """The item's forwarding headers with its id: delivery is at-least-once, and the id is how the app
+    recognises a second copy of one forward."""
+    return {**item.headers, OUTBOX_ID_HEADER: str(item.id)}
 
 
 def has_earlier_pending(conn: Connection, ordering_key: str, item_id: int) -> bool:
@@ -58,6 +72,19 @@ def release_lease(conn: Connection, item_id: int) -> None:
 
 def renew_lease(conn: Connection, item_id: int, until: datetime) -> None:
     conn.execute(update(outbox).where(outbox.c.id == item_id).values(lease_until=until))
+
+
+def keep(conn: Connection, item: Item, now: datetime, lease_seconds: float) -> bool:
+    """Lease a claimed item afresh for its delivery; False if another worker has claimed it since.
+
+    A worker delivers its batch one item after another, so the last ones can outlive the claim's
+    lease; any claim changes lease_until, so an unchanged one means the item is still this worker's.
+    """
+    return conn.execute(
+        update(outbox)
+        .where(outbox.c.id == item.id, outbox.c.status == PENDING, outbox.c.lease_until == item.lease_until)
+        .values(lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
+    ).rowcount == 1
 
 
 def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10) -> list[Item]:
@@ -91,11 +118,11 @@ def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10
                    (outbox.c.lease_until.is_(None)) | (outbox.c.lease_until < now))
             .values(lease_until=lease, updated_at=now)
             .returning(outbox.c.id, outbox.c.kind, outbox.c.ordering_key, outbox.c.target, outbox.c.headers,
-                       outbox.c.body, outbox.c.attempts)
+                       outbox.c.body, outbox.c.attempts, outbox.c.lease_until)
         ).first()
         if row is not None:
             claimed.append(Item(row.id, row.kind, row.ordering_key, row.target, json.loads(row.headers),
-                                json.loads(row.body), row.attempts))
+                                json.loads(row.body), row.attempts, row.lease_until))
     return claimed
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,9 @@ from .policy import Policy
 from .policy_file import Fallback, PolicyFileError, load, parse_fallback
 
 DEFAULT_SQLITE_PATH = Path("instance") / "proxy.sqlite3"
+# An outbox lease outlasts one delivery by this much (the database writes around it, clocks of several
+# instances); the inline attempt's lease in proxy/webhooks.py is FORWARD_TIMEOUT_SECONDS + 5 too.
+LEASE_MARGIN_SECONDS = 5
 
 
 class ConfigError(ValueError):
@@ -91,6 +95,12 @@ class Settings:
         forward_timeout = _float(env, "FORWARD_TIMEOUT_SECONDS", 10.0)
         if forward_timeout >= 15:
             raise ConfigError("FORWARD_TIMEOUT_SECONDS must be below 15: Twilio gives up on a webhook after 15 s.")
+        lease = _int(env, "OUTBOX_LEASE_SECONDS", 120, minimum=1)
+        if lease < forward_timeout + LEASE_MARGIN_SECONDS:
+            raise ConfigError(
+                f"OUTBOX_LEASE_SECONDS must be at least {math.ceil(forward_timeout + LEASE_MARGIN_SECONDS)} "
+                f"(FORWARD_TIMEOUT_SECONDS + {LEASE_MARGIN_SECONDS}), got {lease}: a worker must still hold an "
+                "item when its delivery ends, or another worker delivers it too.")
         return cls(
             fail_open=_bool(env, "FAIL_OPEN", False),
             allow_unsigned_webhooks=_bool(env, "ALLOW_UNSIGNED_WEBHOOKS", False),
@@ -103,7 +113,7 @@ class Settings:
             hold_on_reroute=_bool(env, "HOLD_ON_REROUTE", False),
             hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 7 * 86400, minimum=1),
             worker_poll_seconds=_float(env, "WORKER_POLL_SECONDS", 1.0),
-            outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 120, minimum=1),
+            outbox_lease_seconds=lease,
             log_format=_choice(env, "LOG_FORMAT", "json", ("json", "text")),
             api_keys=_api_keys(env),
             metrics_token=env.get("METRICS_TOKEN", "").strip() or None,

@@ -32,8 +32,8 @@ class Worker:
         self.rt = rt
 
     def run_once(self, now: datetime | None = None) -> int:
-        """Expire old holds, then claim and process the due items; returns how many were processed."""
-        now = now or utcnow()
+        """Expire old holds, then claim and process the due items; returns how many were claimed."""
+        now, started = now or utcnow(), time.monotonic()
         with writing(self.rt.engine) as conn:
             for row in holds.expire(conn, now):
                 logs.event("hold_expired", redact=self.rt.settings.log_redact_numbers, decision="dropped",
@@ -42,7 +42,7 @@ class Worker:
             # A claimed item is this worker's for the lease; a crashed worker's items come back after it.
             items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds)
         for item in items:
-            self.process(item)
+            self.process(item, now + timedelta(seconds=time.monotonic() - started))
         return len(items)
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -55,8 +55,16 @@ class Worker:
             if not busy:
                 stop.wait(self.rt.settings.worker_poll_seconds)
 
-    def process(self, item: outbox.Item) -> None:
+    def process(self, item: outbox.Item, now: datetime | None = None) -> None:
         started, settings = time.perf_counter(), self.rt.settings
+        # The claim's lease covers the batch only so long: each delivery renews it, so an item is this
+        # worker's for a whole OUTBOX_LEASE_SECONDS (more than one delivery takes, settings.py checks).
+        with writing(self.rt.engine) as conn:
+            still_ours = outbox.keep(conn, item, now or utcnow(), settings.outbox_lease_seconds)
+        if not still_ours:
+            logs.event("delivery", redact=settings.log_redact_numbers, decision="skipped", kind=item.kind,
+                       outbox_id=item.id, reason="claimed_by_another_worker")
+            return
         handler = {"inbound": self._forward, "status": self._forward, "send": self._send,
                    "release": self._release}[item.kind]
         try:
@@ -83,7 +91,7 @@ class Worker:
                    outbox_id=item.id, attempt=item.attempts + 1, duration_ms=_ms(started))
 
     def _forward(self, item: outbox.Item) -> None:
-        reply = self.rt.forwarder.post(item.target, [tuple(p) for p in item.body], item.headers)
+        reply = self.rt.forwarder.post(item.target, [tuple(p) for p in item.body], outbox.with_id(item))
         if not reply.ok:
             raise Retry(reply.error or "failed")
 

@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from proxy import create_app, holds
 from proxy.db import held_messages, late_failures, outbox, send_attempts, utcnow, windows
+from proxy.forwarding import Forwarder
 from proxy.policy import Policy
 from proxy.policy_file import Fallback
 from proxy.worker import Worker
@@ -82,6 +83,41 @@ def test_app_trouble_answers_empty_twiml_and_the_outbox_retries(forwarding, fake
         received = [p for p, _, _ in fake_app.received][:1]
     assert received == ["/app/inbound"]
     assert items(db_engine)[0]["status"] == "delivered"
+
+
+def test_a_forward_still_waiting_for_a_thread_at_its_deadline_never_goes_out(fake_app):
+    """Every forwarding thread busy: the post gives up at its deadline and must not reach the app
+    afterwards, or the outbox's retry would be a second copy."""
+    forwarder = Forwarder(AUTH_TOKEN, timeout=0.3, pool_size=1)
+    free = threading.Event()
+    busy = forwarder.pool.submit(free.wait, 10)  # the one thread is taken
+    reply = forwarder.post(fake_app.url + "/app/inbound", [("MessageSid", "SM" + "c" * 32)], {})
+    free.set()
+    busy.result(timeout=10)
+    forwarder.pool.submit(lambda: None).result(timeout=10)  # one thread, in order: whatever was queued has run
+    assert fake_app.started == 0
+    assert not reply.ok and reply.error.startswith("not sent")
+
+
+def test_every_copy_of_a_forward_carries_its_outbox_id(forwarding, fake_app, db_engine):
+    """A post the app answers too late was still received: the worker's retry is a second copy, and the
+    app tells them apart from new webhooks by X-Proxy-Outbox-Id."""
+    fake_app.delay = 1.5  # more than FORWARD_TIMEOUT_SECONDS, after the post went out
+    signed_post(forwarding.test_client(), "/twilio/inbound",
+                inbound_params("SM" + "d" * 32))
+    [item] = items(db_engine)
+    assert item["status"] == "pending"
+    deadline = time.monotonic() + 10
+    while not fake_app.received and time.monotonic() < deadline:
+        time.sleep(0.05)
+    fake_app.delay = 0
+    assert run_worker(forwarding, utcnow() + timedelta(seconds=6)) == 1
+    copies = [(dict(form)["MessageSid"], headers.get("X-Proxy-Outbox-Id")) for _, form, headers in fake_app.received]
+    assert copies == [("SM" + "d" * 32, str(item["id"]))] * 2
+    status = {"MessageSid": "SM" + "e" * 32, "MessageStatus": "read", "From": BUSINESS, "To": USER}
+    signed_post(forwarding.test_client(), "/twilio/status", status)
+    assert run_worker(forwarding) == 1
+    assert fake_app.received[-1][2]["X-Proxy-Outbox-Id"] == str(items(db_engine)[-1]["id"])
 
 
 def test_app_4xx_is_the_apps_answer_and_is_relayed(forwarding, fake_app, db_engine):
@@ -178,6 +214,31 @@ def test_two_workers_never_deliver_one_item_twice(forwarding, fake_app, db_engin
     assert all(i["status"] == "delivered" for i in items(db_engine))
     for app in apps:
         app.extensions["proxy"].engine.dispose()
+
+
+def test_a_worker_delivers_only_the_items_it_still_holds(forwarding, fake_app, db_engine):
+    """A batch can outlast its lease (one delivery after another, each up to FORWARD_TIMEOUT_SECONDS):
+    an item another worker claimed meanwhile is that worker's to deliver, not a second copy."""
+    client = forwarding.test_client()
+    for i in range(3):  # three conversations, each with a status callback queued
+        signed_post(client, "/twilio/status", {"MessageSid": f"SM{i:032x}", "MessageStatus": "delivered",
+                                               "From": BUSINESS, "To": f"whatsapp:+1415555{i:04d}"})
+    due = utcnow()
+    other = create_app(forwarding.extensions["proxy"].settings)
+    took_over = []
+
+    class Stalled(Worker):
+        def process(self, item, *args):
+            if not took_over:  # stalls after claiming, past its lease: another worker claims the batch
+                took_over.append(run_worker(other, due + timedelta(seconds=LEASE_SECONDS + 1)))
+            super().process(item, *args)
+
+    assert Stalled(forwarding.extensions["proxy"]).run_once(due) == 3
+    assert took_over == [3]
+    sids = [dict(form)["MessageSid"] for _, form, _ in fake_app.received]
+    assert sorted(sids) == [f"SM{i:032x}" for i in range(3)]  # each exactly once
+    assert all(i["status"] == "delivered" and i["attempts"] == 1 for i in items(db_engine))
+    other.extensions["proxy"].engine.dispose()
 
 
 def test_status_callbacks_are_forwarded_through_the_outbox(forwarding, fake_app, db_engine):

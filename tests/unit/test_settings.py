@@ -36,6 +36,15 @@ def test_invalid_values_name_the_variable(env, variable):
         Settings.from_env(env)
 
 
+def test_the_outbox_lease_outlasts_a_delivery():
+    """A worker must still hold an item when its delivery ends, or another worker delivers it too."""
+    assert Settings.from_env(BASE).outbox_lease_seconds == 120
+    assert Settings.from_env({**BASE, "OUTBOX_LEASE_SECONDS": "15"}).outbox_lease_seconds == 15
+    for env in ({"OUTBOX_LEASE_SECONDS": "14"}, {"FORWARD_TIMEOUT_SECONDS": "10.5", "OUTBOX_LEASE_SECONDS": "15"}):
+        with pytest.raises(ConfigError, match=r"OUTBOX_LEASE_SECONDS must be at least 1[56] \(FORWARD_TIMEOUT_SECONDS"):
+            Settings.from_env({**BASE, **env})
+
+
 @pytest.mark.parametrize(
     "raw, expected",
     [
