@@ -71,6 +71,8 @@ def validate(form: MultiDict) -> None:
             parsed = None
         if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
             raise ApiError(21656, 400, "The ContentVariables Parameter is invalid: it must be a JSON object of strings.")
+        if any(v == "" for v in parsed.values()):
+            raise ApiError(21656, 400, "The ContentVariables Parameter is invalid: Twilio refuses empty values.")
 
 
 def send_time(form: MultiDict, now: datetime) -> datetime:

@@ -157,6 +157,7 @@ def test_another_account_in_the_path_is_404(client, fake_twilio):
         ({"To": "whatsapp:not-a-number", "From": BUSINESS, "Body": "x"}, 21211),
         ({"To": USER, "From": "whatsapp:???", "Body": "x"}, 21212),
         ({"To": USER, "From": "+14155550100", "Body": "x"}, 21910),
+        ({"To": USER, "From": BUSINESS, "ContentSid": "HX" + "a" * 32, "ContentVariables": '{"1": ""}'}, 21656),
     ],
 )
 def test_form_validation_like_twilio(client, fake_twilio, fields, code):
