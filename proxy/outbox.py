@@ -134,11 +134,18 @@ def delivered(conn: Connection, item_id: int, now: datetime) -> None:
 
 def failed(conn: Connection, item_id: int, error: str, now: datetime, schedule: tuple[int, ...],
            *, retry: bool = True) -> str:
-    """Record a failed attempt; schedule the next one, or exhaust the item. Returns the new status."""
-    attempts = conn.execute(select(outbox.c.attempts).where(outbox.c.id == item_id)).scalar_one() + 1
+    """Record a failed attempt; schedule the next one, or exhaust the item. Returns the new status.
+
+    Only a pending item: an attempt that overran its lease must not turn the copy another worker
+    delivered meanwhile back into a pending one (delivered again later).
+    """
+    current, attempts = conn.execute(select(outbox.c.status, outbox.c.attempts).where(outbox.c.id == item_id)).one()
+    if current != PENDING:
+        return current
+    attempts += 1
     when = next_attempt_at(attempts, schedule, now) if retry else None
     status = PENDING if when else EXHAUSTED
-    conn.execute(update(outbox).where(outbox.c.id == item_id)
+    conn.execute(update(outbox).where(outbox.c.id == item_id, outbox.c.status == PENDING)
                  .values(status=status, attempts=attempts, next_attempt_at=when or now, lease_until=None,
                          last_error=error[:500], updated_at=now))
     return status

@@ -494,3 +494,18 @@ def test_twilios_error_text_is_logged_and_kept_without_the_number(settings, db_e
     assert status == "failed" and "21211" in error and failed["error"] == error
     assert "whatsapp:+1415*****11" in error
     assert "4155550111" not in json.dumps(log_lines()) and "4155550111" not in error
+
+
+def test_a_late_failure_never_reopens_an_item_delivered_meanwhile(forwarding, fake_app, db_engine):
+    """An inline attempt that overran its lease reports failure after the worker delivered the item."""
+    from proxy import outbox as outbox_module
+
+    fake_app.fail_status = 503
+    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "7" * 32))
+    [item] = items(db_engine)
+    fake_app.reset()
+    assert run_worker(forwarding, utcnow() + timedelta(seconds=6)) == 1
+    with db_engine.begin() as conn:
+        status = outbox_module.failed(conn, item["id"], "no answer", utcnow(), SCHEDULE)
+    assert status == "delivered"
+    assert [(i["status"], i["attempts"]) for i in items(db_engine)] == [("delivered", 2)]
