@@ -23,7 +23,7 @@ def memory_table(inbound_results: list[dict], gateway_results: list[dict]) -> st
         for r in results:
             mem = r[key]["memory_mib"]
             workers = mem["workers"]
-            name = label if key == "floor" else f"{label} ({r['database']})"  # the floor has no database
+            name = label if label == "gateway floor" else f"{label} ({r['database']})"  # it has no database
             rows.append([name, mem["master"].get("VmRSS"),
                          " / ".join(str(w.get("VmRSS")) for w in workers),
                          " / ".join(str(w.get("VmHWM")) for w in workers),
