@@ -150,7 +150,7 @@ def _tour(echo, step, sim: Simulator, samples: dict, proxy_url: str, rt, decisio
                 agree += proxy_allows == (whatsapp is None)
                 cells.append("send" if proxy_allows else f"stop {verdict['code']}")
         rows.append(f"{content_type:<24} {cells[0]:<10} {cells[1]:<10} {cells[2]:<10} {cells[3]:<10}")
-    step("Rich content judged cell by cell (13 types × approved/unapproved × in/out of the window)",
+    step(f"Rich content judged cell by cell ({len(TABLE)} types × approved/unapproved × in/out of the window)",
          agree == total,
          f"{'content type':<24} {'approved':<21} {'unapproved':<21}",
          f"{'':<24} {'in':<10} {'out':<10} {'in':<10} {'out':<10}",
