@@ -37,8 +37,10 @@ def body_of(request: Request) -> bytes:
     would be judged and forwarded as never sent.
     """
     body = request.get_data(cache=True)
+    if request.content_length is not None:  # werkzeug already refused one over the limit
+        return body
     limit = request.max_content_length
-    if request.content_length is None and limit is not None and len(body) >= limit:
+    if limit is not None and len(body) >= limit:
         if request.environ["wsgi.input"].read(1):  # past werkzeug's limited stream: is there more?
             raise RequestEntityTooLarge()
     return body

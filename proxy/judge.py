@@ -41,12 +41,17 @@ MAX_MEDIA = 10
 MAX_BODY = 1600
 
 
-def validate(form: MultiDict) -> None:
-    """The synchronous checks Twilio itself makes, answered with Twilio's codes."""
+def refuse_repeated(form: MultiDict) -> None:
+    """A field Twilio reads one value of, given twice, could be judged by one value and sent by the other."""
     for name in SINGLE_VALUED:
         if len(form.getlist(name)) > 1:
             raise ApiError(400, 400, f"Parameter '{name}' was given more than once; the proxy does not guess "
                                      "which value Twilio would use.")
+
+
+def validate(form: MultiDict) -> None:
+    """The synchronous checks Twilio itself makes, answered with Twilio's codes."""
+    refuse_repeated(form)
     media_urls = [u for u in form.getlist("MediaUrl") if u.strip()]
     if len(media_urls) > MAX_MEDIA:
         raise ApiError(400, 400, f"A message can carry at most {MAX_MEDIA} MediaUrl values, got {len(media_urls)}.")
@@ -98,6 +103,8 @@ def fail_open(form: MultiDict) -> Judgement:
 
 
 def judge(rt: Runtime, form: MultiDict) -> Judgement:
+    # Before anything reads a first value: `To=+1…&To=whatsapp:+1…` must not pass as SMS.
+    refuse_repeated(form)
     to_raw, from_raw = form.get("To", "").strip(), form.get("From", "").strip()
     service_sid = form.get("MessagingServiceSid", "").strip() or None
     content_sid = form.get("ContentSid", "").strip() or None

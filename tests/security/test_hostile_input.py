@@ -47,6 +47,18 @@ def test_repeated_single_valued_fields_are_refused(client, fake_twilio, field):
     assert fake_twilio.requests == []
 
 
+@pytest.mark.parametrize("pairs", [
+    [("To", "+14155550111"), ("To", USER), ("MessagingServiceSid", "MG" + "a" * 32), ("Body", "x")],
+    [("To", "+14155550111"), ("To", USER), ("From", "+14155550100"), ("From", BUSINESS), ("Body", "x")],
+    [("To", "+14155550111"), ("From", "+14155550100"), ("From", BUSINESS), ("Body", "x")],
+], ids=["to", "to-and-from", "from"])
+def test_a_whatsapp_value_behind_an_sms_one_is_refused_not_passed_through(client, fake_twilio, pairs):
+    """The first value decides SMS passthrough: a second, WhatsApp, value must not reach Twilio unjudged."""
+    response = send(client, pairs)
+    assert_twilio_error(response, 400)
+    assert fake_twilio.requests == []
+
+
 def test_more_than_ten_media_urls_is_400(client, fake_twilio):
     open_window(client)
     pairs = [("To", USER), ("From", BUSINESS)] + [("MediaUrl", f"https://example.com/{i}.png") for i in range(11)]
