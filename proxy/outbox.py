@@ -35,7 +35,7 @@ def next_attempt_at(attempts_made: int, schedule: tuple[int, ...], now: datetime
 
 
 def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, headers: dict, body: list,
-            now: datetime, lease_seconds: float | None = None) -> int:
+            now: datetime, lease_until: datetime | None = None) -> int:
     """Store an item; with a lease, the caller tries it inline first and workers leave it alone meanwhile.
 
     The item's id is also put into `headers` as X-Proxy-Outbox-Id (`with_id` does it for the worker's
@@ -45,7 +45,7 @@ def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, head
         outbox.insert()
         .values(kind=kind, ordering_key=ordering_key[:300], target=target, headers=json.dumps(headers),
                 body=json.dumps(body), status=PENDING, attempts=0, next_attempt_at=now,
-                lease_until=now + timedelta(seconds=lease_seconds) if lease_seconds else None,
+                lease_until=lease_until,
                 created_at=now, updated_at=now)
         .returning(outbox.c.id)
     ).scalar_one()
@@ -74,8 +74,8 @@ def renew_lease(conn: Connection, item_id: int, until: datetime) -> None:
     conn.execute(update(outbox).where(outbox.c.id == item_id).values(lease_until=until))
 
 
-def keep(conn: Connection, item: Item, now: datetime, lease_seconds: float) -> bool:
-    """Lease a claimed item afresh for its delivery; False if another worker has claimed it since.
+def keep(conn: Connection, item: Item, now: datetime, lease_seconds: float) -> datetime | None:
+    """Lease a claimed item afresh for its delivery: the new lease, or None if another worker has claimed it since.
 
     A worker delivers its batch one item after another, so the last ones can outlive the claim's
     lease; any claim changes lease_until, so an unchanged one means the item is still this worker's.
@@ -84,7 +84,8 @@ def keep(conn: Connection, item: Item, now: datetime, lease_seconds: float) -> b
         update(outbox)
         .where(outbox.c.id == item.id, outbox.c.status == PENDING, outbox.c.lease_until == item.lease_until)
         .values(lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
-    ).rowcount == 1
+        .returning(outbox.c.lease_until)
+    ).scalar()
 
 
 def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10) -> list[Item]:
@@ -133,14 +134,16 @@ def delivered(conn: Connection, item_id: int, now: datetime) -> None:
 
 
 def failed(conn: Connection, item_id: int, error: str, now: datetime, schedule: tuple[int, ...],
-           *, retry: bool = True) -> str:
+           *, retry: bool = True, lease: datetime | None = None) -> str:
     """Record a failed attempt; schedule the next one, or exhaust the item. Returns the new status.
 
-    Only a pending item: an attempt that overran its lease must not turn the copy another worker
-    delivered meanwhile back into a pending one (delivered again later).
+    Only a pending item still under `lease` (the attempt's own, when given): an attempt that overran
+    its lease must not reschedule an item another worker claimed meanwhile (a third would claim it
+    while the second still delivers), nor turn a delivered one back into pending.
     """
-    current, attempts = conn.execute(select(outbox.c.status, outbox.c.attempts).where(outbox.c.id == item_id)).one()
-    if current != PENDING:
+    current, attempts, held_until = conn.execute(
+        select(outbox.c.status, outbox.c.attempts, outbox.c.lease_until).where(outbox.c.id == item_id)).one()
+    if current != PENDING or (lease is not None and held_until != lease):
         return current
     attempts += 1
     when = next_attempt_at(attempts, schedule, now) if retry else None

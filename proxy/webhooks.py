@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from datetime import datetime, timedelta
 from urllib.parse import quote
 
 from flask import Blueprint, Response, g, request
@@ -19,6 +20,7 @@ from .errors import twilio_error
 from .forms import Fields, form_of
 from .metrics import WEBHOOKS
 from .runtime import runtime
+from .settings import LEASE_MARGIN_SECONDS
 
 bp = Blueprint("webhooks", __name__, url_prefix="/twilio")
 
@@ -170,6 +172,7 @@ def _inbound_message() -> Response:
         expires_at = _write_alone(rt, lambda conn: store.record_inbound(conn, **record))
         return _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     forward_id, pairs, kept = None, list(form.items(multi=True)), {}
+    lease = now + timedelta(seconds=settings.forward_timeout_seconds + LEASE_MARGIN_SECONDS)
     # One transaction: the message, its window and its forward are stored together or not at all.
     with writing(rt.engine) as conn:
         expires_at = store.record_inbound(conn, **record)
@@ -178,13 +181,13 @@ def _inbound_message() -> Response:
             kept = _kept_headers(expires_at)
             forward_id = outbox.enqueue(
                 conn, kind="inbound", ordering_key=f"inbound:{sender}|{user}", target=settings.forward_inbound_url,
-                headers=kept, body=pairs, now=now, lease_seconds=settings.forward_timeout_seconds + 5)
+                headers=kept, body=pairs, now=now, lease_until=lease)
         if expires_at and settings.hold_on_reroute:
             for key in filter(None, (sender, service_sid)):
                 holds.release_if_held(conn, key, user, now)
     response = _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     if forward_id is not None:
-        return _forward_inline(forward_id, sender, user, pairs, kept)
+        return _forward_inline(forward_id, lease, sender, user, pairs, kept)
     return response
 
 
@@ -217,7 +220,7 @@ def _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at) -> 
     return _twiml()
 
 
-def _forward_inline(item_id: int, sender: str, user: str, pairs: list, kept: dict) -> Response:
+def _forward_inline(item_id: int, lease: datetime, sender: str, user: str, pairs: list, kept: dict) -> Response:
     """Hand the webhook to the app now and relay its TwiML; if it cannot answer, the outbox retries."""
     rt = runtime()
     with writing(rt.engine) as conn:
@@ -231,7 +234,7 @@ def _forward_inline(item_id: int, sender: str, user: str, pairs: list, kept: dic
         if reply.ok:
             outbox.delivered(conn, item_id, utcnow())
         else:
-            outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule)
+            outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule, lease=lease)
     logs.event("delivery", redact=rt.settings.log_redact_numbers, level=20 if reply.ok else 30, kind="inbound",
                decision="delivered" if reply.ok else "queued", outbox_id=item_id, attempt=1,
                app_status=reply.status, error=reply.error, sender=sender, user=user,

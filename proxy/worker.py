@@ -60,8 +60,8 @@ class Worker:
         # The claim's lease covers the batch only so long: each delivery renews it, so an item is this
         # worker's for a whole OUTBOX_LEASE_SECONDS (more than one delivery takes, settings.py checks).
         with writing(self.rt.engine) as conn:
-            still_ours = outbox.keep(conn, item, now or utcnow(), settings.outbox_lease_seconds)
-        if not still_ours:
+            lease = outbox.keep(conn, item, now or utcnow(), settings.outbox_lease_seconds)
+        if lease is None:
             logs.event("delivery", redact=settings.log_redact_numbers, decision="skipped", kind=item.kind,
                        outbox_id=item.id, reason="claimed_by_another_worker")
             return
@@ -80,7 +80,7 @@ class Worker:
         except (Retry, GiveUp) as exc:
             with writing(self.rt.engine) as conn:
                 status = outbox.failed(conn, item.id, str(exc), utcnow(), settings.retry_schedule,
-                                       retry=isinstance(exc, Retry))
+                                       retry=isinstance(exc, Retry), lease=lease)
             logs.event("delivery", redact=settings.log_redact_numbers, level=30, decision="failed", kind=item.kind,
                        outbox_id=item.id, attempt=item.attempts + 1, outcome=status, error=str(exc),
                        duration_ms=_ms(started))

@@ -509,3 +509,26 @@ def test_a_late_failure_never_reopens_an_item_delivered_meanwhile(forwarding, fa
         status = outbox_module.failed(conn, item["id"], "no answer", utcnow(), SCHEDULE)
     assert status == "delivered"
     assert [(i["status"], i["attempts"]) for i in items(db_engine)] == [("delivered", 2)]
+
+
+def test_a_failure_reported_after_another_worker_claimed_the_item_leaves_it_to_that_worker(
+        forwarding, fake_app, db_engine):
+    """The inline attempt overran its lease and a worker claimed the item: the stale failure must not
+    reschedule it (a third claimer would deliver it while the worker still does)."""
+    from proxy import outbox as outbox_module
+
+    fake_app.fail_status = 503
+    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "8" * 32))
+    [item] = items(db_engine)
+    later = utcnow() + timedelta(seconds=6)
+    with db_engine.begin() as conn:
+        [claimed] = outbox_module.claim(conn, later, LEASE_SECONDS)
+        stale_lease = utcnow() - timedelta(seconds=1)  # the lease the overrun attempt held
+        assert outbox_module.failed(conn, item["id"], "no answer", later, SCHEDULE, lease=stale_lease) == "pending"
+        # Still the worker's: nobody else can claim it until its lease ends.
+        assert outbox_module.claim(conn, later + timedelta(seconds=1), LEASE_SECONDS) == []
+        assert outbox_module.failed(conn, item["id"], "no answer", later, SCHEDULE,
+                                    lease=claimed.lease_until) == "pending"
+        assert outbox_module.claim(conn, later + timedelta(seconds=1), LEASE_SECONDS) == []  # not due yet
+    [row] = items(db_engine)
+    assert row["attempts"] == 2 and row["lease_until"] is None
