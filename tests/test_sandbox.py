@@ -82,6 +82,32 @@ def test_out_of_window_send_is_accepted_then_failed_by_a_signed_63016_callback()
         assert sim.messages[response.json()["sid"]]["error_code"] == 63016
 
 
+def create(server_url: str, sim: Simulator, **form) -> requests.Response:
+    return requests.post(f"{server_url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                         auth=(sim.account_sid, sim.auth_token), data=form, timeout=10)
+
+
+@pytest.mark.parametrize("callback", [None, "https://app.example.com/status"])
+@pytest.mark.parametrize("in_window, lifecycle", [(False, ("failed", 63016)), (True, ("read", None))])
+def test_a_send_with_no_loopback_status_callback_is_still_judged(callback, in_window, lifecycle):
+    """The verdict is WhatsApp's, whoever listens: only the callbacks stay on this machine."""
+    sim = Simulator(callback_delay=0.01)
+    if in_window:
+        sim.windows[(BUSINESS, USER)] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+    with ServerThread(sim.app()) as server:
+        sim.url = server.url
+        form = {"To": USER, "From": BUSINESS, "Body": "hi", **({"StatusCallback": callback} if callback else {})}
+        sid = create(server.url, sim, **form).json()["sid"]
+        sim.wait_for_callbacks()
+        fetched = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages/{sid}.json",
+                               auth=(sim.account_sid, sim.auth_token), timeout=10).json()
+        listed = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                              auth=(sim.account_sid, sim.auth_token), timeout=10).json()["messages"]
+    assert (fetched["status"], fetched["error_code"]) == lifecycle
+    assert [(m["status"], m["error_code"]) for m in listed] == [lifecycle]
+    assert sim.callbacks == []  # nobody on this machine to call
+
+
 @pytest.mark.parametrize("fields, code", [
     ({"ContentVariables": '{"1": ""}'}, 21656),  # Twilio refuses empty values
     ({"ContentVariables": '{"1": null}'}, 21656),
@@ -123,11 +149,6 @@ def test_in_window_send_is_delivered_and_read():
         sim.wait_for_callbacks()
         assert [dict(f)["MessageStatus"] for p, f, _ in app_side.received if p == "/twilio/status"] == \
             ["sent", "delivered", "read"]
-
-
-def create(server_url: str, sim: Simulator, **form) -> requests.Response:
-    return requests.post(f"{server_url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
-                         auth=(sim.account_sid, sim.auth_token), data=form, timeout=10)
 
 
 def test_whatsapp_knows_a_user_by_number_however_the_address_is_spelt():

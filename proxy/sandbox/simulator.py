@@ -1,8 +1,9 @@
 """The simulator: Twilio's Messages and Content APIs plus WhatsApp's own view of each user's window.
 
 Like real Twilio it accepts every well-formed create with 201 and only later fails the ones WhatsApp
-refuses (a signed status callback with ErrorCode 63016 or 63005); accepted messages go sent →
-delivered → read. Its window and content rules are its own, kept apart from the proxy's decision code.
+refuses (status failed with error_code 63016 or 63005); accepted messages go sent → delivered → read.
+Each step is posted as a signed status callback when that URL is on this machine. Its window and
+content rules are its own, kept apart from the proxy's decision code.
 """
 
 from __future__ import annotations
@@ -198,14 +199,19 @@ class Simulator:
                                                            "I-Twilio-Idempotency-Token": uuid.uuid4().hex},
                              timeout=30)
 
-    # -- status callbacks -------------------------------------------------------------------------------
-    def _callbacks_for(self, message: dict, url: str, code: int | None) -> None:
+    # -- the message's lifecycle and its status callbacks ---------------------------------------------
+    def _lifecycle(self, message: dict, url: str | None, code: int | None) -> None:
+        """WhatsApp's verdict played out on the message (fetch and list see it), each step posted to url."""
         statuses = ["sent", "failed"] if code else ["sent", "delivered", "read"]
         for status in statuses:
             time.sleep(self.callback_delay)
             message["status"] = status
             if status == "failed":
                 message["error_code"], message["error_message"] = code, _ERRORS.get(code)
+            if not url or not is_loopback(url):
+                # A local stand-in, never a relay: it calls no other host (an app's real https://… callback,
+                # which Twilio would call), but the verdict stands in the message all the same.
+                continue
             params = {"MessageSid": message["sid"], "SmsSid": message["sid"], "AccountSid": self.account_sid,
                       "From": message["from"] or "", "To": message["to"], "MessageStatus": status,
                       "SmsStatus": status, "ApiVersion": "2010-04-01", "ChannelPrefix": "whatsapp",
@@ -277,12 +283,12 @@ class Simulator:
             }
             self.messages[sid] = message
             reply = json.dumps(message)
+            # Like Twilio, the message's own StatusCallback wins over the sender's (the proxy's, in `sandbox up`).
             callback = request.form.get("StatusCallback") or self.status_callback_url
-            if callback and is_loopback(callback):
-                code = self.verdict(request.form)
-                thread = threading.Thread(target=self._callbacks_for, args=(message, callback, code), daemon=True)
-                self._threads.append(thread)
-                thread.start()
+            thread = threading.Thread(target=self._lifecycle, args=(message, callback, self.verdict(request.form)),
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
             return Response(reply, status=201, mimetype="application/json; charset=utf-8",
                             headers={"Twilio-Request-Id": "RQ" + uuid.uuid4().hex})
 
