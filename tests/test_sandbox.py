@@ -1,6 +1,8 @@
 """The simulator's own WhatsApp rules against the seed table, its late 63016, and the sandbox commands."""
 
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -80,6 +82,32 @@ def test_out_of_window_send_is_accepted_then_failed_by_a_signed_63016_callback()
         assert sim.messages[response.json()["sid"]]["error_code"] == 63016
 
 
+def create(server_url: str, sim: Simulator, **form) -> requests.Response:
+    return requests.post(f"{server_url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                         auth=(sim.account_sid, sim.auth_token), data=form, timeout=10)
+
+
+@pytest.mark.parametrize("callback", [None, "https://app.example.com/status"])
+@pytest.mark.parametrize("in_window, lifecycle", [(False, ("failed", 63016)), (True, ("read", None))])
+def test_a_send_with_no_loopback_status_callback_is_still_judged(callback, in_window, lifecycle):
+    """The verdict is WhatsApp's, whoever listens: only the callbacks stay on this machine."""
+    sim = Simulator(callback_delay=0.01)
+    if in_window:
+        sim.windows[(BUSINESS, USER)] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+    with ServerThread(sim.app()) as server:
+        sim.url = server.url
+        form = {"To": USER, "From": BUSINESS, "Body": "hi", **({"StatusCallback": callback} if callback else {})}
+        sid = create(server.url, sim, **form).json()["sid"]
+        sim.wait_for_callbacks()
+        fetched = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages/{sid}.json",
+                               auth=(sim.account_sid, sim.auth_token), timeout=10).json()
+        listed = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                              auth=(sim.account_sid, sim.auth_token), timeout=10).json()["messages"]
+    assert (fetched["status"], fetched["error_code"]) == lifecycle
+    assert [(m["status"], m["error_code"]) for m in listed] == [lifecycle]
+    assert sim.callbacks == []  # nobody on this machine to call
+
+
 @pytest.mark.parametrize("fields, code", [
     ({"ContentVariables": '{"1": ""}'}, 21656),  # Twilio refuses empty values
     ({"ContentVariables": '{"1": null}'}, 21656),
@@ -121,6 +149,75 @@ def test_in_window_send_is_delivered_and_read():
         sim.wait_for_callbacks()
         assert [dict(f)["MessageStatus"] for p, f, _ in app_side.received if p == "/twilio/status"] == \
             ["sent", "delivered", "read"]
+
+
+def test_whatsapp_knows_a_user_by_number_however_the_address_is_spelt():
+    """An unencoded `+` in a form body arrives as a space: `whatsapp: 14155550100` is still that user."""
+    app_side = FakeApp("sandbox-auth-token-not-a-secret")
+    sim = Simulator(callback_delay=0.01)
+    with ServerThread(app_side.app()) as proxy_side, ServerThread(sim.app()) as server:
+        sim.url, sim.inbound_url = server.url, f"{proxy_side.url}/twilio/inbound"
+        assert sim.say("WhatsApp:+1 415-555-0100", "hi", to="whatsapp:14155238886").status_code == 200
+        [(_, inbound, _)] = app_side.received
+        # Twilio posts the canonical address, whatever the simulated user typed.
+        assert (dict(inbound)["From"], dict(inbound)["To"], dict(inbound)["WaId"]) == \
+            (USER, BUSINESS, "14155550100")
+        spelt = create(server.url, sim, To="whatsapp: 14155550100", From="whatsapp: 14155238886", Body="x",
+                       StatusCallback=f"{proxy_side.url}/status")
+        assert spelt.status_code == 201
+        sim.wait_for_callbacks()
+        assert [dict(f)["MessageStatus"] for p, f, _ in app_side.received if p == "/status"] == \
+            ["sent", "delivered", "read"]
+        assert sim.messages[spelt.json()["sid"]]["error_code"] is None
+        sim.expire_window("whatsapp:14155550100")
+        assert sim.verdict(MultiDict({"To": USER, "From": BUSINESS, "Body": "x"})) == 63016
+
+
+@pytest.mark.parametrize("to, code", [("whatsapp:hello", 21211), ("whatsapp:", 21211), ("whatsapp:+1415", 21211),
+                                      ("", 21604), (None, 21604)])
+def test_simulator_refuses_a_whatsapp_to_that_is_no_number_like_twilio(to, code):
+    sim = Simulator()
+    with ServerThread(sim.app()) as server:
+        form = {"From": BUSINESS, "Body": "x", **({"To": to} if to is not None else {})}
+        response = create(server.url, sim, **form)
+    assert response.status_code == 400 and response.json()["code"] == code and not sim.messages
+
+
+def test_sandbox_up_suggests_a_curl_that_sends_the_users_number_intact():
+    """`sandbox up` prints a curl line to try; an unencoded `+` would reach the proxy as a space."""
+    from proxy.sandbox.cli import try_command
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    sim = Simulator()
+    with ServerThread(sim.app()) as server:  # the simulator serves the same Messages path as the proxy
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}  # straight to 127.0.0.1
+        result = subprocess.run(shlex.split(try_command(server.url)), env=env, capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 0, result.stderr
+    [sent] = sim.creates
+    assert (dict(sent.form)["To"], dict(sent.form)["From"], dict(sent.form)["Body"]) == (USER, BUSINESS, "hello")
+
+
+def test_a_held_send_to_a_respelt_user_is_delivered_once_they_write(settings, db_engine, fake_twilio):
+    """The sandbox's own tour: the cold send is held, the user writes, the released message is delivered."""
+    from tests.conftest import USER as TEST_USER, BUSINESS as TEST_BUSINESS, basic_auth
+    from tests.http.test_forwarding import fallback_app, run_worker
+
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    with ServerThread(app) as proxy:
+        respelt = TEST_USER.replace("+", " ")  # what `-d To=whatsapp:+1…` puts in the form
+        cold = requests.post(f"{proxy.url}/2010-04-01/Accounts/{settings.account_sid}/Messages.json",
+                             headers=basic_auth(), timeout=10,
+                             data={"To": respelt, "From": TEST_BUSINESS, "Body": "your order",
+                                   "StatusCallback": f"{proxy.url}/twilio/status"})
+        assert cold.headers["X-Proxy-Decision"] == "rerouted" and cold.headers["X-Proxy-Held-Id"]
+        assert fake_twilio.say(TEST_USER, "hi", to=TEST_BUSINESS, url=f"{proxy.url}/twilio/inbound").status_code == 200
+        assert run_worker(app) == 1
+        fake_twilio.wait_for_callbacks()
+        [released] = [m for m in fake_twilio.messages.values() if m["body"] == "your order"]
+        assert (released["to"], released["status"], released["error_code"]) == (respelt, "read", None)
+    app.extensions["proxy"].engine.dispose()
 
 
 def test_simulator_never_calls_beyond_this_machine():

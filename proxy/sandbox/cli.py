@@ -113,9 +113,7 @@ def up(port: int, sandbox_port: int):
     processes = [subprocess.Popen(["bash", "-c", f"exec {web}"], env=env, cwd=ROOT),
                  subprocess.Popen(["bash", "-c", f"exec {procfile_command('worker')}"], env=env, cwd=ROOT)]
     click.echo(f"proxy on {proxy_url}; account {SANDBOX_ACCOUNT_SID}, auth token {SANDBOX_AUTH_TOKEN}\n"
-               f"try:  curl -u {SANDBOX_ACCOUNT_SID}:{SANDBOX_AUTH_TOKEN} "
-               f"{proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json "
-               f"-d To=whatsapp:+14155550100 -d From={BUSINESS} -d Body=hello -i\n"
+               f"try:  {try_command(proxy_url)}\n"
                f"then: flask --app proxy sandbox say whatsapp:+14155550100 'hi' --sim-url {sim.url}\n"
                f"      flask --app proxy sandbox demo   (a scripted tour)")
     try:
@@ -129,6 +127,15 @@ def up(port: int, sandbox_port: int):
             except subprocess.TimeoutExpired:
                 process.kill()
         server.__exit__(None, None, None)
+
+
+def try_command(proxy_url: str) -> str:
+    """The curl line `sandbox up` suggests: a cold send to the sandbox user through the proxy."""
+    # --data-urlencode, not -d: a form body decodes a bare `+` as a space (`whatsapp: 14155550100`).
+    return (f"curl -u {SANDBOX_ACCOUNT_SID}:{SANDBOX_AUTH_TOKEN} "
+            f"{proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json "
+            f"--data-urlencode To=whatsapp:+14155550100 --data-urlencode From={BUSINESS} "
+            f"--data-urlencode Body=hello -i")
 
 
 @sandbox.command("demo")

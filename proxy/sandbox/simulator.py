@@ -1,8 +1,9 @@
 """The simulator: Twilio's Messages and Content APIs plus WhatsApp's own view of each user's window.
 
 Like real Twilio it accepts every well-formed create with 201 and only later fails the ones WhatsApp
-refuses (a signed status callback with ErrorCode 63016 or 63005); accepted messages go sent →
-delivered → read. Its window and content rules are its own, kept apart from the proxy's decision code.
+refuses (status failed with error_code 63016 or 63005); accepted messages go sent → delivered → read.
+Each step is posted as a signed status callback when that URL is on this machine. Its window and
+content rules are its own, kept apart from the proxy's decision code.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flask import Flask, Response, json, request
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
+from ..addresses import InvalidAddress, channel_of, normalise
 from ..rules import TABLE, WHATSAPP_COMPLEXITY, Cell
 from .templates import SAMPLE_TEMPLATES
 
@@ -54,6 +56,19 @@ def is_loopback(url: str) -> bool:
         return False  # any other name, e.g. 127.example.com
 
 
+def whatsapp_key(address: str | None) -> str:
+    """How WhatsApp knows an address: by its number, however the request spelt it.
+
+    `-d To=whatsapp:+1…` unencoded reaches Twilio as `whatsapp: 1…`; the proxy normalises it, so the
+    simulator must too, or it fails with 63016 a message to a user whose window is open. What cannot be
+    normalised (a Messaging Service SID, a create already refused) is compared as given.
+    """
+    try:
+        return normalise(address or "")
+    except InvalidAddress:
+        return (address or "").strip()
+
+
 @dataclass
 class Simulator:
     account_sid: str = SANDBOX_ACCOUNT_SID
@@ -70,7 +85,7 @@ class Simulator:
     content_down: bool = False
     url: str = ""
     api_keys: dict = field(default_factory=dict)  # SK sid -> secret, accepted like Twilio does
-    windows: dict = field(default_factory=dict)  # (business, user) -> last inbound time, WhatsApp's view
+    windows: dict = field(default_factory=dict)  # (business, user) by whatsapp_key -> last inbound: WhatsApp's view
     callbacks: list = field(default_factory=list)  # (url, params) of every status callback sent
     _threads: list = field(default_factory=list)
 
@@ -115,18 +130,20 @@ class Simulator:
     def window_open(self, sender: str | None, user: str, now: datetime | None = None) -> bool:
         now = now or datetime.now(timezone.utc)
         limit = timedelta(seconds=self.window_seconds)
-        return any(u == user and (sender is None or b == sender or (sender or "").startswith("MG"))
+        user, sender = whatsapp_key(user), (whatsapp_key(sender) if sender is not None else None)
+        return any(u == user and (sender is None or b == sender or sender.startswith("MG"))
                    and now - at < limit for (b, u), at in self.windows.items())
 
     def expire_window(self, user: str) -> None:
         """WhatsApp closes a window early ("in rare cases"): the proxy only learns it from a 63016."""
+        user = whatsapp_key(user)
         for key in [k for k in self.windows if k[1] == user]:
             del self.windows[key]
 
     def verdict(self, form) -> int | None:
         """What WhatsApp does with an accepted create: None delivers it, else the error it fails with."""
         to = form.get("To", "")
-        if not to.startswith("whatsapp:"):
+        if channel_of(to) != "whatsapp":
             return None
         sender = form.get("From") or form.get("MessagingServiceSid")
         in_window = self.window_open(sender, to)
@@ -156,10 +173,15 @@ class Simulator:
     def say(self, user: str, body: str = "", *, to: str = BUSINESS, profile_name: str = "Sandbox User",
             button_payload: str | None = None, latitude: str | None = None, longitude: str | None = None,
             messaging_service_sid: str | None = None, url: str | None = None) -> requests.Response:
-        """The user writes to the business: WhatsApp opens the window, Twilio posts a signed webhook."""
+        """The user writes to the business: WhatsApp opens the window, Twilio posts a signed webhook.
+
+        Twilio always posts the canonical `whatsapp:+E164`, whatever spelling the simulated user was given;
+        an address that is no number raises InvalidAddress (a ValueError).
+        """
         target = url or self.inbound_url
         if not target or not is_loopback(target):
             raise ValueError("the simulator posts webhooks only to a 127.0.0.1/localhost URL")
+        user, to = normalise(user), normalise(to)
         sid = "SM" + uuid.uuid4().hex
         params = {"MessageSid": sid, "SmsSid": sid, "SmsMessageSid": sid, "AccountSid": self.account_sid,
                   "From": user, "To": to, "Body": body, "NumMedia": "0", "NumSegments": "1",
@@ -177,18 +199,23 @@ class Simulator:
                                                            "I-Twilio-Idempotency-Token": uuid.uuid4().hex},
                              timeout=30)
 
-    # -- status callbacks -------------------------------------------------------------------------------
-    def _callbacks_for(self, message: dict, url: str, code: int | None) -> None:
+    # -- the message's lifecycle and its status callbacks ---------------------------------------------
+    def _lifecycle(self, message: dict, url: str | None, code: int | None) -> None:
+        """WhatsApp's verdict played out on the message (fetch and list see it), each step posted to url."""
         statuses = ["sent", "failed"] if code else ["sent", "delivered", "read"]
         for status in statuses:
             time.sleep(self.callback_delay)
             message["status"] = status
             if status == "failed":
                 message["error_code"], message["error_message"] = code, _ERRORS.get(code)
+            if not url or not is_loopback(url):
+                # A local stand-in, never a relay: it calls no other host (an app's real https://… callback,
+                # which Twilio would call), but the verdict stands in the message all the same.
+                continue
             params = {"MessageSid": message["sid"], "SmsSid": message["sid"], "AccountSid": self.account_sid,
                       "From": message["from"] or "", "To": message["to"], "MessageStatus": status,
                       "SmsStatus": status, "ApiVersion": "2010-04-01", "ChannelPrefix": "whatsapp",
-                      "ChannelToAddress": message["to"].removeprefix("whatsapp:")}
+                      "ChannelToAddress": whatsapp_key(message["to"]).removeprefix("whatsapp:")}
             if status == "failed":
                 params["ErrorCode"] = str(code)
                 params["ChannelStatusMessage"] = _ERRORS.get(code, "")
@@ -238,7 +265,7 @@ class Simulator:
 
         @app.post("/2010-04-01/Accounts/<account>/Messages.json")
         def create(account):
-            refused = _content_variables_refusal(request.form)
+            refused = _to_refusal(request.form) or _content_variables_refusal(request.form)
             if refused is not None:
                 return refused
             now = format_datetime(datetime.now(timezone.utc))
@@ -256,12 +283,12 @@ class Simulator:
             }
             self.messages[sid] = message
             reply = json.dumps(message)
+            # Like Twilio, the message's own StatusCallback wins over the sender's (the proxy's, in `sandbox up`).
             callback = request.form.get("StatusCallback") or self.status_callback_url
-            if callback and is_loopback(callback):
-                code = self.verdict(request.form)
-                thread = threading.Thread(target=self._callbacks_for, args=(message, callback, code), daemon=True)
-                self._threads.append(thread)
-                thread.start()
+            thread = threading.Thread(target=self._lifecycle, args=(message, callback, self.verdict(request.form)),
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
             return Response(reply, status=201, mimetype="application/json; charset=utf-8",
                             headers={"Twilio-Request-Id": "RQ" + uuid.uuid4().hex})
 
@@ -359,7 +386,8 @@ class Simulator:
                                  button_payload=form.get("ButtonPayload"), latitude=form.get("Latitude"),
                                  longitude=form.get("Longitude"))
             except (KeyError, ValueError) as exc:
-                return _error(400, 400, f"say needs From (and a loopback inbound URL): {exc}")
+                return _error(400, 400, f"say needs a From and To that are numbers (and a loopback inbound URL): "
+                                        f"{exc}")
             except requests.RequestException as exc:
                 return _error(502, 502, f"the proxy at {self.inbound_url} did not answer ({type(exc).__name__})")
             return {"proxy_status": reply.status_code, "proxy_reply": reply.text}
@@ -391,6 +419,23 @@ _ERRORS = {
            "please use a Message Template.",
     63005: "Channel did not accept given content. Please see Channel specific error message for more information",
 }
+
+
+def _to_refusal(form) -> Response | None:
+    """Twilio's synchronous checks of To: present (21604) and, on WhatsApp, a phone number (21211).
+
+    Only WhatsApp addresses are checked: WhatsApp is what the simulator stands in for, and SMS numbers,
+    which the proxy passes through unjudged, are left to real Twilio's own rules.
+    """
+    to = (form.get("To") or "").strip()
+    if not to:
+        return _error(21604, 400, "A 'To' phone number is required.")
+    if channel_of(to) == "whatsapp":
+        try:
+            normalise(to)
+        except InvalidAddress:
+            return _error(21211, 400, f"The 'To' number {to} is not a valid phone number.")
+    return None
 
 
 def _content_variables_refusal(form) -> Response | None:
