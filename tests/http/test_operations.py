@@ -173,6 +173,82 @@ def test_not_ready_when_a_migration_is_missing(settings, tmp_path):
     assert app.test_client().get("/readyz").status_code == 200
 
 
+UPGRADE = "flask --app proxy db upgrade"
+
+
+def _migrations_warnings(lines):
+    return [line for line in lines if line["event"] == "migrations_not_at_head"]
+
+
+def test_start_up_names_migrations_that_were_not_applied(settings, tmp_path, log_lines):
+    url = f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
+    create_app(replace(settings, database_url=url)).extensions["proxy"].engine.dispose()
+    (fresh,) = _migrations_warnings(log_lines())
+    assert fresh["level"] == "WARNING" and fresh["database_revision"] is None and UPGRADE in fresh["detail"]
+    upgrade(url, "0001")
+    create_app(replace(settings, database_url=url)).extensions["proxy"].engine.dispose()
+    assert _migrations_warnings(log_lines())[1]["database_revision"] == "0001"
+    upgrade(url)
+    create_app(replace(settings, database_url=url)).extensions["proxy"].engine.dispose()
+    assert len(_migrations_warnings(log_lines())) == 2  # at head: nothing to say
+
+
+def test_start_up_goes_on_when_the_database_is_down(settings, log_lines):
+    """The proxy must come up and fail closed (503) until the database is back, not refuse to start."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(replace(settings, database_url=f"postgresql+psycopg://nobody@127.0.0.1:{port}/none"))
+    assert app.test_client().get("/healthz").status_code == 200
+    lines = log_lines()
+    assert not _migrations_warnings(lines)  # down is not "behind"
+    assert [line["level"] for line in lines if line["event"] == "database_unavailable"] == ["WARNING"]
+
+
+def test_requests_on_an_unmigrated_database_are_logged_as_such(settings, tmp_path, fake_twilio, log_lines):
+    client = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'fresh.sqlite3'}")).test_client()
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    assert response.status_code == 503 and not fake_twilio.creates  # still fail closed
+    assert signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 32)).status_code == 503
+    lines = [line for line in log_lines() if line.get("path")]
+    assert [(line["event"], line["level"]) for line in lines] == [("migrations_not_at_head", "ERROR")] * 2
+    assert all(UPGRADE in line["detail"] for line in lines)
+
+
+@pytest.mark.parametrize("args", [["outbox", "list"], ["held", "list"], ["outbox", "replay", "--all"],
+                                  ["windows", "expiring"], ["purge", "--older-than", "30d"], ["worker", "--once"]])
+def test_cli_on_an_unmigrated_database_says_so_in_one_line(settings, tmp_path, args):
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'fresh.sqlite3'}"))
+    result = app.test_cli_runner().invoke(args=args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert UPGRADE in line and "Traceback" not in result.output
+
+
+def test_worker_on_an_unmigrated_database_says_so_once_without_a_traceback(settings, tmp_path, log_lines):
+    import threading
+
+    from proxy.worker import Worker
+
+    class ThreeRounds(threading.Event):
+        """Stops the loop after its third idle wait, without waiting."""
+        rounds = 0
+
+        def wait(self, timeout=None):
+            self.rounds += 1
+            if self.rounds == 3:
+                self.set()
+            return self.is_set()
+
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'fresh.sqlite3'}"))
+    started = len(log_lines())
+    Worker(app.extensions["proxy"]).run_forever(ThreeRounds())
+    lines = log_lines()[started:]
+    assert [line["event"] for line in lines] == ["migrations_not_at_head"]
+    assert UPGRADE in lines[0]["detail"] and "exc_info" not in lines[0]
+
+
 def test_metrics_need_auth_or_token(settings, db_engine, fake_twilio):
     app = create_app(replace(settings, metrics_token="metrics-token-1"))
     client = app.test_client()
