@@ -130,13 +130,14 @@ def register(app: Flask) -> None:
     held = click.Group("held", help="Messages held until the user writes again (HOLD_ON_REROUTE).")
 
     @held.command("list")
-    @click.option("--status", type=click.Choice(["held", "released", "expired", "failed"]), default="held")
+    @click.option("--status", type=click.Choice([*holds.STATUSES, "all"]), default=holds.HELD, show_default=True,
+                  help="`sending`: being sent now, or left so by a crashed worker.")
     @click.option("--limit", default=100, show_default=True)
     @needs_schema
     def held_list(status: str, limit: int):
         """Held messages, oldest first (one JSON object per line)."""
         with app.extensions["proxy"].engine.connect() as conn:
-            rows = holds.listing(conn, status=status, limit=limit)
+            rows = holds.listing(conn, status=None if status == "all" else status, limit=limit)
         for row in rows:
             click.echo(json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}))
 
@@ -164,9 +165,10 @@ def register(app: Flask) -> None:
     @click.option("--older-than", "older_than", required=True, help="e.g. 30d, 12h, 2w")
     @needs_schema
     def purge(older_than: str):
-        """Delete message and send-attempt records older than the given age, and windows closed that long.
+        """Delete message and send-attempt records older than the given age, delivered outbox items and finished
+        holds as old, and windows closed that long.
 
-        Open windows are never deleted."""
+        Open windows, pending outbox items and live holds (held, sending) are never deleted."""
         cutoff = utcnow() - parse_duration(older_than)
         with writing(app.extensions["proxy"].engine) as conn:
             counts = store.purge(conn, cutoff)

@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, func, insert, select
 
 from proxy import create_app, logs
 from proxy.attempts import flush_all
-from proxy.db import messages, outbox, send_attempts, utcnow, windows
+from proxy.db import held_messages, messages, outbox, send_attempts, utcnow, windows
 from proxy.migrate import upgrade
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, signed_post
 from tests.http.test_gateway import open_window, send
@@ -142,6 +142,49 @@ def test_purge_keeps_open_windows_and_recent_records(app, client, fake_twilio, d
         assert conn.execute(select(func.count()).select_from(send_attempts)).scalar_one() == 1
         assert conn.execute(select(outbox.c.status)).scalars().all() == ["pending"]  # never a pending item
     assert app.test_cli_runner().invoke(args=["purge", "--older-than", "soon"]).exit_code != 0
+
+
+HOLD_STATUSES = ("held", "sending", "released", "expired", "failed")
+
+
+def add_holds(engine, created_at):
+    """One hold in each status, oldest first."""
+    with engine.begin() as conn:
+        for status in HOLD_STATUSES:
+            conn.execute(insert(held_messages).values(sender=BUSINESS, user=USER, account_sid=ACCOUNT_SID,
+                                                      params="[]", status=status, request_id=status,
+                                                      created_at=created_at, expires_at=created_at))
+
+
+def test_purge_deletes_finished_holds_only(app, db_engine):
+    """`sending` is live: being sent now, or stuck after a worker crash (the operator must still see it)."""
+    from proxy import holds, store
+
+    assert store._FINISHED_HOLDS == holds.FINISHED  # spelt out in store.py, which holds.py imports
+    add_holds(db_engine, utcnow() - timedelta(days=40))
+    result = app.test_cli_runner().invoke(args=["purge", "--older-than", "30d"])
+    assert result.exit_code == 0 and "3 held_messages" in result.output, result.output
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status).order_by(held_messages.c.id)).scalars().all() == \
+            ["held", "sending"]
+
+
+def test_cli_held_list_takes_the_statuses_the_api_takes(app, client, db_engine):
+    add_holds(db_engine, utcnow())
+    runner = app.test_cli_runner()
+
+    def listed(*args):
+        result = runner.invoke(args=["held", "list", *args])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["status"] for line in result.stdout.splitlines()]
+
+    assert listed() == ["held"]
+    for status in HOLD_STATUSES:
+        assert listed("--status", status) == [status]
+        api = client.get(f"/v1/held?status={status}", headers=basic_auth()).get_json()["held"]
+        assert [h["status"] for h in api] == [status]
+    assert listed("--status", "all") == list(HOLD_STATUSES)
+    assert runner.invoke(args=["held", "list", "--status", "gone"]).exit_code != 0
 
 
 def test_health_and_readiness(client):
