@@ -6,16 +6,45 @@ gevent (numbers in README.md "Performance"): a send waiting on Twilio costs a gr
 and no GIL hand-offs; with SQLite too, where it measured 517 vs 355 sends/s and 786 vs 656 inbound
 webhooks/s against gthread (one run each, 4 workers). WEB_WORKER_CLASS=gthread is the alternative
 (tested in CI): a SQLite call then blocks one thread rather than one worker's every greenlet.
+
+An invalid WEB_CONCURRENCY, WEB_THREADS or WEB_WORKER_CLASS stops the start with one line naming it,
+as proxy/settings.py does for the proxy's own variables.
 """
 
 import gc
 import glob
 import os
+import sys
 import tempfile
+
+WORKER_CLASSES = ("gevent", "gthread")  # the two README.md documents and CI runs
+
+
+def _refuse(message: str):
+    # gunicorn prints a traceback for an exception raised here ("Failed to read config file"), but lets
+    # SystemExit through: the operator sees this one line.
+    sys.stderr.write(f"whatsapp-window-proxy: configuration error: {message}\n")
+    raise SystemExit(2)
+
+
+def _positive_int(environ, name: str) -> int | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        _refuse(f"{name} must be a whole number of at least 1, got {raw!r}.")
+    return value
 
 
 def _worker_class(environ=os.environ) -> str:
-    return environ.get("WEB_WORKER_CLASS", "").strip() or "gevent"
+    name = environ.get("WEB_WORKER_CLASS", "").strip() or "gevent"
+    if name not in WORKER_CLASSES:
+        _refuse(f"WEB_WORKER_CLASS must be one of {', '.join(WORKER_CLASSES)}, got {name!r}.")
+    return name
 
 
 def _workers(environ=os.environ) -> int:
@@ -24,9 +53,9 @@ def _workers(environ=os.environ) -> int:
     10-20% more sends/s and 20-30% more inbound webhooks/s than 4 at ~15% less CPU per request, A/B
     alternating (bench/README.md). PostgreSQL: 4, where 2 left inbound p99 at 1.5 s against 0.25-0.4;
     each worker pools up to 10 connections, which must fit the server's max_connections."""
-    configured = environ.get("WEB_CONCURRENCY", "").strip()
+    configured = _positive_int(environ, "WEB_CONCURRENCY")  # 0 would leave a master with no worker
     if configured:
-        return int(configured)
+        return configured
     if environ.get("DATABASE_URL", "").strip().lower().startswith("postgres"):
         return 4
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -35,6 +64,9 @@ def _workers(environ=os.environ) -> int:
 
 worker_class = _worker_class()
 workers = _workers()
+# The Procfile passes --threads ${WEB_THREADS:-64}, which overrides any setting here; gunicorn refuses a
+# non-number itself, but 0 only fails later, in every gthread worker's boot.
+_positive_int(os.environ, "WEB_THREADS")
 
 
 def on_starting(server):

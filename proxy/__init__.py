@@ -17,7 +17,7 @@ from .forwarding import Forwarder
 from .group_commit import GroupCommit
 from .db import make_engine
 from .errors import ApiError, twilio_error
-from .migrate import head_revision
+from .migrate import UPGRADE_COMMAND, head_revision, known_revision, revision_at_start, schema_hint, schema_missing
 from .runtime import Runtime
 from .settings import ConfigError, Settings
 from .upstream import Upstream
@@ -49,6 +49,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         logs.log.critical("fail_open_enabled", extra={
             "detail": "FAIL_OPEN=true: if the database is down, sends go to Twilio unjudged"})
     engine = make_engine(settings.database_url, pool_size=DB_POOL_SIZE)
+    head = head_revision()
+    check_migrations(engine, head)
     upstream = Upstream(settings.twilio_api_base_url, settings.twilio_timeout_seconds, DEFAULT_POOL_SIZE)
     app.extensions["proxy"] = Runtime(
         settings=settings,
@@ -57,7 +59,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         reader=engine if engine.dialect.name == "sqlite" else engine.execution_options(isolation_level="AUTOCOMMIT"),
         upstream=upstream,
         validator=RequestValidator(settings.auth_token),
-        migrations_head=head_revision(),
+        migrations_head=head,
         forwarder=Forwarder(settings.auth_token, settings.forward_timeout_seconds),
         attempts=AttemptWriter(engine),
         shared_writes=GroupCommit(engine),
@@ -100,8 +102,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(SQLAlchemyError)
     def database_error(exc: SQLAlchemyError):
-        logs.log.error("database_unavailable", extra={"error": type(exc).__name__, "path": request.path,
-                                                      "request_id": g.get("request_id")})
+        if schema_missing(exc):  # no outage: the migrations were not applied, and no retry will help
+            logs.log.error("migrations_not_at_head", extra={"error": type(exc).__name__, "path": request.path,
+                                                            "request_id": g.get("request_id"),
+                                                            "detail": schema_hint(exc)})
+        else:
+            logs.log.error("database_unavailable", extra={"error": type(exc).__name__, "path": request.path,
+                                                          "request_id": g.get("request_id")})
         # Fail closed: without the window state nothing is judged, so nothing is sent.
         return twilio_error(503, 503, "The proxy's database is unavailable; nothing was sent or recorded. Retry later.")
 
@@ -111,3 +118,26 @@ def create_app(settings: Settings | None = None) -> Flask:
         return twilio_error(20500, 500, "An internal server error has occurred in the proxy.")
 
     return app
+
+
+def check_migrations(engine, head: str) -> None:
+    """Say at start-up, in one line, that the database's migrations are not at the code's head.
+
+    Otherwise the first sign is a 503 per request, logged like an outage. One query; a database that is
+    down does not stop the start: the proxy comes up and fails closed until the database is back."""
+    try:
+        current = revision_at_start(engine)
+    except SQLAlchemyError as exc:
+        logs.log.warning("database_unavailable", extra={
+            "error": type(exc).__name__,
+            "detail": "at start-up; starting anyway: what needs the database answers 503 until it is back"})
+        return
+    if current == head:
+        return
+    if current is None or known_revision(current):
+        detail = (f"run `{UPGRADE_COMMAND}` (the Procfile's release phase); until then a request that "
+                  "meets a missing table or column answers 503")
+    else:
+        detail = "the database is at a revision this code does not know: a newer release has migrated it"
+    logs.log.warning("migrations_not_at_head", extra={"database_revision": current, "code_revision": head,
+                                                      "detail": detail})

@@ -79,7 +79,7 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
 def held():
     """Held messages (default: still held), optionally for one sender and/or user."""
     status = request.args.get("status", holds.HELD)
-    if status not in (holds.HELD, holds.SENDING, holds.RELEASED, holds.EXPIRED, holds.FAILED, "all"):
+    if status not in (*holds.STATUSES, "all"):
         raise ApiError(400, 400, "status must be held, sending, released, expired, failed or all.")
     sender = window_api.address_key(request.args.get("sender"))
     user = window_api.address_key(request.args.get("user"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -11,12 +12,26 @@ from datetime import timedelta
 import click
 from alembic import command
 from flask import Flask
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import holds, logs, outbox, store, window_api
 from .db import utcnow, writing
 from .errors import ApiError
 
-from .migrate import alembic_config, upgrade
+from .migrate import alembic_config, schema_hint, schema_missing, upgrade
+
+
+def needs_schema(command_function):
+    """A command run before the migrations says so in one line instead of SQLAlchemy's traceback."""
+    @functools.wraps(command_function)
+    def run(*args, **kwargs):
+        try:
+            return command_function(*args, **kwargs)
+        except SQLAlchemyError as exc:
+            if not schema_missing(exc):
+                raise  # anything else keeps its traceback: it is the operator's best clue
+            raise click.ClickException(schema_hint(exc)) from None
+    return run
 
 
 def register(app: Flask) -> None:
@@ -39,6 +54,7 @@ def register(app: Flask) -> None:
     content = click.Group("content", help="The Content API cache (types and WhatsApp approvals).")
 
     @content.command("refresh")
+    @needs_schema
     def content_refresh():
         """Fetch every Content and its approval (/v1/ContentAndApprovals) into the cache."""
         from .content import ContentUnavailable
@@ -56,6 +72,7 @@ def register(app: Flask) -> None:
     @windows.command("show")
     @click.argument("sender")
     @click.argument("user")
+    @needs_schema
     def windows_show(sender: str, user: str):
         """The window of SENDER (whatsapp:+E164 or MG…) and USER (whatsapp:+E164)."""
         try:
@@ -66,6 +83,7 @@ def register(app: Flask) -> None:
     @windows.command("expiring")
     @click.option("--within", default="1h", show_default=True, help="e.g. 3600, 90m, 2h")
     @click.option("--limit", default=100, show_default=True)
+    @needs_schema
     def windows_expiring(within: str, limit: int):
         """Windows that close within the given time, soonest first (one JSON object per line)."""
         seconds = int(parse_duration(within).total_seconds())
@@ -82,6 +100,7 @@ def register(app: Flask) -> None:
     @box.command("list")
     @click.option("--status", type=click.Choice(["pending", "delivered", "exhausted"]), default=None)
     @click.option("--limit", default=100, show_default=True)
+    @needs_schema
     def outbox_list(status: str | None, limit: int):
         """Outbox items, oldest first (one JSON object per line)."""
         with app.extensions["proxy"].engine.connect() as conn:
@@ -97,6 +116,7 @@ def register(app: Flask) -> None:
     @box.command("replay")
     @click.argument("item_id", required=False, type=int)
     @click.option("--all", "replay_all", is_flag=True, help="Replay every exhausted item.")
+    @needs_schema
     def outbox_replay(item_id: int | None, replay_all: bool):
         """Give an exhausted item (or --all of them) a fresh round of attempts."""
         if (item_id is None) == (not replay_all):
@@ -110,12 +130,14 @@ def register(app: Flask) -> None:
     held = click.Group("held", help="Messages held until the user writes again (HOLD_ON_REROUTE).")
 
     @held.command("list")
-    @click.option("--status", type=click.Choice(["held", "released", "expired", "failed"]), default="held")
+    @click.option("--status", type=click.Choice([*holds.STATUSES, "all"]), default=holds.HELD, show_default=True,
+                  help="`sending`: being sent now, or left so by a crashed worker.")
     @click.option("--limit", default=100, show_default=True)
+    @needs_schema
     def held_list(status: str, limit: int):
         """Held messages, oldest first (one JSON object per line)."""
         with app.extensions["proxy"].engine.connect() as conn:
-            rows = holds.listing(conn, status=status, limit=limit)
+            rows = holds.listing(conn, status=None if status == "all" else status, limit=limit)
         for row in rows:
             click.echo(json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}))
 
@@ -123,6 +145,7 @@ def register(app: Flask) -> None:
 
     @app.cli.command("worker")
     @click.option("--once", is_flag=True, help="Process what is due now, then exit.")
+    @needs_schema
     def worker(once: bool):
         """Deliver the outbox: forwarded webhooks with backoff, held-message releases, fallback sends."""
         from .worker import Worker
@@ -140,10 +163,12 @@ def register(app: Flask) -> None:
 
     @app.cli.command("purge")
     @click.option("--older-than", "older_than", required=True, help="e.g. 30d, 12h, 2w")
+    @needs_schema
     def purge(older_than: str):
-        """Delete message and send-attempt records older than the given age, and windows closed that long.
+        """Delete message and send-attempt records older than the given age, delivered outbox items and finished
+        holds as old, and windows closed that long.
 
-        Open windows are never deleted."""
+        Open windows, pending outbox items and live holds (held, sending) are never deleted."""
         cutoff = utcnow() - parse_duration(older_than)
         with writing(app.extensions["proxy"].engine) as conn:
             counts = store.purge(conn, cutoff)

@@ -11,6 +11,10 @@ from . import outbox, store
 from .db import held_messages
 
 HELD, SENDING, RELEASED, EXPIRED, FAILED = "held", "sending", "released", "expired", "failed"
+STATUSES = (HELD, SENDING, RELEASED, EXPIRED, FAILED)
+# What purge may delete (proxy/store.py spells them out: it cannot import this module). `sending` is live:
+# a hold being sent right now, or one a crashed worker left, which an operator must still find.
+FINISHED = (RELEASED, EXPIRED, FAILED)
 
 
 def hold(conn: Connection, *, sender: str, user: str, account_sid: str, params: list, request_id: str,

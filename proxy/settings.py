@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -17,6 +18,23 @@ DEFAULT_SQLITE_PATH = Path("instance") / "proxy.sqlite3"
 # An outbox lease outlasts one delivery by this much (the database writes around it, clocks of several
 # instances); the inline attempt's lease in proxy/webhooks.py is FORWARD_TIMEOUT_SECONDS + 5 too.
 LEASE_MARGIN_SECONDS = 5
+
+# The largest value each number may take. Without them a huge value (or inf) started the proxy and then
+# failed every request (a timedelta or urllib3 deadline past datetime's range: OverflowError, a 500) or
+# left a worker asleep for good; each bound is beyond any sensible use and well inside what the code
+# can compute with.
+DAY = 86400
+MAX_SESSION_WINDOW_SECONDS = 7 * DAY  # WhatsApp's window is 24 h; a week leaves room for other channels
+MAX_TWILIO_TIMEOUT_SECONDS = 60  # the Procfile's gunicorn --timeout; callers and routers give up sooner
+MAX_HOLD_TTL_SECONDS = 365 * DAY
+MAX_CONTENT_CACHE_SECONDS = DAY  # an approval Meta withdraws is noticed within this
+MAX_RETRY_DELAY_SECONDS = 7 * DAY  # per attempt; the default schedule's longest wait is 10 h
+MAX_OUTBOX_LEASE_SECONDS = 3600  # a crashed worker's items wait this long to come back
+MAX_WORKER_POLL_SECONDS = 300
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # Twilio's webhooks and Messages creates are a few KiB
+# Twilio's own pattern for these sids (twilio-oai): the prefix and 32 hex digits, nothing else.
+ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
+API_KEY_SID = re.compile(r"SK[0-9a-fA-F]{32}")
 
 
 class ConfigError(ValueError):
@@ -70,10 +88,11 @@ class Settings:
                 "(Console → Account Info)."
             )
         account_sid = env["TWILIO_ACCOUNT_SID"].strip()
-        if not (account_sid.startswith("AC") and len(account_sid) == 34):
+        if not ACCOUNT_SID.fullmatch(account_sid):
             raise ConfigError("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex characters.")
-        window = _int(env, "SESSION_WINDOW_SECONDS", 86400, minimum=1)
-        margin = _int(env, "WINDOW_SAFETY_MARGIN_SECONDS", 60, minimum=0)
+        window = _int(env, "SESSION_WINDOW_SECONDS", 86400, minimum=1, maximum=MAX_SESSION_WINDOW_SECONDS)
+        # Bounded by the window just below.
+        margin = _int(env, "WINDOW_SAFETY_MARGIN_SECONDS", 60, minimum=0, maximum=MAX_SESSION_WINDOW_SECONDS)
         if margin >= window:
             raise ConfigError("WINDOW_SAFETY_MARGIN_SECONDS must be smaller than SESSION_WINDOW_SECONDS.")
         level = env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
@@ -92,10 +111,10 @@ class Settings:
         fallbacks = dict(policy_file.fallbacks) if policy_file else {}
         if "reroute" in {action, *actions.values()} and not (fallback or fallbacks):
             raise ConfigError("OUT_OF_WINDOW_ACTION=reroute needs FALLBACK_CONTENT_SID (or fallbacks in POLICY_FILE).")
-        forward_timeout = _float(env, "FORWARD_TIMEOUT_SECONDS", 10.0)
+        forward_timeout = _float(env, "FORWARD_TIMEOUT_SECONDS", 10.0, maximum=15)
         if forward_timeout >= 15:
             raise ConfigError("FORWARD_TIMEOUT_SECONDS must be below 15: Twilio gives up on a webhook after 15 s.")
-        lease = _int(env, "OUTBOX_LEASE_SECONDS", 120, minimum=1)
+        lease = _int(env, "OUTBOX_LEASE_SECONDS", 120, minimum=1, maximum=MAX_OUTBOX_LEASE_SECONDS)
         if lease < forward_timeout + LEASE_MARGIN_SECONDS:
             raise ConfigError(
                 f"OUTBOX_LEASE_SECONDS must be at least {math.ceil(forward_timeout + LEASE_MARGIN_SECONDS)} "
@@ -105,14 +124,15 @@ class Settings:
             fail_open=_bool(env, "FAIL_OPEN", False),
             allow_unsigned_webhooks=_bool(env, "ALLOW_UNSIGNED_WEBHOOKS", False),
             webhook_shared_keys=_pairs(env, "TWILIO_WEBHOOK_SHARED_KEYS", "key-id:secret"),
-            max_content_length=_int(env, "MAX_CONTENT_LENGTH", 256 * 1024, minimum=1024),
+            max_content_length=_int(env, "MAX_CONTENT_LENGTH", 256 * 1024, minimum=1024,
+                                    maximum=MAX_REQUEST_BYTES, unit="bytes"),
             forward_inbound_url=_url(env, "FORWARD_INBOUND_URL", None),
             forward_status_url=_url(env, "FORWARD_STATUS_URL", None),
             forward_timeout_seconds=forward_timeout,
             retry_schedule=_schedule(env),
             hold_on_reroute=_bool(env, "HOLD_ON_REROUTE", False),
-            hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 7 * 86400, minimum=1),
-            worker_poll_seconds=_float(env, "WORKER_POLL_SECONDS", 1.0),
+            hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 7 * 86400, minimum=1, maximum=MAX_HOLD_TTL_SECONDS),
+            worker_poll_seconds=_float(env, "WORKER_POLL_SECONDS", 1.0, maximum=MAX_WORKER_POLL_SECONDS),
             outbox_lease_seconds=lease,
             log_format=_choice(env, "LOG_FORMAT", "json", ("json", "text")),
             api_keys=_api_keys(env),
@@ -124,11 +144,12 @@ class Settings:
             public_base_url=_url(env, "PUBLIC_BASE_URL", None),
             session_window_seconds=window,
             window_safety_margin_seconds=margin,
-            twilio_timeout_seconds=_float(env, "TWILIO_TIMEOUT_SECONDS", 10.0),
+            twilio_timeout_seconds=_float(env, "TWILIO_TIMEOUT_SECONDS", 10.0, maximum=MAX_TWILIO_TIMEOUT_SECONDS),
             log_level=level,
             log_redact_numbers=_bool(env, "LOG_REDACT_NUMBERS", True),
             twilio_content_base_url=_url(env, "TWILIO_CONTENT_BASE_URL", "https://content.twilio.com"),
-            content_cache_seconds=_int(env, "CONTENT_CACHE_SECONDS", 300, minimum=0),
+            content_cache_seconds=_int(env, "CONTENT_CACHE_SECONDS", 300, minimum=0,
+                                       maximum=MAX_CONTENT_CACHE_SECONDS),
             policy=Policy(button_rule=button_rule, default_action=action, actions=actions),
             fallback=fallback,
             fallbacks=fallbacks,
@@ -179,8 +200,11 @@ def _schedule(env: Mapping[str, str]) -> tuple[int, ...]:
         delays = tuple(int(part) for part in raw.split(","))
     except ValueError:
         delays = ()
-    if not delays or any(d < 0 for d in delays):
+    if not delays:
         raise ConfigError("OUTBOX_RETRY_SCHEDULE must be comma-separated seconds, e.g. 0,5,300,1800,7200.")
+    if any(not 0 <= d <= MAX_RETRY_DELAY_SECONDS for d in delays):
+        raise ConfigError(f"OUTBOX_RETRY_SCHEDULE must be comma-separated seconds, each at least 0 and at most "
+                          f"{_seconds(MAX_RETRY_DELAY_SECONDS)}, got {raw!r}.")
     return delays
 
 
@@ -198,7 +222,7 @@ def _api_keys(env: Mapping[str, str]) -> dict[str, str]:
     keys = {}
     for item in filter(None, (part.strip() for part in env.get("TWILIO_API_KEYS", "").split(","))):
         sid, sep, secret = item.partition(":")
-        if not sep or not (sid.startswith("SK") and len(sid) == 34) or not secret:
+        if not sep or not API_KEY_SID.fullmatch(sid) or not secret:
             raise ConfigError("TWILIO_API_KEYS must be comma-separated SK…:secret pairs (SK followed by 32 hex "
                               f"characters), got an entry starting {item[:6]!r}.")
         keys[sid] = secret
@@ -214,20 +238,22 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return raw
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int,
+         unit: str = "seconds") -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number of seconds, got {raw!r}.") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}.")
+        raise ConfigError(f"{name} must be a whole number of {unit}, got {raw!r}.") from None
+    if not minimum <= value <= maximum:
+        most = _seconds(maximum) if unit == "seconds" else f"{maximum} {unit}"
+        raise ConfigError(f"{name} must be at least {minimum} and at most {most}, got {raw!r}.")
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, *, maximum: float) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -235,9 +261,15 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
-    if not value > 0:
-        raise ConfigError(f"{name} must be greater than 0, got {raw!r}.")
+    if not 0 < value <= maximum:  # also refuses nan and inf
+        raise ConfigError(f"{name} must be greater than 0 and at most {_seconds(maximum)}, got {raw!r}.")
     return value
+
+
+def _seconds(value: float) -> str:
+    """A bound as the operator reads it: 604800 (7 days)."""
+    days, rest = divmod(value, DAY)
+    return f"{value:.15g}" + (f" ({days:.15g} days)" if days >= 2 and not rest else "")
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

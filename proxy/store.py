@@ -256,16 +256,20 @@ def expiring_windows(conn: Connection, *, usable_after: datetime, usable_before:
     return conn.execute(query).all()
 
 
+_FINISHED_HOLDS = ("released", "expired", "failed")  # holds.FINISHED; holds imports this module
+
+
 def purge(conn: Connection, cutoff: datetime) -> dict[str, int]:
     """Delete message and attempt records older than `cutoff`, and windows that closed before it.
 
     Open windows are never touched: their expiry is in the future, so never before a past cutoff.
-    Pending outbox items and live holds are never touched either.
+    Pending outbox items and live holds are never touched either: only finished holds go (holds.FINISHED),
+    never `held` nor `sending` (being sent now, or stuck after a worker crash, for the operator to see).
     """
     return {
         "outbox": conn.execute(outbox.delete().where(outbox.c.status == "delivered",
                                                      outbox.c.updated_at < cutoff)).rowcount,
-        "held_messages": conn.execute(held_messages.delete().where(held_messages.c.status != "held",
+        "held_messages": conn.execute(held_messages.delete().where(held_messages.c.status.in_(_FINISHED_HOLDS),
                                                                    held_messages.c.created_at < cutoff)).rowcount,
         "messages": conn.execute(messages.delete().where(messages.c.updated_at < cutoff)).rowcount,
         "send_attempts": conn.execute(send_attempts.delete().where(send_attempts.c.created_at < cutoff)).rowcount,

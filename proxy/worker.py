@@ -14,6 +14,7 @@ from . import holds, logs, outbox
 from .db import utcnow, writing
 from .errors import ApiError
 from .judge import judge
+from .migrate import schema_hint, schema_missing
 from .policy import Action
 from .runtime import Runtime
 from .upstream import UpstreamError
@@ -46,11 +47,18 @@ class Worker:
         return len(items)
 
     def run_forever(self, stop: threading.Event) -> None:
+        unmigrated = False  # said once, not with a traceback every poll, until the migrations are applied
         while not stop.is_set():
             try:
                 busy = self.run_once()
-            except Exception:  # noqa: BLE001 — a database hiccup must not kill the worker
-                logs.log.exception("worker_error")
+                unmigrated = False
+            except Exception as exc:  # noqa: BLE001 — a database hiccup must not kill the worker
+                if not schema_missing(exc):
+                    logs.log.exception("worker_error")
+                elif not unmigrated:
+                    logs.log.error("migrations_not_at_head", extra={"error": type(exc).__name__,
+                                                                    "detail": schema_hint(exc)})
+                    unmigrated = True
                 busy = 0
             if not busy:
                 stop.wait(self.rt.settings.worker_poll_seconds)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CONF = Path(__file__).resolve().parents[1] / "gunicorn.conf.py"
 
 
@@ -49,3 +51,40 @@ def test_workers_are_web_concurrency_else_chosen_by_database():
     assert _run(code, {**base, "DATABASE_URL": "postgres://u@db/proxy"}).split()[0] == "4"
     assert _run(code, {**base, "DATABASE_URL": "postgresql+psycopg://u@db/proxy"}).split()[0] == "4"
     assert _run(code, {**base, "DATABASE_URL": "postgres://u@db/proxy", "WEB_CONCURRENCY": " 3 "}).split()[0] == "3"
+
+
+def _refused(env: dict, *command: str) -> str:
+    """stderr of a start the configuration refuses: one line naming the variable, no traceback."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "WEB_THREADS", "WEB_WORKER_CLASS")}
+    done = subprocess.run(list(command) or [sys.executable, "-c", f"import runpy; runpy.run_path({str(CONF)!r})"],
+                          capture_output=True, text=True, timeout=60, env={**base, **env}, cwd=CONF.parent)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),  # gunicorn itself would run a master with no worker
+    ({"WEB_CONCURRENCY": "-1"}, "WEB_CONCURRENCY"),
+    ({"WEB_CONCURRENCY": "2.5"}, "WEB_CONCURRENCY"),
+    ({"WEB_THREADS": "0"}, "WEB_THREADS"),  # a gthread worker with no thread fails to boot
+    ({"WEB_THREADS": "many"}, "WEB_THREADS"),
+    ({"WEB_WORKER_CLASS": "gevnet"}, "WEB_WORKER_CLASS"),
+])
+def test_a_bad_worker_setting_stops_the_start_with_one_line_naming_it(env, variable):
+    err = _refused(env)
+    assert err.startswith(f"whatsapp-window-proxy: configuration error: {variable} must be"), err
+    assert repr(next(iter(env.values()))) in err
+
+
+def test_gunicorn_shows_the_refusal_as_it_is(tmp_path):
+    """gunicorn prints a traceback for an exception in its config file; the refusal must get through as one line
+    (and before it, WEB_CONCURRENCY=0 passed gunicorn's own check: a master with no worker, serving nothing)."""
+    from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+
+    err = _refused({"WEB_CONCURRENCY": "0", "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                    "DATABASE_URL": f"sqlite:///{tmp_path / 'proxy.sqlite3'}"},
+                   sys.executable, "-m", "gunicorn", "-c", str(CONF), "--check-config", "proxy:create_app()")
+    assert "WEB_CONCURRENCY must be" in err

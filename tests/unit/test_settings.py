@@ -36,6 +36,68 @@ def test_invalid_values_name_the_variable(env, variable):
         Settings.from_env(env)
 
 
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        # Each accepted once meant a 500 on every request (an OverflowError adding the timedelta or
+        # computing urllib3's deadline), or a worker that never woke up again.
+        ("SESSION_WINDOW_SECONDS", "999999999999999"),
+        ("SESSION_WINDOW_SECONDS", "604801"),
+        ("TWILIO_TIMEOUT_SECONDS", "inf"),
+        ("TWILIO_TIMEOUT_SECONDS", "nan"),
+        ("TWILIO_TIMEOUT_SECONDS", "1e12"),
+        ("TWILIO_TIMEOUT_SECONDS", "61"),
+        ("FORWARD_TIMEOUT_SECONDS", "nan"),
+        ("HOLD_TTL_SECONDS", "999999999999999"),
+        ("HOLD_TTL_SECONDS", "31536001"),
+        ("CONTENT_CACHE_SECONDS", "999999999999999"),
+        ("CONTENT_CACHE_SECONDS", "86401"),
+        ("OUTBOX_RETRY_SCHEDULE", "0,5,999999999999999"),
+        ("OUTBOX_RETRY_SCHEDULE", "0,604801"),
+        ("OUTBOX_LEASE_SECONDS", "999999999999999"),
+        ("OUTBOX_LEASE_SECONDS", "3601"),
+        ("WORKER_POLL_SECONDS", "inf"),
+        ("WORKER_POLL_SECONDS", "nan"),
+        ("WORKER_POLL_SECONDS", "1e12"),
+        ("WORKER_POLL_SECONDS", "301"),
+        ("MAX_CONTENT_LENGTH", "999999999999999"),
+    ],
+)
+def test_numbers_out_of_range_name_the_variable_and_the_range(variable, value):
+    with pytest.raises(ConfigError, match=rf"{variable} must be .*at most"):
+        Settings.from_env({**BASE, variable: value})
+
+
+def test_numbers_at_the_ends_of_their_range_are_accepted():
+    s = Settings.from_env({**BASE, "SESSION_WINDOW_SECONDS": "604800", "TWILIO_TIMEOUT_SECONDS": "60",
+                           "HOLD_TTL_SECONDS": "31536000", "CONTENT_CACHE_SECONDS": "86400",
+                           "OUTBOX_RETRY_SCHEDULE": "0,604800", "OUTBOX_LEASE_SECONDS": "3600",
+                           "WORKER_POLL_SECONDS": "300", "MAX_CONTENT_LENGTH": str(16 * 1024 * 1024)})
+    assert (s.session_window_seconds, s.twilio_timeout_seconds, s.hold_ttl_seconds, s.content_cache_seconds,
+            s.retry_schedule, s.outbox_lease_seconds, s.worker_poll_seconds, s.max_content_length) == \
+        (604800, 60.0, 31536000, 86400, (0, 604800), 3600, 300.0, 16 * 1024 * 1024)
+    low = Settings.from_env({**BASE, "SESSION_WINDOW_SECONDS": "1", "WINDOW_SAFETY_MARGIN_SECONDS": "0",
+                             "TWILIO_TIMEOUT_SECONDS": "0.5", "HOLD_TTL_SECONDS": "1", "CONTENT_CACHE_SECONDS": "0",
+                             "WORKER_POLL_SECONDS": "0.1", "MAX_CONTENT_LENGTH": "1024"})
+    assert (low.session_window_seconds, low.twilio_timeout_seconds, low.worker_poll_seconds) == (1, 0.5, 0.1)
+
+
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"TWILIO_ACCOUNT_SID": "AC" + "z" * 32}, "TWILIO_ACCOUNT_SID"),
+        ({"TWILIO_ACCOUNT_SID": "AC" + "a" * 31 + "\u00e9"}, "TWILIO_ACCOUNT_SID"),
+        ({"TWILIO_API_KEYS": "SK" + "z" * 32 + ":secret"}, "TWILIO_API_KEYS"),
+        ({"TWILIO_API_KEYS": "SK" + "a" * 32 + ":secret,SK" + "g" * 32 + ":other"}, "TWILIO_API_KEYS"),
+    ],
+)
+def test_sids_are_32_hex_characters_as_their_messages_say(env, variable):
+    with pytest.raises(ConfigError, match=rf"{variable} .*32 hex"):
+        Settings.from_env({**BASE, **env})
+    mixed_case = "AC" + "0123456789ABCDEF" * 2  # Twilio's own pattern: ^AC[0-9a-fA-F]{32}$
+    assert Settings.from_env({**BASE, "TWILIO_ACCOUNT_SID": mixed_case}).account_sid == mixed_case
+
+
 def test_the_outbox_lease_outlasts_a_delivery():
     """A worker must still hold an item when its delivery ends, or another worker delivers it too."""
     assert Settings.from_env(BASE).outbox_lease_seconds == 120
