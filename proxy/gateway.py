@@ -20,6 +20,7 @@ from .db import storable, utcnow, writing
 from .errors import twilio_error
 from .forms import URLENCODED, body_of, strict_form
 from .judge import Judgement, fail_open, judge
+from .migrate import schema_missing
 from .policy import Action, explain
 from .runtime import runtime
 from .upstream import UpstreamError
@@ -72,9 +73,11 @@ def create_message(account_sid: str):
         return twilio_error(400, 400, "The request body is not valid UTF-8 form data.")
     try:
         judgement = judge(rt, form)
-    except SQLAlchemyError:
-        if not rt.settings.fail_open:
-            raise  # 503: fail closed, nothing is sent unjudged
+    except SQLAlchemyError as exc:
+        # 503: fail closed, nothing is sent unjudged. FAIL_OPEN is for an outage; a database the
+        # migrations never reached is no outage, and no retry would ever bring the judging back.
+        if not rt.settings.fail_open or schema_missing(exc):
+            raise
         logs.log.critical("fail_open", extra={"request_id": g.request_id,
                                               "detail": "database unavailable; send forwarded unjudged"})
         judgement = fail_open(form)

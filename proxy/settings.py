@@ -114,12 +114,18 @@ class Settings:
         forward_timeout = _float(env, "FORWARD_TIMEOUT_SECONDS", 10.0, maximum=15)
         if forward_timeout >= 15:
             raise ConfigError("FORWARD_TIMEOUT_SECONDS must be below 15: Twilio gives up on a webhook after 15 s.")
+        twilio_timeout = _float(env, "TWILIO_TIMEOUT_SECONDS", 10.0, maximum=MAX_TWILIO_TIMEOUT_SECONDS)
         lease = _int(env, "OUTBOX_LEASE_SECONDS", 120, minimum=1, maximum=MAX_OUTBOX_LEASE_SECONDS)
-        if lease < forward_timeout + LEASE_MARGIN_SECONDS:
+        # The longest single delivery: a webhook forward, or a fallback send after a late 63016 (a
+        # Content API lookup, then the create, each up to TWILIO_TIMEOUT_SECONDS). A send has no other
+        # guard against a second worker: its lease must outlast it.
+        longest = max(forward_timeout, 2 * twilio_timeout)
+        if lease < longest + LEASE_MARGIN_SECONDS:
             raise ConfigError(
-                f"OUTBOX_LEASE_SECONDS must be at least {math.ceil(forward_timeout + LEASE_MARGIN_SECONDS)} "
-                f"(FORWARD_TIMEOUT_SECONDS + {LEASE_MARGIN_SECONDS}), got {lease}: a worker must still hold an "
-                "item when its delivery ends, or another worker delivers it too.")
+                f"OUTBOX_LEASE_SECONDS must be at least {math.ceil(longest + LEASE_MARGIN_SECONDS)} "
+                f"(FORWARD_TIMEOUT_SECONDS, or twice TWILIO_TIMEOUT_SECONDS if more, + {LEASE_MARGIN_SECONDS}), "
+                f"got {lease}: a worker must still hold an item when its delivery ends, or another worker "
+                "delivers it too.")
         return cls(
             fail_open=_bool(env, "FAIL_OPEN", False),
             allow_unsigned_webhooks=_bool(env, "ALLOW_UNSIGNED_WEBHOOKS", False),
@@ -144,7 +150,7 @@ class Settings:
             public_base_url=_url(env, "PUBLIC_BASE_URL", None),
             session_window_seconds=window,
             window_safety_margin_seconds=margin,
-            twilio_timeout_seconds=_float(env, "TWILIO_TIMEOUT_SECONDS", 10.0, maximum=MAX_TWILIO_TIMEOUT_SECONDS),
+            twilio_timeout_seconds=twilio_timeout,
             log_level=level,
             log_redact_numbers=_bool(env, "LOG_REDACT_NUMBERS", True),
             twilio_content_base_url=_url(env, "TWILIO_CONTENT_BASE_URL", "https://content.twilio.com"),

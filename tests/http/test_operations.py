@@ -249,10 +249,12 @@ def test_start_up_goes_on_when_the_database_is_down(settings, log_lines):
     assert [line["level"] for line in lines if line["event"] == "database_unavailable"] == ["WARNING"]
 
 
-def test_requests_on_an_unmigrated_database_are_logged_as_such(settings, tmp_path, fake_twilio, log_lines):
-    client = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'fresh.sqlite3'}")).test_client()
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_requests_on_an_unmigrated_database_are_logged_as_such(settings, tmp_path, fake_twilio, log_lines, fail_open):
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'fresh.sqlite3'}", fail_open=fail_open))
+    client = app.test_client()
     response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
-    assert response.status_code == 503 and not fake_twilio.creates  # still fail closed
+    assert response.status_code == 503 and not fake_twilio.creates  # fail closed, FAIL_OPEN or not: no outage
     assert signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 32)).status_code == 503
     lines = [line for line in log_lines() if line.get("path")]
     assert [(line["event"], line["level"]) for line in lines] == [("migrations_not_at_head", "ERROR")] * 2
