@@ -93,16 +93,16 @@ def signed_url() -> str:
     return base + request.path + (f"?{query}" if query else "")
 
 
-def _url_as_requested(environ: dict) -> str:
+def _url_as_requested(wsgi: dict) -> str:
     """Scheme and host as werkzeug reads them, then the request target exactly as the client sent it.
 
     Not request.url: werkzeug decodes its %-escapes (%7E, %2F, %C3%A9...), and Twilio signed the URL
     it requested, escapes and all.
     """
-    target = environ.get("RAW_URI") or environ.get("REQUEST_URI")  # gunicorn; uWSGI, mod_wsgi, werkzeug
+    target = wsgi.get("RAW_URI") or wsgi.get("REQUEST_URI")  # gunicorn; uWSGI, mod_wsgi, werkzeug
     if not target or not target.startswith("/"):  # neither, or an absolute-form target
-        path = (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1", "replace")
-        query = environ.get("QUERY_STRING", "")
+        path = (wsgi.get("SCRIPT_NAME", "") + wsgi.get("PATH_INFO", "")).encode("latin-1", "replace")
+        query = wsgi.get("QUERY_STRING", "")
         target = quote(path, safe=_PATH_SAFE) + (f"?{query}" if query else "")
     try:  # WSGI hands the request's bytes over as latin-1 text; what Twilio sent is UTF-8
         target = target.encode("latin-1").decode("utf-8", "replace")
