@@ -5,12 +5,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from twilio.request_validator import RequestValidator
 from werkzeug.datastructures import MultiDict
 
 from proxy.sandbox import ServerThread, Simulator

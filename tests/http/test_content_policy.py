@@ -14,7 +14,7 @@ from proxy.policy import Policy
 from proxy.policy_file import Fallback
 from proxy.rules import TABLE, Cell
 from tests.conftest import BUSINESS, USER, basic_auth
-from tests.http.test_gateway import MESSAGES, SHAPE, open_window, send
+from tests.http.test_gateway import SHAPE, open_window, send
 
 SAMPLE_BODIES = {
     "twilio/text": {"body": "Hi {{1}}"},

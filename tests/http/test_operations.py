@@ -1,13 +1,12 @@
 """Operations: decision logs, window API, CLI, health and readiness, metrics, API keys."""
 
-import io
 import json
 import logging
 from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy import func, insert, select
 
 from proxy import create_app, logs
 from proxy.attempts import flush_all

@@ -41,7 +41,7 @@ def test_every_route_needs_auth_or_a_signature(app, fake_twilio):
     {"Authorization": "Digest username=x"},
 ])
 def test_near_miss_credentials_are_rejected(client, fake_twilio, auth):
-    response = client.get(f"/v1/windows?sender=whatsapp:+14155550100&user=whatsapp:+14155550111", headers=auth)
+    response = client.get("/v1/windows?sender=whatsapp:+14155550100&user=whatsapp:+14155550111", headers=auth)
     assert response.status_code == 401
 
 

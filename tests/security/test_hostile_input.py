@@ -1,7 +1,5 @@
 """Hostile input against the Messages endpoint and the webhooks: no 5xx, Twilio-shaped errors, nothing sent."""
 
-import json
-
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 

@@ -3,19 +3,17 @@
 import base64
 import hashlib
 import json
-from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from proxy import create_app
-from proxy.db import held_messages, utcnow, windows
+from proxy.db import held_messages, utcnow
 from proxy.sandbox.simulator import is_loopback
 from proxy.worker import Worker
 from tests.conftest import ACCOUNT_SID, BUSINESS, USER, basic_auth, inbound_params, sign, signed_post
 from tests.http.test_forwarding import failed_callback, fallback_app
-from tests.http.test_gateway import MESSAGES, open_window, send
+from tests.http.test_gateway import MESSAGES, send
 
 SHAPE = {"code", "message", "more_info", "status"}
 ACCOUNT = f"/2010-04-01/Accounts/{ACCOUNT_SID}"
