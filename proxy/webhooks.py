@@ -89,8 +89,27 @@ def signed_url() -> str:
             if len(_RECEIVED_URLS) < _MAX_RECEIVED_URLS:
                 _RECEIVED_URLS[key] = url
         return url
+    target = _raw_target(request.environ)
+    if target is not None and not request.environ.get("SCRIPT_NAME"):
+        # The path as sent, escapes kept. (Under a SCRIPT_NAME the base names the prefix itself.)
+        return base + target
     query = request.query_string.decode("latin-1")
     return base + request.path + (f"?{query}" if query else "")
+
+
+def _raw_target(wsgi: dict) -> str | None:
+    """The request target exactly as the client sent it (path and query), when the server passes it on."""
+    target = wsgi.get("RAW_URI") or wsgi.get("REQUEST_URI")  # gunicorn; uWSGI, mod_wsgi, werkzeug
+    if not target or not target.startswith("/"):  # neither, or an absolute-form target
+        return None
+    return _as_sent(target)
+
+
+def _as_sent(target: str) -> str:
+    try:  # WSGI hands the request's bytes over as latin-1 text; what Twilio sent is UTF-8
+        return target.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return target
 
 
 def _url_as_requested(wsgi: dict) -> str:
@@ -99,15 +118,11 @@ def _url_as_requested(wsgi: dict) -> str:
     Not request.url: werkzeug decodes its %-escapes (%7E, %2F, %C3%A9...), and Twilio signed the URL
     it requested, escapes and all.
     """
-    target = wsgi.get("RAW_URI") or wsgi.get("REQUEST_URI")  # gunicorn; uWSGI, mod_wsgi, werkzeug
-    if not target or not target.startswith("/"):  # neither, or an absolute-form target
+    target = _raw_target(wsgi)
+    if target is None:
         path = (wsgi.get("SCRIPT_NAME", "") + wsgi.get("PATH_INFO", "")).encode("latin-1", "replace")
         query = wsgi.get("QUERY_STRING", "")
-        target = quote(path, safe=_PATH_SAFE) + (f"?{query}" if query else "")
-    try:  # WSGI hands the request's bytes over as latin-1 text; what Twilio sent is UTF-8
-        target = target.encode("latin-1").decode("utf-8", "replace")
-    except UnicodeEncodeError:
-        pass
+        target = _as_sent(quote(path, safe=_PATH_SAFE) + (f"?{query}" if query else ""))
     return request.host_url[:-1] + target
 
 

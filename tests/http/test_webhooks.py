@@ -182,6 +182,21 @@ def test_public_base_url_is_what_the_signature_covers(settings, db_engine):
     assert count(db_engine, windows) == 1
 
 
+@pytest.mark.parametrize("target", ["/twilio/%69nbound", "/twilio/inbound?k=%7E", "/twilio/inbound?k=a%2Fb"])
+def test_public_base_url_keeps_the_escapes_of_the_path_and_query_as_sent(settings, db_engine, target):
+    from dataclasses import replace
+
+    from proxy import create_app
+    app = create_app(replace(settings, public_base_url="https://proxy.example.com"))
+    params = inbound_params("SM" + "e" * 31 + "1")
+    signature = sign("https://proxy.example.com" + target, params)
+    response = app.test_client().post(target, data=params, headers={"X-Twilio-Signature": signature},
+                                      environ_overrides={"RAW_URI": target})  # as gunicorn passes it
+    app.extensions["proxy"].engine.dispose()
+    assert response.status_code == 200
+    assert count(db_engine, windows) == 1
+
+
 def test_malformed_inbound_is_a_twilio_shaped_400(client, db_engine):
     response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "f" * 32, From="whatsapp:nobody"))
     assert response.status_code == 400
