@@ -12,9 +12,11 @@ from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 from twilio.http.http_client import TwilioHttpClient
 
-from .db import content_cache, utcnow, writing
+from . import logs
+from .db import content_cache, storable, utcnow, writing
 from .rules import NOT_ON_WHATSAPP, TABLE, WHATSAPP_COMPLEXITY
 from .store import _insert
 
@@ -65,7 +67,8 @@ def buttons_of(types: Mapping[str, Any], content_type: str | None) -> tuple[str,
     actions = body.get("actions") if isinstance(body, Mapping) else None
     if not isinstance(actions, list):
         return ()
-    return tuple(str(a.get("type", "")).strip().upper() for a in actions if isinstance(a, Mapping))
+    # An action that is not an object is no button type WhatsApp allows unapproved: count it, never drop it.
+    return tuple(str(a.get("type", "")).strip().upper() if isinstance(a, Mapping) else "MALFORMED" for a in actions)
 
 
 def approval_status(approval: Mapping[str, Any] | None) -> str:
@@ -77,6 +80,27 @@ def approval_status(approval: Mapping[str, Any] | None) -> str:
     return str(status).strip().lower() if status else "unsubmitted"
 
 
+def content_of(item: Any, approval: str, sid: str | None = None) -> Content:
+    """A Content API object as the proxy keeps it; ContentUnavailable when it is not shaped like one."""
+    sid = sid or (item.get("sid") if isinstance(item, Mapping) else None)
+    types = item.get("types") if isinstance(item, Mapping) else None
+    if not isinstance(sid, str) or not isinstance(types, (Mapping, type(None))):
+        raise ContentUnavailable("Content API answered with a Content that has no sid or no types object")
+    name = item.get("friendly_name")
+    return Content(sid, dict(types or {}), approval, storable(name, 256) if isinstance(name, str) else None)
+
+
+class _Lookup:
+    """One Content API lookup in flight; requests for the same sid wait for its answer."""
+
+    __slots__ = ("done", "content", "error")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.content: Content | None = None
+        self.error: BaseException | None = None
+
+
 class ContentResolver:
     """Content API lookups behind a per-process and a database cache, both with one TTL."""
 
@@ -84,31 +108,70 @@ class ContentResolver:
         self.http, self.base_url, self.auth, self.engine, self.ttl = http, base_url.rstrip("/"), auth, engine, ttl
         self.list_page_size = 500
         self._memory: dict[str, tuple[float, Content]] = {}
+        self._lookups: dict[str, _Lookup] = {}
         self._lock = threading.Lock()
 
     def get(self, sid: str) -> Content:
         hit = self._memory.get(sid)
         if hit and hit[0] > time.monotonic():
             return hit[1]
-        content = self._from_database(sid) or self._fetch(sid)
+        # One lookup per sid at a time: a new template used by many sends at once is asked for once,
+        # and a Content API that is down costs the waiting sends one timeout, not one each.
         with self._lock:
-            self._memory[sid] = (time.monotonic() + self.ttl, content)
+            lookup = self._lookups.get(sid)
+            leads = lookup is None
+            if leads:
+                lookup = self._lookups[sid] = _Lookup()
+        if not leads:
+            lookup.done.wait()
+            if lookup.error is not None:
+                raise lookup.error
+            return lookup.content
+        try:
+            lookup.content = self._lookup(sid)
+            return lookup.content
+        except BaseException as exc:
+            lookup.error = exc
+            raise
+        finally:
+            with self._lock:
+                self._lookups.pop(sid, None)
+            lookup.done.set()
+
+    def _lookup(self, sid: str) -> Content:
+        cached = self._from_database(sid)
+        if cached is not None:
+            content, age = cached
+        else:
+            content, age = self._fetch(sid), 0.0
+        # Trusted for what is left of its TTL, not a fresh one: another process's row may be almost as
+        # old as the TTL, and an approval revoked since must not be trusted twice as long.
+        with self._lock:
+            self._memory[sid] = (time.monotonic() + self.ttl - age, content)
         return content
 
-    def _from_database(self, sid: str) -> Content | None:
+    def _from_database(self, sid: str) -> tuple[Content, float] | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(content_cache).where(content_cache.c.sid == sid)).mappings().first()
-        if row is None or row["fetched_at"] < utcnow() - timedelta(seconds=self.ttl):
+        if row is None:
             return None
-        return Content(sid, json.loads(row["types"]), row["approval_status"], row["friendly_name"])
+        age = (utcnow() - row["fetched_at"]).total_seconds()
+        if not 0 <= age < self.ttl:
+            return None
+        return Content(sid, json.loads(row["types"]), row["approval_status"], row["friendly_name"]), age
 
     def _fetch(self, sid: str) -> Content:
-        content = self._get_json(f"/v1/Content/{sid}")
-        if content is None:
+        found = self._get_json(f"/v1/Content/{sid}")
+        if found is None:
             raise ContentNotFound(sid)
         approval = self._get_json(f"/v1/Content/{sid}/ApprovalRequests")
-        resolved = Content(sid, content.get("types") or {}, approval_status(approval), content.get("friendly_name"))
-        self.save([resolved], utcnow())
+        resolved = content_of(found, approval_status(approval), sid)
+        try:
+            self.save([resolved], utcnow())
+        except SQLAlchemyError as exc:
+            # The answer is good; only its copy for the other processes was not kept. Not an outage
+            # of the judging (FAIL_OPEN must not send unjudged because a cache row failed).
+            logs.log.warning("content_cache_write_failed", extra={"content_sid": sid, "error": type(exc).__name__})
         return resolved
 
     def save(self, contents: list[Content], fetched_at: datetime) -> None:
@@ -133,10 +196,15 @@ class ContentResolver:
             page = self._get_json_url(url)
             if page is None:
                 raise ContentUnavailable("ContentAndApprovals answered 404")
-            for item in page.get("contents") or []:
-                yield Content(item["sid"], item.get("types") or {}, approval_status(item.get("approval_requests")),
-                              item.get("friendly_name"))
-            url = self._same_host((page.get("meta") or {}).get("next_page_url"))
+            items = page.get("contents") or []
+            if not isinstance(items, list):
+                raise ContentUnavailable("ContentAndApprovals answered without a list of contents")
+            for item in items:
+                approval = approval_status(item.get("approval_requests") if isinstance(item, Mapping) else None)
+                yield content_of(item, approval)
+            meta = page.get("meta")
+            following = meta.get("next_page_url") if isinstance(meta, Mapping) else None
+            url = self._same_host(following if isinstance(following, str) else None)
 
     def _same_host(self, url: str | None) -> str | None:
         # Credentials only ever go to the configured Content API host, whatever a page links to.
@@ -163,6 +231,9 @@ class ContentResolver:
         if response.status_code != 200:
             raise ContentUnavailable(f"Content API answered {response.status_code}")
         try:
-            return json.loads(response.text)
+            body = json.loads(response.text)
         except ValueError as exc:
             raise ContentUnavailable("Content API answered with invalid JSON") from exc
+        if not isinstance(body, dict):
+            raise ContentUnavailable("Content API answered with JSON that is not an object")
+        return body

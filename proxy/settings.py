@@ -116,14 +116,15 @@ class Settings:
             raise ConfigError("FORWARD_TIMEOUT_SECONDS must be below 15: Twilio gives up on a webhook after 15 s.")
         twilio_timeout = _float(env, "TWILIO_TIMEOUT_SECONDS", 10.0, maximum=MAX_TWILIO_TIMEOUT_SECONDS)
         lease = _int(env, "OUTBOX_LEASE_SECONDS", 120, minimum=1, maximum=MAX_OUTBOX_LEASE_SECONDS)
-        # The longest single delivery: a webhook forward, or a fallback send after a late 63016 (a
-        # Content API lookup, then the create, each up to TWILIO_TIMEOUT_SECONDS). A send has no other
-        # guard against a second worker: its lease must outlast it.
-        longest = max(forward_timeout, 2 * twilio_timeout)
+        # The longest single delivery: a webhook forward, or a fallback send after a late 63016 (the
+        # Content and its ApprovalRequests from the Content API, then the create: three calls, each up
+        # to TWILIO_TIMEOUT_SECONDS). A send has no other guard against a second worker: its lease must
+        # outlast it.
+        longest = max(forward_timeout, 3 * twilio_timeout)
         if lease < longest + LEASE_MARGIN_SECONDS:
             raise ConfigError(
                 f"OUTBOX_LEASE_SECONDS must be at least {math.ceil(longest + LEASE_MARGIN_SECONDS)} "
-                f"(FORWARD_TIMEOUT_SECONDS, or twice TWILIO_TIMEOUT_SECONDS if more, + {LEASE_MARGIN_SECONDS}), "
+                f"(FORWARD_TIMEOUT_SECONDS, or 3 x TWILIO_TIMEOUT_SECONDS if more, + {LEASE_MARGIN_SECONDS}), "
                 f"got {lease}: a worker must still hold an item when its delivery ends, or another worker "
                 "delivers it too.")
         return cls(

@@ -49,7 +49,7 @@ def test_worker_killed_mid_delivery_redelivers_after_restart(settings, database_
            "TWILIO_API_BASE_URL": fake_twilio.url, "TWILIO_CONTENT_BASE_URL": fake_twilio.url,
            "FORWARD_INBOUND_URL": url, "OUTBOX_RETRY_SCHEDULE": "0,0,0,0", "OUTBOX_LEASE_SECONDS": "7",
            "WORKER_POLL_SECONDS": "0.2", "FORWARD_TIMEOUT_SECONDS": "2",
-           "TWILIO_TIMEOUT_SECONDS": "1"}  # the shortest lease allowed: 2 s + 5
+           "TWILIO_TIMEOUT_SECONDS": "0.5"}  # the shortest lease allowed: 2 s + 5
     log = tmp_path / "worker.log"
     first = start_worker(env, log)
     try:

@@ -34,6 +34,9 @@ def test_buttons_of():
     assert buttons_of({"twilio/card": {"title": "t"}}, "twilio/card") == ()
     assert buttons_of({"twilio/card": {"actions": "nope"}}, "twilio/card") == ()
     assert buttons_of({}, None) == ()
+    # An action that is not an object is counted as a button no rule allows, never dropped.
+    assert buttons_of({"twilio/card": {"actions": [{"type": "URL"}, None, "oops"]}}, "twilio/card") == (
+        "URL", "MALFORMED", "MALFORMED")
 
 
 @pytest.mark.parametrize(
