@@ -1,4 +1,4 @@
-"""proxy/holds.py on PostgreSQL: a hold and an inbound message of one pair, committing at the same time.
+"""proxy/holds.py: a message is taken for sending once; on PostgreSQL, a hold and an inbound message of one pair committing at the same time.
 
 Under READ COMMITTED each transaction could miss the other's uncommitted row: the hold sees no new
 message, the message sees no hold, and the held message waits in an open window. SQLite's writers
@@ -95,3 +95,17 @@ def test_an_inbound_committed_while_a_hold_transaction_is_open_is_seen_by_the_ho
     [(_, queued)] = result
     assert queued is True
     assert releases(pg) == [("release", f"{BUSINESS}\n{USER}")]
+
+
+def test_a_held_message_is_taken_for_sending_once(db_engine):
+    """Moved to `sending` before it is sent: a second release (another worker, a replay) finds it taken."""
+    now = utcnow()
+    with db_engine.begin() as conn:
+        held_id, _ = hold(conn, now)
+    with db_engine.begin() as conn:
+        assert holds.take(conn, held_id) is True
+    with db_engine.begin() as conn:
+        assert holds.take(conn, held_id) is False
+        holds.mark(conn, held_id, holds.RELEASED, utcnow(), message_sid="SM" + "6" * 32)
+        assert holds.take(conn, held_id) is False
+        assert holds.held_for(conn, BUSINESS, USER, utcnow()) == []

@@ -222,6 +222,20 @@ def test_reroute_sends_the_approved_fallback_instead(reroute_app, fake_twilio, d
         ("rerouted", "window_closed", response.get_json()["sid"])
 
 
+def test_a_reroute_keeps_scheduling_validity_and_retention_fields(reroute_app, fake_twilio):
+    """A rerouted scheduled send stays scheduled: only the content is replaced."""
+    send_at = (utcnow() + timedelta(days=2)).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    kept = {"To": USER, "MessagingServiceSid": "MG" + "a" * 32, "StatusCallback": "https://app/cb",
+            "SendAt": send_at, "ScheduleType": "fixed", "ValidityPeriod": "600", "MessageIntent": "marketing",
+            "ContentRetention": "discard", "AddressRetention": "obfuscate", "ApplicationSid": "AP" + "b" * 32}
+    response = send(reroute_app.test_client(), {**kept, "Body": "free form, cold"})
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "rerouted"
+    [received] = fake_twilio.creates
+    form = dict(received.form)
+    assert {k: form.get(k) for k in kept} == kept
+    assert form["ContentSid"] == reroute_app.fallback_sid and "Body" not in form
+
+
 @pytest.mark.parametrize("profile_name", [None, "  "])
 def test_a_cold_reroute_never_sends_an_empty_variable(reroute_app, fake_twilio, db_engine, profile_name):
     """The user never wrote (or has a blank profile name): Twilio refuses "" with 21656."""
