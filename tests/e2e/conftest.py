@@ -85,13 +85,16 @@ class Gunicorn:
 def gunicorn_server(database_url, fake_twilio_server, tmp_path_factory):
     """One gunicorn per test module (starting one takes seconds); each test gets a clean database."""
     fake_twilio = fake_twilio_server
+    metrics_dir = tmp_path_factory.mktemp("metrics")
     server = Gunicorn(
         {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "DATABASE_URL": database_url,
          "TWILIO_API_BASE_URL": fake_twilio.url,
          "TWILIO_CONTENT_BASE_URL": fake_twilio.url, "WEB_CONCURRENCY": "2", "TWILIO_TIMEOUT_SECONDS": "5",
-         "TWILIO_API_KEYS": f"{API_KEY}:{API_SECRET}", "METRICS_TOKEN": METRICS_TOKEN},
+         "TWILIO_API_KEYS": f"{API_KEY}:{API_SECRET}", "METRICS_TOKEN": METRICS_TOKEN,
+         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
         tmp_path_factory.mktemp("gunicorn") / "gunicorn.log",
     )
+    server.metrics_dir = metrics_dir  # each worker's samples, one file per process
     yield server
     server.stop()
 

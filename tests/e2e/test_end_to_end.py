@@ -133,12 +133,36 @@ def test_metrics_add_up_across_gunicorn_workers(proxy_server, fake_twilio):
                  and 'reason="no_window"' in line]
         return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
-    before = blocked_count()
+    def per_worker() -> dict[str, float]:
+        """The blocked count in each worker's own sample file: which processes counted what."""
+        from prometheus_client.mmap_dict import MmapedDict
+
+        counts = {}
+        for path in proxy_server.metrics_dir.glob("counter_*.db"):
+            counts[path.name] = sum(value for key, value, *_ in MmapedDict.read_all_values_from_file(str(path))
+                                    if "proxy_send_decisions_total" in key and "no_window" in key)
+        return counts
+
+    def send_blocked() -> None:  # a fresh connection each: the kernel hands them to either worker
+        response = requests.post(f"{proxy_server.url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json",
+                                  data={"To": USER, "From": BUSINESS, "Body": "x"}, auth=(ACCOUNT_SID, AUTH_TOKEN),
+                                  headers={"Connection": "close"}, timeout=10)
+        assert response.status_code == 400 and response.json()["code"] == 63016
+
+    before, workers_before, sent = blocked_count(), per_worker(), 0
     client = twilio_client(proxy_server)
-    for _ in range(12):  # spread over both workers by the kernel's accept queue
+    for _ in range(6):
         with pytest.raises(TwilioRestException):
             client.messages.create(to=USER, from_=BUSINESS, body="x")
-    assert blocked_count() - before == 12.0
+        sent += 1
+    while sent < 400:  # until two workers have each counted some of them (the sum is then a real sum)
+        counted = per_worker()
+        if sum(counted.get(name, 0.0) > workers_before.get(name, 0.0) for name in counted) >= 2:
+            break
+        send_blocked()
+        sent += 1
+    assert sum(counted.get(name, 0.0) > workers_before.get(name, 0.0) for name in counted) >= 2
+    assert blocked_count() - before == float(sent)
     assert requests.get(proxy_server.url + "/metrics", timeout=10).status_code == 401
     ready = requests.get(proxy_server.url + "/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["status"] == "ok"
