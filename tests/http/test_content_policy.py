@@ -133,6 +133,7 @@ def test_content_api_down_fails_closed(client, fake_twilio):
     open_window(client)
     response = template_send(client, sid)
     assert response.status_code == 503 and set(response.get_json()) == SHAPE
+    assert response.headers["X-Proxy-Decision"] == "rejected"  # nothing was judged, nothing sent
     assert fake_twilio.creates == []
 
 

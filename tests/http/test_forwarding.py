@@ -265,13 +265,22 @@ def failed_callback(sid, status="failed", code="63016"):
             "AccountSid": ACCOUNT_SID, "ChannelPrefix": "whatsapp"}
 
 
-def test_late_63016_closes_the_window_and_sends_the_fallback_once(settings, db_engine, fake_twilio):
+def test_late_63016_closes_the_window_and_sends_the_fallback_once(settings, db_engine, fake_twilio, log_lines):
     app = fallback_app(settings, fake_twilio)
     client = app.test_client()
     signed_post(client, "/twilio/inbound", inbound_params("SM" + "b" * 32))
-    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "in window"}).get_json()["sid"]
+    body = "in window body-marker-3c81"
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": body}).get_json()["sid"]
     for _ in range(3):  # Twilio may repeat a callback
         assert signed_post(client, "/twilio/status", failed_callback(sid)).status_code == 200
+    # One line, however often Twilio repeats the callback; numbers masked, never the body.
+    [late] = [line for line in log_lines() if line["event"] == "late_window_failure"]
+    assert (late["level"], late["decision"], late["message_sid"], late["code"]) == \
+        ("WARNING", "closed_and_rerouted", sid, 63016)
+    assert (late["sender"], late["user"]) == ("whatsapp:+1415*****00", "whatsapp:+1415*****11")
+    assert late["fallback_content_sid"] == app.fallback_sid
+    logged = json.dumps(log_lines())
+    assert "body-marker-3c81" not in logged and "4155550111" not in logged and "4155550100" not in logged
     window = client.get(f"/v1/windows?sender={BUSINESS}&user={USER}", headers=basic_auth()).get_json()
     assert window["open"] is False
     with db_engine.connect() as conn:
@@ -283,6 +292,17 @@ def test_late_63016_closes_the_window_and_sends_the_fallback_once(settings, db_e
     assert dict(fallback_sends[0].form)["ContentVariables"] == json.dumps({"1": "Ada"})
     # The next free-form send is blocked: the proxy learnt the window was closed.
     assert send(client, {"To": USER, "From": BUSINESS, "Body": "again"}).headers["X-Proxy-Decision"] == "rerouted"
+
+
+def test_late_63016_without_a_fallback_closes_the_window_and_says_so(settings, db_engine, fake_twilio, log_lines):
+    client = create_app(settings).test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "b" * 31 + "3"))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "body-marker-3c82"}).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", failed_callback(sid)).status_code == 200
+    [late] = [line for line in log_lines() if line["event"] == "late_window_failure"]
+    assert (late["decision"], late["message_sid"], late["fallback_content_sid"]) == ("closed", sid, None)
+    assert late["user"] == "whatsapp:+1415*****11"
+    assert "body-marker-3c82" not in json.dumps(log_lines())
 
 
 def test_late_63016_keeps_a_window_the_user_reopened_after_the_send(settings, db_engine, fake_twilio):

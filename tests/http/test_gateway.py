@@ -1,12 +1,14 @@
 """The Messages endpoint through the Flask test client, forwarding to the fake Twilio on 127.0.0.1."""
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 from urllib.parse import parse_qsl, urlencode
 
 import pytest
 from sqlalchemy import select, update
 
+from proxy import create_app
 from proxy.attempts import flush_all
 from proxy.db import send_attempts, utcnow, windows
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, signed_post
@@ -145,6 +147,19 @@ def test_another_account_in_the_path_is_404(client, fake_twilio):
     assert response.get_json()["code"] == 20404 and set(response.get_json()) == SHAPE
     assert response.headers["X-Proxy-Decision"] == "rejected"
     assert fake_twilio.requests == []
+
+
+def test_database_unavailable_is_503_rejected_and_nothing_sent(settings, fake_twilio, tmp_path, log_lines):
+    """SQLite that cannot be opened (the path is a directory) stands in for a database that is down."""
+    (tmp_path / "not-a-file").mkdir()
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'not-a-file'}"))
+    response = send(app.test_client(), {"To": USER, "From": BUSINESS, "Body": "x"})
+    app.extensions["proxy"].engine.dispose()
+    assert response.status_code == 503 and set(response.get_json()) == SHAPE
+    assert response.headers["X-Proxy-Decision"] == "rejected"  # nothing was judged, nothing sent
+    assert fake_twilio.requests == []
+    [line] = [line for line in log_lines() if line["event"] == "database_unavailable" and line.get("path")]
+    assert line["path"] == MESSAGES and line["level"] == "ERROR"
 
 
 @pytest.mark.parametrize(

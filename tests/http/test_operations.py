@@ -254,6 +254,7 @@ def test_requests_on_an_unmigrated_database_are_logged_as_such(settings, tmp_pat
     client = app.test_client()
     response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
     assert response.status_code == 503 and not fake_twilio.creates  # fail closed, FAIL_OPEN or not: no outage
+    assert response.headers["X-Proxy-Decision"] == "rejected"
     assert signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 32)).status_code == 503
     lines = [line for line in log_lines() if line.get("path")]
     assert [(line["event"], line["level"]) for line in lines] == [("migrations_not_at_head", "ERROR")] * 2

@@ -339,3 +339,19 @@ def test_a_rejected_inbound_never_logs_the_number(client, db_engine, log_lines, 
     [line] = [line for line in log_lines() if line["event"] == "inbound"]
     assert (line["decision"], line["reason"], line["field"]) == ("rejected", "malformed_webhook", field)
     assert "4155550111" not in json.dumps(log_lines())
+
+
+def test_inbound_with_media_opens_the_window_and_stores_the_media_count(client, db_engine):
+    """A WhatsApp image or document arrives as NumMedia with MediaUrl{N}/MediaContentType{N} (zero-based)."""
+    sid = "MM" + HEX
+    media_url = f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{sid}/Media/ME"
+    params = inbound_params(sid, Body="", NumMedia="2",
+                            MediaUrl0=media_url + "0" * 32, MediaContentType0="image/jpeg",
+                            MediaUrl1=media_url + "1" * 32, MediaContentType1="application/pdf")
+    response = signed_post(client, "/twilio/inbound", params)
+    assert response.status_code == 200 and response.get_data(as_text=True) == EMPTY_TWIML
+    [row] = window_rows(db_engine)
+    assert (row["sender"], row["user"], row["last_inbound_sid"]) == (BUSINESS, USER, sid)
+    assert row["expires_at"] > utcnow()
+    msg = message_row(db_engine, sid)
+    assert (msg["direction"], msg["status"], msg["num_media"]) == ("inbound", "received", 2)

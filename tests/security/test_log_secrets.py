@@ -1,0 +1,155 @@
+"""Failure paths log no secret, no message body and no unmasked number (README, Logs).
+
+Each test searches everything the proxy logged during the request (every field, tracebacks included),
+not one field, for distinctive markers: the auth token, a password, a Body text, the full numbers."""
+
+import io
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+
+from proxy import create_app
+from proxy import logs as proxy_logs
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, sign, signed_post
+from tests.http.test_gateway import MESSAGES, open_window, send
+
+BODY = "body-marker-5b2e9c-do-not-log"
+# The digits of the two numbers: a masked address (whatsapp:+1415*****11) keeps neither run.
+NUMBERS = ("4155550111", "4155550100")
+API_KEY, API_SECRET = "SK" + "7" * 32, "api-key-secret-marker-91d0"
+
+
+@pytest.fixture
+def logged():
+    """Everything logged while the test runs, as (raw text, parsed JSON lines): the proxy's logger and,
+    for anything a library logs on the proxy's behalf, the root logger."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(proxy_logs.make_formatter())
+    loggers = (proxy_logs.log, logging.getLogger())
+    for logger in loggers:
+        logger.addHandler(handler)
+
+    def read():
+        text = stream.getvalue()
+        return text, [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+    yield read
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def assert_leaks_nothing(text, *secrets):
+    for secret in (AUTH_TOKEN, BODY, *NUMBERS, *secrets):
+        assert secret not in text, f"{secret!r} was logged: {text}"
+
+
+def only(lines, event, **fields):
+    found = [line for line in lines if line["event"] == event
+             and all(line.get(k) == v for k, v in fields.items())]
+    assert len(found) == 1, lines
+    return found[0]
+
+
+# --- (a) the gateway and the admin API: wrong Basic credentials ----------------------------------------
+
+WRONG_CREDENTIALS = {
+    "token-plus-typo": (ACCOUNT_SID, AUTH_TOKEN + "x"),
+    "wrong-user-token-plus-typo": ("AC" + "e" * 32, AUTH_TOKEN[:-1] + "F"),
+    "right-token-wrong-user": ("ACwrong-user-marker", AUTH_TOKEN),
+    "swapped": (AUTH_TOKEN, ACCOUNT_SID),  # the token in the user field must not be logged either
+    "api-key-secret-plus-typo": (API_KEY, API_SECRET + "x"),
+}
+
+
+@pytest.mark.parametrize("path", [MESSAGES, f"/v1/windows?sender={BUSINESS}&user={USER}"], ids=["gateway", "admin"])
+@pytest.mark.parametrize("user, password", WRONG_CREDENTIALS.values(), ids=WRONG_CREDENTIALS.keys())
+def test_auth_failed_logs_neither_password_nor_token_nor_the_user_tried(settings, db_engine, fake_twilio, logged,
+                                                                        path, user, password):
+    app = create_app(replace(settings, api_keys={API_KEY: API_SECRET}))
+    auth = basic_auth(user, password)
+    if path == MESSAGES:
+        response = send(app.test_client(), {"To": USER, "From": BUSINESS, "Body": BODY}, auth=auth)
+    else:
+        response = app.test_client().get(path, headers=auth)
+    app.extensions["proxy"].engine.dispose()
+    assert response.status_code == 401 and fake_twilio.creates == []
+    text, lines = logged()
+    line = only(lines, "auth_failed")
+    # What is legitimately logged: the path (the account SID is in every API URL and is no secret) and
+    # the request id. Never the password, the token, the user name tried, or the Authorization header.
+    assert line["level"] == "WARNING" and line["path"] == path.split("?")[0]
+    header = auth["Authorization"].removeprefix("Basic ")
+    assert_leaks_nothing(text, header, API_SECRET, *(s for s in (user, password) if s != ACCOUNT_SID))
+    assert ACCOUNT_SID not in text.replace(line["path"], "")  # the SID only as part of the path
+
+
+# --- (b) webhooks: a bad signature, a malformed webhook -----------------------------------------------
+
+def _inbound(**extra):
+    return inbound_params("SM" + "c" * 32, Body=BODY, **extra)
+
+
+@pytest.mark.parametrize("path", ["/twilio/inbound", "/twilio/status"])
+@pytest.mark.parametrize("signature", ["missing", "wrong-token", "other-params"])
+def test_webhook_rejected_logs_no_body_number_or_token(client, db_engine, settings, logged, path, signature):
+    assert settings.log_redact_numbers  # LOG_REDACT_NUMBERS defaults to true
+    params = _inbound() if path == "/twilio/inbound" else _inbound(MessageStatus="failed", ErrorCode="63016")
+    headers = {
+        "missing": {},
+        "wrong-token": {"X-Twilio-Signature": sign("http://localhost" + path, params, token=AUTH_TOKEN + "x")},
+        "other-params": {"X-Twilio-Signature": sign("http://localhost" + path, {**params, "Body": "other"})},
+    }[signature]
+    response = client.post(path, data=params, headers=headers)
+    assert response.status_code == 403
+    text, lines = logged()
+    line = only(lines, "webhook_rejected")
+    assert line["level"] == "WARNING" and line["path"] == path and line["reason"]
+    assert_leaks_nothing(text, headers.get("X-Twilio-Signature", AUTH_TOKEN))
+
+
+MALFORMED = {
+    "inbound-bad-sid": ("/twilio/inbound", _inbound(MessageSid="SM-not-a-sid"), "MessageSid"),
+    "inbound-bad-from": ("/twilio/inbound", _inbound(From="whatsapp:+14155550111;ext=" + BODY), "From"),
+    "inbound-bad-to": ("/twilio/inbound", _inbound(To="whatsapp:+14155550100x"), "To"),
+    "status-bad-sid": ("/twilio/status",
+                       _inbound(MessageSid="MM" + "c" * 31, MessageStatus="delivered", SmsStatus="delivered"),
+                       "MessageSid"),
+}
+
+
+@pytest.mark.parametrize("path, params, field", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_webhook_logs_no_body_number_or_token(client, db_engine, logged, path, params, field):
+    response = signed_post(client, path, params)
+    assert response.status_code == 400 and response.get_json()["code"] == 21211
+    text, lines = logged()
+    line = only(lines, "inbound" if "inbound" in path else "status", reason="malformed_webhook")
+    assert (line["decision"], line["field"]) == ("rejected", field)
+    assert_leaks_nothing(text)
+
+
+# --- (c) sends: blocked, and a Twilio error relayed ------------------------------------------------------
+
+def test_blocked_send_logs_no_body_number_or_token(client, fake_twilio, db_engine, logged):
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": BODY})
+    assert response.status_code == 400 and response.get_json()["code"] == 63016 and fake_twilio.creates == []
+    text, lines = logged()
+    line = only(lines, "send", decision="blocked")
+    assert (line["user"], line["sender"]) == ("whatsapp:+1415*****11", "whatsapp:+1415*****00")
+    assert_leaks_nothing(text)
+
+
+def test_relayed_twilio_error_logs_no_body_number_or_token(client, fake_twilio, db_engine, logged):
+    open_window(client)
+    # Twilio's error text quotes the number it refused: the caller gets it unchanged, a log line only masked.
+    error = {"code": 21211, "message": f"The 'To' number {USER} is not a valid phone number.",
+             "more_info": "https://www.twilio.com/docs/errors/21211", "status": 400}
+    fake_twilio.fail_with = (400, error)
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": BODY})
+    assert response.status_code == 400 and response.get_json() == error
+    text, lines = logged()
+    line = only(lines, "send", decision="allowed")
+    assert (line["outcome"], line["upstream_status"]) == ("upstream_error", 400)
+    assert_leaks_nothing(text)
