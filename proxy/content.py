@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
