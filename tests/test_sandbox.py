@@ -5,6 +5,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,39 @@ def test_sandbox_say_command_against_a_running_simulator(tmp_path):
         assert "proxy answered 200" in result.stdout
         [(_, form, _)] = app_side.received
         assert dict(form)["Body"] == "where is my order?" and dict(form)["Latitude"] == "1.5"
+
+
+def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tmp_path):
+    """As CI and process managers stop it: signals to it and TERM to its whole group. It must stop its web
+    and worker processes and exit. (CI once left it hung: its handler took a lock, Event.set, and a second
+    signal interrupted it; that race is too narrow to force here, the handler now only appends.)"""
+    import signal
+
+    from tests.e2e.conftest import free_port
+
+    port, sim_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.sqlite3'}", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    up = subprocess.Popen([f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "up", "--port",
+                           str(port), "--sandbox-port", str(sim_port)], env=env, cwd=ROOT, start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert up.poll() is None, "sandbox up exited before serving"
+            time.sleep(0.1)
+        else:
+            pytest.fail("sandbox up never answered /healthz")
+        for sig in [signal.SIGTERM, signal.SIGINT] * 10:  # a handler that takes a lock deadlocks if the next
+            os.kill(up.pid, sig)                          # signal interrupts it (CI's hang); then the group
+        os.killpg(up.pid, signal.SIGTERM)
+        assert up.wait(60) is not None
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

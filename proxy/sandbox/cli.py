@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 import click
@@ -147,9 +147,13 @@ def demo():
 
 
 def _wait_for_signal(processes: list | None = None) -> None:
-    stop = threading.Event()
+    # The handler only appends: it runs between any two bytecodes of the main thread, and one that took
+    # a lock (Event.set) deadlocked when a second signal arrived while the first was still setting it
+    # (CI's process-group TERM left `sandbox up` hung with its children unreaped).
+    received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    while not received:
         if processes and any(p.poll() is not None for p in processes):
             raise click.ClickException("the proxy stopped; see its output above")
+        time.sleep(0.2)
