@@ -102,13 +102,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(SQLAlchemyError)
     def database_error(exc: SQLAlchemyError):
-        if schema_missing(exc):  # no outage: the migrations were not applied, and no retry will help
-            logs.log.error("migrations_not_at_head", extra={"error": type(exc).__name__, "path": request.path,
-                                                            "request_id": g.get("request_id"),
-                                                            "detail": schema_hint(exc)})
-        else:
-            logs.log.error("database_unavailable", extra={"error": type(exc).__name__, "path": request.path,
-                                                          "request_id": g.get("request_id")})
+        extra = {"error": type(exc).__name__, "path": request.path, "request_id": g.get("request_id")}
+        missing = schema_missing(exc)  # no outage: the migrations were not applied, and no retry will help
+        if missing:
+            extra["detail"] = schema_hint(exc)
+        logs.log.error("migrations_not_at_head" if missing else "database_unavailable", extra=extra)
         # Fail closed: without the window state nothing is judged, so nothing is sent.
         return twilio_error(503, 503, "The proxy's database is unavailable; nothing was sent or recorded. Retry later.")
 

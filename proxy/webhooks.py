@@ -89,8 +89,9 @@ def signed_url() -> str:
             if len(_RECEIVED_URLS) < _MAX_RECEIVED_URLS:
                 _RECEIVED_URLS[key] = url
         return url
-    target = _raw_target(request.environ)
-    if target is not None and not request.environ.get("SCRIPT_NAME"):
+    wsgi = request.environ
+    target = _raw_target(wsgi)
+    if target is not None and not wsgi.get("SCRIPT_NAME"):
         # The path as sent, escapes kept. (Under a SCRIPT_NAME the base names the prefix itself.)
         return base + target
     query = request.query_string.decode("latin-1")
