@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 
@@ -30,6 +31,15 @@ DEFAULT_POOL_SIZE = 256
 DB_POOL_SIZE = 10
 
 
+# gunicorn restarts a worker that exits with any other code, forever, behind a listening port; 4 (its
+# APP_LOAD_ERROR) makes the master stop with the worker, so the bad setting ends the start.
+_CONFIG_ERROR_EXIT_UNDER_GUNICORN = 4
+
+
+def _in_gunicorn() -> bool:
+    return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/")  # set by gunicorn's master
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     if settings is None:
         try:
@@ -37,7 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         except ConfigError as exc:
             # A clean message, not a traceback, for whoever starts the proxy.
             sys.stderr.write(f"whatsapp-window-proxy: configuration error: {exc}\n")
-            raise SystemExit(2) from None
+            raise SystemExit(_CONFIG_ERROR_EXIT_UNDER_GUNICORN if _in_gunicorn() else 2) from None
     logs.configure(settings.log_level, settings.log_format)
 
     app = Flask(__name__)

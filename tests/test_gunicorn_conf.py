@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,6 @@ def test_workers_are_web_concurrency_else_chosen_by_database():
 
 def _refused(env: dict, *command: str) -> str:
     """stderr of a start the configuration refuses: one line naming the variable, no traceback."""
-    import os
 
     base = {k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "WEB_THREADS", "WEB_WORKER_CLASS")}
     done = subprocess.run(list(command) or [sys.executable, "-c", f"import runpy; runpy.run_path({str(CONF)!r})"],
@@ -88,3 +88,31 @@ def test_gunicorn_shows_the_refusal_as_it_is(tmp_path):
                     "DATABASE_URL": f"sqlite:///{tmp_path / 'proxy.sqlite3'}"},
                    sys.executable, "-m", "gunicorn", "-c", str(CONF), "--check-config", "proxy:create_app()")
     assert "WEB_CONCURRENCY must be" in err
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"TWILIO_ACCOUNT_SID": "", "TWILIO_AUTH_TOKEN": ""}, "TWILIO_ACCOUNT_SID"),
+    ({"SESSION_WINDOW_SECONDS": "0"}, "SESSION_WINDOW_SECONDS"),
+])
+def test_an_invalid_proxy_setting_stops_gunicorn_rather_than_restarting_its_workers(tmp_path, env, variable):
+    """The proxy's own settings are read as each worker loads the app. A worker exiting with a code gunicorn
+    does not know is restarted, so the Procfile's command kept a port open and booted workers forever."""
+    from proxy.sandbox.cli import procfile_command
+    from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("WEB_", "TWILIO_", "SESSION_"))}
+    full = {**base, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'proxy.sqlite3'}", "PORT": "0", **env,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = procfile_command("web").replace("0.0.0.0:", "127.0.0.1:")
+    try:
+        # The bound is a guard against a hang, not a measurement: the master stops at the first worker's exit.
+        done = subprocess.run(["bash", "-c", f"exec {command}"], capture_output=True, text=True, timeout=60,
+                              env=full, cwd=CONF.parent)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"gunicorn kept running: {(exc.stderr or b'')[-1500:]!r}")
+    assert done.returncode != 0
+    assert "App failed to load" in done.stderr, done.stderr[-1500:]
+    refusals = [line for line in done.stderr.splitlines() if "configuration error" in line]
+    assert refusals and all(variable in line for line in refusals), done.stderr[-1500:]
+    assert "Traceback" not in done.stderr, done.stderr[-1500:]
