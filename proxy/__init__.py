@@ -7,7 +7,7 @@ import random
 import sys
 
 from flask import Flask, g, request
-from sqlalchemy.exc import DataError, SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError, StatementError
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
@@ -15,7 +15,7 @@ from . import admin, cli, gateway, logs, ops, webhooks
 from .attempts import AttemptWriter
 from .content import ContentResolver
 from .forwarding import Forwarder
-from .group_commit import GroupCommit
+from .group_commit import GroupCommit, values_refused
 from .db import make_engine
 from .errors import ApiError, twilio_error
 from .migrate import UPGRADE_COMMAND, head_revision, known_revision, revision_at_start, schema_hint, schema_missing
@@ -105,13 +105,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         return twilio_error(exc.code, exc.code, exc.description)
 
     @app.errorhandler(DataError)
-    def unstorable_value(exc: DataError):
+    def unstorable_value(exc: StatementError):
         # A value the database refuses is bad input, not an outage.
         logs.log.warning("unstorable_value", extra={"path": request.path, "request_id": g.get("request_id")})
         return twilio_error(400, 400, "A value in the request cannot be stored (control characters or too long).")
 
     @app.errorhandler(SQLAlchemyError)
     def database_error(exc: SQLAlchemyError):
+        if isinstance(exc, StatementError) and values_refused(exc):
+            return unstorable_value(exc)  # a value that could not even be bound: bad input, not an outage
         extra = {"error": type(exc).__name__, "path": request.path, "request_id": g.get("request_id")}
         missing = schema_missing(exc)  # no outage: the migrations were not applied, and no retry will help
         if missing:

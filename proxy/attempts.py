@@ -17,10 +17,11 @@ import threading
 import weakref
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import logs
 from .db import send_attempts, writing
+from .group_commit import values_refused
 
 MAX_BATCH = 500
 LINGER_SECONDS = 0.05
@@ -99,8 +100,7 @@ class AttemptWriter:
                 del pending[:extra]
             try:
                 while pending:
-                    self._store(pending[:MAX_BATCH])
-                    del pending[:MAX_BATCH]
+                    self._store(pending)
                 failures = 0
             except SQLAlchemyError as exc:  # down, restarting or locked: keep the rows and try again
                 failures += 1
@@ -116,21 +116,29 @@ class AttemptWriter:
                     marker.set()
                 markers.clear()
 
-    def _store(self, rows: list[dict]) -> None:
-        """One transaction for the batch; a refused value costs only its own row."""
+    def _store(self, pending: list[dict]) -> None:
+        """Store the first MAX_BATCH rows in one transaction and take them off `pending`; a refused value
+        costs only its own row. A database failure leaves on `pending` every row not stored yet."""
+        rows = pending[:MAX_BATCH]
         try:
             with writing(self.engine) as conn:
                 conn.execute(send_attempts.insert(), rows)
-        except (IntegrityError, DataError):
+            del pending[:len(rows)]
+        except Exception as error:  # noqa: BLE001 — sorted below: a row's values, or the database
+            if not values_refused(error):
+                raise  # the database is down or locked: keep every row for the next try
             for row in rows:
                 try:
                     with writing(self.engine) as conn:
                         conn.execute(send_attempts.insert(), row)
-                except (IntegrityError, DataError) as exc:
+                except Exception as exc:  # noqa: BLE001
+                    if not values_refused(exc):
+                        raise
                     self.dropped += 1
                     logs.log.error("attempt_not_stored", extra={"error": type(exc).__name__,
                                                                 "request_id": row.get("request_id"),
                                                                 "message_sid": row.get("message_sid")})
+                pending.pop(0)  # stored, or refused for good
 
 
 def flush_all(timeout: float = 10.0) -> bool:

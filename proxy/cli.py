@@ -12,7 +12,7 @@ from datetime import timedelta
 import click
 from alembic import command
 from flask import Flask
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from . import holds, logs, outbox, store, window_api
 from .db import utcnow, writing
@@ -20,17 +20,23 @@ from .errors import ApiError
 
 from .migrate import alembic_config, schema_hint, schema_missing, upgrade
 
+MAX_ONCE_PASSES = 1000  # `worker --once`: passes over the outbox at most
+
 
 def needs_schema(command_function):
-    """A command run before the migrations says so in one line instead of SQLAlchemy's traceback."""
+    """A command run before the migrations, or while the database cannot be reached, says so in one line
+    instead of SQLAlchemy's traceback (the release phase's output is often all an operator sees)."""
     @functools.wraps(command_function)
     def run(*args, **kwargs):
         try:
             return command_function(*args, **kwargs)
         except SQLAlchemyError as exc:
-            if not schema_missing(exc):
-                raise  # anything else keeps its traceback: it is the operator's best clue
-            raise click.ClickException(schema_hint(exc)) from None
+            if schema_missing(exc):
+                raise click.ClickException(schema_hint(exc)) from None
+            if isinstance(exc, OperationalError):  # refused, timed out, locked, disk: the driver's words say which
+                reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+                raise click.ClickException(f"the database is unavailable: {reason}") from None
+            raise  # anything else keeps its traceback: it is the operator's best clue
     return run
 
 
@@ -39,12 +45,14 @@ def register(app: Flask) -> None:
 
     @db.command("upgrade")
     @click.argument("revision", default="head")
+    @needs_schema
     def db_upgrade(revision: str):
         """Apply migrations up to REVISION (default: head)."""
         upgrade(app.extensions["proxy"].settings.database_url, revision)
         click.echo(f"database at {revision}")
 
     @db.command("current")
+    @needs_schema
     def db_current():
         """Show the revision the database is at."""
         command.current(alembic_config(app.extensions["proxy"].settings.database_url))
@@ -144,7 +152,7 @@ def register(app: Flask) -> None:
     app.cli.add_command(held)
 
     @app.cli.command("worker")
-    @click.option("--once", is_flag=True, help="Process what is due now, then exit.")
+    @click.option("--once", is_flag=True, help="Deliver everything due now, then exit.")
     @needs_schema
     def worker(once: bool):
         """Deliver the outbox: forwarded webhooks with backoff, held-message releases, fallback sends."""
@@ -152,7 +160,15 @@ def register(app: Flask) -> None:
 
         runner = Worker(app.extensions["proxy"])
         if once:
-            click.echo(f"{runner.run_once()} item(s) processed")
+            # A pass takes one item per conversation (their order); passes repeat until nothing is due.
+            # Each failure pushes its item back by the retry schedule, so this ends; the bound is a backstop.
+            total = 0
+            for _ in range(MAX_ONCE_PASSES):
+                claimed = runner.run_once()
+                total += claimed
+                if not claimed:
+                    break
+            click.echo(f"{total} item(s) processed")
             return
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -194,6 +194,8 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
             sid = json.loads(upstream.content).get("sid")
         except (ValueError, AttributeError):
             sid = None
+        if not isinstance(sid, str):
+            sid = None  # Twilio's answer is relayed as it is; only a sid that is text is recorded
     outcome = "sent" if 200 <= upstream.status_code < 300 else "upstream_error"
     return response, outcome, upstream.status_code, sid
 
@@ -222,7 +224,7 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
         params=json.dumps(list(form.items(multi=True))),
         outcome=outcome,
         upstream_status=upstream_status,
-        message_sid=(message_sid or "")[:64] or None,
+        message_sid=storable(message_sid, 64),
         duration_ms=int(duration),
     ))
     state = judgement.window

@@ -14,11 +14,20 @@ import threading
 from typing import Any, Callable
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 
 from .db import writing
 
 MAX_BATCH = 64
+
+
+def values_refused(exc: BaseException) -> bool:
+    """The error is about one request's values, not the database: refused by it (a constraint, a type),
+    or not bindable at all (SQLAlchemy's StatementError, or the driver's UnicodeError for a lone surrogate,
+    raised before the database saw anything)."""
+    if isinstance(exc, (IntegrityError, DataError)):
+        return True
+    return isinstance(exc, (StatementError, UnicodeError)) and not isinstance(exc, DBAPIError)
 
 
 class _Job:
@@ -95,8 +104,8 @@ class GroupCommit:
                     results = [job.work(conn) for job in batch]
                 for job, result in zip(batch, results):
                     job.result = result
-            except (IntegrityError, DataError):
-                if len(batch) == 1:
+            except Exception as error:  # noqa: BLE001 — sorted below: this batch's values, or the database
+                if not values_refused(error) or len(batch) == 1:
                     raise
                 for job in batch:  # one request's values were refused: find whose
                     try:

@@ -45,8 +45,10 @@ def refuse_repeated(form: MultiDict) -> None:
     """A field Twilio reads one value of, given twice, could be judged by one value and sent by the other."""
     for name in SINGLE_VALUED:
         if len(form.getlist(name)) > 1:
+            hint = (" (twilio-python sends a dict's keys this way: content_variables=json.dumps({...}))"
+                    if name == "ContentVariables" else "")
             raise ApiError(400, 400, f"Parameter '{name}' was given more than once; the proxy does not guess "
-                                     "which value Twilio would use.")
+                                     f"which value Twilio would use{hint}.")
 
 
 def validate(form: MultiDict) -> None:
@@ -75,7 +77,8 @@ def validate(form: MultiDict) -> None:
         except (ValueError, RecursionError):
             parsed = None
         if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
-            raise ApiError(21656, 400, "The ContentVariables Parameter is invalid: it must be a JSON object of strings.")
+            raise ApiError(21656, 400, "The ContentVariables Parameter is invalid: it must be a JSON object of strings "
+                                       "(with twilio-python: content_variables=json.dumps({...})).")
         if any(v == "" for v in parsed.values()):
             raise ApiError(21656, 400, "The ContentVariables Parameter is invalid: Twilio refuses empty values.")
 

@@ -59,15 +59,21 @@ def with_id(item: Item) -> dict:
     return {**item.headers, OUTBOX_ID_HEADER: str(item.id)}
 
 
-def has_earlier_pending(conn: Connection, ordering_key: str, item_id: int) -> bool:
-    return conn.execute(
-        select(exists().where(outbox.c.ordering_key == ordering_key[:300], outbox.c.status == PENDING,
-                              outbox.c.id < item_id))
-    ).scalar()
+def earlier_pending(conn: Connection, ordering_key: str, item_id: int, now: datetime) -> str | None:
+    """Whether an earlier item of the key is still pending: "in_flight" while one is leased (being
+    delivered), "queued" when one waits for a retry, None when none is left."""
+    leases = conn.execute(
+        select(outbox.c.lease_until).where(outbox.c.ordering_key == ordering_key[:300], outbox.c.status == PENDING,
+                                           outbox.c.id < item_id)
+    ).scalars().all()
+    if not leases:
+        return None
+    return "in_flight" if all(lease is not None and lease > now for lease in leases) else "queued"
 
 
-def release_lease(conn: Connection, item_id: int) -> None:
-    conn.execute(update(outbox).where(outbox.c.id == item_id).values(lease_until=None))
+def release_lease(conn: Connection, item_id: int, held: datetime) -> None:
+    """Leave the item to the workers now, if it is still under the caller's lease."""
+    conn.execute(update(outbox).where(outbox.c.id == item_id, outbox.c.lease_until == held).values(lease_until=None))
 
 
 def renew_lease(conn: Connection, item_id: int, until: datetime) -> None:
@@ -80,9 +86,15 @@ def keep(conn: Connection, item: Item, now: datetime, lease_seconds: float) -> d
     A worker delivers its batch one item after another, so the last ones can outlive the claim's
     lease; any claim changes lease_until, so an unchanged one means the item is still this worker's.
     """
+    return keep_lease(conn, item.id, item.lease_until, now, lease_seconds)
+
+
+def keep_lease(conn: Connection, item_id: int, held: datetime | None, now: datetime,
+               lease_seconds: float) -> datetime | None:
+    """`keep` by the lease the caller holds: the new lease, or None when the item is no longer under it."""
     return conn.execute(
         update(outbox)
-        .where(outbox.c.id == item.id, outbox.c.status == PENDING, outbox.c.lease_until == item.lease_until)
+        .where(outbox.c.id == item_id, outbox.c.status == PENDING, outbox.c.lease_until == held)
         .values(lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
         .returning(outbox.c.lease_until)
     ).scalar()

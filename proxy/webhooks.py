@@ -25,6 +25,8 @@ from .settings import LEASE_MARGIN_SECONDS
 bp = Blueprint("webhooks", __name__, url_prefix="/twilio")
 
 EMPTY_TWIML = str(MessagingResponse())
+TWILIO_WEBHOOK_TIMEOUT_SECONDS = 15  # Twilio gives up on a webhook's answer after this
+INLINE_POLL_SECONDS = 0.05  # how often a webhook looks whether the one before it was delivered
 # Whole values only (fullmatch: `$` would also accept a trailing newline). A message sid is exactly what
 # Twilio issues (SM, or MM for media; its OpenAPI pattern): the signature covers the fields' names and
 # values with no separators, so a looser pattern let a replay fold the next field into the sid
@@ -63,6 +65,12 @@ def webhook_params() -> MultiDict | None:
     except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
+        return None
+    try:
+        # JSON's \u escapes can spell a lone surrogate, which no UTF-8 body (so no Twilio webhook) holds;
+        # the database driver and the forward's signature would fail on it later, as if the database were down.
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
         return None
     return Fields([(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in data.items()])
 
@@ -203,7 +211,7 @@ def _inbound_message() -> Response:
                 holds.release_if_held(conn, key, user, now)
     response = _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     if forward_id is not None:
-        return _forward_inline(forward_id, lease, sender, user, pairs, kept)
+        return _forward_inline(forward_id, lease, started, sender, user, pairs, kept)
     return response
 
 
@@ -236,14 +244,13 @@ def _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at) -> 
     return _twiml()
 
 
-def _forward_inline(item_id: int, lease: datetime, sender: str, user: str, pairs: list, kept: dict) -> Response:
+def _forward_inline(item_id: int, lease: datetime, arrived: float, sender: str, user: str, pairs: list,
+                    kept: dict) -> Response:
     """Hand the webhook to the app now and relay its TwiML; if it cannot answer, the outbox retries."""
     rt = runtime()
-    with writing(rt.engine) as conn:
-        if outbox.has_earlier_pending(conn, f"inbound:{sender}|{user}", item_id):
-            # An older webhook of this conversation is still waiting: keep the order, let the worker deliver.
-            outbox.release_lease(conn, item_id)
-            return _twiml()
+    lease = _take_turn(rt, item_id, lease, arrived, f"inbound:{sender}|{user}")
+    if lease is None:
+        return _twiml()
     started = time.perf_counter()
     reply = rt.forwarder.post(rt.settings.forward_inbound_url, pairs, kept)
     with writing(rt.engine) as conn:
@@ -258,6 +265,29 @@ def _forward_inline(item_id: int, lease: datetime, sender: str, user: str, pairs
     if not reply.ok:
         return _twiml()  # Twilio sees success; the user sees nothing broken
     return Response(reply.body, status=reply.status, content_type=reply.content_type or "text/xml")
+
+
+def _take_turn(rt, item_id: int, lease: datetime, arrived: float, key: str) -> datetime | None:
+    """The inline attempt's lease once this webhook's turn in its conversation has come; None when it is
+    left to the worker (Twilio then gets empty TwiML, and the app's reply to that delivery goes nowhere).
+
+    An earlier webhook of the conversation being delivered inline now is waited for, so the app still
+    sees them in order and this one's reply still reaches Twilio — as long as this one's own attempt
+    can then finish inside Twilio's 15 s. One waiting for a retry (the app was down) is not.
+    """
+    timeout = rt.settings.forward_timeout_seconds
+    while True:
+        with writing(rt.engine) as conn:
+            earlier = outbox.earlier_pending(conn, key, item_id, utcnow())
+            if earlier is None:
+                # The lease was counted from the webhook's arrival; a wait since (here, a lock, the pool) must
+                # not let it run out mid-delivery, where a worker would deliver a second copy alongside.
+                return outbox.keep_lease(conn, item_id, lease, utcnow(), timeout + LEASE_MARGIN_SECONDS)
+            elapsed = time.perf_counter() - arrived
+            if earlier == "queued" or elapsed + INLINE_POLL_SECONDS + timeout >= TWILIO_WEBHOOK_TIMEOUT_SECONDS:
+                outbox.release_lease(conn, item_id, lease)  # keep the order: the worker delivers it after
+                return None
+        time.sleep(INLINE_POLL_SECONDS)  # cooperative under gevent
 
 
 def _kept_headers(expires_at) -> dict:

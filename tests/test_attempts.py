@@ -121,3 +121,18 @@ def test_rows_sent_together_are_stored_in_one_transaction_and_flush_does_not_wai
     assert len(stored(db_engine)) == 50
     assert len(commits) == 1
     engine.dispose()
+
+
+def test_a_value_that_cannot_even_be_bound_costs_only_its_own_row(database_url, db_engine):
+    """A lone surrogate fails in the driver before the database sees it (SQLAlchemy's StatementError, not a
+    DBAPI error): once taken for an outage, the batch was retried forever and no later send was recorded."""
+    engine = make_engine(database_url)
+    writer = AttemptWriter(engine)
+    writer.submit(row(1))
+    writer.submit(row(2, message_sid="SM\ud83d"))
+    writer.submit(row(3))
+    assert writer.flush(5)
+    writer.submit(row(4))
+    assert writer.flush(5)
+    assert stored(db_engine) == ["r1", "r3", "r4"] and writer.dropped == 1
+    engine.dispose()

@@ -6,7 +6,7 @@ import time
 
 import pytest
 from sqlalchemy import event, func, insert, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 
 from proxy.db import late_failures, make_engine, metadata, utcnow, writing
 from proxy import group_commit
@@ -86,6 +86,17 @@ def test_a_refused_value_fails_only_its_own_request(engine):
     assert isinstance(results[5], IntegrityError)
     assert [r for i, r in enumerate(results) if i != 5] == [f"SM{i:032d}" for i in range(9)]
     assert stored(engine) == {f"SM{i:032d}" for i in range(9)} | {"SM" + "9" * 32}
+
+
+def test_a_value_that_cannot_be_bound_fails_only_its_own_request(engine):
+    """A lone surrogate (a JSON webhook's \\ud83d) fails in the driver, before the database sees it: that is
+    the request's own value, not an outage, so the others in its batch must still land."""
+    group = GroupCommit(engine)
+    works = [row(f"SM{i:032d}") for i in range(4)] + [row("SM\ud83d")] + [row(f"SM{i:032d}") for i in range(4, 8)]
+    results = run_together(group, works)
+    assert isinstance(results[4], (StatementError, UnicodeError)) and not isinstance(results[4], DBAPIError)
+    assert [r for i, r in enumerate(results) if i != 4] == [f"SM{i:032d}" for i in range(8)]
+    assert stored(engine) == {f"SM{i:032d}" for i in range(8)}
 
 
 def test_a_database_failure_is_every_waiting_requests_answer(engine):

@@ -103,6 +103,19 @@ def test_real_client_sees_63005_for_unapproved_rich_content_in_session(proxy_ser
     assert dict(fake_twilio.creates[0].form)["ContentVariables"] == '{"1": "Ada"}'
 
 
+@pytest.mark.parametrize("variables, code", [({"1": "Ada", "2": "Lovelace"}, 400), ({"1": "Ada"}, 21656)])
+def test_a_dict_given_as_content_variables_is_refused_with_the_fix_in_the_message(proxy_server, fake_twilio,
+                                                                                   variables, code):
+    """twilio-python 9 form-encodes a dict's keys (one field per key), not its JSON: the error must say how."""
+    approved = fake_twilio.add_content({"twilio/text": {"body": "Hi {{1}}"}}, "approved")
+    with pytest.raises(TwilioRestException) as exc:
+        twilio_client(proxy_server).messages.create(to=USER, from_=BUSINESS, content_sid=approved,
+                                                    content_variables=variables)
+    assert exc.value.code == code and exc.value.status == 400
+    assert "content_variables=json.dumps(" in exc.value.msg
+    assert fake_twilio.creates == []
+
+
 def test_api_key_client_works_through_the_proxy(proxy_server, fake_twilio):
     from tests.e2e.conftest import API_KEY, API_SECRET
     fake_twilio.api_keys = {API_KEY: API_SECRET}

@@ -172,6 +172,76 @@ def test_exhausted_items_can_be_listed_and_replayed(forwarding, fake_app, db_eng
     assert runner.invoke(args=["outbox", "replay"]).exit_code != 0
 
 
+def test_a_webhook_behind_one_being_delivered_waits_its_turn_and_relays_the_apps_reply(forwarding, fake_app,
+                                                                                        db_engine):
+    """The user writes twice in quick succession: the second webhook was handed to the worker while the first
+    was still being delivered, so Twilio got empty TwiML and the app's reply to it was thrown away."""
+    fake_app.delay = 0.5
+    first_sid, second_sid = "SM" + "a" * 32, "SM" + "b" * 32
+    answers = {}
+
+    def post(sid):
+        answers[sid] = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params(sid))
+
+    first = threading.Thread(target=post, args=(first_sid,))
+    first.start()
+    deadline = time.monotonic() + 10
+    while fake_app.started < 1 and time.monotonic() < deadline:  # the first is at the app now
+        time.sleep(0.01)
+    post(second_sid)
+    first.join(10)
+    for sid in (first_sid, second_sid):
+        assert answers[sid].status_code == 200 and answers[sid].get_data(as_text=True) == fake_app.reply, sid
+    assert [dict(form)["MessageSid"] for _, form, _ in fake_app.received] == [first_sid, second_sid]
+    assert [(i["status"], i["attempts"]) for i in items(db_engine)] == [("delivered", 1)] * 2
+
+
+def test_the_inline_attempts_lease_counts_from_its_turn_not_from_the_webhooks_arrival(forwarding, fake_app,
+                                                                                       db_engine):
+    """A webhook that waited (for its turn, a lock, a pooled connection) kept the lease counted from its
+    arrival: it could run out mid-delivery, and a worker then delivered a second copy alongside."""
+    fake_app.delay = 0.6
+    threading.Thread(target=signed_post, args=(forwarding.test_client(), "/twilio/inbound",
+                                               inbound_params("SM" + "c" * 32))).start()
+    deadline = time.monotonic() + 10
+    while fake_app.started < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    leases = {}
+
+    def watch():  # the second item's lease while it is at the app
+        while fake_app.started < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        leases["during"] = items(db_engine)[1]["lease_until"]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "d" * 32))
+    watcher.join(10)
+    arrived = items(db_engine)[1]["created_at"]
+    timeout = forwarding.extensions["proxy"].settings.forward_timeout_seconds
+    from proxy.settings import LEASE_MARGIN_SECONDS
+    # It waited about 0.6 s for the first delivery: its lease runs that much past one counted from arrival.
+    assert leases["during"] - arrived >= timedelta(seconds=timeout + LEASE_MARGIN_SECONDS + 0.4)
+
+
+def test_worker_once_delivers_everything_due_in_each_conversations_order(forwarding, fake_app, db_engine):
+    """A pass takes one item per conversation; `worker --once` left a conversation's later webhooks for
+    later runs (three runs for three queued webhooks)."""
+    fake_app.fail_status = 503
+    client = forwarding.test_client()
+    sids = ["SM" + str(i) * 32 for i in range(1, 4)]
+    for sid in sids:
+        signed_post(client, "/twilio/inbound", inbound_params(sid))
+    assert [i["status"] for i in items(db_engine)] == ["pending"] * 3
+    fake_app.reset()
+    with db_engine.begin() as conn:  # due now, not after the retry schedule's pause
+        conn.execute(update(outbox).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+    result = forwarding.test_cli_runner().invoke(args=["worker", "--once"])
+    assert result.exit_code == 0 and result.output.strip() == "3 item(s) processed", result.output
+    assert [i["status"] for i in items(db_engine)] == ["delivered"] * 3
+    assert [dict(form)["MessageSid"] for _, form, _ in fake_app.received] == sids
+
+
 def test_a_restarted_worker_delivers_exactly_once(forwarding, fake_app, db_engine, settings):
     fake_app.fail_status = 503
     signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "9" * 32))

@@ -271,6 +271,21 @@ def test_cli_on_an_unmigrated_database_says_so_in_one_line(settings, tmp_path, a
     assert UPGRADE in line and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("args", [["db", "upgrade"], ["db", "current"], ["outbox", "list"], ["held", "list"],
+                                  ["windows", "expiring"], ["worker", "--once"]])
+def test_cli_on_an_unreachable_database_says_so_in_one_line(settings, tmp_path, args):
+    """The release phase (`db upgrade`) printed ~140 lines of traceback for a database it could not reach."""
+    from tests.e2e.conftest import free_port
+
+    unreachable = f"postgresql+psycopg://proxy@127.0.0.1:{free_port()}/proxy"  # nothing listens there
+    app = create_app(replace(settings, database_url=unreachable))
+    result = app.test_cli_runner().invoke(args=args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "the database is unavailable: connection failed" in line and "refused" in line, result.output
+    assert "Traceback" not in result.output
+
+
 def test_worker_on_an_unmigrated_database_says_so_once_without_a_traceback(settings, tmp_path, log_lines):
     import threading
 

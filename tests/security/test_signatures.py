@@ -73,6 +73,20 @@ def test_json_webhooks_are_checked_by_body_hash(client, db_engine):
     assert count(db_engine, windows) == 1
 
 
+@pytest.mark.parametrize("path, field", [("/twilio/inbound", "ProfileName"), ("/twilio/inbound", "Body"),
+                                         ("/twilio/status", "MessageStatus"), ("/twilio/status", "To")])
+def test_a_json_webhook_spelling_a_lone_surrogate_is_bad_input_not_an_outage(client, db_engine, path, field):
+    """JSON's \\u escapes can spell a lone surrogate, which no UTF-8 body holds: it reached the database driver
+    and answered 503 "database unavailable" (on SQLite failing the other webhooks committed with it)."""
+    body = inbound_params("SM" + "8" * 32) | {field: "\ud83d"}
+    raw = json.dumps(body)  # ensure_ascii: the surrogate travels as the escape \ud83d
+    signed = f"{path}?bodySHA256={hashlib.sha256(raw.encode()).hexdigest()}"
+    signature = RequestValidator(AUTH_TOKEN).compute_signature("http://localhost" + signed, {})
+    response = client.post(signed, data=raw, content_type="application/json", headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 400 and response.get_json()["code"] == 400, response.get_data(as_text=True)
+    assert count(db_engine, messages) == 0 and count(db_engine, windows) == 0
+
+
 def test_json_without_body_hash_is_rejected(client):
     body = json.dumps(inbound_params("SM" + "6" * 32))
     signature = RequestValidator(AUTH_TOKEN).compute_signature(URL, {})
