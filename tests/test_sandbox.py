@@ -278,3 +278,34 @@ def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tm
             os.killpg(up.pid, signal.SIGKILL)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_the_simulator_lists_messages_newest_first_like_twilio():
+    sim = Simulator(callback_delay=0.01)
+    with ServerThread(sim.app()) as server:
+        sids = [create(server.url, sim, To=USER, From=BUSINESS, Body=body).json()["sid"] for body in ("1", "2", "3")]
+        listed = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                              auth=(sim.account_sid, sim.auth_token), timeout=10).json()["messages"]
+        sim.wait_for_callbacks()
+    assert [m["sid"] for m in listed] == sids[::-1]
+
+
+def test_the_simulator_schedules_only_through_a_messaging_service_and_leaves_the_message_scheduled():
+    sim = Simulator(callback_delay=0.01)
+    sim.windows[(BUSINESS, USER)] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+    send_at = "2030-01-01T12:00:00Z"
+    with ServerThread(sim.app()) as server:
+        sim.status_callback_url = f"{server.url}/status"
+        refused = create(server.url, sim, To=USER, From=BUSINESS, Body="later", SendAt=send_at, ScheduleType="fixed")
+        scheduled = create(server.url, sim, To=USER, MessagingServiceSid="MG" + "a" * 32, Body="later",
+                           SendAt=send_at, ScheduleType="fixed")
+        sim.wait_for_callbacks()
+        fetched = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages/"
+                               f"{scheduled.json()['sid']}.json", auth=(sim.account_sid, sim.auth_token),
+                               timeout=10).json()
+    assert refused.status_code == 400
+    assert (refused.json()["code"], refused.json()["message"]) == \
+        (35118, "MessagingServiceSid is required to schedule a message")
+    assert scheduled.status_code == 201 and scheduled.json()["status"] == "scheduled"
+    assert fetched["status"] == "scheduled" and sim.callbacks == []  # not sent before its SendAt
+    assert list(sim.messages) == [scheduled.json()["sid"]]
