@@ -1,5 +1,6 @@
 """The simulator's own WhatsApp rules against the seed table, its late 63016, and the sandbox commands."""
 
+import json
 import os
 import shlex
 import shutil
@@ -12,11 +13,12 @@ import pytest
 import requests
 from werkzeug.datastructures import MultiDict
 
-from proxy.sandbox import ServerThread, Simulator
+from proxy.sandbox import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, ServerThread, Simulator
 from proxy.sandbox.simulator import BUSINESS
 from tests.fake_app import FakeApp
 
 USER = "whatsapp:+14155550100"
+SANDBOX_AUTH = (SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN)
 
 # The seed, re-typed cell by cell: (in the 24-hour window, outside it) for an unapproved template
 # whose buttons WhatsApp accepts, and for an approved one. None = delivered, else the late error.
@@ -263,7 +265,7 @@ def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tm
             try:
                 if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused, or accepted by gunicorn before a worker answers
                 pass
             assert up.poll() is None, "sandbox up exited before serving"
             time.sleep(0.1)
@@ -278,3 +280,166 @@ def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tm
             os.killpg(up.pid, signal.SIGKILL)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_the_simulator_lists_messages_newest_first_like_twilio():
+    sim = Simulator(callback_delay=0.01)
+    with ServerThread(sim.app()) as server:
+        sids = [create(server.url, sim, To=USER, From=BUSINESS, Body=body).json()["sid"] for body in ("1", "2", "3")]
+        listed = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                              auth=(sim.account_sid, sim.auth_token), timeout=10).json()["messages"]
+        sim.wait_for_callbacks()
+    assert [m["sid"] for m in listed] == sids[::-1]
+
+
+def test_the_simulator_schedules_only_through_a_messaging_service_and_leaves_the_message_scheduled():
+    sim = Simulator(callback_delay=0.01)
+    sim.windows[(BUSINESS, USER)] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+    send_at = "2030-01-01T12:00:00Z"
+    with ServerThread(sim.app()) as server:
+        sim.status_callback_url = f"{server.url}/status"
+        refused = create(server.url, sim, To=USER, From=BUSINESS, Body="later", SendAt=send_at, ScheduleType="fixed")
+        scheduled = create(server.url, sim, To=USER, MessagingServiceSid="MG" + "a" * 32, Body="later",
+                           SendAt=send_at, ScheduleType="fixed")
+        sim.wait_for_callbacks()
+        fetched = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages/"
+                               f"{scheduled.json()['sid']}.json", auth=(sim.account_sid, sim.auth_token),
+                               timeout=10).json()
+    assert refused.status_code == 400
+    assert (refused.json()["code"], refused.json()["message"]) == \
+        (35118, "MessagingServiceSid is required to schedule a message")
+    assert scheduled.status_code == 201 and scheduled.json()["status"] == "scheduled"
+    assert fetched["status"] == "scheduled" and sim.callbacks == []  # not sent before its SendAt
+    assert list(sim.messages) == [scheduled.json()["sid"]]
+
+
+def test_the_open_windows_of_the_proxys_database_are_what_a_restarted_simulator_remembers(client, settings,
+                                                                                           db_engine):
+    """Open windows only (one the proxy closed on a late 63016 stays closed), by sender number, not service."""
+    from sqlalchemy import select, update
+
+    from proxy.db import utcnow, windows
+    from proxy.sandbox.cli import open_windows
+    from tests.conftest import BUSINESS as TEST_BUSINESS, USER as TEST_USER, inbound_params, signed_post
+
+    closed_user = "whatsapp:+14155550112"
+    for digit, user in (("1", TEST_USER), ("2", closed_user)):
+        params = inbound_params("SM" + digit * 32, user=user, MessagingServiceSid="MG" + digit * 32)
+        assert signed_post(client, "/twilio/inbound", params).status_code == 200
+    with db_engine.begin() as conn:
+        conn.execute(update(windows).where(windows.c.user == closed_user).values(expires_at=utcnow()))
+        opened = conn.execute(select(windows.c.last_inbound_at).where(
+            windows.c.sender == TEST_BUSINESS, windows.c.user == TEST_USER)).scalar_one()
+    assert open_windows(settings.database_url) == {(TEST_BUSINESS, TEST_USER): opened}
+
+
+def sandbox_env(tmp_path: Path, **extra) -> dict:
+    """`sandbox up`'s environment in a test: no Twilio credentials, a throw-away database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FALLBACK_"))}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.sqlite3'}",
+               PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+class SandboxUp:
+    """`flask --app proxy sandbox up` as `make run` starts it, stopped like Ctrl-C stops it."""
+
+    def __init__(self, env: dict, port: int, sim_port: int, output: Path):
+        self.proxy_url, self.sim_url, self.output = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{sim_port}", output
+        with open(output, "w") as out:
+            self.process = subprocess.Popen(
+                [f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "up", "--port", str(port),
+                 "--sandbox-port", str(sim_port)], env=env, cwd=ROOT, start_new_session=True, stdout=out,
+                stderr=subprocess.STDOUT)
+
+    def __enter__(self):
+        for _ in range(600):
+            try:
+                if requests.get(f"{self.proxy_url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:  # refused, or accepted by gunicorn before a worker answers
+                pass
+            assert self.process.poll() is None, self.output.read_text()
+            time.sleep(0.1)
+        pytest.fail("sandbox up never answered /healthz")
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGINT)
+        try:
+            self.process.wait(60)
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def settled(sim_url: str, sid: str) -> dict:
+    """The simulator's message once WhatsApp's verdict has played out (read, or failed)."""
+    for _ in range(300):
+        message = requests.get(f"{sim_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages/{sid}.json",
+                               auth=SANDBOX_AUTH, timeout=10).json()
+        if message["status"] in ("read", "failed"):
+            return message
+        time.sleep(0.1)
+    pytest.fail(f"message {sid} never settled: {message['status']}")
+
+
+def test_a_restarted_sandbox_keeps_the_proxy_and_whatsapp_agreeing_on_windows(tmp_path):
+    """The user wrote before the restart: both sides still see the window, so what the proxy lets
+    through is delivered, not failed with a late 63016 (which would also close the proxy's window)."""
+    from tests.e2e.conftest import free_port
+
+    port, sim_port = free_port(), free_port()
+    with SandboxUp(sandbox_env(tmp_path), port, sim_port, tmp_path / "first.log") as first:
+        said = requests.post(f"{first.sim_url}/sandbox/say", data={"From": USER, "To": BUSINESS, "Body": "hi"},
+                             timeout=30)
+        assert said.json()["proxy_status"] == 200
+    samples = Simulator().load_samples()
+    env = sandbox_env(tmp_path, OUT_OF_WINDOW_ACTION="block")
+    with SandboxUp(env, port, sim_port, tmp_path / "second.log") as second:
+        for content_type in ("twilio/call-to-action", "twilio/card"):
+            sent = requests.post(f"{second.proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json",
+                                 auth=SANDBOX_AUTH, timeout=30,
+                                 data={"To": USER, "From": BUSINESS, "ContentSid": samples[(content_type, False)]})
+            assert (sent.status_code, sent.headers["X-Proxy-Decision"]) == (201, "allowed"), sent.text
+            message = settled(second.sim_url, sent.json()["sid"])
+            assert (message["status"], message["error_code"]) == ("read", None), content_type
+        window = requests.get(f"{second.proxy_url}/v1/windows", params={"sender": BUSINESS, "user": USER},
+                              auth=SANDBOX_AUTH, timeout=30).json()
+        assert window["open"]
+
+
+def test_the_exports_sandbox_up_prints_point_cli_commands_in_another_shell_at_the_sandbox(tmp_path):
+    """`make run` in one shell, `flask --app proxy held list` in another: the printed exports are all it needs."""
+    from proxy.sandbox.cli import ROOT as CODE_ROOT
+    from tests.e2e.conftest import free_port
+
+    venv_bin = str(Path(sys.executable).parent)
+    with SandboxUp(sandbox_env(tmp_path), free_port(), free_port(), tmp_path / "up.log") as up:
+        cold = requests.post(f"{up.proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json",
+                             auth=SANDBOX_AUTH, timeout=30, data={"To": USER, "From": BUSINESS, "Body": "your order"})
+        assert cold.headers["X-Proxy-Decision"] == "rerouted" and cold.headers["X-Proxy-Held-Id"]
+        exports = [line.strip() for line in up.output.read_text().splitlines() if line.startswith("  export ")]
+        assert {line.split("=")[0] for line in exports} >= {
+            f"export {name}" for name in ("DATABASE_URL", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN",
+                                          "TWILIO_API_BASE_URL", "TWILIO_CONTENT_BASE_URL", "PATH")}
+        # Another shell: none of the sandbox's variables, not the virtualenv's flask, another directory.
+        shell = {k: v for k, v in sandbox_env(tmp_path).items() if k != "DATABASE_URL"}
+        shell["PATH"] = os.pathsep.join(p for p in shell.get("PATH", "").split(os.pathsep) if p != venv_bin)
+        shell["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), shell.get("PYTHONPATH")]))
+        other = tmp_path / "elsewhere"
+        other.mkdir()
+
+        def run(command: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["bash", "-c", "\n".join([*exports, command])], env=shell, cwd=other,
+                                  capture_output=True, text=True, timeout=120)
+
+        held = run("flask --app proxy held list")
+        assert held.returncode == 0, held.stderr
+        [row] = [json.loads(line) for line in held.stdout.splitlines()]
+        assert (row["id"], row["user"]) == (int(cold.headers["X-Proxy-Held-Id"]), USER)
+        refreshed = run("flask --app proxy content refresh")  # the Content API too is the simulator's
+        assert refreshed.returncode == 0 and refreshed.stdout.strip() == "cached 28 content templates", \
+            refreshed.stderr

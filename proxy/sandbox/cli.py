@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
 import click
 import requests
+from sqlalchemy import create_engine, select
+from sqlalchemy.engine import make_url
 
+from ..db import utcnow, windows
+from ..settings import DEFAULT_SQLITE_PATH, ConfigError, normalise_database_url
 from .server import ServerThread
-from .simulator import BUSINESS, SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, Simulator
+from .simulator import BUSINESS, SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, Simulator, whatsapp_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,12 +44,65 @@ def procfile_command(kind: str) -> str:
     raise click.ClickException(f"Procfile has no {kind}: line")
 
 
-def start_simulator(port: int, proxy_url: str) -> tuple[Simulator, ServerThread, dict]:
+# What `sandbox up` sets for its processes, printed as exports so that `flask --app proxy …` in another
+# shell sees the same database, account, simulator and fallback.
+EXPORTED = ("DATABASE_URL", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_API_BASE_URL",
+            "TWILIO_CONTENT_BASE_URL", "FALLBACK_CONTENT_SID", "FALLBACK_CONTENT_VARIABLES", "HOLD_ON_REROUTE")
+
+
+def bind_simulator(port: int, proxy_url: str) -> tuple[Simulator, ServerThread, dict]:
+    """The simulator and its server, bound to the port but not serving until the server is entered."""
     sim = Simulator(inbound_url=f"{proxy_url}/twilio/inbound", status_callback_url=f"{proxy_url}/twilio/status")
     samples = sim.load_samples()
-    server = ServerThread(sim.app(), port).__enter__()
+    server = ServerThread(sim.app(), port)
     sim.url = server.url
     return sim, server, samples
+
+
+def database_url(environ: Mapping[str, str]) -> str:
+    """DATABASE_URL as `sandbox up`'s processes use it, spelt so that any shell in any directory finds it."""
+    raw = environ.get("DATABASE_URL", "").strip() or f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    try:
+        url = make_url(normalise_database_url(raw))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    # The processes run in ROOT: a relative SQLite path (the default instance/proxy.sqlite3 too) is
+    # ROOT's, wherever `sandbox up` was started from.
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).is_absolute():
+        return url.set(database=str(ROOT / url.database)).render_as_string(hide_password=False)
+    return raw
+
+
+def open_windows(url: str) -> dict:
+    """The windows the proxy's database holds open, keyed as the simulator keeps WhatsApp's view.
+
+    A restarted simulator starts with them: otherwise it fails with a late 63016 what the proxy, whose
+    database outlived the restart, rightly lets through. A window the proxy closed (a late 63016) stays
+    closed. Messaging Service rows are left out: the same inbound message opened its sender's row, and
+    the simulator matches a service to any sender.
+    """
+    engine = create_engine(normalise_database_url(url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(windows.c.sender, windows.c.user, windows.c.last_inbound_at)
+                                .where(windows.c.expires_at > utcnow(), ~windows.c.sender.startswith("MG"))).all()
+    finally:
+        engine.dispose()
+    return {(whatsapp_key(sender), whatsapp_key(user)): at for sender, user, at in rows}
+
+
+def exports(env: Mapping[str, str], bin_dir: str) -> list[str]:
+    """The shell lines after which `flask --app proxy …` works against this sandbox."""
+    lines = [f"export {name}={shlex.quote(env[name])}" for name in EXPORTED if name in env]
+    # `make run` never activates the virtualenv: without this another shell has no (or another) flask.
+    return [*lines, f'export PATH={shlex.quote(bin_dir)}:"$PATH"']
+
+
+def template_lines(samples: dict) -> list[str]:
+    """The sample templates, as both banners list them."""
+    return ["templates:", *(f"  {sid}  {content_type:<26} {'approved' if approved else 'unapproved'}"
+                            for (content_type, approved), sid in sorted(samples.items()))]
 
 
 @click.group("sandbox", invoke_without_command=True)
@@ -55,12 +114,11 @@ def sandbox(ctx: click.Context, port: int, proxy_url: str):
     """A local Twilio simulator: Messages and Content APIs, WhatsApp's own window, status callbacks."""
     if ctx.invoked_subcommand is not None:
         return
-    sim, server, samples = start_simulator(port, proxy_url)
+    sim, server, samples = bind_simulator(port, proxy_url)
+    server.__enter__()
     click.echo(BANNER.format(sim=sim.url))
     click.echo(f"account {sim.account_sid}, auth token {sim.auth_token} (sandbox values, not secrets)")
-    click.echo("templates:")
-    for (content_type, approved), sid in sorted(samples.items()):
-        click.echo(f"  {sid}  {content_type:<26} {'approved' if approved else 'unapproved'}")
+    click.echo("\n".join(template_lines(samples)))
     click.echo(f"users write with: flask --app proxy sandbox say whatsapp:+14155550100 'hi' --sim-url {sim.url}")
     _wait_for_signal()
     server.__exit__(None, None, None)
@@ -98,9 +156,10 @@ def say(user, text, business, sim_url, profile_name, button_payload, latitude, l
 def up(port: int, sandbox_port: int):
     """The proxy (the Procfile's web and worker lines) wired to the simulator: `make run` with no credentials."""
     proxy_url = f"http://127.0.0.1:{port}"
-    sim, server, samples = start_simulator(sandbox_port, proxy_url)
-    env = {**os.environ, "TWILIO_ACCOUNT_SID": SANDBOX_ACCOUNT_SID, "TWILIO_AUTH_TOKEN": SANDBOX_AUTH_TOKEN,
-           "TWILIO_API_BASE_URL": sim.url, "TWILIO_CONTENT_BASE_URL": sim.url, "PORT": str(port)}
+    sim, server, samples = bind_simulator(sandbox_port, proxy_url)
+    env = {**os.environ, "DATABASE_URL": database_url(os.environ), "TWILIO_ACCOUNT_SID": SANDBOX_ACCOUNT_SID,
+           "TWILIO_AUTH_TOKEN": SANDBOX_AUTH_TOKEN, "TWILIO_API_BASE_URL": sim.url,
+           "TWILIO_CONTENT_BASE_URL": sim.url, "PORT": str(port)}
     env.setdefault("FALLBACK_CONTENT_SID", samples[("twilio/text", True)])
     env.setdefault("FALLBACK_CONTENT_VARIABLES", json.dumps({"1": "{profile_name}", "2": "#1001"}))
     env.setdefault("HOLD_ON_REROUTE", "true")
@@ -108,11 +167,18 @@ def up(port: int, sandbox_port: int):
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = f"{bin_dir}:{env.get('PATH', '')}"
     subprocess.run([f"{bin_dir}/flask", "--app", "proxy", "db", "upgrade"], env=env, check=True, cwd=ROOT)
+    # The database outlives a restart, the simulator's memory does not: it serves only once it knows the
+    # windows the proxy will judge by.
+    sim.windows.update(open_windows(env["DATABASE_URL"]))
+    server.__enter__()
     click.echo(BANNER.format(sim=sim.url))
     web = procfile_command("web").replace("0.0.0.0:", "127.0.0.1:")
     processes = [subprocess.Popen(["bash", "-c", f"exec {web}"], env=env, cwd=ROOT),
                  subprocess.Popen(["bash", "-c", f"exec {procfile_command('worker')}"], env=env, cwd=ROOT)]
     click.echo(f"proxy on {proxy_url}; account {SANDBOX_ACCOUNT_SID}, auth token {SANDBOX_AUTH_TOKEN}\n"
+               + "\n".join(template_lines(samples)) + "\n"
+               "flask --app proxy … in another shell (held list, windows show, …) sees this sandbox after:\n"
+               + "\n".join(f"  {line}" for line in exports(env, bin_dir)) + "\n"
                f"try:  {try_command(proxy_url)}\n"
                f"then: flask --app proxy sandbox say whatsapp:+14155550100 'hi' --sim-url {sim.url}\n"
                f"      flask --app proxy sandbox demo   (a scripted tour)")

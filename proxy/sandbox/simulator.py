@@ -1,7 +1,8 @@
 """The simulator: Twilio's Messages and Content APIs plus WhatsApp's own view of each user's window.
 
 Like real Twilio it accepts every well-formed create with 201 and only later fails the ones WhatsApp
-refuses (status failed with error_code 63016 or 63005); accepted messages go sent → delivered → read.
+refuses (status failed with error_code 63016 or 63005); accepted messages go sent → delivered → read,
+and a scheduled one stays scheduled.
 Each step is posted as a signed status callback when that URL is on this machine. Its window and
 content rules are its own, kept apart from the proxy's decision code.
 """
@@ -265,9 +266,11 @@ class Simulator:
 
         @app.post("/2010-04-01/Accounts/<account>/Messages.json")
         def create(account):
-            refused = _to_refusal(request.form) or _content_variables_refusal(request.form)
+            refused = (_to_refusal(request.form) or _content_variables_refusal(request.form)
+                       or _schedule_refusal(request.form))
             if refused is not None:
                 return refused
+            scheduled = bool(request.form.get("SendAt", "").strip())
             now = format_datetime(datetime.now(timezone.utc))
             sid = "SM" + uuid.uuid4().hex
             media = request.form.getlist("MediaUrl")
@@ -277,18 +280,22 @@ class Simulator:
                 "error_code": None, "error_message": None, "from": request.form.get("From") or None,
                 "messaging_service_sid": request.form.get("MessagingServiceSid") or None,
                 "num_media": str(len(media)), "num_segments": "1", "price": None, "price_unit": "USD",
-                "sid": sid, "status": "accepted" if request.form.get("MessagingServiceSid") else "queued",
+                "sid": sid, "status": "scheduled" if scheduled else
+                                      "accepted" if request.form.get("MessagingServiceSid") else "queued",
                 "subresource_uris": {"media": f"/2010-04-01/Accounts/{account}/Messages/{sid}/Media.json"},
                 "to": request.form.get("To"), "uri": f"/2010-04-01/Accounts/{account}/Messages/{sid}.json",
             }
             self.messages[sid] = message
             reply = json.dumps(message)
-            # Like Twilio, the message's own StatusCallback wins over the sender's (the proxy's, in `sandbox up`).
-            callback = request.form.get("StatusCallback") or self.status_callback_url
-            thread = threading.Thread(target=self._lifecycle, args=(message, callback, self.verdict(request.form)),
-                                      daemon=True)
-            self._threads.append(thread)
-            thread.start()
+            # A scheduled message waits for its SendAt, which the simulator never plays out: it stays
+            # `scheduled` (until canceled) rather than reaching WhatsApp now, before its time.
+            if not scheduled:
+                # Like Twilio, the message's own StatusCallback wins over the sender's (the proxy's, in `sandbox up`).
+                callback = request.form.get("StatusCallback") or self.status_callback_url
+                thread = threading.Thread(target=self._lifecycle,
+                                          args=(message, callback, self.verdict(request.form)), daemon=True)
+                self._threads.append(thread)
+                thread.start()
             return Response(reply, status=201, mimetype="application/json; charset=utf-8",
                             headers={"Twilio-Request-Id": "RQ" + uuid.uuid4().hex})
 
@@ -316,7 +323,8 @@ class Simulator:
 
         @app.get("/2010-04-01/Accounts/<account>/Messages.json")
         def read(account):
-            page = [m for m in self.messages.values()
+            # Newest first, as Twilio lists them.
+            page = [m for m in reversed(self.messages.values())
                     if request.args.get("To") in (None, m["to"]) and request.args.get("From") in (None, m["from"])]
             return Response(json.dumps({"messages": page, "page": 0, "page_size": 50, "first_page_uri": request.path,
                                         "next_page_uri": None, "previous_page_uri": None, "uri": request.path,
@@ -451,6 +459,13 @@ def _content_variables_refusal(form) -> Response | None:
         variables = None
     if not isinstance(variables, dict) or any(value is None or value == "" for value in variables.values()):
         return _error(21656, 400, "The ContentVariables Parameter is invalid")
+    return None
+
+
+def _schedule_refusal(form) -> Response | None:
+    """Twilio schedules a message only through a Messaging Service: a SendAt without one is 35118."""
+    if form.get("SendAt", "").strip() and not form.get("MessagingServiceSid", "").strip():
+        return _error(35118, 400, "MessagingServiceSid is required to schedule a message")
     return None
 
 
