@@ -13,6 +13,7 @@ import requests
 from werkzeug.datastructures import MultiDict
 
 from proxy.sandbox import ServerThread, Simulator
+from proxy.sandbox.cli import start_simulator
 from proxy.sandbox.simulator import BUSINESS
 from tests.fake_app import FakeApp
 
@@ -278,3 +279,11 @@ def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tm
             os.killpg(up.pid, signal.SIGKILL)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_a_proxy_url_ending_in_a_slash_gets_no_doubled_slash():
+    """The proxy does not merge `//` (a Twilio-shaped 404), so `--proxy-url http://host:8000/` must not make one."""
+    sim, server, _ = start_simulator(0, "http://127.0.0.1:8000/")
+    server.__exit__(None, None, None)
+    assert (sim.inbound_url, sim.status_callback_url) == \
+        ("http://127.0.0.1:8000/twilio/inbound", "http://127.0.0.1:8000/twilio/status")

@@ -39,6 +39,7 @@ def procfile_command(kind: str) -> str:
 
 
 def start_simulator(port: int, proxy_url: str) -> tuple[Simulator, ServerThread, dict]:
+    proxy_url = proxy_url.rstrip("/")  # `--proxy-url http://host:8000/` must not post to `//twilio/...`, a 404
     sim = Simulator(inbound_url=f"{proxy_url}/twilio/inbound", status_callback_url=f"{proxy_url}/twilio/status")
     samples = sim.load_samples()
     server = ServerThread(sim.app(), port).__enter__()
