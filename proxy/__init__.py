@@ -51,6 +51,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     logs.configure(settings.log_level, settings.log_format)
 
     app = Flask(__name__)
+    # Set before any rule is added (each rule copies it): werkzeug's default answers `//` with a 308 of its own,
+    # an HTML redirect before authentication; unmerged, such a path is an unknown one, a Twilio-shaped 404.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
     if settings.allow_unsigned_webhooks:
         logs.log.critical("unsigned_webhooks_allowed", extra={

@@ -8,8 +8,13 @@ import re
 WINDOWED_CHANNELS = frozenset({"whatsapp", "messenger"})
 
 MAX_LENGTH = 128  # what the database keeps of an address
-_E164_DIGITS = re.compile(r"^\+?[1-9]\d{6,14}\Z")
+_E164_DIGITS = re.compile(r"^\+?[1-9][0-9]{6,14}\Z")  # ASCII: `\d` also reads other scripts' digits as a key
 _PUNCTUATION = re.compile(r"[\s\-().]")
+_PLAIN_CHANNEL = re.compile(r"[A-Za-z]+")
+_ASCII_SPACE = " \t\n\r\f\v"
+# Digits (any script), maybe punctuated as phone numbers are: each such run is masked as one.
+_NUMBER_LIKE = re.compile(r"\+?\d(?:[\s\-().]*\d)*")
+_FIVE_DIGITS = re.compile(r"\d{5}")
 
 
 class InvalidAddress(ValueError):
@@ -23,6 +28,16 @@ def channel_of(address: str) -> str | None:
     """The channel prefix (`whatsapp`, `messenger`, ...) or None for a plain phone number."""
     prefix, sep, _ = address.partition(":")
     return prefix.strip().lower() if sep else None
+
+
+def plain_channel(address: str) -> bool:
+    """False when the text before a ':' is anything but ASCII letters (ASCII whitespace around it aside).
+
+    Which channel Twilio reads behind a zero-width space, a control character or a look-alike letter
+    is unknown: such an address can be judged neither as WhatsApp nor as some other channel.
+    """
+    prefix, sep, _ = address.partition(":")
+    return not sep or _PLAIN_CHANNEL.fullmatch(prefix.strip(_ASCII_SPACE)) is not None
 
 
 def normalise(address: str) -> str:
@@ -59,11 +74,20 @@ def is_windowed(address: str) -> bool:
 
 
 def mask(address: str | None) -> str | None:
-    """Hide the middle of a phone number or id for logs: `whatsapp:+1415*****00`."""
+    """Hide the middle of a phone number or id for logs: `whatsapp:+1415*****00`.
+
+    The part after the last ':' is hidden as an id; before it, every number-like run is hidden too
+    (`+14155550111:` is a value callers send), so no run of five digits is left anywhere.
+    """
     if not address:
         return address
     prefix, sep, ident = address.rpartition(":")
-    head = prefix + sep
-    if len(ident) <= 6:
-        return head + "*" * len(ident)
-    return head + ident[:5] + "*" * (len(ident) - 7) + ident[-2:]
+    return _NUMBER_LIKE.sub(lambda run: _hide(run.group()), prefix) + sep + _hide(ident)
+
+
+def _hide(text: str) -> str:
+    if len(text) <= 6:
+        return "*" * len(text)
+    # At most four leading digits, and always something hidden (seven characters used to show whole).
+    shown = 4 if _FIVE_DIGITS.match(text) else min(5, len(text) - 3)
+    return text[:shown] + "*" * (len(text) - shown - 2) + text[-2:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, g, request
 
 from . import holds, logs, window_api
@@ -13,6 +15,8 @@ from .runtime import runtime
 
 bp = Blueprint("admin", __name__, url_prefix="/v1")
 bp.before_request(require_basic_auth)
+
+_DIGITS = re.compile(r"[0-9]{1,12}")  # no bound has more than 6 digits; int() refuses past 4300
 
 
 @bp.post("/preflight")
@@ -66,10 +70,8 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name, "").strip()
     if not raw:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
+    # int() alone also reads `1_000`, `+5` and the digits of other scripts.
+    value = int(raw) if _DIGITS.fullmatch(raw) else None
     if value is None or not low <= value <= high:
         raise ApiError(400, 400, f"{name} must be a whole number from {low} to {high}.")
     return value

@@ -143,7 +143,8 @@ def passthrough(rest: str):
     return response
 
 
-_CREATE_LIKE = re.compile(r"/Accounts/[^/]+/Messages(\.[^/]*)?/*$", re.IGNORECASE)
+# `/SMS/Messages` too: the legacy create resource sends as the current one does.
+_CREATE_LIKE = re.compile(r"/Accounts/[^/]+/(SMS/)?Messages(\.[^/]*)?/*$", re.IGNORECASE)
 
 
 def _safe_passthrough_path(path: str, method: str) -> bool:

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from werkzeug.datastructures import MultiDict
 
 from . import store
-from .addresses import WINDOWED_CHANNELS, InvalidAddress, channel_of, normalise
+from .addresses import WINDOWED_CHANNELS, InvalidAddress, channel_of, normalise, plain_channel
 from .content import CONTENT_SID, ContentNotFound, ContentUnavailable
 from .db import utcnow
 from .errors import ApiError
@@ -108,6 +108,11 @@ def fail_open(form: MultiDict) -> Judgement:
 def judge(rt: Runtime, form: MultiDict) -> Judgement:
     # Before anything reads a first value: `To=+1…&To=whatsapp:+1…` must not pass as SMS.
     refuse_repeated(form)
+    # Fail closed on a channel prefix Twilio might read as WhatsApp: passed through, it would go unjudged.
+    if not plain_channel(form.get("To", "")):
+        raise ApiError(21211, 400, to=form.get("To"))
+    if not plain_channel(form.get("From", "")):
+        raise ApiError(21212, 400, from_=form.get("From"))
     to_raw, from_raw = form.get("To", "").strip(), form.get("From", "").strip()
     service_sid = form.get("MessagingServiceSid", "").strip() or None
     content_sid = form.get("ContentSid", "").strip() or None

@@ -331,7 +331,8 @@ def _status_callback() -> Response:
         "status",
         redact=rt.settings.log_redact_numbers,
         decision="recorded" if changed else "stale",
-        status=status,
+        # The field is free text (up to 32 characters): only a status Twilio defines is worth a log line.
+        status=status if status in store.STATUS_RANK else "unknown",
         error_code=error_code,
         sender=sender,
         user=user,

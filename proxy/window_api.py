@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime, timedelta
+import re
+from datetime import datetime, timedelta, timezone
 
 from . import store
 from .addresses import InvalidAddress, normalise
@@ -11,6 +12,9 @@ from .db import utcnow
 from .errors import ApiError
 from .runtime import Runtime
 from .windows import CLOSED, window_state
+
+_ROW_ID = re.compile(r"[0-9]{1,19}")
+_MAX_ROW_ID = 2**63 - 1  # BIGINT; a larger id cannot even be bound as a parameter on SQLite
 
 
 def address_key(value: str | None) -> str | None:
@@ -65,9 +69,12 @@ def _decode(token: str | None) -> tuple[datetime, int] | None:
         return None
     try:
         at, row_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        if not _ROW_ID.fullmatch(row_id) or not 0 < int(row_id) <= _MAX_ROW_ID:
+            raise ValueError("token id out of range")
         when = datetime.fromisoformat(at)
         if when.tzinfo is None:
             raise ValueError("token time without a zone")
-        return when, int(row_id)
-    except (ValueError, UnicodeDecodeError):
+        # Converted here: year 1 or 9999 shifted out of range by its offset fails now, not in the database.
+        return when.astimezone(timezone.utc), int(row_id)
+    except (ValueError, UnicodeDecodeError, OverflowError):
         raise ApiError(400, 400, "PageToken is not one this API handed out.") from None

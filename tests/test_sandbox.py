@@ -14,6 +14,7 @@ import requests
 from werkzeug.datastructures import MultiDict
 
 from proxy.sandbox import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, ServerThread, Simulator
+from proxy.sandbox.cli import bind_simulator
 from proxy.sandbox.simulator import BUSINESS
 from tests.fake_app import FakeApp
 
@@ -443,3 +444,11 @@ def test_the_exports_sandbox_up_prints_point_cli_commands_in_another_shell_at_th
         refreshed = run("flask --app proxy content refresh")  # the Content API too is the simulator's
         assert refreshed.returncode == 0 and refreshed.stdout.strip() == "cached 28 content templates", \
             refreshed.stderr
+
+
+def test_a_proxy_url_ending_in_a_slash_gets_no_doubled_slash():
+    """The proxy does not merge `//` (a Twilio-shaped 404), so `--proxy-url http://host:8000/` must not make one."""
+    sim, server, _ = bind_simulator(0, "http://127.0.0.1:8000/")
+    server.server.server_close()  # bound, never served
+    assert (sim.inbound_url, sim.status_callback_url) == \
+        ("http://127.0.0.1:8000/twilio/inbound", "http://127.0.0.1:8000/twilio/status")

@@ -52,6 +52,7 @@ EXPORTED = ("DATABASE_URL", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_A
 
 def bind_simulator(port: int, proxy_url: str) -> tuple[Simulator, ServerThread, dict]:
     """The simulator and its server, bound to the port but not serving until the server is entered."""
+    proxy_url = proxy_url.rstrip("/")  # `--proxy-url http://host:8000/` must not post to `//twilio/...`, a 404
     sim = Simulator(inbound_url=f"{proxy_url}/twilio/inbound", status_callback_url=f"{proxy_url}/twilio/status")
     samples = sim.load_samples()
     server = ServerThread(sim.app(), port)

@@ -1,4 +1,7 @@
+import re
+
 import pytest
+from hypothesis import given, strategies as st
 
 from proxy.addresses import InvalidAddress, channel_of, is_windowed, mask, normalise
 
@@ -21,7 +24,9 @@ def test_normalise(raw, expected):
     assert normalise(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["", "whatsapp:", "whatsapp:+0123", "whatsapp:hello", "whatsapp:+1234567890123456", "abc"])
+@pytest.mark.parametrize("raw", ["", "whatsapp:", "whatsapp:+0123", "whatsapp:hello", "whatsapp:+1234567890123456", "abc",
+                                 # other scripts' digits: a window key of its own, never the ASCII number's
+                                 "whatsapp:+1\u0664\u0661\u0665\u0665\u0665\u0665\u0660\u0661\u0661\u0661"])
 def test_normalise_rejects(raw):
     with pytest.raises(InvalidAddress):
         normalise(raw)
@@ -41,3 +46,22 @@ def test_mask_hides_the_middle():
     assert mask("+14155550100") == "+1415*****00"
     assert mask("MG123") == "*****"
     assert mask(None) is None
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("+14155550111:", "+1415*****11:"),  # passed through as SMS: the number is before the last ':'
+    ("sms:+14155550111:1", "sms:+1415*****11:*"),
+    ("whatsapp:+14155550111:x:y", "whatsapp:+1415*****11:x:*"),
+    ("messenger:1234567890123456", "messenger:1234**********56"),  # five leading digits would be a run
+    ("whatsapp:14155550111", "whatsapp:1415*****11"),
+    ("tel:+1 (415) 555-0111:", "tel:+1 (4**********11:"),
+])
+def test_mask_hides_numbers_wherever_they_are(value, expected):
+    assert mask(value) == expected
+
+
+@given(st.text(alphabet=st.sampled_from("0123456789+:-() .aw\u0661"), max_size=60))
+def test_no_five_digit_run_survives_masking(value):
+    masked = mask(value)
+    assert len(masked) == len(value)
+    assert not re.search(r"\d(?:[\s\-().]*\d){4}", masked), masked
