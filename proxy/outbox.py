@@ -12,6 +12,10 @@ from sqlalchemy.orm import aliased
 from .db import outbox
 
 PENDING, DELIVERED, EXHAUSTED = "pending", "delivered", "exhausted"
+# A fallback send is not idempotent: `sending` is committed before its create, and one Twilio may have
+# taken (no answer, a 5xx, or its worker died in the create) is `uncertain`: an operator's, never sent again.
+SENDING, UNCERTAIN = "sending", "uncertain"
+STATUSES = (PENDING, SENDING, DELIVERED, EXHAUSTED, UNCERTAIN)
 OUTBOX_ID_HEADER = "X-Proxy-Outbox-Id"
 
 
@@ -88,6 +92,31 @@ def keep(conn: Connection, item: Item, now: datetime, lease_seconds: float) -> d
     ).scalar()
 
 
+def start_sending(conn: Connection, item: Item, now: datetime) -> bool:
+    """Mark an item this worker holds (item.lease_until) as being sent; False if another worker has it.
+
+    Committed before the create: a worker that dies during it leaves the item `sending`, which no claim
+    takes again (`abandoned` hands it to an operator once its lease has run out).
+    """
+    return conn.execute(
+        update(outbox)
+        .where(outbox.c.id == item.id, outbox.c.status == PENDING, outbox.c.lease_until == item.lease_until)
+        .values(status=SENDING, updated_at=now)
+        .returning(outbox.c.id)
+    ).first() is not None
+
+
+def abandoned(conn: Connection, now: datetime) -> list:
+    """Items still `sending` after their lease: their worker died during the create. Marked `uncertain`
+    (the rows returned, for the one log line each): Twilio may have taken them."""
+    return conn.execute(
+        update(outbox).where(outbox.c.status == SENDING, outbox.c.lease_until < now)
+        .values(status=UNCERTAIN, lease_until=None, updated_at=now,
+                last_error="the worker stopped during the create: Twilio may have taken it; not sent again")
+        .returning(outbox.c.id, outbox.c.kind, outbox.c.attempts)
+    ).all()
+
+
 def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10) -> list[Item]:
     """Lease up to `limit` due items, each the oldest pending one of its ordering key.
 
@@ -134,21 +163,22 @@ def delivered(conn: Connection, item_id: int, now: datetime) -> None:
 
 
 def failed(conn: Connection, item_id: int, error: str, now: datetime, schedule: tuple[int, ...],
-           *, retry: bool = True, lease: datetime | None = None) -> str:
-    """Record a failed attempt; schedule the next one, or exhaust the item. Returns the new status.
+           *, retry: bool = True, lease: datetime | None = None, uncertain: bool = False) -> str:
+    """Record a failed attempt; schedule the next one, or exhaust the item (`uncertain`: Twilio may have
+    taken it). Returns the new status.
 
-    Only a pending item still under `lease` (the attempt's own, when given): an attempt that overran
-    its lease must not reschedule an item another worker claimed meanwhile (a third would claim it
-    while the second still delivers), nor turn a delivered one back into pending.
+    Only a pending (or `sending`) item still under `lease` (the attempt's own, when given): an attempt
+    that overran its lease must not reschedule an item another worker claimed meanwhile (a third would
+    claim it while the second still delivers), nor turn a delivered one back into pending.
     """
     current, attempts, held_until = conn.execute(
         select(outbox.c.status, outbox.c.attempts, outbox.c.lease_until).where(outbox.c.id == item_id)).one()
-    if current != PENDING or (lease is not None and held_until != lease):
+    if current not in (PENDING, SENDING) or (lease is not None and held_until != lease):
         return current
     attempts += 1
-    when = next_attempt_at(attempts, schedule, now) if retry else None
-    status = PENDING if when else EXHAUSTED
-    conn.execute(update(outbox).where(outbox.c.id == item_id, outbox.c.status == PENDING)
+    when = next_attempt_at(attempts, schedule, now) if retry and not uncertain else None
+    status = UNCERTAIN if uncertain else PENDING if when else EXHAUSTED
+    conn.execute(update(outbox).where(outbox.c.id == item_id, outbox.c.status == current)
                  .values(status=status, attempts=attempts, next_attempt_at=when or now, lease_until=None,
                          last_error=error[:500], updated_at=now))
     return status
@@ -163,8 +193,11 @@ def listing(conn: Connection, status: str | None, limit: int = 100):
 
 
 def replay(conn: Connection, now: datetime, item_id: int | None = None) -> int:
-    """Put exhausted items (one, or all) back in line for a fresh round of attempts."""
-    query = update(outbox).where(outbox.c.status == EXHAUSTED)
+    """Put exhausted items (one, or all) back in line for a fresh round of attempts.
+
+    An `uncertain` one only by its id: an operator who found it missing from Twilio's Messages list.
+    """
+    query = update(outbox).where(outbox.c.status.in_((EXHAUSTED,) if item_id is None else (EXHAUSTED, UNCERTAIN)))
     if item_id is not None:
         query = query.where(outbox.c.id == item_id)
     return conn.execute(query.values(status=PENDING, attempts=0, next_attempt_at=now, lease_until=None,

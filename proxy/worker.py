@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from werkzeug.datastructures import MultiDict
@@ -28,6 +30,14 @@ class GiveUp(Exception):
     """This item cannot succeed (or could send twice if retried): exhaust it now."""
 
 
+class MaybeSent(GiveUp):
+    """Twilio may have taken this create (no answer, a 5xx, a broken connection): never sent again."""
+
+
+class Skip(Exception):
+    """Another worker has claimed this item since: it is that worker's now."""
+
+
 class Worker:
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -39,6 +49,10 @@ class Worker:
             for row in holds.expire(conn, now):
                 logs.event("hold_expired", redact=self.rt.settings.log_redact_numbers, decision="dropped",
                            held_id=row.id, sender=row.sender, user=row.user, request_id=row.request_id)
+            for row in outbox.abandoned(conn, now):
+                logs.event("delivery", redact=True, level=logging.ERROR, decision="failed", kind=row.kind,
+                           outbox_id=row.id, attempt=row.attempts + 1, outcome=outbox.UNCERTAIN,
+                           error="the worker stopped during the create: Twilio may have taken it; not sent again")
         with writing(self.rt.engine) as conn:
             # A claimed item is this worker's for the lease; a crashed worker's items come back after it.
             items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds)
@@ -70,26 +84,31 @@ class Worker:
         with writing(self.rt.engine) as conn:
             lease = outbox.keep(conn, item, now or utcnow(), settings.outbox_lease_seconds)
         if lease is None:
-            logs.event("delivery", redact=settings.log_redact_numbers, decision="skipped", kind=item.kind,
-                       outbox_id=item.id, reason="claimed_by_another_worker")
+            self._skipped(item)
             return
+        item = replace(item, lease_until=lease)
         handler = {"inbound": self._forward, "status": self._forward, "send": self._send,
                    "release": self._release}[item.kind]
         try:
             try:
                 handler(item)
-            except (Retry, GiveUp):
+            except (Retry, GiveUp, Skip):
                 raise
             except ApiError as exc:  # a judgement that could not be made now (e.g. Content API down)
                 raise (Retry if exc.status >= 500 else GiveUp)(f"{exc.code}: {exc.message}") from None
             except Exception as exc:  # noqa: BLE001 — one bad item must not stall the batch
                 logs.log.exception("delivery_error", extra={"outbox_id": item.id, "kind": item.kind})
                 raise Retry(type(exc).__name__) from None
+        except Skip:
+            self._skipped(item)
+            return
         except (Retry, GiveUp) as exc:
             with writing(self.rt.engine) as conn:
                 status = outbox.failed(conn, item.id, str(exc), utcnow(), settings.retry_schedule,
-                                       retry=isinstance(exc, Retry), lease=lease)
-            logs.event("delivery", redact=settings.log_redact_numbers, level=30, decision="failed", kind=item.kind,
+                                       retry=isinstance(exc, Retry), lease=lease,
+                                       uncertain=isinstance(exc, MaybeSent))
+            level = logging.ERROR if status == outbox.UNCERTAIN else logging.WARNING
+            logs.event("delivery", redact=settings.log_redact_numbers, level=level, decision="failed", kind=item.kind,
                        outbox_id=item.id, attempt=item.attempts + 1, outcome=status, error=str(exc),
                        duration_ms=_ms(started))
             return
@@ -98,18 +117,32 @@ class Worker:
         logs.event("delivery", redact=settings.log_redact_numbers, decision="delivered", kind=item.kind,
                    outbox_id=item.id, attempt=item.attempts + 1, duration_ms=_ms(started))
 
+    def _skipped(self, item: outbox.Item) -> None:
+        logs.event("delivery", redact=self.rt.settings.log_redact_numbers, decision="skipped", kind=item.kind,
+                   outbox_id=item.id, reason="claimed_by_another_worker")
+
     def _forward(self, item: outbox.Item) -> None:
         reply = self.rt.forwarder.post(item.target, [tuple(p) for p in item.body], outbox.with_id(item))
         if not reply.ok:
             raise Retry(reply.error or "failed")
 
     def _send(self, item: outbox.Item) -> None:
-        """A fallback template after a late 63016: judged like any send, then sent with the account's auth."""
+        """A fallback template after a late 63016: judged like any send, then sent with the account's auth,
+        at most once: marked `sending` before the create, like a held message."""
         pairs = [tuple(p) for p in item.body]
         judgement = judge(self.rt, MultiDict(pairs))
         if judgement.decision.action is not Action.ALLOWED:
             raise GiveUp(f"fallback not sendable: {judgement.decision.reason}")
-        self.send_to_twilio(item.target, pairs)
+        with writing(self.rt.engine) as conn:
+            if not outbox.start_sending(conn, item, utcnow()):
+                raise Skip()
+        try:
+            self.send_to_twilio(item.target, pairs)
+        except (Retry, GiveUp):
+            raise
+        except Exception as exc:  # noqa: BLE001 — whatever broke, the request may have gone out
+            logs.log.exception("delivery_error", extra={"outbox_id": item.id, "kind": item.kind})
+            raise MaybeSent(f"{type(exc).__name__} during the create; not retried, it may have been sent") from None
 
     def _release(self, item: outbox.Item) -> None:
         """Send the pair's held messages in their original order, each judged again now."""
@@ -169,11 +202,11 @@ class Worker:
         except UpstreamError as exc:
             if exc.kind == "unreachable":
                 raise Retry(f"Twilio unreachable: {exc.detail}") from None
-            raise GiveUp(f"Twilio did not answer ({exc.detail}); not retried, it may have been sent") from None
+            raise MaybeSent(f"Twilio did not answer ({exc.detail}); not retried, it may have been sent") from None
         if response.status_code == 429:  # rate limited: Twilio did not take it
             raise Retry(f"Twilio answered {response.status_code}")
         if response.status_code >= 500:
-            raise GiveUp(f"Twilio answered {response.status_code}; not retried, it may have been accepted")
+            raise MaybeSent(f"Twilio answered {response.status_code}; not retried, it may have been accepted")
         if response.status_code >= 300:
             raise GiveUp(f"Twilio answered {response.status_code}: {self._twilio_error(response.text)}")
         try:

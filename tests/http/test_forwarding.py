@@ -575,3 +575,51 @@ def test_a_failure_reported_after_another_worker_claimed_the_item_leaves_it_to_t
         assert outbox_module.claim(conn, later + timedelta(seconds=1), LEASE_SECONDS) == []  # not due yet
     [row] = items(db_engine)
     assert row["attempts"] == 2 and row["lease_until"] is None
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once it is closed: connection refused
+
+
+def fallback_creates(app, fake_twilio):
+    return [r for r in fake_twilio.creates if dict(r.form).get("ContentSid") == app.fallback_sid]
+
+
+def test_a_fallback_twilio_may_have_taken_is_left_uncertain_and_never_sent_again(
+        settings, db_engine, fake_twilio, log_lines):
+    """Only a create Twilio never received goes back in line; one it may have taken (a 5xx, no answer) is
+    left `uncertain` for an operator: the worker never sends it again, nor does `outbox replay --all`."""
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "5" * 31 + "a"))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+    signed_post(client, "/twilio/status", failed_callback(sid))
+    unreachable = create_app(replace(app.extensions["proxy"].settings,
+                                     twilio_api_base_url=f"http://127.0.0.1:{closed_port()}"))
+    assert run_worker(unreachable) == 1
+    [item] = [i for i in items(db_engine) if i["kind"] == "send"]
+    assert (item["status"], item["attempts"]) == ("pending", 1)  # refused before sending: tried again
+    fake_twilio.fail_with = (500, {"code": 20500, "message": "Internal Server Error",
+                                   "more_info": "https://www.twilio.com/docs/errors/20500", "status": 500})
+    assert run_worker(app, utcnow() + timedelta(seconds=6)) == 1
+    assert len(fallback_creates(app, fake_twilio)) == 1
+    [item] = [i for i in items(db_engine) if i["kind"] == "send"]
+    assert item["status"] == "uncertain" and "500" in item["last_error"]
+    [line] = [line for line in log_lines() if line["event"] == "delivery" and line.get("outcome") == "uncertain"]
+    assert line["level"] == "ERROR" and line["outbox_id"] == item["id"]
+    fake_twilio.fail_with = None
+    runner = app.test_cli_runner()
+    assert "0 item(s)" in runner.invoke(args=["outbox", "replay", "--all"]).output
+    for later in (timedelta(days=1), timedelta(days=30)):
+        run_worker(app, utcnow() + later)
+    assert len(fallback_creates(app, fake_twilio)) == 1
+    listed = runner.invoke(args=["outbox", "list", "--status", "uncertain"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout.splitlines()[0])["id"] == item["id"]
+    # An operator who found it missing from Twilio's Messages list sends it again, by its id.
+    assert "1 item(s)" in runner.invoke(args=["outbox", "replay", str(item["id"])]).output
+    assert run_worker(app) == 1 and len(fallback_creates(app, fake_twilio)) == 2
+    unreachable.extensions["proxy"].engine.dispose()
