@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, select, update
@@ -13,20 +14,26 @@ from .runtime import Runtime
 from .store import _insert
 
 LATE_WINDOW_FAILURE = 63016
+# Sends the proxy let through, by their send_attempts decision: the gateway's, then the worker's own creates.
+SENT = ("allowed", "rerouted", "released", "fallback")
+# Those whose message was a fallback template: its failure must not send another (each has a new sid: a loop).
+FALLBACKS = ("rerouted", "fallback")
 
 
 def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime) -> str | None:
     """Act once per message sid on a `failed` + 63016 callback for a send the proxy let through."""
     attempt = conn.execute(
         select(send_attempts.c.sender, send_attempts.c.user, send_attempts.c.account_sid, send_attempts.c.params,
-               send_attempts.c.content_type, send_attempts.c.created_at, send_attempts.c.duration_ms)
-        .where(send_attempts.c.message_sid == sid, send_attempts.c.decision.in_(("allowed", "rerouted")))
+               send_attempts.c.content_type, send_attempts.c.created_at, send_attempts.c.duration_ms,
+               send_attempts.c.decision)
+        .where(send_attempts.c.message_sid == sid, send_attempts.c.decision.in_(SENT))
         .order_by(send_attempts.c.id.desc()).limit(1)
     ).first()
     if attempt is None:
         return None  # not a send the proxy judged: nothing of ours was wrong
     fallback = rt.settings.fallback_for(attempt.sender)
-    reroute = bool(fallback) and rt.settings.policy.action_for(attempt.content_type) == "reroute"
+    reroute = (bool(fallback) and attempt.decision not in FALLBACKS
+               and rt.settings.policy.action_for(attempt.content_type) == "reroute")
     action = "closed_and_rerouted" if reroute else "closed"
     first = conn.execute(
         _insert(conn, late_failures)
@@ -60,7 +67,7 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
             pairs.append(("ContentVariables", variables))
         outbox.enqueue(conn, kind="send", ordering_key=f"send:{sid}", target=attempt.account_sid, headers={},
                        body=pairs, now=now)
-    logs.event("late_window_failure", redact=rt.settings.log_redact_numbers, level=30, decision=action,
-               message_sid=sid, sender=attempt.sender, user=attempt.user, code=LATE_WINDOW_FAILURE,
-               fallback_content_sid=fallback.content_sid if reroute else None)
+    logs.event("late_window_failure", redact=rt.settings.log_redact_numbers, level=logging.WARNING,
+               decision=action, message_sid=sid, sender=attempt.sender, user=attempt.user, code=LATE_WINDOW_FAILURE,
+               sent_as=attempt.decision, fallback_content_sid=fallback.content_sid if reroute else None)
     return action

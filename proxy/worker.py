@@ -12,10 +12,10 @@ from datetime import datetime, timedelta
 
 from werkzeug.datastructures import MultiDict
 
-from . import holds, logs, outbox
+from . import attempts, holds, logs, outbox
 from .db import utcnow, writing
 from .errors import ApiError
-from .judge import judge
+from .judge import Judgement, judge
 from .migrate import schema_hint, schema_missing
 from .policy import Action
 from .runtime import Runtime
@@ -129,6 +129,7 @@ class Worker:
     def _send(self, item: outbox.Item) -> None:
         """A fallback template after a late 63016: judged like any send, then sent with the account's auth,
         at most once: marked `sending` before the create, like a held message."""
+        started = time.perf_counter()
         pairs = [tuple(p) for p in item.body]
         judgement = judge(self.rt, MultiDict(pairs))
         if judgement.decision.action is not Action.ALLOWED:
@@ -137,7 +138,8 @@ class Worker:
             if not outbox.start_sending(conn, item, utcnow()):
                 raise Skip()
         try:
-            self.send_to_twilio(item.target, pairs)
+            self.create(item.target, pairs, judgement, decision=FALLBACK, request_id=f"outbox-{item.id}",
+                        started=started)
         except (Retry, GiveUp):
             raise
         except Exception as exc:  # noqa: BLE001 — whatever broke, the request may have gone out
@@ -151,9 +153,11 @@ class Worker:
         with self.rt.engine.connect() as conn:
             held = holds.held_for(conn, sender, user, utcnow())
         for row in held:
+            started = time.perf_counter()
             pairs = [tuple(p) for p in json.loads(row["params"])]
             try:
-                decision = judge(self.rt, MultiDict(pairs)).decision
+                judgement = judge(self.rt, MultiDict(pairs))
+                decision = judgement.decision
             except ApiError as exc:
                 if exc.status >= 500:  # the Content API or the database is away: try again later
                     raise Retry(f"{exc.code}: {exc.message}") from None
@@ -168,7 +172,8 @@ class Worker:
                 if not holds.take(conn, row["id"]):
                     continue  # another worker has it
             try:
-                sid = self.send_to_twilio(row["account_sid"], pairs)
+                sid = self.create(row["account_sid"], pairs, judgement, decision=RELEASED,
+                                  request_id=row["request_id"], started=started)
             except Retry as exc:  # Twilio never received it: put it back in line
                 with writing(self.rt.engine) as conn:
                     holds.mark(conn, row["id"], holds.HELD, utcnow(), error=str(exc))
@@ -187,12 +192,27 @@ class Worker:
                    message_sid=message_sid, error=error, sender=row["sender"], user=row["user"],
                    request_id=row["request_id"])
 
-    def send_to_twilio(self, account_sid: str, pairs: list) -> str | None:
-        """POST a Messages create with the configured account's credentials.
+    def create(self, account_sid: str, pairs: list, judgement: Judgement, *, decision: str, request_id: str,
+               started: float) -> str | None:
+        """send_to_twilio, recorded in send_attempts like a gateway send (whatever came of it), so a late
+        63016 on it is acted on too; `decision` tells the worker's creates from the gateway's."""
+        answer = {"outcome": "upstream_error", "upstream_status": None, "message_sid": None}
+        try:
+            answer["message_sid"] = self.send_to_twilio(account_sid, pairs, answer)
+            return answer["message_sid"]
+        finally:
+            self.rt.attempts.submit(attempts.row(
+                judgement, account_sid=account_sid, request_id=request_id, params=pairs, decision=decision,
+                duration_ms=_ms(started), **answer))
+            # Stored before the item is marked done, so a late 63016 on it finds it.
+            self.rt.attempts.flush(ATTEMPT_FLUSH_SECONDS)
+
+    def send_to_twilio(self, account_sid: str, pairs: list, answer: dict | None = None) -> str | None:
+        """POST a Messages create with the configured account's credentials; `answer` gets its outcome.
 
         Only a request Twilio never received is retried: a timeout or an answer may mean it was sent.
         """
-        settings = self.rt.settings
+        settings, answer = self.rt.settings, {} if answer is None else answer
         token = base64.b64encode(f"{settings.account_sid}:{settings.auth_token}".encode()).decode()
         try:
             response = self.rt.upstream.request(
@@ -200,15 +220,18 @@ class Worker:
                 headers={"Authorization": f"Basic {token}", "Accept": "application/json",
                          "Content-Type": "application/x-www-form-urlencoded"})
         except UpstreamError as exc:
+            answer["outcome"] = f"upstream_{exc.kind}"
             if exc.kind == "unreachable":
                 raise Retry(f"Twilio unreachable: {exc.detail}") from None
             raise MaybeSent(f"Twilio did not answer ({exc.detail}); not retried, it may have been sent") from None
+        answer["upstream_status"] = response.status_code
         if response.status_code == 429:  # rate limited: Twilio did not take it
             raise Retry(f"Twilio answered {response.status_code}")
         if response.status_code >= 500:
             raise MaybeSent(f"Twilio answered {response.status_code}; not retried, it may have been accepted")
         if response.status_code >= 300:
             raise GiveUp(f"Twilio answered {response.status_code}: {self._twilio_error(response.text)}")
+        answer["outcome"] = "sent"
         try:
             return json.loads(response.text).get("sid")
         except (ValueError, AttributeError):
@@ -223,6 +246,11 @@ class Worker:
         except (ValueError, TypeError, KeyError, RecursionError):
             pass  # not Twilio's JSON: its text as it came
         return (logs.mask_numbers(text) if self.rt.settings.log_redact_numbers else text)[:200]
+
+
+# send_attempts decisions of the worker's own creates (the gateway's are its Action values).
+RELEASED, FALLBACK = "released", "fallback"
+ATTEMPT_FLUSH_SECONDS = 5.0
 
 
 def _ms(started: float) -> float:

@@ -623,3 +623,60 @@ def test_a_fallback_twilio_may_have_taken_is_left_uncertain_and_never_sent_again
     assert "1 item(s)" in runner.invoke(args=["outbox", "replay", str(item["id"])]).output
     assert run_worker(app) == 1 and len(fallback_creates(app, fake_twilio)) == 2
     unreachable.extensions["proxy"].engine.dispose()
+
+
+def late_lines(log_lines, sid=None):
+    return [line for line in log_lines() if line["event"] == "late_window_failure"
+            and (sid is None or line["message_sid"] == sid)]
+
+
+def window_open(client, user=USER):
+    return client.get(f"/v1/windows?sender={BUSINESS}&user={user}", headers=basic_auth()).get_json()["open"]
+
+
+def test_a_late_63016_on_a_released_message_closes_the_window_like_any_send(
+        settings, db_engine, fake_twilio, log_lines):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "held then released"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 31 + "c"))
+    assert run_worker(app) == 1
+    [released] = client.get("/v1/held?status=released", headers=basic_auth()).get_json()["held"]
+    [attempt] = [a for a in attempts(db_engine) if a["message_sid"] == released["message_sid"]]
+    assert (attempt["decision"], attempt["reason"], attempt["outcome"]) == ("released", "window_open", "sent")
+    assert signed_post(client, "/twilio/status", failed_callback(released["message_sid"])).status_code == 200
+    assert window_open(client) is False
+    [late] = late_lines(log_lines)
+    assert (late["decision"], late["message_sid"]) == ("closed_and_rerouted", released["message_sid"])
+    assert run_worker(app) == 1
+    assert len(fallback_creates(app, fake_twilio)) == 2  # the reroute's, then the late failure's
+
+
+@pytest.mark.parametrize("sent_by", ["worker", "gateway"])
+def test_a_late_63016_on_a_fallback_closes_the_window_and_sends_no_other_fallback(
+        settings, db_engine, fake_twilio, log_lines, sent_by):
+    """Each fallback has a new sid: another one for its failure could loop for ever."""
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 31 + "d"))
+    if sent_by == "worker":  # a late 63016 on a free-form send queued it
+        sid = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+        signed_post(client, "/twilio/status", failed_callback(sid))
+        signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 31 + "e"))  # the window opens again
+        assert run_worker(app) == 1
+    else:  # rerouted in the window: a carousel needs an approval it lacks
+        carousel = fake_twilio.add_content({"twilio/carousel": {"body": "c", "cards": []}}, "pending")
+        assert send(client, {"To": USER, "From": BUSINESS, "ContentSid": carousel}).headers["X-Proxy-Decision"] \
+            == "rerouted"
+    assert len(fallback_creates(app, fake_twilio)) == 1
+    fallback_sid = list(fake_twilio.messages)[-1]  # the fallback is the last create either way
+    [attempt] = [a for a in attempts(db_engine) if a["message_sid"] == fallback_sid]
+    assert attempt["decision"] == ("fallback" if sent_by == "worker" else "rerouted")
+    assert window_open(client) is True
+    before = len(items(db_engine))
+    assert signed_post(client, "/twilio/status", failed_callback(fallback_sid)).status_code == 200
+    assert window_open(client) is False
+    late = late_lines(log_lines, fallback_sid)
+    assert [(line["decision"], line["fallback_content_sid"]) for line in late] == [("closed", None)]
+    assert len(items(db_engine)) == before and run_worker(app) == 0
+    assert len(fallback_creates(app, fake_twilio)) == 1
