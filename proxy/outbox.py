@@ -39,8 +39,9 @@ def next_attempt_at(attempts_made: int, schedule: tuple[int, ...], now: datetime
 
 
 def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, headers: dict, body: list,
-            now: datetime, lease_until: datetime | None = None) -> int:
-    """Store an item; with a lease, the caller tries it inline first and workers leave it alone meanwhile.
+            now: datetime, lease_until: datetime | None = None, due: datetime | None = None) -> int:
+    """Store an item, due now or at `due`; with a lease, the caller tries it inline first and workers leave
+    it alone meanwhile.
 
     The item's id is also put into `headers` as X-Proxy-Outbox-Id (`with_id` does it for the worker's
     attempts), so the inline attempt made with them carries the same id as every retry.
@@ -48,7 +49,7 @@ def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, head
     item_id = conn.execute(
         outbox.insert()
         .values(kind=kind, ordering_key=ordering_key[:300], target=target, headers=json.dumps(headers),
-                body=json.dumps(body), status=PENDING, attempts=0, next_attempt_at=now,
+                body=json.dumps(body), status=PENDING, attempts=0, next_attempt_at=due or now,
                 lease_until=lease_until,
                 created_at=now, updated_at=now)
         .returning(outbox.c.id)
@@ -61,6 +62,12 @@ def with_id(item: Item) -> dict:
     """The item's forwarding headers with its id: delivery is at-least-once, and the id is how the app
     recognises a second copy of one forward."""
     return {**item.headers, OUTBOX_ID_HEADER: str(item.id)}
+
+
+def has_pending(conn: Connection, ordering_key: str) -> bool:
+    return conn.execute(
+        select(exists().where(outbox.c.ordering_key == ordering_key[:300], outbox.c.status == PENDING))
+    ).scalar()
 
 
 def has_earlier_pending(conn: Connection, ordering_key: str, item_id: int) -> bool:

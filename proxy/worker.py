@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from werkzeug.datastructures import MultiDict
 
-from . import attempts, holds, logs, outbox
+from . import attempts, holds, late_failures, logs, outbox
 from .db import utcnow, writing
 from .errors import ApiError
 from .judge import Judgement, judge
@@ -28,6 +28,10 @@ class Retry(Exception):
 
 class GiveUp(Exception):
     """This item cannot succeed (or could send twice if retried): exhaust it now."""
+
+
+class NotYet(Retry):
+    """Expected to succeed later, per the kind's own schedule: logged at INFO, not as a failure."""
 
 
 class MaybeSent(GiveUp):
@@ -88,7 +92,7 @@ class Worker:
             return
         item = replace(item, lease_until=lease)
         handler = {"inbound": self._forward, "status": self._forward, "send": self._send,
-                   "release": self._release}[item.kind]
+                   "release": self._release, late_failures.KIND: self._late_failure}[item.kind]
         try:
             try:
                 handler(item)
@@ -103,14 +107,15 @@ class Worker:
             self._skipped(item)
             return
         except (Retry, GiveUp) as exc:
+            schedule = late_failures.RECHECK_SECONDS if item.kind == late_failures.KIND else settings.retry_schedule
             with writing(self.rt.engine) as conn:
-                status = outbox.failed(conn, item.id, str(exc), utcnow(), settings.retry_schedule,
-                                       retry=isinstance(exc, Retry), lease=lease,
-                                       uncertain=isinstance(exc, MaybeSent))
-            level = logging.ERROR if status == outbox.UNCERTAIN else logging.WARNING
-            logs.event("delivery", redact=settings.log_redact_numbers, level=level, decision="failed", kind=item.kind,
-                       outbox_id=item.id, attempt=item.attempts + 1, outcome=status, error=str(exc),
-                       duration_ms=_ms(started))
+                status = outbox.failed(conn, item.id, str(exc), utcnow(), schedule, retry=isinstance(exc, Retry),
+                                       lease=lease, uncertain=isinstance(exc, MaybeSent))
+            deferred = isinstance(exc, NotYet) and status == outbox.PENDING
+            level = logging.ERROR if status == outbox.UNCERTAIN else logging.INFO if deferred else logging.WARNING
+            logs.event("delivery", redact=settings.log_redact_numbers, level=level,
+                       decision="deferred" if deferred else "failed", kind=item.kind, outbox_id=item.id,
+                       attempt=item.attempts + 1, outcome=status, error=str(exc), duration_ms=_ms(started))
             return
         with writing(self.rt.engine) as conn:
             outbox.delivered(conn, item.id, utcnow())
@@ -145,6 +150,19 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 — whatever broke, the request may have gone out
             logs.log.exception("delivery_error", extra={"outbox_id": item.id, "kind": item.kind})
             raise MaybeSent(f"{type(exc).__name__} during the create; not retried, it may have been sent") from None
+
+    def _late_failure(self, item: outbox.Item) -> None:
+        """A late 63016 whose send was not recorded when the callback came (another process had it
+        still in its attempt writer): the same handling, once per sid whichever path acts first."""
+        sid, sender = item.target, dict(item.body).get("From") or None
+        with writing(self.rt.engine) as conn:
+            action = late_failures.handle(self.rt, conn, sid=sid, callback_sender=sender, now=utcnow())
+        if action is not None:
+            return
+        checks = item.attempts + 1
+        if checks < len(late_failures.RECHECK_SECONDS):
+            raise NotYet("no send of the proxy's recorded with this sid yet")
+        late_failures.not_a_proxy_send(self.rt, sid=sid, callback_sender=sender, checks=checks)
 
     def _release(self, item: outbox.Item) -> None:
         """Send the pair's held messages in their original order, each judged again now."""
@@ -204,7 +222,7 @@ class Worker:
             self.rt.attempts.submit(attempts.row(
                 judgement, account_sid=account_sid, request_id=request_id, params=pairs, decision=decision,
                 duration_ms=_ms(started), **answer))
-            # Stored before the item is marked done, so a late 63016 on it finds it.
+            # Stored before the item is marked done; a callback that still beats it is checked again later.
             self.rt.attempts.flush(ATTEMPT_FLUSH_SECONDS)
 
     def send_to_twilio(self, account_sid: str, pairs: list, answer: dict | None = None) -> str | None:

@@ -625,6 +625,19 @@ def test_a_fallback_twilio_may_have_taken_is_left_uncertain_and_never_sent_again
     unreachable.extensions["proxy"].engine.dispose()
 
 
+def behind(app, monkeypatch) -> list:
+    """The process's attempt writer has not stored what it was given (a lock, a busy database): the rows
+    it was handed, to store later with `store_attempts`."""
+    rows = []
+    monkeypatch.setattr(app.extensions["proxy"].attempts, "submit", rows.append)
+    return rows
+
+
+def store_attempts(engine, rows):
+    with engine.begin() as conn:
+        conn.execute(send_attempts.insert(), rows)
+
+
 def late_lines(log_lines, sid=None):
     return [line for line in log_lines() if line["event"] == "late_window_failure"
             and (sid is None or line["message_sid"] == sid)]
@@ -632,6 +645,77 @@ def late_lines(log_lines, sid=None):
 
 def window_open(client, user=USER):
     return client.get(f"/v1/windows?sender={BUSINESS}&user={user}", headers=basic_auth()).get_json()["open"]
+
+
+@pytest.mark.parametrize("user_wrote_since", [False, True])
+def test_a_late_63016_handled_by_another_process_before_the_send_is_recorded_is_acted_on_later(
+        settings, db_engine, fake_twilio, log_lines, monkeypatch, user_wrote_since):
+    """Process A made the send; its attempt row is not stored yet when process B takes the callback."""
+    a = fallback_app(settings, fake_twilio)
+    b = create_app(a.extensions["proxy"].settings)
+    unstored = behind(a, monkeypatch)
+    signed_post(a.test_client(), "/twilio/inbound", inbound_params("SM" + "6" * 31 + "a"))
+    sid = send(a.test_client(), {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+    if user_wrote_since:  # a new window, opened after the send came in: the 63016 says nothing about it
+        signed_post(a.test_client(), "/twilio/inbound", inbound_params("SM" + "6" * 31 + "b"))
+    assert signed_post(b.test_client(), "/twilio/status", failed_callback(sid)).status_code == 200
+    store_attempts(db_engine, unstored)
+    assert run_worker(b, utcnow() + timedelta(seconds=6)) == 1
+    assert window_open(b.test_client()) is user_wrote_since
+    [late] = late_lines(log_lines)
+    assert (late["decision"], late["message_sid"]) == ("closed_and_rerouted", sid)
+    assert run_worker(b, utcnow() + timedelta(seconds=6)) == 1
+    assert len(fallback_creates(a, fake_twilio)) == 1
+    b.extensions["proxy"].engine.dispose()
+
+
+def test_a_late_63016_is_acted_on_once_whichever_path_sees_its_send_first(
+        settings, db_engine, fake_twilio, log_lines, monkeypatch):
+    """Twilio may repeat a callback: the deferred check and a repeat handled at once act once per sid."""
+    a = fallback_app(settings, fake_twilio)
+    b = create_app(a.extensions["proxy"].settings)
+    unstored = behind(a, monkeypatch)
+    signed_post(a.test_client(), "/twilio/inbound", inbound_params("SM" + "6" * 31 + "c"))
+    deferred_first, immediate_first = (send(a.test_client(), {"To": USER, "From": BUSINESS, "Body": body})
+                                       .get_json()["sid"] for body in ("one", "two"))
+    for sid in (deferred_first, immediate_first):
+        signed_post(b.test_client(), "/twilio/status", failed_callback(sid))
+    store_attempts(db_engine, unstored)
+    signed_post(b.test_client(), "/twilio/status", failed_callback(immediate_first))  # the send is recorded now
+    assert [line["message_sid"] for line in late_lines(log_lines)] == [immediate_first]
+    while run_worker(b, utcnow() + timedelta(seconds=6)):
+        pass
+    acted = sorted([deferred_first, immediate_first])
+    assert sorted(line["message_sid"] for line in late_lines(log_lines)) == acted
+    signed_post(b.test_client(), "/twilio/status", failed_callback(deferred_first))  # Twilio repeats it
+    run_worker(b, utcnow() + timedelta(seconds=6))
+    assert sorted(line["message_sid"] for line in late_lines(log_lines)) == acted
+    assert len(fallback_creates(a, fake_twilio)) == 2  # one per sid
+    with db_engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(late_failures)).scalar_one() == 2
+    b.extensions["proxy"].engine.dispose()
+
+
+def test_a_late_63016_whose_send_is_never_recorded_is_logged_once_as_not_the_proxys(
+        settings, db_engine, fake_twilio, log_lines):
+    """Checked again a bounded number of times, then said once, at INFO, and finished."""
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "6" * 31 + "d"))
+    sid = "SM" + "6" * 31 + "e"  # sent by someone else on the account, straight to Twilio
+    assert signed_post(client, "/twilio/status", failed_callback(sid)).status_code == 200
+    checks = 0
+    while run_worker(app, utcnow() + timedelta(hours=1)):
+        checks += 1
+        assert checks < 10
+    assert checks > 1
+    [late] = late_lines(log_lines)
+    assert (late["level"], late["decision"], late["message_sid"]) == ("INFO", "not_a_proxy_send", sid)
+    assert all(line["level"] == "INFO" for line in log_lines() if line["event"] == "delivery")
+    assert window_open(client) is True and fake_twilio.creates == []
+    assert [(i["kind"], i["status"]) for i in items(db_engine)] == [("late_failure", "delivered")]
+    with db_engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(late_failures)).scalar_one() == 0
 
 
 def test_a_late_63016_on_a_released_message_closes_the_window_like_any_send(
