@@ -11,17 +11,22 @@ loses the records of its last LINGER_SECONDS of sends (never the sends themselve
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import queue
 import threading
 import weakref
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import logs
-from .db import send_attempts, writing
+from .db import send_attempts, storable, utcnow, writing
 from .group_commit import values_refused
+
+if TYPE_CHECKING:
+    from .judge import Judgement
 
 MAX_BATCH = 500
 LINGER_SECONDS = 0.05
@@ -145,3 +150,31 @@ def flush_all(timeout: float = 10.0) -> bool:
     """Flush every writer of this process (at exit, and for tests that read send_attempts)."""
     return all([writer.flush(timeout) for writer in list(_writers)])
 
+
+def content_type(judgement: Judgement) -> str | None:
+    return judgement.send.content_type or ("content" if judgement.content_sid else None)
+
+
+def row(judgement: Judgement, *, account_sid: str, request_id: str, params: list, decision: str, outcome: str,
+        upstream_status: int | None, message_sid: str | None, duration_ms: float) -> dict:
+    """One send_attempts row for a judged send: the gateway's, or one of the worker's own creates."""
+    return dict(
+        created_at=utcnow(),
+        request_id=request_id,
+        account_sid=account_sid,
+        # Passthrough channels are not normalised: store what fits, never fail the record.
+        sender=storable(judgement.sender, 128),
+        user=storable(judgement.user, 128),
+        channel=storable(judgement.channel, 32),
+        content_type=content_type(judgement),
+        content_sid=storable(judgement.content_sid, 34),
+        approval_status=judgement.send.approval,
+        decision=decision,
+        reason=judgement.decision.reason,
+        error_code=judgement.decision.code,
+        params=json.dumps(params),
+        outcome=outcome,
+        upstream_status=upstream_status,
+        message_sid=storable(message_sid, 64),
+        duration_ms=int(duration_ms),
+    )

@@ -106,7 +106,9 @@ def register(app: Flask) -> None:
     box = click.Group("outbox", help="Durable deliveries (forwarded webhooks, releases, fallback sends).")
 
     @box.command("list")
-    @click.option("--status", type=click.Choice(["pending", "delivered", "exhausted"]), default=None)
+    @click.option("--status", type=click.Choice(outbox.STATUSES), default=None,
+                  help="`sending`: a fallback being sent now; `uncertain`: one Twilio may have taken, never sent "
+                       "again (check Twilio's Messages list, then `outbox replay ID` if it is missing).")
     @click.option("--limit", default=100, show_default=True)
     @needs_schema
     def outbox_list(status: str | None, limit: int):
@@ -126,7 +128,7 @@ def register(app: Flask) -> None:
     @click.option("--all", "replay_all", is_flag=True, help="Replay every exhausted item.")
     @needs_schema
     def outbox_replay(item_id: int | None, replay_all: bool):
-        """Give an exhausted item (or --all of them) a fresh round of attempts."""
+        """Give an exhausted item (or --all of them), or an uncertain one by its id, a fresh round of attempts."""
         if (item_id is None) == (not replay_all):
             raise click.UsageError("give one ITEM_ID or --all")
         with writing(app.extensions["proxy"].engine) as conn:

@@ -13,10 +13,10 @@ from flask import Blueprint, Response, g, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 
-from . import holds, logs
+from . import attempts, holds, logs
 from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
-from .db import storable, utcnow, writing
+from .db import utcnow, writing
 from .errors import twilio_error
 from .forms import URLENCODED, body_of, strict_form
 from .judge import Judgement, fail_open, judge
@@ -206,28 +206,12 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
     decision = judgement.decision
     response.headers["X-Proxy-Decision"] = decision.action.value
     duration = _ms(started)
-    content_type = judgement.send.content_type or ("content" if judgement.content_sid else None)
+    content_type = attempts.content_type(judgement)
     DECISIONS.labels(decision.action.value, decision.reason, content_type or "none").inc()
-    rt.attempts.submit(dict(
-        created_at=utcnow(),
-        request_id=g.request_id,
-        account_sid=account_sid,
-        # Passthrough channels are not normalised: store what fits, never fail the record.
-        sender=storable(judgement.sender, 128),
-        user=storable(judgement.user, 128),
-        channel=storable(judgement.channel, 32),
-        content_type=content_type,
-        content_sid=storable(judgement.content_sid, 34),
-        approval_status=judgement.send.approval,
-        decision=decision.action.value,
-        reason=decision.reason,
-        error_code=decision.code,
-        params=json.dumps(list(form.items(multi=True))),
-        outcome=outcome,
-        upstream_status=upstream_status,
-        message_sid=storable(message_sid, 64),
-        duration_ms=int(duration),
-    ))
+    rt.attempts.submit(attempts.row(
+        judgement, account_sid=account_sid, request_id=g.request_id, params=list(form.items(multi=True)),
+        decision=decision.action.value, outcome=outcome, upstream_status=upstream_status, message_sid=message_sid,
+        duration_ms=duration))
     state = judgement.window
     logs.event(
         "send",

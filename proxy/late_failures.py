@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, select, update
@@ -13,20 +14,44 @@ from .runtime import Runtime
 from .store import _insert
 
 LATE_WINDOW_FAILURE = 63016
+# Sends the proxy let through, by their send_attempts decision: the gateway's, then the worker's own creates.
+SENT = ("allowed", "rerouted", "released", "fallback")
+# Those whose message was a fallback template: its failure must not send another (each has a new sid: a loop).
+FALLBACKS = ("rerouted", "fallback")
+# Seconds before each check of a callback whose send was not recorded yet (another process's attempt writer
+# stores it ~50 ms after the send, later while the database is busy); after the last, it is not a proxy send.
+RECHECK_SECONDS = (5, 30, 120)
+KIND = "late_failure"
+
+
+def on_callback(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime) -> str:
+    """A `failed` + 63016 callback: act on it now, or check again later if its send is not recorded yet."""
+    action = handle(rt, conn, sid=sid, callback_sender=callback_sender, now=now)
+    if action is not None:
+        return action
+    key = f"late:{sid}"
+    if not outbox.has_pending(conn, key):  # Twilio repeating the callback: one check in line is enough
+        outbox.enqueue(conn, kind=KIND, ordering_key=key, target=sid, headers={},
+                       body=[["MessageSid", sid], ["From", callback_sender or ""]], now=now,
+                       due=now + timedelta(seconds=RECHECK_SECONDS[0]))
+    return "deferred"
 
 
 def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime) -> str | None:
-    """Act once per message sid on a `failed` + 63016 callback for a send the proxy let through."""
+    """Act once per message sid on a `failed` + 63016 callback for a send the proxy let through; None when
+    no such send is recorded (yet)."""
     attempt = conn.execute(
         select(send_attempts.c.sender, send_attempts.c.user, send_attempts.c.account_sid, send_attempts.c.params,
-               send_attempts.c.content_type, send_attempts.c.created_at, send_attempts.c.duration_ms)
-        .where(send_attempts.c.message_sid == sid, send_attempts.c.decision.in_(("allowed", "rerouted")))
+               send_attempts.c.content_type, send_attempts.c.created_at, send_attempts.c.duration_ms,
+               send_attempts.c.decision)
+        .where(send_attempts.c.message_sid == sid, send_attempts.c.decision.in_(SENT))
         .order_by(send_attempts.c.id.desc()).limit(1)
     ).first()
     if attempt is None:
-        return None  # not a send the proxy judged: nothing of ours was wrong
+        return None
     fallback = rt.settings.fallback_for(attempt.sender)
-    reroute = bool(fallback) and rt.settings.policy.action_for(attempt.content_type) == "reroute"
+    reroute = (bool(fallback) and attempt.decision not in FALLBACKS
+               and rt.settings.policy.action_for(attempt.content_type) == "reroute")
     action = "closed_and_rerouted" if reroute else "closed"
     first = conn.execute(
         _insert(conn, late_failures)
@@ -60,7 +85,14 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
             pairs.append(("ContentVariables", variables))
         outbox.enqueue(conn, kind="send", ordering_key=f"send:{sid}", target=attempt.account_sid, headers={},
                        body=pairs, now=now)
-    logs.event("late_window_failure", redact=rt.settings.log_redact_numbers, level=30, decision=action,
-               message_sid=sid, sender=attempt.sender, user=attempt.user, code=LATE_WINDOW_FAILURE,
-               fallback_content_sid=fallback.content_sid if reroute else None)
+    logs.event("late_window_failure", redact=rt.settings.log_redact_numbers, level=logging.WARNING,
+               decision=action, message_sid=sid, sender=attempt.sender, user=attempt.user, code=LATE_WINDOW_FAILURE,
+               sent_as=attempt.decision, fallback_content_sid=fallback.content_sid if reroute else None)
     return action
+
+
+def not_a_proxy_send(rt: Runtime, *, sid: str, callback_sender: str | None, checks: int) -> None:
+    """The last check found no send of the proxy's with this sid (one sent straight to Twilio): nothing to do."""
+    logs.event("late_window_failure", redact=rt.settings.log_redact_numbers, level=logging.INFO,
+               decision="not_a_proxy_send", message_sid=sid, sender=callback_sender, code=LATE_WINDOW_FAILURE,
+               checks=checks)

@@ -12,6 +12,10 @@ from sqlalchemy.orm import aliased
 from .db import outbox
 
 PENDING, DELIVERED, EXHAUSTED = "pending", "delivered", "exhausted"
+# A fallback send is not idempotent: `sending` is committed before its create, and one Twilio may have
+# taken (no answer, a 5xx, or its worker died in the create) is `uncertain`: an operator's, never sent again.
+SENDING, UNCERTAIN = "sending", "uncertain"
+STATUSES = (PENDING, SENDING, DELIVERED, EXHAUSTED, UNCERTAIN)
 OUTBOX_ID_HEADER = "X-Proxy-Outbox-Id"
 
 
@@ -35,8 +39,9 @@ def next_attempt_at(attempts_made: int, schedule: tuple[int, ...], now: datetime
 
 
 def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, headers: dict, body: list,
-            now: datetime, lease_until: datetime | None = None) -> int:
-    """Store an item; with a lease, the caller tries it inline first and workers leave it alone meanwhile.
+            now: datetime, lease_until: datetime | None = None, due: datetime | None = None) -> int:
+    """Store an item, due now or at `due`; with a lease, the caller tries it inline first and workers leave
+    it alone meanwhile.
 
     The item's id is also put into `headers` as X-Proxy-Outbox-Id (`with_id` does it for the worker's
     attempts), so the inline attempt made with them carries the same id as every retry.
@@ -44,7 +49,7 @@ def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, head
     item_id = conn.execute(
         outbox.insert()
         .values(kind=kind, ordering_key=ordering_key[:300], target=target, headers=json.dumps(headers),
-                body=json.dumps(body), status=PENDING, attempts=0, next_attempt_at=now,
+                body=json.dumps(body), status=PENDING, attempts=0, next_attempt_at=due or now,
                 lease_until=lease_until,
                 created_at=now, updated_at=now)
         .returning(outbox.c.id)
@@ -69,6 +74,12 @@ def earlier_pending(conn: Connection, ordering_key: str, item_id: int, now: date
     if not leases:
         return None
     return "in_flight" if all(lease is not None and lease > now for lease in leases) else "queued"
+
+
+def has_pending(conn: Connection, ordering_key: str) -> bool:
+    return conn.execute(
+        select(exists().where(outbox.c.ordering_key == ordering_key[:300], outbox.c.status == PENDING))
+    ).scalar()
 
 
 def release_lease(conn: Connection, item_id: int, held: datetime) -> None:
@@ -98,6 +109,31 @@ def keep_lease(conn: Connection, item_id: int, held: datetime | None, now: datet
         .values(lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
         .returning(outbox.c.lease_until)
     ).scalar()
+
+
+def start_sending(conn: Connection, item: Item, now: datetime) -> bool:
+    """Mark an item this worker holds (item.lease_until) as being sent; False if another worker has it.
+
+    Committed before the create: a worker that dies during it leaves the item `sending`, which no claim
+    takes again (`abandoned` hands it to an operator once its lease has run out).
+    """
+    return conn.execute(
+        update(outbox)
+        .where(outbox.c.id == item.id, outbox.c.status == PENDING, outbox.c.lease_until == item.lease_until)
+        .values(status=SENDING, updated_at=now)
+        .returning(outbox.c.id)
+    ).first() is not None
+
+
+def abandoned(conn: Connection, now: datetime) -> list:
+    """Items still `sending` after their lease: their worker died during the create. Marked `uncertain`
+    (the rows returned, for the one log line each): Twilio may have taken them."""
+    return conn.execute(
+        update(outbox).where(outbox.c.status == SENDING, outbox.c.lease_until < now)
+        .values(status=UNCERTAIN, lease_until=None, updated_at=now,
+                last_error="the worker stopped during the create: Twilio may have taken it; not sent again")
+        .returning(outbox.c.id, outbox.c.kind, outbox.c.attempts)
+    ).all()
 
 
 def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10) -> list[Item]:
@@ -146,21 +182,22 @@ def delivered(conn: Connection, item_id: int, now: datetime) -> None:
 
 
 def failed(conn: Connection, item_id: int, error: str, now: datetime, schedule: tuple[int, ...],
-           *, retry: bool = True, lease: datetime | None = None) -> str:
-    """Record a failed attempt; schedule the next one, or exhaust the item. Returns the new status.
+           *, retry: bool = True, lease: datetime | None = None, uncertain: bool = False) -> str:
+    """Record a failed attempt; schedule the next one, or exhaust the item (`uncertain`: Twilio may have
+    taken it). Returns the new status.
 
-    Only a pending item still under `lease` (the attempt's own, when given): an attempt that overran
-    its lease must not reschedule an item another worker claimed meanwhile (a third would claim it
-    while the second still delivers), nor turn a delivered one back into pending.
+    Only a pending (or `sending`) item still under `lease` (the attempt's own, when given): an attempt
+    that overran its lease must not reschedule an item another worker claimed meanwhile (a third would
+    claim it while the second still delivers), nor turn a delivered one back into pending.
     """
     current, attempts, held_until = conn.execute(
         select(outbox.c.status, outbox.c.attempts, outbox.c.lease_until).where(outbox.c.id == item_id)).one()
-    if current != PENDING or (lease is not None and held_until != lease):
+    if current not in (PENDING, SENDING) or (lease is not None and held_until != lease):
         return current
     attempts += 1
-    when = next_attempt_at(attempts, schedule, now) if retry else None
-    status = PENDING if when else EXHAUSTED
-    conn.execute(update(outbox).where(outbox.c.id == item_id, outbox.c.status == PENDING)
+    when = next_attempt_at(attempts, schedule, now) if retry and not uncertain else None
+    status = UNCERTAIN if uncertain else PENDING if when else EXHAUSTED
+    conn.execute(update(outbox).where(outbox.c.id == item_id, outbox.c.status == current)
                  .values(status=status, attempts=attempts, next_attempt_at=when or now, lease_until=None,
                          last_error=error[:500], updated_at=now))
     return status
@@ -175,8 +212,11 @@ def listing(conn: Connection, status: str | None, limit: int = 100):
 
 
 def replay(conn: Connection, now: datetime, item_id: int | None = None) -> int:
-    """Put exhausted items (one, or all) back in line for a fresh round of attempts."""
-    query = update(outbox).where(outbox.c.status == EXHAUSTED)
+    """Put exhausted items (one, or all) back in line for a fresh round of attempts.
+
+    An `uncertain` one only by its id: an operator who found it missing from Twilio's Messages list.
+    """
+    query = update(outbox).where(outbox.c.status.in_((EXHAUSTED,) if item_id is None else (EXHAUSTED, UNCERTAIN)))
     if item_id is not None:
         query = query.where(outbox.c.id == item_id)
     return conn.execute(query.values(status=PENDING, attempts=0, next_attempt_at=now, lease_until=None,

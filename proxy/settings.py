@@ -118,8 +118,8 @@ class Settings:
         lease = _int(env, "OUTBOX_LEASE_SECONDS", 120, minimum=1, maximum=MAX_OUTBOX_LEASE_SECONDS)
         # The longest single delivery: a webhook forward, or a fallback send after a late 63016 (the
         # Content and its ApprovalRequests from the Content API, then the create: three calls, each up
-        # to TWILIO_TIMEOUT_SECONDS). A send has no other guard against a second worker: its lease must
-        # outlast it.
+        # to TWILIO_TIMEOUT_SECONDS). Its lease must outlast it: a send still `sending` when the lease ends
+        # is taken for one whose worker died during the create, and is never sent again.
         longest = max(forward_timeout, 3 * twilio_timeout)
         if lease < longest + LEASE_MARGIN_SECONDS:
             raise ConfigError(

@@ -309,7 +309,8 @@ def _status_callback() -> Response:
     late_window_failure = status == "failed" and error_code == late_failures.LATE_WINDOW_FAILURE
     if late_window_failure:
         # Attempts are stored up to ~50 ms after the send (proxy/attempts.py): make sure this process's are in.
-        # (Before the transaction: on SQLite the writer needs the write lock this one would hold.)
+        # (Before the transaction: on SQLite the writer needs the write lock this one would hold.) Another
+        # process's may still be on their way: then the worker checks again (late_failures.on_callback).
         rt.attempts.flush()
     status_row = dict(sid=sid, status=status, error_code=error_code, sender=sender, user=user, at=now)
     if not (late_window_failure or settings.forward_status_url):
@@ -320,7 +321,7 @@ def _status_callback() -> Response:
             changed = store.record_status(conn, **status_row)
             # Only `failed` with 63016 proves the window was closed; `undelivered` can have other causes.
             if late_window_failure:
-                late_failures.handle(rt, conn, sid=sid, callback_sender=sender, now=now)
+                late_failures.on_callback(rt, conn, sid=sid, callback_sender=sender, now=now)
             if settings.forward_status_url:
                 kept = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
                 outbox.enqueue(conn, kind="status", ordering_key=f"status:{sender}|{user}",

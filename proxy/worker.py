@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from werkzeug.datastructures import MultiDict
 
-from . import holds, logs, outbox
+from . import attempts, holds, late_failures, logs, outbox
 from .db import utcnow, writing
 from .errors import ApiError
-from .judge import judge
+from .judge import Judgement, judge
 from .migrate import schema_hint, schema_missing
 from .policy import Action
 from .runtime import Runtime
@@ -28,6 +30,18 @@ class GiveUp(Exception):
     """This item cannot succeed (or could send twice if retried): exhaust it now."""
 
 
+class NotYet(Retry):
+    """Expected to succeed later, per the kind's own schedule: logged at INFO, not as a failure."""
+
+
+class MaybeSent(GiveUp):
+    """Twilio may have taken this create (no answer, a 5xx, a broken connection): never sent again."""
+
+
+class Skip(Exception):
+    """Another worker has claimed this item since: it is that worker's now."""
+
+
 class Worker:
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -39,6 +53,10 @@ class Worker:
             for row in holds.expire(conn, now):
                 logs.event("hold_expired", redact=self.rt.settings.log_redact_numbers, decision="dropped",
                            held_id=row.id, sender=row.sender, user=row.user, request_id=row.request_id)
+            for row in outbox.abandoned(conn, now):
+                logs.event("delivery", redact=True, level=logging.ERROR, decision="failed", kind=row.kind,
+                           outbox_id=row.id, attempt=row.attempts + 1, outcome=outbox.UNCERTAIN,
+                           error="the worker stopped during the create: Twilio may have taken it; not sent again")
         with writing(self.rt.engine) as conn:
             # A claimed item is this worker's for the lease; a crashed worker's items come back after it.
             items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds)
@@ -70,33 +88,43 @@ class Worker:
         with writing(self.rt.engine) as conn:
             lease = outbox.keep(conn, item, now or utcnow(), settings.outbox_lease_seconds)
         if lease is None:
-            logs.event("delivery", redact=settings.log_redact_numbers, decision="skipped", kind=item.kind,
-                       outbox_id=item.id, reason="claimed_by_another_worker")
+            self._skipped(item)
             return
+        item = replace(item, lease_until=lease)
         handler = {"inbound": self._forward, "status": self._forward, "send": self._send,
-                   "release": self._release}[item.kind]
+                   "release": self._release, late_failures.KIND: self._late_failure}[item.kind]
         try:
             try:
                 handler(item)
-            except (Retry, GiveUp):
+            except (Retry, GiveUp, Skip):
                 raise
             except ApiError as exc:  # a judgement that could not be made now (e.g. Content API down)
                 raise (Retry if exc.status >= 500 else GiveUp)(f"{exc.code}: {exc.message}") from None
             except Exception as exc:  # noqa: BLE001 — one bad item must not stall the batch
                 logs.log.exception("delivery_error", extra={"outbox_id": item.id, "kind": item.kind})
                 raise Retry(type(exc).__name__) from None
+        except Skip:
+            self._skipped(item)
+            return
         except (Retry, GiveUp) as exc:
+            schedule = late_failures.RECHECK_SECONDS if item.kind == late_failures.KIND else settings.retry_schedule
             with writing(self.rt.engine) as conn:
-                status = outbox.failed(conn, item.id, str(exc), utcnow(), settings.retry_schedule,
-                                       retry=isinstance(exc, Retry), lease=lease)
-            logs.event("delivery", redact=settings.log_redact_numbers, level=30, decision="failed", kind=item.kind,
-                       outbox_id=item.id, attempt=item.attempts + 1, outcome=status, error=str(exc),
-                       duration_ms=_ms(started))
+                status = outbox.failed(conn, item.id, str(exc), utcnow(), schedule, retry=isinstance(exc, Retry),
+                                       lease=lease, uncertain=isinstance(exc, MaybeSent))
+            deferred = isinstance(exc, NotYet) and status == outbox.PENDING
+            level = logging.ERROR if status == outbox.UNCERTAIN else logging.INFO if deferred else logging.WARNING
+            logs.event("delivery", redact=settings.log_redact_numbers, level=level,
+                       decision="deferred" if deferred else "failed", kind=item.kind, outbox_id=item.id,
+                       attempt=item.attempts + 1, outcome=status, error=str(exc), duration_ms=_ms(started))
             return
         with writing(self.rt.engine) as conn:
             outbox.delivered(conn, item.id, utcnow())
         logs.event("delivery", redact=settings.log_redact_numbers, decision="delivered", kind=item.kind,
                    outbox_id=item.id, attempt=item.attempts + 1, duration_ms=_ms(started))
+
+    def _skipped(self, item: outbox.Item) -> None:
+        logs.event("delivery", redact=self.rt.settings.log_redact_numbers, decision="skipped", kind=item.kind,
+                   outbox_id=item.id, reason="claimed_by_another_worker")
 
     def _forward(self, item: outbox.Item) -> None:
         reply = self.rt.forwarder.post(item.target, [tuple(p) for p in item.body], outbox.with_id(item))
@@ -104,12 +132,37 @@ class Worker:
             raise Retry(reply.error or "failed")
 
     def _send(self, item: outbox.Item) -> None:
-        """A fallback template after a late 63016: judged like any send, then sent with the account's auth."""
+        """A fallback template after a late 63016: judged like any send, then sent with the account's auth,
+        at most once: marked `sending` before the create, like a held message."""
+        started = time.perf_counter()
         pairs = [tuple(p) for p in item.body]
         judgement = judge(self.rt, MultiDict(pairs))
         if judgement.decision.action is not Action.ALLOWED:
             raise GiveUp(f"fallback not sendable: {judgement.decision.reason}")
-        self.send_to_twilio(item.target, pairs)
+        with writing(self.rt.engine) as conn:
+            if not outbox.start_sending(conn, item, utcnow()):
+                raise Skip()
+        try:
+            self.create(item.target, pairs, judgement, decision=FALLBACK, request_id=f"outbox-{item.id}",
+                        started=started)
+        except (Retry, GiveUp):
+            raise
+        except Exception as exc:  # noqa: BLE001 — whatever broke, the request may have gone out
+            logs.log.exception("delivery_error", extra={"outbox_id": item.id, "kind": item.kind})
+            raise MaybeSent(f"{type(exc).__name__} during the create; not retried, it may have been sent") from None
+
+    def _late_failure(self, item: outbox.Item) -> None:
+        """A late 63016 whose send was not recorded when the callback came (another process had it
+        still in its attempt writer): the same handling, once per sid whichever path acts first."""
+        sid, sender = item.target, dict(item.body).get("From") or None
+        with writing(self.rt.engine) as conn:
+            action = late_failures.handle(self.rt, conn, sid=sid, callback_sender=sender, now=utcnow())
+        if action is not None:
+            return
+        checks = item.attempts + 1
+        if checks < len(late_failures.RECHECK_SECONDS):
+            raise NotYet("no send of the proxy's recorded with this sid yet")
+        late_failures.not_a_proxy_send(self.rt, sid=sid, callback_sender=sender, checks=checks)
 
     def _release(self, item: outbox.Item) -> None:
         """Send the pair's held messages in their original order, each judged again now."""
@@ -118,9 +171,11 @@ class Worker:
         with self.rt.engine.connect() as conn:
             held = holds.held_for(conn, sender, user, utcnow())
         for row in held:
+            started = time.perf_counter()
             pairs = [tuple(p) for p in json.loads(row["params"])]
             try:
-                decision = judge(self.rt, MultiDict(pairs)).decision
+                judgement = judge(self.rt, MultiDict(pairs))
+                decision = judgement.decision
             except ApiError as exc:
                 if exc.status >= 500:  # the Content API or the database is away: try again later
                     raise Retry(f"{exc.code}: {exc.message}") from None
@@ -135,7 +190,8 @@ class Worker:
                 if not holds.take(conn, row["id"]):
                     continue  # another worker has it
             try:
-                sid = self.send_to_twilio(row["account_sid"], pairs)
+                sid = self.create(row["account_sid"], pairs, judgement, decision=RELEASED,
+                                  request_id=row["request_id"], started=started)
             except Retry as exc:  # Twilio never received it: put it back in line
                 with writing(self.rt.engine) as conn:
                     holds.mark(conn, row["id"], holds.HELD, utcnow(), error=str(exc))
@@ -154,12 +210,27 @@ class Worker:
                    message_sid=message_sid, error=error, sender=row["sender"], user=row["user"],
                    request_id=row["request_id"])
 
-    def send_to_twilio(self, account_sid: str, pairs: list) -> str | None:
-        """POST a Messages create with the configured account's credentials.
+    def create(self, account_sid: str, pairs: list, judgement: Judgement, *, decision: str, request_id: str,
+               started: float) -> str | None:
+        """send_to_twilio, recorded in send_attempts like a gateway send (whatever came of it), so a late
+        63016 on it is acted on too; `decision` tells the worker's creates from the gateway's."""
+        answer = {"outcome": "upstream_error", "upstream_status": None, "message_sid": None}
+        try:
+            answer["message_sid"] = self.send_to_twilio(account_sid, pairs, answer)
+            return answer["message_sid"]
+        finally:
+            self.rt.attempts.submit(attempts.row(
+                judgement, account_sid=account_sid, request_id=request_id, params=pairs, decision=decision,
+                duration_ms=_ms(started), **answer))
+            # Stored before the item is marked done; a callback that still beats it is checked again later.
+            self.rt.attempts.flush(ATTEMPT_FLUSH_SECONDS)
+
+    def send_to_twilio(self, account_sid: str, pairs: list, answer: dict | None = None) -> str | None:
+        """POST a Messages create with the configured account's credentials; `answer` gets its outcome.
 
         Only a request Twilio never received is retried: a timeout or an answer may mean it was sent.
         """
-        settings = self.rt.settings
+        settings, answer = self.rt.settings, {} if answer is None else answer
         token = base64.b64encode(f"{settings.account_sid}:{settings.auth_token}".encode()).decode()
         try:
             response = self.rt.upstream.request(
@@ -167,15 +238,18 @@ class Worker:
                 headers={"Authorization": f"Basic {token}", "Accept": "application/json",
                          "Content-Type": "application/x-www-form-urlencoded"})
         except UpstreamError as exc:
+            answer["outcome"] = f"upstream_{exc.kind}"
             if exc.kind == "unreachable":
                 raise Retry(f"Twilio unreachable: {exc.detail}") from None
-            raise GiveUp(f"Twilio did not answer ({exc.detail}); not retried, it may have been sent") from None
+            raise MaybeSent(f"Twilio did not answer ({exc.detail}); not retried, it may have been sent") from None
+        answer["upstream_status"] = response.status_code
         if response.status_code == 429:  # rate limited: Twilio did not take it
             raise Retry(f"Twilio answered {response.status_code}")
         if response.status_code >= 500:
-            raise GiveUp(f"Twilio answered {response.status_code}; not retried, it may have been accepted")
+            raise MaybeSent(f"Twilio answered {response.status_code}; not retried, it may have been accepted")
         if response.status_code >= 300:
             raise GiveUp(f"Twilio answered {response.status_code}: {self._twilio_error(response.text)}")
+        answer["outcome"] = "sent"
         try:
             return json.loads(response.text).get("sid")
         except (ValueError, AttributeError):
@@ -190,6 +264,11 @@ class Worker:
         except (ValueError, TypeError, KeyError, RecursionError):
             pass  # not Twilio's JSON: its text as it came
         return (logs.mask_numbers(text) if self.rt.settings.log_redact_numbers else text)[:200]
+
+
+# send_attempts decisions of the worker's own creates (the gateway's are its Action values).
+RELEASED, FALLBACK = "released", "fallback"
+ATTEMPT_FLUSH_SECONDS = 5.0
 
 
 def _ms(started: float) -> float:

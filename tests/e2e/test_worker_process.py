@@ -1,20 +1,27 @@
-"""The outbox worker as the Procfile runs it (`flask --app proxy worker`), killed mid-delivery."""
+"""The outbox worker as the Procfile runs it (`flask --app proxy worker`), killed mid-delivery and mid-create."""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from proxy import create_app
-from proxy.db import outbox
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, inbound_params, signed_post
+from proxy.db import outbox, utcnow
+from proxy.worker import Worker
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, inbound_params, signed_post
 from tests.e2e.conftest import ROOT, procfile_command
+from tests.http.test_forwarding import failed_callback, fallback_app
+from tests.http.test_gateway import send
 
 pytestmark = pytest.mark.e2e
 
@@ -74,3 +81,75 @@ def test_worker_killed_mid_delivery_redelivers_after_restart(settings, database_
     assert fake_app.bodies("/app/inbound")[-1] == "keep me"
     assert 1 <= len(fake_app.received) <= 2
     assert {dict(form)["MessageSid"] for _, form, _ in fake_app.received} == {"SM" + "9" * 32}
+
+
+class SilentTwilio:
+    """Takes a Messages create and never answers: the worker stays inside its create until it is killed."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.received, self.connections = [], []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            request = b""
+            while chunk := conn.recv(65536):  # until the body is in: the worker then waits for the answer
+                request += chunk
+                head, _, body = request.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), None)
+                if length is not None and len(body) >= length:
+                    break
+            self.received.append(request)
+
+    def close(self):
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def test_a_worker_killed_during_a_fallback_create_never_sends_it_again(settings, database_url, db_engine,
+                                                                      fake_twilio, tmp_path, log_lines):
+    """The create is not idempotent: after the lease, the fallback is left `uncertain` for an operator."""
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "8" * 32))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", failed_callback(sid)).status_code == 200
+    twilio = SilentTwilio()
+    env = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "DATABASE_URL": database_url,
+           "TWILIO_API_BASE_URL": twilio.url, "TWILIO_CONTENT_BASE_URL": fake_twilio.url,
+           "TWILIO_TIMEOUT_SECONDS": "60", "OUTBOX_LEASE_SECONDS": "185", "WORKER_POLL_SECONDS": "0.2"}
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log)
+    try:
+        assert wait_for(lambda: twilio.received), log.read_text()
+        worker.send_signal(signal.SIGKILL)  # dies inside the create: Twilio may have taken the fallback
+        worker.wait(10)
+    finally:
+        worker.kill()
+        twilio.close()
+    assert b"ContentSid=" + app.fallback_sid.encode() in twilio.received[0]
+
+    restarted = create_app(app.extensions["proxy"].settings)  # another worker, after the lease ran out
+    for later in (timedelta(seconds=186), timedelta(days=1)):
+        Worker(restarted.extensions["proxy"]).run_once(utcnow() + later)
+    assert [r for r in fake_twilio.creates if dict(r.form).get("ContentSid") == app.fallback_sid] == []
+    with db_engine.connect() as conn:
+        [(item_id, status)] = conn.execute(select(outbox.c.id, outbox.c.status).where(outbox.c.kind == "send")).all()
+    assert status == "uncertain"
+    [line] = [line for line in log_lines() if line["event"] == "delivery" and line.get("outcome") == "uncertain"]
+    assert line["level"] == "ERROR" and line["outbox_id"] == item_id
+    listed = restarted.test_cli_runner().invoke(args=["outbox", "list", "--status", "uncertain"])
+    assert json.loads(listed.stdout.splitlines()[0])["id"] == item_id
+    restarted.extensions["proxy"].engine.dispose()
+    app.extensions["proxy"].engine.dispose()

@@ -645,3 +645,192 @@ def test_a_failure_reported_after_another_worker_claimed_the_item_leaves_it_to_t
         assert outbox_module.claim(conn, later + timedelta(seconds=1), LEASE_SECONDS) == []  # not due yet
     [row] = items(db_engine)
     assert row["attempts"] == 2 and row["lease_until"] is None
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once it is closed: connection refused
+
+
+def fallback_creates(app, fake_twilio):
+    return [r for r in fake_twilio.creates if dict(r.form).get("ContentSid") == app.fallback_sid]
+
+
+def test_a_fallback_twilio_may_have_taken_is_left_uncertain_and_never_sent_again(
+        settings, db_engine, fake_twilio, log_lines):
+    """Only a create Twilio never received goes back in line; one it may have taken (a 5xx, no answer) is
+    left `uncertain` for an operator: the worker never sends it again, nor does `outbox replay --all`."""
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "5" * 31 + "a"))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+    signed_post(client, "/twilio/status", failed_callback(sid))
+    unreachable = create_app(replace(app.extensions["proxy"].settings,
+                                     twilio_api_base_url=f"http://127.0.0.1:{closed_port()}"))
+    assert run_worker(unreachable) == 1
+    [item] = [i for i in items(db_engine) if i["kind"] == "send"]
+    assert (item["status"], item["attempts"]) == ("pending", 1)  # refused before sending: tried again
+    fake_twilio.fail_with = (500, {"code": 20500, "message": "Internal Server Error",
+                                   "more_info": "https://www.twilio.com/docs/errors/20500", "status": 500})
+    assert run_worker(app, utcnow() + timedelta(seconds=6)) == 1
+    assert len(fallback_creates(app, fake_twilio)) == 1
+    [item] = [i for i in items(db_engine) if i["kind"] == "send"]
+    assert item["status"] == "uncertain" and "500" in item["last_error"]
+    [line] = [line for line in log_lines() if line["event"] == "delivery" and line.get("outcome") == "uncertain"]
+    assert line["level"] == "ERROR" and line["outbox_id"] == item["id"]
+    fake_twilio.fail_with = None
+    runner = app.test_cli_runner()
+    assert "0 item(s)" in runner.invoke(args=["outbox", "replay", "--all"]).output
+    for later in (timedelta(days=1), timedelta(days=30)):
+        run_worker(app, utcnow() + later)
+    assert len(fallback_creates(app, fake_twilio)) == 1
+    listed = runner.invoke(args=["outbox", "list", "--status", "uncertain"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout.splitlines()[0])["id"] == item["id"]
+    # An operator who found it missing from Twilio's Messages list sends it again, by its id.
+    assert "1 item(s)" in runner.invoke(args=["outbox", "replay", str(item["id"])]).output
+    assert run_worker(app) == 1 and len(fallback_creates(app, fake_twilio)) == 2
+    unreachable.extensions["proxy"].engine.dispose()
+
+
+def behind(app, monkeypatch) -> list:
+    """The process's attempt writer has not stored what it was given (a lock, a busy database): the rows
+    it was handed, to store later with `store_attempts`."""
+    rows = []
+    monkeypatch.setattr(app.extensions["proxy"].attempts, "submit", rows.append)
+    return rows
+
+
+def store_attempts(engine, rows):
+    with engine.begin() as conn:
+        conn.execute(send_attempts.insert(), rows)
+
+
+def late_lines(log_lines, sid=None):
+    return [line for line in log_lines() if line["event"] == "late_window_failure"
+            and (sid is None or line["message_sid"] == sid)]
+
+
+def window_open(client, user=USER):
+    return client.get(f"/v1/windows?sender={BUSINESS}&user={user}", headers=basic_auth()).get_json()["open"]
+
+
+@pytest.mark.parametrize("user_wrote_since", [False, True])
+def test_a_late_63016_handled_by_another_process_before_the_send_is_recorded_is_acted_on_later(
+        settings, db_engine, fake_twilio, log_lines, monkeypatch, user_wrote_since):
+    """Process A made the send; its attempt row is not stored yet when process B takes the callback."""
+    a = fallback_app(settings, fake_twilio)
+    b = create_app(a.extensions["proxy"].settings)
+    unstored = behind(a, monkeypatch)
+    signed_post(a.test_client(), "/twilio/inbound", inbound_params("SM" + "6" * 31 + "a"))
+    sid = send(a.test_client(), {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+    if user_wrote_since:  # a new window, opened after the send came in: the 63016 says nothing about it
+        signed_post(a.test_client(), "/twilio/inbound", inbound_params("SM" + "6" * 31 + "b"))
+    assert signed_post(b.test_client(), "/twilio/status", failed_callback(sid)).status_code == 200
+    store_attempts(db_engine, unstored)
+    assert run_worker(b, utcnow() + timedelta(seconds=6)) == 1
+    assert window_open(b.test_client()) is user_wrote_since
+    [late] = late_lines(log_lines)
+    assert (late["decision"], late["message_sid"]) == ("closed_and_rerouted", sid)
+    assert run_worker(b, utcnow() + timedelta(seconds=6)) == 1
+    assert len(fallback_creates(a, fake_twilio)) == 1
+    b.extensions["proxy"].engine.dispose()
+
+
+def test_a_late_63016_is_acted_on_once_whichever_path_sees_its_send_first(
+        settings, db_engine, fake_twilio, log_lines, monkeypatch):
+    """Twilio may repeat a callback: the deferred check and a repeat handled at once act once per sid."""
+    a = fallback_app(settings, fake_twilio)
+    b = create_app(a.extensions["proxy"].settings)
+    unstored = behind(a, monkeypatch)
+    signed_post(a.test_client(), "/twilio/inbound", inbound_params("SM" + "6" * 31 + "c"))
+    deferred_first, immediate_first = (send(a.test_client(), {"To": USER, "From": BUSINESS, "Body": body})
+                                       .get_json()["sid"] for body in ("one", "two"))
+    for sid in (deferred_first, immediate_first):
+        signed_post(b.test_client(), "/twilio/status", failed_callback(sid))
+    store_attempts(db_engine, unstored)
+    signed_post(b.test_client(), "/twilio/status", failed_callback(immediate_first))  # the send is recorded now
+    assert [line["message_sid"] for line in late_lines(log_lines)] == [immediate_first]
+    while run_worker(b, utcnow() + timedelta(seconds=6)):
+        pass
+    acted = sorted([deferred_first, immediate_first])
+    assert sorted(line["message_sid"] for line in late_lines(log_lines)) == acted
+    signed_post(b.test_client(), "/twilio/status", failed_callback(deferred_first))  # Twilio repeats it
+    run_worker(b, utcnow() + timedelta(seconds=6))
+    assert sorted(line["message_sid"] for line in late_lines(log_lines)) == acted
+    assert len(fallback_creates(a, fake_twilio)) == 2  # one per sid
+    with db_engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(late_failures)).scalar_one() == 2
+    b.extensions["proxy"].engine.dispose()
+
+
+def test_a_late_63016_whose_send_is_never_recorded_is_logged_once_as_not_the_proxys(
+        settings, db_engine, fake_twilio, log_lines):
+    """Checked again a bounded number of times, then said once, at INFO, and finished."""
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "6" * 31 + "d"))
+    sid = "SM" + "6" * 31 + "e"  # sent by someone else on the account, straight to Twilio
+    assert signed_post(client, "/twilio/status", failed_callback(sid)).status_code == 200
+    checks = 0
+    while run_worker(app, utcnow() + timedelta(hours=1)):
+        checks += 1
+        assert checks < 10
+    assert checks > 1
+    [late] = late_lines(log_lines)
+    assert (late["level"], late["decision"], late["message_sid"]) == ("INFO", "not_a_proxy_send", sid)
+    assert all(line["level"] == "INFO" for line in log_lines() if line["event"] == "delivery")
+    assert window_open(client) is True and fake_twilio.creates == []
+    assert [(i["kind"], i["status"]) for i in items(db_engine)] == [("late_failure", "delivered")]
+    with db_engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(late_failures)).scalar_one() == 0
+
+
+def test_a_late_63016_on_a_released_message_closes_the_window_like_any_send(
+        settings, db_engine, fake_twilio, log_lines):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "held then released"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 31 + "c"))
+    assert run_worker(app) == 1
+    [released] = client.get("/v1/held?status=released", headers=basic_auth()).get_json()["held"]
+    [attempt] = [a for a in attempts(db_engine) if a["message_sid"] == released["message_sid"]]
+    assert (attempt["decision"], attempt["reason"], attempt["outcome"]) == ("released", "window_open", "sent")
+    assert signed_post(client, "/twilio/status", failed_callback(released["message_sid"])).status_code == 200
+    assert window_open(client) is False
+    [late] = late_lines(log_lines)
+    assert (late["decision"], late["message_sid"]) == ("closed_and_rerouted", released["message_sid"])
+    assert run_worker(app) == 1
+    assert len(fallback_creates(app, fake_twilio)) == 2  # the reroute's, then the late failure's
+
+
+@pytest.mark.parametrize("sent_by", ["worker", "gateway"])
+def test_a_late_63016_on_a_fallback_closes_the_window_and_sends_no_other_fallback(
+        settings, db_engine, fake_twilio, log_lines, sent_by):
+    """Each fallback has a new sid: another one for its failure could loop for ever."""
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 31 + "d"))
+    if sent_by == "worker":  # a late 63016 on a free-form send queued it
+        sid = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+        signed_post(client, "/twilio/status", failed_callback(sid))
+        signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 31 + "e"))  # the window opens again
+        assert run_worker(app) == 1
+    else:  # rerouted in the window: a carousel needs an approval it lacks
+        carousel = fake_twilio.add_content({"twilio/carousel": {"body": "c", "cards": []}}, "pending")
+        assert send(client, {"To": USER, "From": BUSINESS, "ContentSid": carousel}).headers["X-Proxy-Decision"] \
+            == "rerouted"
+    assert len(fallback_creates(app, fake_twilio)) == 1
+    fallback_sid = list(fake_twilio.messages)[-1]  # the fallback is the last create either way
+    [attempt] = [a for a in attempts(db_engine) if a["message_sid"] == fallback_sid]
+    assert attempt["decision"] == ("fallback" if sent_by == "worker" else "rerouted")
+    assert window_open(client) is True
+    before = len(items(db_engine))
+    assert signed_post(client, "/twilio/status", failed_callback(fallback_sid)).status_code == 200
+    assert window_open(client) is False
+    late = late_lines(log_lines, fallback_sid)
+    assert [(line["decision"], line["fallback_content_sid"]) for line in late] == [("closed", None)]
+    assert len(items(db_engine)) == before and run_worker(app) == 0
+    assert len(fallback_creates(app, fake_twilio)) == 1
