@@ -35,7 +35,7 @@ class OutboxDepth:
                 counts = outbox.depth(conn)
         except Exception:  # noqa: BLE001 — a scrape must not fail because the database is away
             return
-        for status in ("pending", "delivered", "exhausted"):
+        for status in outbox.STATUSES:  # every one, so a stuck `sending` or `uncertain` item can be alerted on
             family.add_metric([status], counts.get(status, 0))
         yield family
 

@@ -18,6 +18,8 @@ DEFAULT_SQLITE_PATH = Path("instance") / "proxy.sqlite3"
 # An outbox lease outlasts one delivery by this much (the database writes around it, clocks of several
 # instances); the inline attempt's lease in proxy/webhooks.py is FORWARD_TIMEOUT_SECONDS + 5 too.
 LEASE_MARGIN_SECONDS = 5
+# The worker waits this long at most for a create's send_attempts row to be stored, its item still `sending`.
+ATTEMPT_FLUSH_SECONDS = 1
 
 # The largest value each number may take. Without them a huge value (or inf) started the proxy and then
 # failed every request (a timedelta or urllib3 deadline past datetime's range: OverflowError, a 500) or
@@ -118,13 +120,14 @@ class Settings:
         lease = _int(env, "OUTBOX_LEASE_SECONDS", 120, minimum=1, maximum=MAX_OUTBOX_LEASE_SECONDS)
         # The longest single delivery: a webhook forward, or a fallback send after a late 63016 (the
         # Content and its ApprovalRequests from the Content API, then the create: three calls, each up
-        # to TWILIO_TIMEOUT_SECONDS). Its lease must outlast it: a send still `sending` when the lease ends
-        # is taken for one whose worker died during the create, and is never sent again.
-        longest = max(forward_timeout, 3 * twilio_timeout)
+        # to TWILIO_TIMEOUT_SECONDS), then the wait for its attempt row. Its lease must outlast it: a send
+        # still `sending` when the lease ends is taken for one whose worker died during the create, and is
+        # never sent again.
+        longest = max(forward_timeout, 3 * twilio_timeout + ATTEMPT_FLUSH_SECONDS)
         if lease < longest + LEASE_MARGIN_SECONDS:
             raise ConfigError(
                 f"OUTBOX_LEASE_SECONDS must be at least {math.ceil(longest + LEASE_MARGIN_SECONDS)} "
-                f"(FORWARD_TIMEOUT_SECONDS, or 3 x TWILIO_TIMEOUT_SECONDS if more, + {LEASE_MARGIN_SECONDS}), "
+                f"(FORWARD_TIMEOUT_SECONDS, or 3 x TWILIO_TIMEOUT_SECONDS + {ATTEMPT_FLUSH_SECONDS} if more, + {LEASE_MARGIN_SECONDS}), "
                 f"got {lease}: a worker must still hold an item when its delivery ends, or another worker "
                 "delivers it too.")
         return cls(

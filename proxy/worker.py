@@ -19,6 +19,7 @@ from .judge import Judgement, judge
 from .migrate import schema_hint, schema_missing
 from .policy import Action
 from .runtime import Runtime
+from .settings import ATTEMPT_FLUSH_SECONDS
 from .upstream import UpstreamError
 
 
@@ -251,9 +252,10 @@ class Worker:
             raise GiveUp(f"Twilio answered {response.status_code}: {self._twilio_error(response.text)}")
         answer["outcome"] = "sent"
         try:
-            return json.loads(response.text).get("sid")
+            sid = json.loads(response.text).get("sid")
         except (ValueError, AttributeError):
             return None
+        return sid if isinstance(sid, str) else None  # Twilio took it; a sid that is not text is not recorded
 
     def _twilio_error(self, text: str) -> str:
         """Twilio's error code and message, trimmed; logged and stored, so its numbers are masked
@@ -268,7 +270,6 @@ class Worker:
 
 # send_attempts decisions of the worker's own creates (the gateway's are its Action values).
 RELEASED, FALLBACK = "released", "fallback"
-ATTEMPT_FLUSH_SECONDS = 5.0
 
 
 def _ms(started: float) -> float:

@@ -198,7 +198,7 @@ def test_sandbox_up_suggests_a_curl_that_sends_the_users_number_intact():
                                 timeout=60)
     assert result.returncode == 0, result.stderr
     [sent] = sim.creates
-    assert (dict(sent.form)["To"], dict(sent.form)["From"], dict(sent.form)["Body"]) == (USER, BUSINESS, "hello")
+    assert (dict(sent.form)["To"], dict(sent.form)["From"], dict(sent.form)["Body"]) == ("whatsapp:+14155550111", BUSINESS, "hello")
 
 
 def test_a_held_send_to_a_respelt_user_is_delivered_once_they_write(settings, db_engine, fake_twilio):
@@ -452,3 +452,15 @@ def test_a_proxy_url_ending_in_a_slash_gets_no_doubled_slash():
     server.server.server_close()  # bound, never served
     assert (sim.inbound_url, sim.status_callback_url) == \
         ("http://127.0.0.1:8000/twilio/inbound", "http://127.0.0.1:8000/twilio/status")
+
+
+def test_the_exports_never_print_a_database_password():
+    from proxy.sandbox.cli import exports
+
+    lines = exports({"DATABASE_URL": "postgresql://proxy:s3cret-pw@127.0.0.1:5432/proxy",
+                     "TWILIO_ACCOUNT_SID": SANDBOX_ACCOUNT_SID}, "/venv/bin")
+    assert not any("s3cret-pw" in line for line in lines)
+    assert lines[0].startswith("# DATABASE_URL: export the one you started with")
+    assert f"export TWILIO_ACCOUNT_SID={SANDBOX_ACCOUNT_SID}" in lines
+    plain = exports({"DATABASE_URL": "sqlite:////tmp/x.sqlite3"}, "/venv/bin")
+    assert plain[0] == "export DATABASE_URL=sqlite:////tmp/x.sqlite3"

@@ -95,9 +95,18 @@ def open_windows(url: str) -> dict:
 
 def exports(env: Mapping[str, str], bin_dir: str) -> list[str]:
     """The shell lines after which `flask --app proxy …` works against this sandbox."""
-    lines = [f"export {name}={shlex.quote(env[name])}" for name in EXPORTED if name in env]
+    lines = [f"export {name}={shlex.quote(env[name])}" for name in EXPORTED if name in env and not _has_password(env[name])]
+    if _has_password(env.get("DATABASE_URL", "")):  # a banner is not where a database password belongs
+        lines.insert(0, "# DATABASE_URL: export the one you started with (its password is not printed)")
     # `make run` never activates the virtualenv: without this another shell has no (or another) flask.
     return [*lines, f'export PATH={shlex.quote(bin_dir)}:"$PATH"']
+
+
+def _has_password(value: str) -> bool:
+    try:
+        return bool(make_url(value).password)
+    except Exception:  # noqa: BLE001 — not a URL at all (the other exported values): nothing to hide
+        return False
 
 
 def template_lines(samples: dict) -> list[str]:
@@ -120,7 +129,7 @@ def sandbox(ctx: click.Context, port: int, proxy_url: str):
     click.echo(BANNER.format(sim=sim.url))
     click.echo(f"account {sim.account_sid}, auth token {sim.auth_token} (sandbox values, not secrets)")
     click.echo("\n".join(template_lines(samples)))
-    click.echo(f"users write with: flask --app proxy sandbox say whatsapp:+14155550100 'hi' --sim-url {sim.url}")
+    click.echo(f"users write with: flask --app proxy sandbox say whatsapp:+14155550111 'hi' --sim-url {sim.url}")
     _wait_for_signal()
     server.__exit__(None, None, None)
 
@@ -181,7 +190,7 @@ def up(port: int, sandbox_port: int):
                "flask --app proxy … in another shell (held list, windows show, …) sees this sandbox after:\n"
                + "\n".join(f"  {line}" for line in exports(env, bin_dir)) + "\n"
                f"try:  {try_command(proxy_url)}\n"
-               f"then: flask --app proxy sandbox say whatsapp:+14155550100 'hi' --sim-url {sim.url}\n"
+               f"then: flask --app proxy sandbox say whatsapp:+14155550111 'hi' --sim-url {sim.url}\n"
                f"      flask --app proxy sandbox demo   (a scripted tour)")
     try:
         _wait_for_signal(processes)
@@ -198,10 +207,10 @@ def up(port: int, sandbox_port: int):
 
 def try_command(proxy_url: str) -> str:
     """The curl line `sandbox up` suggests: a cold send to the sandbox user through the proxy."""
-    # --data-urlencode, not -d: a form body decodes a bare `+` as a space (`whatsapp: 14155550100`).
+    # --data-urlencode, not -d: a form body decodes a bare `+` as a space (`whatsapp: 14155550111`).
     return (f"curl -u {SANDBOX_ACCOUNT_SID}:{SANDBOX_AUTH_TOKEN} "
             f"{proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json "
-            f"--data-urlencode To=whatsapp:+14155550100 --data-urlencode From={BUSINESS} "
+            f"--data-urlencode To=whatsapp:+14155550111 --data-urlencode From={BUSINESS} "
             f"--data-urlencode Body=hello -i")
 
 

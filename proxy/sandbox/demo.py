@@ -22,7 +22,7 @@ from ..worker import Worker
 from .server import ServerThread
 from .simulator import BUSINESS, Simulator
 
-USER = "whatsapp:+14155550100"
+USER = "whatsapp:+14155550111"
 COLD_USER = "whatsapp:+14155550199"
 
 

@@ -834,3 +834,44 @@ def test_a_late_63016_on_a_fallback_closes_the_window_and_sends_no_other_fallbac
     assert [(line["decision"], line["fallback_content_sid"]) for line in late] == [("closed", None)]
     assert len(items(db_engine)) == before and run_worker(app) == 0
     assert len(fallback_creates(app, fake_twilio)) == 1
+
+
+def test_a_fallback_twilio_took_with_a_sid_that_is_not_text_is_delivered_not_uncertain(settings, db_engine,
+                                                                                       fake_twilio):
+    """The recorded attempt's sid went through storable(), whose TypeError replaced the create's success."""
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "5" * 31 + "f"))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+    signed_post(client, "/twilio/status", failed_callback(sid))
+    fake_twilio.fail_with = (201, {"sid": 12345, "status": "queued"})
+    assert run_worker(app) == 1
+    assert len(fallback_creates(app, fake_twilio)) == 1
+    [item] = [i for i in items(db_engine) if i["kind"] == "send"]
+    assert item["status"] == "delivered", (item["status"], item["last_error"])
+
+
+def test_a_release_twilio_took_with_a_sid_that_is_not_text_is_released_not_left_sending(settings, db_engine,
+                                                                                        fake_twilio):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "held"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 31 + "f"))
+    fake_twilio.fail_with = (201, {"sid": 12345, "status": "queued"})
+    run_worker(app)
+    held = client.get("/v1/held?status=all", headers=basic_auth()).get_json()["held"]
+    assert [h["status"] for h in held] == ["released"]
+
+
+def test_metrics_count_outbox_items_in_every_status_an_operator_must_see(settings, db_engine, fake_twilio):
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "9" * 31 + "a"))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+    signed_post(client, "/twilio/status", failed_callback(sid))
+    fake_twilio.fail_with = (500, {"code": 20500, "message": "x", "more_info": "", "status": 500})
+    run_worker(app)
+    assert [i["status"] for i in items(db_engine)] == ["uncertain"]
+    text = client.get("/metrics", headers=basic_auth()).get_data(as_text=True)
+    assert 'proxy_outbox_items{status="uncertain"} 1.0' in text
+    assert 'proxy_outbox_items{status="sending"} 0.0' in text
