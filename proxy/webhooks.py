@@ -26,6 +26,9 @@ bp = Blueprint("webhooks", __name__, url_prefix="/twilio")
 
 EMPTY_TWIML = str(MessagingResponse())
 TWILIO_WEBHOOK_TIMEOUT_SECONDS = 15  # Twilio gives up on a webhook's answer after this
+# A waiting webhook's own attempt must end this much before Twilio's limit: the time the request spent
+# before its handler (the network, gunicorn's queue) is not on its clock.
+WEBHOOK_DEADLINE_MARGIN_SECONDS = 1
 INLINE_POLL_SECONDS = 0.05  # how often a webhook looks whether the one before it was delivered
 # Whole values only (fullmatch: `$` would also accept a trailing newline). A message sid is exactly what
 # Twilio issues (SM, or MM for media; its OpenAPI pattern): the signature covers the fields' names and
@@ -284,7 +287,8 @@ def _take_turn(rt, item_id: int, lease: datetime, arrived: float, key: str) -> d
                 # not let it run out mid-delivery, where a worker would deliver a second copy alongside.
                 return outbox.keep_lease(conn, item_id, lease, utcnow(), timeout + LEASE_MARGIN_SECONDS)
             elapsed = time.perf_counter() - arrived
-            if earlier == "queued" or elapsed + INLINE_POLL_SECONDS + timeout >= TWILIO_WEBHOOK_TIMEOUT_SECONDS:
+            deadline = TWILIO_WEBHOOK_TIMEOUT_SECONDS - WEBHOOK_DEADLINE_MARGIN_SECONDS
+            if earlier == "queued" or elapsed + INLINE_POLL_SECONDS + timeout >= deadline:
                 outbox.release_lease(conn, item_id, lease)  # keep the order: the worker delivers it after
                 return None
         time.sleep(INLINE_POLL_SECONDS)  # cooperative under gevent

@@ -56,7 +56,7 @@ def test_worker_killed_mid_delivery_redelivers_after_restart(settings, database_
            "TWILIO_API_BASE_URL": fake_twilio.url, "TWILIO_CONTENT_BASE_URL": fake_twilio.url,
            "FORWARD_INBOUND_URL": url, "OUTBOX_RETRY_SCHEDULE": "0,0,0,0", "OUTBOX_LEASE_SECONDS": "7",
            "WORKER_POLL_SECONDS": "0.2", "FORWARD_TIMEOUT_SECONDS": "2",
-           "TWILIO_TIMEOUT_SECONDS": "0.5"}  # the shortest lease allowed: 2 s + 5
+           "TWILIO_TIMEOUT_SECONDS": "0.3"}  # the shortest lease allowed: 2 s + 5
     log = tmp_path / "worker.log"
     first = start_worker(env, log)
     try:
@@ -128,7 +128,7 @@ def test_a_worker_killed_during_a_fallback_create_never_sends_it_again(settings,
     twilio = SilentTwilio()
     env = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "DATABASE_URL": database_url,
            "TWILIO_API_BASE_URL": twilio.url, "TWILIO_CONTENT_BASE_URL": fake_twilio.url,
-           "TWILIO_TIMEOUT_SECONDS": "60", "OUTBOX_LEASE_SECONDS": "185", "WORKER_POLL_SECONDS": "0.2"}
+           "TWILIO_TIMEOUT_SECONDS": "60", "OUTBOX_LEASE_SECONDS": "186", "WORKER_POLL_SECONDS": "0.2"}
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
     try:
