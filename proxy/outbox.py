@@ -16,6 +16,7 @@ PENDING, DELIVERED, EXHAUSTED = "pending", "delivered", "exhausted"
 # taken (no answer, a 5xx, or its worker died in the create) is `uncertain`: an operator's, never sent again.
 SENDING, UNCERTAIN = "sending", "uncertain"
 STATUSES = (PENDING, SENDING, DELIVERED, EXHAUSTED, UNCERTAIN)
+ABANDONED = "the worker stopped during the create: Twilio may have taken it; not sent again"
 OUTBOX_ID_HEADER = "X-Proxy-Outbox-Id"
 
 
@@ -131,7 +132,7 @@ def abandoned(conn: Connection, now: datetime) -> list:
     return conn.execute(
         update(outbox).where(outbox.c.status == SENDING, outbox.c.lease_until < now)
         .values(status=UNCERTAIN, lease_until=None, updated_at=now,
-                last_error="the worker stopped during the create: Twilio may have taken it; not sent again")
+                last_error=ABANDONED)
         .returning(outbox.c.id, outbox.c.kind, outbox.c.attempts)
     ).all()
 

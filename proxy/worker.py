@@ -57,7 +57,7 @@ class Worker:
             for row in outbox.abandoned(conn, now):
                 logs.event("delivery", redact=True, level=logging.ERROR, decision="failed", kind=row.kind,
                            outbox_id=row.id, attempt=row.attempts + 1, outcome=outbox.UNCERTAIN,
-                           error="the worker stopped during the create: Twilio may have taken it; not sent again")
+                           error=outbox.ABANDONED)
         with writing(self.rt.engine) as conn:
             # A claimed item is this worker's for the lease; a crashed worker's items come back after it.
             items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds)

@@ -20,6 +20,7 @@ import click
 import requests
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from ..db import utcnow, windows
 from ..settings import DEFAULT_SQLITE_PATH, ConfigError, normalise_database_url
@@ -95,17 +96,19 @@ def open_windows(url: str) -> dict:
 
 def exports(env: Mapping[str, str], bin_dir: str) -> list[str]:
     """The shell lines after which `flask --app proxy …` works against this sandbox."""
-    lines = [f"export {name}={shlex.quote(env[name])}" for name in EXPORTED if name in env and not _has_password(env[name])]
-    if _has_password(env.get("DATABASE_URL", "")):  # a banner is not where a database password belongs
+    hidden = _has_password(env.get("DATABASE_URL", ""))  # a banner is not where a database password belongs
+    lines = [f"export {name}={shlex.quote(env[name])}" for name in EXPORTED
+             if name in env and not (hidden and name == "DATABASE_URL")]
+    if hidden:
         lines.insert(0, "# DATABASE_URL: export the one you started with (its password is not printed)")
     # `make run` never activates the virtualenv: without this another shell has no (or another) flask.
     return [*lines, f'export PATH={shlex.quote(bin_dir)}:"$PATH"']
 
 
-def _has_password(value: str) -> bool:
+def _has_password(database_url: str) -> bool:
     try:
-        return bool(make_url(value).password)
-    except Exception:  # noqa: BLE001 — not a URL at all (the other exported values): nothing to hide
+        return bool(make_url(database_url).password)
+    except ArgumentError:  # not a URL: nothing in it to hide
         return False
 
 
