@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 from urllib.parse import parse_qs, urlsplit
 
 from flask import Request
 from werkzeug.datastructures import MultiDict
 from twilio.request_validator import (
+    HMAC_SHA1,
+    HMAC_SHA256,
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
     RequestValidator,
@@ -46,6 +49,17 @@ def problem(request: Request, form: MultiDict, url: str, settings: Settings,
         validator = RequestValidator(secret)
     # JSON webhooks are signed over the URL (with bodySHA256 in its query) and the raw body's hash.
     params = request.get_data(as_text=True) if request.mimetype == "application/json" else form
-    if isinstance(params, str) and "bodySHA256" not in parse_qs(urlsplit(url).query):
-        return "json_without_body_hash"
+    if isinstance(params, str):
+        if "bodySHA256" not in parse_qs(urlsplit(url).query):
+            return "json_without_body_hash"
+    elif algorithm.upper() in (HMAC_SHA1, HMAC_SHA256) and _same(validator.compute_signature(url, params, algorithm),
+                                                                 signature):
+        # The URL as received is the one Twilio signed, nearly always: one HMAC. validate() parses the URL
+        # and computes two (with and without the default port); that was ~40 µs of a webhook's ~1 ms.
+        return None
     return None if validator.validate(url, params, signature, algorithm) else "invalid_signature"
+
+
+def _same(computed: str, signature: str) -> bool:
+    # Constant-time; a header that is not ASCII (so not base64) still compares, unequal.
+    return hmac.compare_digest(computed.encode(), signature.encode("utf-8", "replace"))

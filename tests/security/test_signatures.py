@@ -37,6 +37,20 @@ def test_signature_replayed_to_another_url_is_rejected(client, db_engine):
     assert count(db_engine, windows) == 0
 
 
+@pytest.mark.parametrize("header", [
+    "é" * 28,  # not ASCII: the constant-time comparison must still answer, unequal
+    "\x00" * 28,
+    "A" * 27 + "=",  # base64-shaped, wrong
+    "A" * 4096,
+])
+def test_a_garbled_signature_header_is_a_403_not_an_error(client, db_engine, header):
+    params = inbound_params("SM" + "5" * 32)
+    response = client.post("/twilio/inbound", data=params, headers={"X-Twilio-Signature": header})
+    assert response.status_code == 403
+    assert response.get_json()["code"] == 20403
+    assert count(db_engine, messages) == 0
+
+
 @pytest.mark.parametrize("signed_for, base", [
     ("https://proxy.example.com:443/twilio/inbound", "https://proxy.example.com"),  # Twilio added the default port
     ("https://proxy.example.com/twilio/inbound", "https://proxy.example.com:443"),  # configured with the port
