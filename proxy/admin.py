@@ -9,6 +9,7 @@ from flask import Blueprint, g, request
 from . import holds, logs, window_api
 from .auth import require_basic_auth
 from .errors import ApiError
+from .gateway import create_form
 from .judge import judge
 from .policy import Action, explain
 from .runtime import runtime
@@ -23,7 +24,8 @@ _DIGITS = re.compile(r"[0-9]{1,12}")  # no bound has more than 6 digits; int() r
 def preflight():
     """Judge a Messages create form without sending anything; a block is an answer here, not an error."""
     rt = runtime()
-    judgement = judge(rt, request.form)
+    _, form = create_form()  # the body as the gateway reads it: what it would refuse is refused here too
+    judgement = judge(rt, form)
     decision = judgement.decision
     logs.event("preflight", redact=rt.settings.log_redact_numbers, decision=decision.action.value,
                reason=decision.reason, code=decision.code, content_type=judgement.send.content_type,

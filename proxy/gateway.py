@@ -16,8 +16,9 @@ from werkzeug.datastructures import MultiDict
 from . import attempts, holds, logs
 from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
+from .addresses import mask
 from .db import utcnow, writing
-from .errors import twilio_error
+from .errors import ApiError, twilio_error
 from .forms import URLENCODED, body_of, strict_form
 from .judge import Judgement, fail_open, judge
 from .migrate import schema_missing
@@ -58,19 +59,27 @@ def say_when_nothing_was_judged(response: Response) -> Response:
     return response
 
 
-@bp.post("/Accounts/<account_sid>/Messages.json")
-def create_message(account_sid: str):
-    rt, started = runtime(), time.perf_counter()
+def create_form() -> tuple[bytes, MultiDict]:
+    """A Messages create's body (kept so the forward is byte-for-byte what was sent) and the fields it
+    is judged by; ApiError (400) for a body the gateway would not forward. /v1/preflight reads it the same way.
+    """
     if request.query_string:
-        return twilio_error(400, 400, "A Messages create takes its fields in the form body, not the query string.")
-    raw_body = body_of(request)  # kept so the forward is byte-for-byte what was sent
+        raise ApiError(400, 400, "A Messages create takes its fields in the form body, not the query string.")
+    raw_body = body_of(request)
     # Judged as a form, so only a form may be forwarded: a body of another type (also one sent chunked,
     # without a Content-Length) would be judged as one thing and reach Twilio as another.
     if raw_body and request.mimetype != URLENCODED:
-        return twilio_error(400, 400, "A Messages create must be application/x-www-form-urlencoded, as Twilio's is.")
+        raise ApiError(400, 400, "A Messages create must be application/x-www-form-urlencoded, as Twilio's is.")
     form = strict_form(raw_body)
     if form is None:
-        return twilio_error(400, 400, "The request body is not valid UTF-8 form data.")
+        raise ApiError(400, 400, "The request body is not valid UTF-8 form data.")
+    return raw_body, form
+
+
+@bp.post("/Accounts/<account_sid>/Messages.json")
+def create_message(account_sid: str):
+    rt, started = runtime(), time.perf_counter()
+    raw_body, form = create_form()
     try:
         judgement = judge(rt, form)
     except SQLAlchemyError as exc:
@@ -138,9 +147,18 @@ def passthrough(rest: str):
     started = time.perf_counter()
     response, outcome, upstream_status, _ = _forward(body_of(request))
     response.headers["X-Proxy-Decision"] = Action.PASSTHROUGH.value
-    logs.event("api_passthrough", redact=True, method=request.method, path=request.path, outcome=outcome,
+    logs.event("api_passthrough", redact=True, method=request.method, path=_logged_path(request.path), outcome=outcome,
                upstream_status=upstream_status, duration_ms=_ms(started), request_id=g.request_id)
     return response
+
+
+# A phone number as a path segment (Lookup-style `/PhoneNumbers/+14155550111`); digits inside a SID or
+# the API version are not one.
+_NUMBER_IN_PATH = re.compile(r"(?<![A-Za-z0-9])\+?[0-9]{7,15}(?![A-Za-z0-9])")
+
+
+def _logged_path(path: str) -> str:
+    return _NUMBER_IN_PATH.sub(lambda found: mask(found.group()), path)
 
 
 # `/SMS/Messages` too: the legacy create resource sends as the current one does.

@@ -138,3 +138,34 @@ def test_admin_integers_are_ascii_digits_only(client, query):
 def test_admin_integers_in_ascii_digits_are_read(client):
     response = client.get("/v1/windows/expiring?within=0600&PageSize=10", headers=basic_auth())
     assert response.status_code == 200 and response.get_json()["meta"]["within"] == 600
+
+
+# --- 7. preflight reads the body as the gateway does --------------------------------------------------------
+
+def _preflight_and_send(client, **kwargs):
+    preflight = client.post("/v1/preflight", headers=basic_auth(), **kwargs)
+    path = f"{ACCOUNT}/Messages.json" + (f"?{kwargs.pop('query_string')}" if "query_string" in kwargs else "")
+    sent = client.post(path, headers=basic_auth(), **kwargs)
+    return preflight, sent
+
+
+@pytest.mark.parametrize("kwargs", [
+    # multipart: Twilio reads parts; the gateway refuses the body, so preflight must not call it allowed
+    {"data": {"To": USER, "From": BUSINESS, "Body": "x"}, "content_type": "multipart/form-data"},
+    {"data": "To=" + USER + "&From=" + BUSINESS + "&Body=%FF", "content_type": "application/x-www-form-urlencoded"},
+    {"data": {"To": USER, "From": BUSINESS, "Body": "x"}, "query_string": "Body=y"},
+])
+def test_preflight_refuses_what_the_gateway_refuses(client, fake_twilio, kwargs):
+    open_window(client)
+    preflight, sent = _preflight_and_send(client, **kwargs)
+    assert sent.status_code == 400 and set(sent.get_json()) == SHAPE
+    assert preflight.status_code == 400 and preflight.get_json() == sent.get_json()
+    assert fake_twilio.creates == []
+
+
+# --- 8. passthrough log lines --------------------------------------------------------------------------------
+
+def test_a_passthrough_path_is_logged_with_its_numbers_masked(client, fake_twilio, log_lines):
+    client.get(f"{ACCOUNT}/OutgoingCallerIds/+14155550111.json", headers=basic_auth())
+    [line] = [line for line in log_lines() if line["event"] == "api_passthrough"]
+    assert "4155550111" not in line["path"] and line["path"].startswith(f"{ACCOUNT}/OutgoingCallerIds/+1415")
