@@ -13,12 +13,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import select
 
 from proxy import create_app
 from proxy.db import outbox, utcnow
 from proxy.worker import Worker
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, inbound_params, signed_post
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, inbound_params, sign, signed_post
 from tests.e2e.conftest import ROOT, procfile_command
 from tests.http.test_forwarding import failed_callback, fallback_app
 from tests.http.test_gateway import send
@@ -153,3 +154,48 @@ def test_a_worker_killed_during_a_fallback_create_never_sends_it_again(settings,
     assert json.loads(listed.stdout.splitlines()[0])["id"] == item_id
     restarted.extensions["proxy"].engine.dispose()
     app.extensions["proxy"].engine.dispose()
+
+
+def test_a_late_63016_reaching_another_instance_gets_its_fallback_once(database_url, db_engine, fake_twilio,
+                                                                      tmp_path):
+    """Two gunicorn instances and the worker, as deployed: the send goes through one, Twilio's failed
+    callback reaches the other at once (the sender's attempt row may not be stored yet). The user gets
+    the fallback template, once."""
+    from tests.e2e.conftest import Gunicorn
+
+    fallback = fake_twilio.add_content({"twilio/text": {"body": "Hi {{1}}"}}, "approved")
+    env = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "DATABASE_URL": database_url,
+           "TWILIO_API_BASE_URL": fake_twilio.url, "TWILIO_CONTENT_BASE_URL": fake_twilio.url,
+           "FALLBACK_CONTENT_SID": fallback, "FALLBACK_CONTENT_VARIABLES": '{"1": "{profile_name}"}',
+           "WEB_CONCURRENCY": "1", "WORKER_POLL_SECONDS": "0.2"}
+    sender, receiver = (Gunicorn(env, tmp_path / f"instance{i}.log") for i in range(2))
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        url = sender.url + "/twilio/inbound"
+        params = inbound_params("SM" + "6" * 32)
+        assert requests.post(url, data=params, headers={"X-Twilio-Signature": sign(url, params)},
+                             timeout=10).status_code == 200
+        sent = requests.post(sender.url + f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json",
+                             data={"To": USER, "From": BUSINESS, "Body": "in window"}, auth=(ACCOUNT_SID, AUTH_TOKEN),
+                             timeout=10)
+        assert sent.status_code == 201 and sent.headers["X-Proxy-Decision"] == "allowed"
+        url = receiver.url + "/twilio/status"
+        callback = failed_callback(sent.json()["sid"])
+        for _ in range(2):  # Twilio may repeat a callback
+            assert requests.post(url, data=callback, headers={"X-Twilio-Signature": sign(url, callback)},
+                                 timeout=10).status_code == 200
+
+        def fallbacks():
+            return [r for r in fake_twilio.creates if dict(r.form).get("ContentSid") == fallback]
+        assert wait_for(lambda: fallbacks(), timeout=30), (tmp_path / "worker.log").read_text()[-3000:]
+        time.sleep(1.0)  # a second copy would follow within the worker's next polls
+        [create] = fallbacks()
+        assert dict(create.form)["To"] == USER and "Body" not in dict(create.form)
+        window = requests.get(sender.url + "/v1/windows", params={"sender": BUSINESS, "user": USER},
+                              auth=(ACCOUNT_SID, AUTH_TOKEN), timeout=10).json()
+        assert window["open"] is False  # the late 63016 proved it closed
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(15)
+        sender.stop()
+        receiver.stop()
