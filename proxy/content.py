@@ -76,7 +76,12 @@ def approval_status(approval: Mapping[str, Any] | None) -> str:
     if not isinstance(approval, Mapping):
         return "unsubmitted"
     inner = approval.get("whatsapp", approval)
-    status = inner.get("status") if isinstance(inner, Mapping) else None
+    if not isinstance(inner, Mapping):
+        return "unsubmitted"
+    channel = inner.get("type")
+    if isinstance(channel, str) and channel.strip() and channel.strip().lower() != "whatsapp":
+        return "unsubmitted"  # another channel's approval (flat shape, or misfiled) is not WhatsApp's
+    status = inner.get("status")
     return str(status).strip().lower() if status else "unsubmitted"
 
 

@@ -49,6 +49,12 @@ def test_buttons_of():
         ({"whatsapp": None}, "unsubmitted"),
         ({}, "unsubmitted"),
         (None, "unsubmitted"),
+        # Twilio marks a channel's approval with its type ("type": "whatsapp" in the spec's getApproval
+        # example); an approval that names another channel is no WhatsApp approval, flat or nested.
+        ({"whatsapp": {"type": "whatsapp", "status": "approved"}}, "approved"),
+        ({"type": "rcs", "status": "approved", "name": "x"}, "unsubmitted"),
+        ({"whatsapp": {"type": "rcs", "status": "approved"}}, "unsubmitted"),
+        ({"rcs": {"type": "rcs", "status": "approved"}}, "unsubmitted"),
     ],
 )
 def test_approval_status(body, expected):
