@@ -34,7 +34,7 @@ def preflight():
         "decision": decision.action.value,
         "reason": decision.reason,
         "code": decision.code,
-        "message": explain(decision, judgement.send, judgement.window)
+        "message": explain(decision, judgement.send, judgement.window, judgement.judged_at)
         if decision.action in (Action.BLOCKED, Action.REROUTED) else None,
         "channel": judgement.channel,
         "sender": judgement.sender,

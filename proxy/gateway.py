@@ -92,7 +92,8 @@ def create_message(account_sid: str):
         judgement = fail_open(form)
     decision = judgement.decision
     if decision.action is Action.BLOCKED:
-        response = twilio_error(decision.code, 400, explain(decision, judgement.send, judgement.window))
+        message = explain(decision, judgement.send, judgement.window, judgement.judged_at)
+        response = twilio_error(decision.code, 400, message)
         outcome, upstream_status, message_sid = "blocked", None, None
     elif decision.action is Action.REROUTED:
         body = rerouted_form(form, judgement)

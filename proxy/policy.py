@@ -4,6 +4,7 @@ approval status and policy settings (no clock, no I/O)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
 from typing import Mapping
 
@@ -125,12 +126,16 @@ def reroute(blocked: Decision, send: Send, fallback: Send | None, window: Window
     return Decision(Action.REROUTED, blocked.reason, blocked.code)
 
 
-def explain(decision: Decision, send: Send, window: WindowState) -> str:
+def explain(decision: Decision, send: Send, window: WindowState, judged_at: datetime | None = None) -> str:
     """The message of a block: which rule, which type, so the caller can act on it."""
     kind = send.content_type or "this content"
     if decision.reason in ("no_window", "window_closed"):
         if decision.reason == "no_window":
             why = "this user has not messaged this sender, so no customer-service window is open"
+        elif judged_at is not None and window.expires_at is not None and window.expires_at > judged_at:
+            # Still open now, but not at the time the message would go out (SendAt), or inside the safety margin.
+            why = (f"the customer-service window closes at {_z(window.expires_at)}, too soon for this message "
+                   "(its SendAt, or the proxy's WINDOW_SAFETY_MARGIN_SECONDS before the end)")
         else:
             why = f"the customer-service window closed at {_z(window.expires_at)}"
         return (

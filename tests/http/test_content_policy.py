@@ -186,6 +186,7 @@ def test_scheduled_send_is_judged_at_send_time(client, fake_twilio):
     assert send(client, {**base, "SendAt": soon}).status_code == 201
     blocked = send(client, {**base, "SendAt": later})
     assert blocked.status_code == 400 and blocked.get_json()["code"] == 63016
+    assert "closes at" in blocked.get_json()["message"] and "SendAt" in blocked.get_json()["message"]
     assert send(client, {**base, "SendAt": "next tuesday"}).get_json()["code"] == 35115
 
 

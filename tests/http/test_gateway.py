@@ -88,7 +88,9 @@ def test_safety_margin_closes_the_window_early(client, fake_twilio, db_engine):
     open_window(client)
     with db_engine.begin() as conn:  # 30 s left, less than the 60 s default margin
         conn.execute(update(windows).values(expires_at=utcnow() + timedelta(seconds=30)))
-    assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).status_code == 400
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    assert response.status_code == 400 and response.get_json()["code"] == 63016
+    assert "window closes at" in response.get_json()["message"]  # not "closed": it is still open, for 30 s
     assert fake_twilio.creates == []
 
 

@@ -211,3 +211,18 @@ def test_per_type_action_and_messenger_never_reroute():
         is Action.BLOCKED
     allowed = decide(text, OPEN, policy)
     assert reroute(allowed, text, APPROVED_TEXT, OPEN, policy) == allowed
+
+
+def test_a_block_by_the_safety_margin_says_the_window_closes_later_not_that_it_closed():
+    from proxy.policy import explain
+
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    closing = window_state(now + timedelta(seconds=30), now - timedelta(hours=23), now, safety_margin_seconds=60)
+    decision = decide(Send("whatsapp", TEXT), closing, Policy())
+    assert decision.action is Action.BLOCKED and decision.code == 63016
+    text = explain(decision, Send("whatsapp", TEXT), closing, now)
+    assert "closes at 2026-01-01T12:00:30Z" in text and "closed at" not in text
+    assert text.startswith("Failed to send freeform message because you are outside the allowed window.")
+    closed = window_state(now - timedelta(seconds=1), now - timedelta(hours=25), now, safety_margin_seconds=60)
+    assert "closed at 2026-01-01T11:59:59Z" in explain(decide(Send("whatsapp", TEXT), closed, Policy()),
+                                                      Send("whatsapp", TEXT), closed, now)
