@@ -16,6 +16,7 @@ from .rules import (
     SESSION_BUTTON_TYPES,
     TABLE,
     UNKNOWN_TYPE,
+    UNSENDABLE_APPROVALS,
     Cell,
 )
 from .windows import WindowState
@@ -83,6 +84,8 @@ def decide(send: Send, window: WindowState, policy: Policy) -> Decision:
         # Free-form Body/MediaUrl can never be an approved template.
         return Decision(Action.ALLOWED, "window_open") if window.open else _closed(window)
     if window.open:
+        if send.approval in UNSENDABLE_APPROVALS:
+            return Decision(Action.BLOCKED, "template_unsendable", NEEDS_TEMPLATE)
         if in_session is Cell.ALLOWED:
             return Decision(Action.ALLOWED, "allowed_in_session")
         if send.approved:
@@ -148,6 +151,8 @@ def explain(decision: Decision, send: Send, window: WindowState, judged_at: date
                                  f"this {kind} template's WhatsApp approval is '{send.approval}'.",
         "not_supported_out_of_session": f"{kind} cannot be sent outside the 24-hour window on WhatsApp, "
                                         "even as an approved template.",
+        "template_unsendable": f"This {kind} template's WhatsApp approval is '{send.approval}': Twilio sends "
+                               "templates with this status to no one, inside the 24-hour window too.",
         "needs_approval": f"{kind} needs an approved template even inside the 24-hour window; "
                           f"this template's WhatsApp approval is '{send.approval}'.",
         "buttons_need_approval": f"An unapproved {kind} may be sent in session only with buttons WhatsApp allows "

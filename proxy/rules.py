@@ -75,6 +75,10 @@ SESSION_BUTTON_TYPES: dict[str, frozenset[str]] = {
 # at most one URL).
 MAX_SESSION_BUTTONS = {"strict": 1, "lenient": 3}
 
+# Approval statuses of which Twilio says "Message templates with this status can't be sent to end users":
+# not even inside the window, where the type alone would need no approval.
+UNSENDABLE_APPROVALS = frozenset({"paused", "disabled"})
+
 # Out-of-session types that cannot start a conversation get the same error as a closed window.
 OUTSIDE_WINDOW = 63016
 # In session, content that needs an approval it does not have: "Channel did not accept given content".

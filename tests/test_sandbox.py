@@ -67,6 +67,15 @@ def test_simulator_free_form_and_buttons():
     assert sim.verdict(MultiDict({"To": USER, "From": BUSINESS, "ContentSid": phone})) == 63005
 
 
+@pytest.mark.parametrize("approval", ["paused", "disabled", "PAUSED"])
+def test_the_simulator_sends_a_paused_or_disabled_template_nowhere(approval):
+    sim = Simulator()
+    sim.windows[(BUSINESS, USER)] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+    sid = sim.add_content({"twilio/text": {"body": "hi"}}, approval)
+    assert sim.verdict(MultiDict({"To": USER, "From": BUSINESS, "ContentSid": sid})) == 63005
+    assert sim.verdict(MultiDict({"To": "whatsapp:+14155550999", "From": BUSINESS, "ContentSid": sid})) == 63016
+
+
 def test_out_of_window_send_is_accepted_then_failed_by_a_signed_63016_callback():
     app_side = FakeApp("sandbox-auth-token-not-a-secret")
     sim = Simulator(callback_delay=0.01)

@@ -26,7 +26,7 @@ from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
 from ..addresses import InvalidAddress, channel_of, normalise
-from ..rules import TABLE, WHATSAPP_COMPLEXITY, Cell
+from ..rules import TABLE, UNSENDABLE_APPROVALS, WHATSAPP_COMPLEXITY, Cell
 from .templates import SAMPLE_TEMPLATES
 
 SANDBOX_ACCOUNT_SID = "AC" + "5a" * 16
@@ -158,6 +158,8 @@ class Simulator:
                 return 63005
             kind = max(present, key=WHATSAPP_COMPLEXITY.index)
             approved = (content["approval"] or "").lower() == "approved"
+            if in_window and (content["approval"] or "").lower() in UNSENDABLE_APPROVALS:
+                return 63005  # "can't be sent to end users", whatever the type
             buttons = [str(a.get("type", "")).upper() for a in content["types"][kind].get("actions") or []]
         else:
             kind, approved, buttons = ("twilio/media" if form.getlist("MediaUrl") else "twilio/text"), False, []

@@ -157,6 +157,17 @@ def test_content_is_cached_in_the_database_with_a_ttl(settings, db_engine, fake_
     assert len(fake_twilio.content_requests(sid)) == 4
 
 
+@pytest.mark.parametrize("approval", ["paused", "disabled"])
+def test_a_paused_template_is_blocked_inside_the_window_too(client, fake_twilio, approval):
+    sid = fake_twilio.add_content({"twilio/text": {"body": "Hi"}}, approval)
+    open_window(client)
+    response = template_send(client, sid)
+    assert response.status_code == 400 and response.headers["X-Proxy-Decision"] == "blocked"
+    body = response.get_json()
+    assert body["code"] == 63005 and f"'{approval}'" in body["message"] and "template_unsendable" in body["message"]
+    assert fake_twilio.creates == []
+
+
 def test_content_refresh_command_lists_content_and_approvals(settings, db_engine, fake_twilio):
     sids = [fake_twilio.add_content({"twilio/text": {"body": str(i)}}, "approved" if i % 2 else "rejected")
             for i in range(7)]

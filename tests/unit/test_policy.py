@@ -4,7 +4,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from proxy.policy import MEDIA, TEXT, Action, Policy, Send, buttons_allowed_unapproved, content_type_of, decide, reroute
+from proxy.policy import (MEDIA, TEXT, Action, Policy, Send, buttons_allowed_unapproved, content_type_of, decide,
+                          explain, reroute)
 from proxy.rules import TABLE, UNKNOWN_TYPE, WHATSAPP_COMPLEXITY, Cell
 from proxy.windows import CLOSED, window_state
 
@@ -109,6 +110,18 @@ def test_approved_templates(content_type):
 def test_only_approved_counts(approval):
     assert decide(template("twilio/text", approval), EXPIRED, STRICT).action is Action.BLOCKED
     assert decide(template("twilio/carousel", approval), OPEN, STRICT).action is Action.BLOCKED
+
+
+@pytest.mark.parametrize("approval", ["paused", "disabled"])
+@pytest.mark.parametrize("content_type", [*TABLE, "twilio/some-new-type"])
+def test_a_paused_or_disabled_template_is_sent_nowhere(content_type, approval):
+    """Twilio: "Message templates with this status can't be sent to end users" — inside the window too,
+    for the types that need no approval there."""
+    inside = decide(template(content_type, approval), OPEN, STRICT)
+    assert (inside.action, inside.reason, inside.code) == (Action.BLOCKED, "template_unsendable", 63005)
+    outside = decide(template(content_type, approval), EXPIRED, STRICT)
+    assert outside.action is Action.BLOCKED and outside.code == 63016
+    assert f"'{approval}'" in explain(inside, template(content_type, approval), OPEN)
 
 
 BUTTON_CASES = [
