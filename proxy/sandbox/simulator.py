@@ -264,6 +264,15 @@ class Simulator:
                 return Response(json.dumps(error), status=status, mimetype="application/json")
             return None
 
+        @app.after_request
+        def twilio_headers(response):
+            # The headers Twilio's REST API answers with; twilio-python's *_with_http_info methods show them.
+            if not request.path.startswith("/sandbox"):
+                for name, value in _TWILIO_RESPONSE_HEADERS.items():
+                    response.headers.setdefault(name, value)
+                response.headers.setdefault("Twilio-Request-Id", "RQ" + uuid.uuid4().hex)
+            return response
+
         @app.post("/2010-04-01/Accounts/<account>/Messages.json")
         def create(account):
             refused = (_to_refusal(request.form) or _content_variables_refusal(request.form)
@@ -421,6 +430,16 @@ def _whatsapp_accepts_buttons(buttons: list[str]) -> bool:
     allowed = {"QUICK_REPLY", "URL", "VOICE_CALL", "VOICE_CALL_REQUEST"}
     return len(buttons) <= 3 and set(buttons) <= allowed and len(set(buttons)) <= 1 and buttons.count("URL") <= 1
 
+
+_TWILIO_RESPONSE_HEADERS = {
+    "Twilio-Concurrent-Requests": "1", "Twilio-Request-Duration": "0.042", "X-Home-Region": "us1",
+    "X-API-Domain": "api.twilio.com", "X-Powered-By": "AT-5000", "X-Shenanigans": "none",
+    "Strict-Transport-Security": "max-age=31536000", "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Headers": "Accept, Authorization, Content-Type, If-Match, If-Modified-Since, "
+                                    "If-None-Match, If-Unmodified-Since, Idempotency-Key",
+    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS", "Access-Control-Expose-Headers": "ETag",
+    "Access-Control-Allow-Credentials": "true",
+}
 
 _ERRORS = {
     63016: "Failed to send freeform message because you are outside the allowed window. If you are using WhatsApp, "
