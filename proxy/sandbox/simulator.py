@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import requests
 from flask import Flask, Response, json, request
@@ -332,12 +332,28 @@ class Simulator:
 
         @app.get("/2010-04-01/Accounts/<account>/Messages.json")
         def read(account):
-            # Newest first, as Twilio lists them.
-            page = [m for m in reversed(self.messages.values())
-                    if request.args.get("To") in (None, m["to"]) and request.args.get("From") in (None, m["from"])]
-            return Response(json.dumps({"messages": page, "page": 0, "page_size": 50, "first_page_uri": request.path,
-                                        "next_page_uri": None, "previous_page_uri": None, "uri": request.path,
-                                        "start": 0, "end": len(page)}),
+            # Newest first, in pages of PageSize (Twilio: default 50, at most 1000), as Twilio lists them.
+            matching = [m for m in reversed(self.messages.values())
+                        if request.args.get("To") in (None, m["to"]) and request.args.get("From") in (None, m["from"])]
+            try:
+                size = min(max(int(request.args.get("PageSize", 50)), 1), 1000)
+                number = max(int(request.args.get("Page", 0)), 0)
+            except ValueError:
+                return _error(20001, 400, "Invalid PageSize or Page")
+            start = number * size
+            page = matching[start:start + size]
+            filters = [(k, v) for k, v in request.args.items(multi=True) if k in ("To", "From")]
+
+            def uri(n):
+                token = [("PageToken", f"PA{page[-1]['sid']}" if n > number else f"PB{page[0]['sid']}")] \
+                    if n != 0 and page else []
+                return f"{request.path}?{urlencode(filters + [('PageSize', size), ('Page', n)] + token)}"
+
+            return Response(json.dumps({"messages": page, "page": number, "page_size": size, "first_page_uri": uri(0),
+                                        "next_page_uri": uri(number + 1) if start + size < len(matching) else None,
+                                        "previous_page_uri": uri(number - 1) if number else None,
+                                        "uri": f"{request.path}?{request.query_string.decode()}".rstrip("?"),
+                                        "start": start, "end": start + max(len(page) - 1, 0)}),
                             mimetype="application/json; charset=utf-8")
 
         def content_json(sid):

@@ -43,3 +43,25 @@ def test_with_http_info_shows_twilios_response_headers(proxy_server, fake_twilio
         assert {"x-home-region", "twilio-request-id", "content-type"} <= set(headers), name
         assert set(proxied.seen[name]) == set(headers), name
         assert proxied.seen[name]["x-home-region"] == headers["x-home-region"]
+
+
+def test_paging_through_the_proxy_matches_twilio(proxy_server, fake_twilio):
+    """page_size, next/previous pages and filters: the next_page_uri Twilio gives is followed through the proxy."""
+    url = proxy_server.url + "/twilio/inbound"
+    params = inbound_params("SM" + "2" * 32)
+    assert requests.post(url, data=params, headers={"X-Twilio-Signature": sign(url, params)}, timeout=10).ok
+    direct, proxied = _clients(fake_twilio, proxy_server)
+    sent = [proxied.messages.create(to=USER, from_=BUSINESS, body=f"m{i}").sid for i in range(5)]
+    direct.messages.create(to="+14155550122", from_="+14155550100", body="sms")  # filtered out below
+    for client in (direct, proxied):
+        before = len(fake_twilio.requests)
+        listed = client.messages.list(to=USER, page_size=2)
+        assert [m.sid for m in listed] == sent[::-1]
+        gets = [r for r in fake_twilio.requests[before:] if r.method == "GET"]
+        assert len(gets) == 3 and all("PageSize=2" in r.query and "To=" in r.query for r in gets)
+        first = client.messages.page(to=USER, page_size=2)  # a Page is an iterator: read once
+        assert [m.sid for m in first] == sent[4:2:-1] and first.next_page_url.startswith(client.api.base_url)
+        second = first.next_page()
+        assert [m.sid for m in second] == sent[2:0:-1]
+        assert [m.sid for m in second.previous_page()] == sent[4:2:-1]
+        assert [m.body for m in client.messages.stream(to=USER, page_size=4, limit=3)] == ["m4", "m3", "m2"]
