@@ -32,8 +32,11 @@ _ACCOUNT_IN_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+?)(?:\.json)?(?:/|\Z
 # Caller headers worth keeping upstream; hop-by-hop and proxy headers are not.
 _FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept", "Accept-Charset", "User-Agent", "X-Twilio-Client",
                       "I-Twilio-Idempotency-Token")
-_RELAYED_HEADERS = ("Content-Type", "Location", "Twilio-Request-Id", "Twilio-Request-Duration",
-                    "Twilio-Concurrent-Requests")
+# Twilio's response headers are relayed (twilio-python's *_with_http_info methods show them all), but
+# not those of the hop to Twilio: connection management and framing (the body is relayed decoded, its
+# length set anew), and what the proxy's own server sets (Date, Server).
+_NOT_RELAYED = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                          "transfer-encoding", "upgrade", "content-length", "content-encoding", "date", "server"))
 # What a rerouted send keeps of the original request; the content itself is replaced.
 _KEPT_ON_REROUTE = ("To", "From", "MessagingServiceSid", "StatusCallback", "ApplicationSid", "ValidityPeriod",
                     "SendAt", "ScheduleType", "MessageIntent", "ContentRetention", "AddressRetention")
@@ -204,10 +207,9 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
             text = f"Twilio's API could not be reached ({exc.detail}); nothing was sent."
         return twilio_error(status, status, text), f"upstream_{exc.kind}", None, None
     UPSTREAM_SECONDS.labels(operation, str(upstream.status_code)).observe(time.perf_counter() - started)
-    response = Response(upstream.content, status=upstream.status_code)
-    for name in _RELAYED_HEADERS:
-        if name in upstream.headers:
-            response.headers[name] = upstream.headers[name]
+    response = Response(upstream.content, status=upstream.status_code,
+                        headers=[(name, value) for name, value in upstream.headers.iteritems()
+                                 if name.lower() not in _NOT_RELAYED])
     sid = None
     if 200 <= upstream.status_code < 300:
         try:

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import requests
 from flask import Flask, Response, json, request
@@ -266,6 +266,15 @@ class Simulator:
                 return Response(json.dumps(error), status=status, mimetype="application/json")
             return None
 
+        @app.after_request
+        def twilio_headers(response):
+            # The headers Twilio's REST API answers with; twilio-python's *_with_http_info methods show them.
+            if not request.path.startswith("/sandbox"):
+                for name, value in _TWILIO_RESPONSE_HEADERS.items():
+                    response.headers.setdefault(name, value)
+                response.headers.setdefault("Twilio-Request-Id", "RQ" + uuid.uuid4().hex)
+            return response
+
         @app.post("/2010-04-01/Accounts/<account>/Messages.json")
         def create(account):
             refused = (_to_refusal(request.form) or _content_variables_refusal(request.form)
@@ -325,12 +334,28 @@ class Simulator:
 
         @app.get("/2010-04-01/Accounts/<account>/Messages.json")
         def read(account):
-            # Newest first, as Twilio lists them.
-            page = [m for m in reversed(self.messages.values())
-                    if request.args.get("To") in (None, m["to"]) and request.args.get("From") in (None, m["from"])]
-            return Response(json.dumps({"messages": page, "page": 0, "page_size": 50, "first_page_uri": request.path,
-                                        "next_page_uri": None, "previous_page_uri": None, "uri": request.path,
-                                        "start": 0, "end": len(page)}),
+            # Newest first, in pages of PageSize (Twilio: default 50, at most 1000), as Twilio lists them.
+            matching = [m for m in reversed(self.messages.values())
+                        if request.args.get("To") in (None, m["to"]) and request.args.get("From") in (None, m["from"])]
+            try:
+                size = min(max(int(request.args.get("PageSize", 50)), 1), 1000)
+                number = max(int(request.args.get("Page", 0)), 0)
+            except ValueError:
+                return _error(20001, 400, "Invalid PageSize or Page")
+            start = number * size
+            page = matching[start:start + size]
+            filters = [(k, v) for k, v in request.args.items(multi=True) if k in ("To", "From")]
+
+            def uri(n):
+                token = [("PageToken", f"PA{page[-1]['sid']}" if n > number else f"PB{page[0]['sid']}")] \
+                    if n != 0 and page else []
+                return f"{request.path}?{urlencode(filters + [('PageSize', size), ('Page', n)] + token)}"
+
+            return Response(json.dumps({"messages": page, "page": number, "page_size": size, "first_page_uri": uri(0),
+                                        "next_page_uri": uri(number + 1) if start + size < len(matching) else None,
+                                        "previous_page_uri": uri(number - 1) if number else None,
+                                        "uri": f"{request.path}?{request.query_string.decode()}".rstrip("?"),
+                                        "start": start, "end": start + max(len(page) - 1, 0)}),
                             mimetype="application/json; charset=utf-8")
 
         def content_json(sid):
@@ -423,6 +448,16 @@ def _whatsapp_accepts_buttons(buttons: list[str]) -> bool:
     allowed = {"QUICK_REPLY", "URL", "VOICE_CALL", "VOICE_CALL_REQUEST"}
     return len(buttons) <= 3 and set(buttons) <= allowed and len(set(buttons)) <= 1 and buttons.count("URL") <= 1
 
+
+_TWILIO_RESPONSE_HEADERS = {
+    "Twilio-Concurrent-Requests": "1", "Twilio-Request-Duration": "0.042", "X-Home-Region": "us1",
+    "X-API-Domain": "api.twilio.com", "X-Powered-By": "AT-5000", "X-Shenanigans": "none",
+    "Strict-Transport-Security": "max-age=31536000", "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Headers": "Accept, Authorization, Content-Type, If-Match, If-Modified-Since, "
+                                    "If-None-Match, If-Unmodified-Since, Idempotency-Key",
+    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS", "Access-Control-Expose-Headers": "ETag",
+    "Access-Control-Allow-Credentials": "true",
+}
 
 _ERRORS = {
     63016: "Failed to send freeform message because you are outside the allowed window. If you are using WhatsApp, "
