@@ -65,8 +65,10 @@ def delivered_type(types: Mapping[str, Any]) -> str | None:
 def buttons_of(types: Mapping[str, Any], content_type: str | None) -> tuple[str, ...]:
     body = types.get(content_type or "") or {}
     actions = body.get("actions") if isinstance(body, Mapping) else None
-    if not isinstance(actions, list):
+    if actions is None:
         return ()
+    if not isinstance(actions, list):  # buttons the proxy cannot read: never taken for none (fail closed)
+        return ("MALFORMED",)
     # An action that is not an object is no button type WhatsApp allows unapproved: count it, never drop it.
     return tuple(str(a.get("type", "")).strip().upper() if isinstance(a, Mapping) else "MALFORMED" for a in actions)
 

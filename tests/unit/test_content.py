@@ -32,7 +32,10 @@ def test_buttons_of():
     types = {"twilio/card": {"title": "t", "actions": [{"type": "url", "title": "a"}, {"type": "PHONE_NUMBER"}]}}
     assert buttons_of(types, "twilio/card") == ("URL", "PHONE_NUMBER")
     assert buttons_of({"twilio/card": {"title": "t"}}, "twilio/card") == ()
-    assert buttons_of({"twilio/card": {"actions": "nope"}}, "twilio/card") == ()
+    assert buttons_of({"twilio/card": {"actions": None}}, "twilio/card") == ()
+    # Not a list: unreadable buttons are never taken for none (an unapproved card would go out in session).
+    for malformed in ("nope", {"type": "URL"}, 3):
+        assert buttons_of({"twilio/card": {"actions": malformed}}, "twilio/card") == ("MALFORMED",)
     assert buttons_of({}, None) == ()
     # An action that is not an object is counted as a button no rule allows, never dropped.
     assert buttons_of({"twilio/card": {"actions": [{"type": "URL"}, None, "oops"]}}, "twilio/card") == (
