@@ -37,6 +37,27 @@ _FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept", "Accept-Charset
 # length set anew), and what the proxy's own server sets (Date, Server).
 _NOT_RELAYED = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                           "transfer-encoding", "upgrade", "content-length", "content-encoding", "date", "server"))
+# Nor what no server can send on (a name that is no token, a value with a control character: gunicorn
+# would answer a bare 500 for a message Twilio took), nor the proxy's own headers (X-Proxy-*, X-Request-Id).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
+
+
+def _relayed(headers) -> list[tuple[str, str]]:
+    kept, content_type = [], False
+    for name, value in headers.iteritems():
+        lower = name.lower()
+        if lower in _NOT_RELAYED or lower.startswith("x-proxy-") or lower == "x-request-id" \
+                or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            continue
+        if lower == "content-type":
+            if content_type:
+                continue  # one body, one Content-Type: the first
+            content_type = True
+        kept.append((name, value))
+    return kept
+
+
 # What a rerouted send keeps of the original request; the content itself is replaced.
 _KEPT_ON_REROUTE = ("To", "From", "MessagingServiceSid", "StatusCallback", "ApplicationSid", "ValidityPeriod",
                     "SendAt", "ScheduleType", "MessageIntent", "ContentRetention", "AddressRetention")
@@ -207,9 +228,7 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
             text = f"Twilio's API could not be reached ({exc.detail}); nothing was sent."
         return twilio_error(status, status, text), f"upstream_{exc.kind}", None, None
     UPSTREAM_SECONDS.labels(operation, str(upstream.status_code)).observe(time.perf_counter() - started)
-    response = Response(upstream.content, status=upstream.status_code,
-                        headers=[(name, value) for name, value in upstream.headers.iteritems()
-                                 if name.lower() not in _NOT_RELAYED])
+    response = Response(upstream.content, status=upstream.status_code, headers=_relayed(upstream.headers))
     sid = None
     if 200 <= upstream.status_code < 300:
         try:

@@ -132,8 +132,11 @@ def reroute(blocked: Decision, send: Send, fallback: Send | None, window: Window
 def explain(decision: Decision, send: Send, window: WindowState, judged_at: datetime | None = None) -> str:
     """The message of a block: which rule, which type, so the caller can act on it."""
     kind = send.content_type or "this content"
-    if decision.reason in ("no_window", "window_closed"):
-        if decision.reason == "no_window":
+    base = decision.reason.split("+")[0]  # `window_closed+fallback_not_sendable` is still a closed window
+    unsent = " The configured fallback template is not approved or cannot be sent now, so nothing was sent." \
+        if decision.reason.endswith("+fallback_not_sendable") else ""
+    if base in ("no_window", "window_closed"):
+        if base == "no_window":
             why = "this user has not messaged this sender, so no customer-service window is open"
         elif judged_at is not None and window.expires_at is not None and window.expires_at > judged_at:
             # Still open now, but not at the time the message would go out (SendAt), or inside the safety margin.
@@ -143,9 +146,8 @@ def explain(decision: Decision, send: Send, window: WindowState, judged_at: date
             why = f"the customer-service window closed at {_z(window.expires_at)}"
         return (
             "Failed to send freeform message because you are outside the allowed window. "
-            f"If you are using WhatsApp, please use a Message Template. (proxy: {why}.)"
+            f"If you are using WhatsApp, please use a Message Template. (proxy: {why}.){unsent}"
         )
-    base = decision.reason.split("+")[0]
     texts = {
         "template_not_approved": f"Outside the 24-hour window only an approved template may be sent; "
                                  f"this {kind} template's WhatsApp approval is '{send.approval}'.",
@@ -160,10 +162,7 @@ def explain(decision: Decision, send: Send, window: WindowState, judged_at: date
                                  "submit it for approval.",
         "type_not_supported_on_whatsapp": "This content has no type WhatsApp can receive.",
     }
-    text = texts.get(base, base)
-    if decision.reason.endswith("+fallback_not_sendable"):
-        text += " The configured fallback template is not approved or cannot be sent now, so nothing was sent."
-    return f"{text} (proxy: rule {base}, code {decision.code}.)"
+    return f"{texts.get(base, base)}{unsent} (proxy: rule {base}, code {decision.code}.)"
 
 
 def _z(value) -> str:

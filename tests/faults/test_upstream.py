@@ -1,6 +1,8 @@
 """Twilio misbehaving: stalled, refusing, 5xx, 429. The caller gets 504/502 or Twilio's own answer,
 the attempt is stored with its outcome, and a create is never sent twice."""
 
+import re
+
 import pytest
 from sqlalchemy import select
 
@@ -43,3 +45,70 @@ def test_a_created_message_whose_sid_is_not_text_is_relayed_and_recorded_without
         attempts = conn.execute(select(send_attempts).order_by(send_attempts.c.id)).mappings().all()
     assert [(a["outcome"], a["message_sid"]) for a in attempts][0] == ("sent", None)
     assert len(attempts) == 2 and attempts[1]["message_sid"].startswith("SM")
+
+
+@pytest.fixture
+def odd_twilio():
+    """A Twilio (or a box in front of it) answering a create with 201 and headers of its own choosing."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    state = {"headers": b""}
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                length = int(re.search(rb"(?i)content-length: *(\d+)", data).group(1)) if b"ength:" in data else 0
+                while len(data.partition(b"\r\n\r\n")[2]) < length:
+                    data += conn.recv(65536)
+                body = b'{"sid": "SM' + b"7" * 32 + b'", "status": "queued"}'
+                conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json; charset=utf-8\r\n"
+                             + state["headers"] + b"Content-Length: " + str(len(body)).encode()
+                             + b"\r\nConnection: close\r\n\r\n" + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", state
+    listener.close()
+
+
+def test_upstream_headers_the_proxy_cannot_or_must_not_relay_never_spoil_a_sent_message(settings, db_engine,
+                                                                                         odd_twilio):
+    """Twilio took the message: its 201 must reach the caller (a 500 invites a retry, so a second message).
+    A header name that is no token or a value with a control character makes gunicorn answer a bare 500
+    instead; the proxy's own headers (X-Proxy-*, X-Request-Id) are the proxy's to say, not upstream's; and
+    one body has one Content-Type."""
+    from dataclasses import replace
+
+    from gunicorn.http.wsgi import HEADER_VALUE_RE, TOKEN_RE
+
+    from proxy import create_app
+
+    url, state = odd_twilio
+    state["headers"] = (b"X-Home-Region: us1\r\nX(Odd): 1\r\nX-Control: a\x01b\r\nX-Proxy-Rerouted-To: HX"
+                        + b"1" * 32 + b"\r\nX-Proxy-Held-Id: 7\r\nX-Request-Id: upstream\r\n"
+                        + b"Content-Type: text/html\r\n")
+    app = create_app(replace(settings, twilio_api_base_url=url))
+    client = app.test_client()
+    open_window(client)
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    assert response.status_code == 201 and response.get_json()["sid"] == "SM" + "7" * 32
+    for name, value in response.headers.items():
+        assert TOKEN_RE.fullmatch(name) and HEADER_VALUE_RE.fullmatch(value), (name, value)  # gunicorn's checks
+    assert response.headers.getlist("Content-Type") == ["application/json; charset=utf-8"]
+    assert response.headers["X-Home-Region"] == "us1"  # Twilio's headers are still relayed
+    assert response.headers["X-Proxy-Decision"] == "allowed"
+    assert "X-Proxy-Rerouted-To" not in response.headers and "X-Proxy-Held-Id" not in response.headers
+    [request_id] = response.headers.getlist("X-Request-Id")
+    assert request_id != "upstream"
+    app.extensions["proxy"].attempts.flush()
+    app.extensions["proxy"].engine.dispose()

@@ -239,3 +239,13 @@ def test_a_block_by_the_safety_margin_says_the_window_closes_later_not_that_it_c
     closed = window_state(now - timedelta(seconds=1), now - timedelta(hours=25), now, safety_margin_seconds=60)
     assert "closed at 2026-01-01T11:59:59Z" in explain(decide(Send("whatsapp", TEXT), closed, Policy()),
                                                       Send("whatsapp", TEXT), closed, now)
+
+
+def test_a_closed_window_whose_fallback_cannot_go_out_keeps_twilios_63016_wording():
+    """Callers match on Twilio's message: a closed window is explained the same with or without a fallback
+    that could not be sent, which only adds a sentence."""
+    blocked = decide(Send("whatsapp", TEXT), EXPIRED, REROUTE)
+    d = reroute(blocked, Send("whatsapp", TEXT), template("twilio/text", "pending"), EXPIRED, REROUTE)
+    text = explain(d, Send("whatsapp", TEXT), EXPIRED, NOW)
+    assert text.startswith("Failed to send freeform message because you are outside the allowed window.")
+    assert "closed at" in text and "fallback template is not approved or cannot be sent now" in text
