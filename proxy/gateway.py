@@ -36,7 +36,9 @@ _FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept", "Accept-Charset
 # not those of the hop to Twilio: connection management and framing (the body is relayed decoded, its
 # length set anew), and what the proxy's own server sets (Date, Server).
 _NOT_RELAYED = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                          "transfer-encoding", "upgrade", "content-length", "content-encoding", "date", "server"))
+                          "transfer-encoding", "upgrade", "content-length", "content-encoding", "date", "server",
+                          # Twilio's for its own host; on the proxy's host a cookie and an HSTS pin would be the proxy's.
+                          "set-cookie", "strict-transport-security"))
 # Nor what no server can send on (a name that is no token, a value with a control character: gunicorn
 # would answer a bare 500 for a message Twilio took), nor the proxy's own headers (X-Proxy-*, X-Request-Id).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
