@@ -47,9 +47,11 @@ _FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
 
 def _relayed(headers) -> list[tuple[str, str]]:
     kept, content_type = [], False
+    # Headers the hop names in its Connection header are that hop's too (RFC 9110 7.6.1).
+    hop = {token.strip().lower() for value in headers.getlist("Connection") for token in value.split(",")}
     for name, value in headers.iteritems():
         lower = name.lower()
-        if lower in _NOT_RELAYED or lower.startswith("x-proxy-") or lower == "x-request-id" \
+        if lower in _NOT_RELAYED or lower in hop or lower.startswith("x-proxy-") or lower == "x-request-id" \
                 or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
             continue
         if lower == "content-type":
@@ -179,13 +181,15 @@ def passthrough(rest: str):
     return response
 
 
-# A phone number as a path segment (Lookup-style `/PhoneNumbers/+14155550111`); digits inside a SID or
-# the API version are not one.
-_NUMBER_IN_PATH = re.compile(r"(?<![A-Za-z0-9])\+?[0-9]{7,15}(?![A-Za-z0-9])")
+# A phone number in a path (Lookup-style `/PhoneNumbers/+14155550111`, spaced or punctuated once the
+# %-escapes are decoded); digits inside a SID are not one, and neither is the API version.
+_NUMBER_IN_PATH = re.compile(r"(?<![A-Za-z0-9])\+?[0-9][0-9 ().\-]{5,}[0-9](?![A-Za-z0-9])")
+_API_VERSION = "2010-04-01"
 
 
 def _logged_path(path: str) -> str:
-    return _NUMBER_IN_PATH.sub(lambda found: mask(found.group()), path)
+    return _NUMBER_IN_PATH.sub(lambda found: found.group() if found.group() == _API_VERSION else mask(found.group()),
+                               path)
 
 
 # `/SMS/Messages` too: the legacy create resource sends as the current one does.

@@ -97,7 +97,7 @@ def test_upstream_headers_the_proxy_cannot_or_must_not_relay_never_spoil_a_sent_
     state["headers"] = (b"X-Home-Region: us1\r\nX(Odd): 1\r\nX-Control: a\x01b\r\nX-Proxy-Rerouted-To: HX"
                         + b"1" * 32 + b"\r\nX-Proxy-Held-Id: 7\r\nX-Request-Id: upstream\r\n"
                         + b"Content-Type: text/html\r\nSet-Cookie: twilio=1; Secure\r\n"
-                        + b"Strict-Transport-Security: max-age=31536000\r\n")
+                        + b"Strict-Transport-Security: max-age=31536000\r\nConnection: X-Hop\r\nX-Hop: 1\r\n")
     app = create_app(replace(settings, twilio_api_base_url=url))
     client = app.test_client()
     open_window(client)
@@ -111,6 +111,7 @@ def test_upstream_headers_the_proxy_cannot_or_must_not_relay_never_spoil_a_sent_
     assert "X-Proxy-Rerouted-To" not in response.headers and "X-Proxy-Held-Id" not in response.headers
     # What the proxy's own host would take as its own: Twilio's cookie, a year-long HSTS pin on the proxy.
     assert "Set-Cookie" not in response.headers and "Strict-Transport-Security" not in response.headers
+    assert "X-Hop" not in response.headers  # named in Connection: that hop's only (RFC 9110 7.6.1)
     [request_id] = response.headers.getlist("X-Request-Id")
     assert request_id != "upstream"
     app.extensions["proxy"].attempts.flush()

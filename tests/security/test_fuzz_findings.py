@@ -165,7 +165,9 @@ def test_preflight_refuses_what_the_gateway_refuses(client, fake_twilio, kwargs)
 
 # --- 8. passthrough log lines --------------------------------------------------------------------------------
 
-def test_a_passthrough_path_is_logged_with_its_numbers_masked(client, fake_twilio, log_lines):
-    client.get(f"{ACCOUNT}/OutgoingCallerIds/+14155550111.json", headers=basic_auth())
+@pytest.mark.parametrize("number", ["+14155550111", "+1%20415%20555%200111", "(415)%20555-0111", "4155550111"])
+def test_a_passthrough_path_is_logged_with_its_numbers_masked(client, fake_twilio, log_lines, number):
+    client.get(f"{ACCOUNT}/OutgoingCallerIds/{number}.json", headers=basic_auth())
     [line] = [line for line in log_lines() if line["event"] == "api_passthrough"]
-    assert "4155550111" not in line["path"] and line["path"].startswith(f"{ACCOUNT}/OutgoingCallerIds/+1415")
+    assert line["path"].startswith(f"{ACCOUNT}/OutgoingCallerIds/")  # the version and the SID as they are
+    assert "555" not in line["path"].removeprefix(ACCOUNT) and "0111" not in line["path"]
