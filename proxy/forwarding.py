@@ -19,7 +19,7 @@ KEPT_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent", "X-
 
 @dataclass(frozen=True)
 class Reply:
-    """The app's answer; `ok` False means retry later (down, timed out, 5xx)."""
+    """The app's answer; `ok` False means retry later (down, timed out, 5xx, a redirect)."""
 
     ok: bool
     status: int | None
@@ -78,6 +78,10 @@ class Forwarder:
             return Reply(False, None, b"", None, f"unreachable ({type(exc).__name__})")
         if response.status_code >= 500:
             return Reply(False, response.status_code, b"", None, f"answered {response.status_code}")
+        if 300 <= response.status_code < 400:
+            # Not followed (forward targets come from configuration only): the app's handler never saw it.
+            return Reply(False, response.status_code, b"", None,
+                         f"answered {response.status_code}: redirects are not followed, set the final URL")
         return Reply(True, response.status_code, response.content, response.headers.get("Content-Type"))
 
 
