@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,10 @@ from werkzeug.datastructures import MultiDict
 # for the app's URL with the auth token, so Twilio's SharedKey signature-settings header is not kept.
 KEPT_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent", "X-Proxy-Window-Expires-At",
                 "X-Proxy-Outbox-Id")
+
+
+# A Content-Type value a server may send on (gunicorn answers a bare 500 for one with a control character).
+_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,14 @@ class Forwarder:
             # Not followed (forward targets come from configuration only): the app's handler never saw it.
             return Reply(False, response.status_code, b"", None,
                          f"answered {response.status_code}: redirects are not followed, set the final URL")
-        return Reply(True, response.status_code, response.content, response.headers.get("Content-Type"))
+        return Reply(True, response.status_code, response.content, _content_type(response))
+
+
+def _content_type(response: requests.Response) -> str | None:
+    """The app's Content-Type, the first one if it sent several; None (TwiML's text/xml) if it cannot be relayed."""
+    values = response.raw.headers.getlist("Content-Type") if response.raw is not None else []
+    value = values[0] if values else response.headers.get("Content-Type")
+    return value if value is not None and _FIELD_VALUE.fullmatch(value) else None
 
 
 def _not_sent(timeout: float) -> Reply:

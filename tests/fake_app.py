@@ -20,6 +20,7 @@ class FakeApp:
     started: int = 0  # requests that arrived, whether or not they finished
     delay: float = 0.0
     fail_status: int | None = None
+    headers: list = field(default_factory=list)  # (name, value) pairs the answer carries instead of its own
     reply: str = '<?xml version="1.0" encoding="UTF-8"?><Response><Message>Thanks!</Message></Response>'
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -27,6 +28,7 @@ class FakeApp:
         with self.lock:
             self.received.clear()
         self.rejected, self.delay, self.fail_status, self.started = 0, 0.0, None, 0
+        self.headers = []
 
     def bodies(self, path: str | None = None) -> list[str]:
         return [dict(form).get("Body") for p, form, _ in self.received if path is None or p == path]
@@ -48,6 +50,11 @@ class FakeApp:
                 return Response("app error", status=self.fail_status)
             with self.lock:
                 self.received.append((request.path, list(request.form.items(multi=True)), dict(request.headers)))
-            return Response(self.reply, status=200, mimetype="text/xml")
+            response = Response(self.reply, status=200, mimetype="text/xml")
+            for name in {name for name, _ in self.headers}:
+                del response.headers[name]
+            for name, value in self.headers:
+                response.headers.add(name, value)
+            return response
 
         return app

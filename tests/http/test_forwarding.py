@@ -143,6 +143,19 @@ def test_an_app_answering_a_redirect_did_not_take_the_webhook_and_the_outbox_ret
     assert items(db_engine)[0]["status"] == "delivered" and len(fake_app.received) == 1
 
 
+def test_a_content_type_no_server_may_send_is_not_relayed_to_twilio(forwarding, fake_app):
+    """The app's TwiML with a control character in its Content-Type: relayed as it was, gunicorn refused the
+    header and Twilio got a bare 500 page. A second Content-Type was relayed joined to the first."""
+    client = forwarding.test_client()
+    fake_app.headers = [("Content-Type", "text/xml\x01")]
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 31 + "b"))
+    assert response.status_code == 200 and response.get_data(as_text=True) == fake_app.reply
+    assert response.headers.getlist("Content-Type") == ["text/xml"]
+    fake_app.headers = [("Content-Type", "text/xml; charset=utf-8"), ("Content-Type", "text/html")]
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 31 + "c"))
+    assert response.headers.getlist("Content-Type") == ["text/xml; charset=utf-8"]
+
+
 def test_retried_twilio_webhook_is_forwarded_once(forwarding, fake_app):
     client = forwarding.test_client()
     params = inbound_params("SM" + "4" * 32)
