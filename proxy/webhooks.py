@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from urllib.parse import quote
 
 from flask import Blueprint, Response, g, request
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 from twilio.twiml.messaging_response import MessagingResponse
 
@@ -256,11 +257,17 @@ def _forward_inline(item_id: int, lease: datetime, arrived: float, sender: str, 
         return _twiml()
     started = time.perf_counter()
     reply = rt.forwarder.post(rt.settings.forward_inbound_url, pairs, kept)
-    with writing(rt.engine) as conn:
-        if reply.ok:
-            outbox.delivered(conn, item_id, utcnow())
-        else:
-            outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule, lease=lease)
+    try:
+        with writing(rt.engine) as conn:
+            if reply.ok:
+                outbox.delivered(conn, item_id, utcnow())
+            else:
+                outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule, lease=lease)
+    except SQLAlchemyError as exc:
+        # The message is stored and the app has had its turn: a 503 now would throw the app's TwiML away. The
+        # item stays under this attempt's lease, and the worker delivers it (again) after it: at-least-once.
+        logs.log.error("database_unavailable", extra={"error": type(exc).__name__, "path": request.path,
+                                                      "outbox_id": item_id, "request_id": g.request_id})
     logs.event("delivery", redact=rt.settings.log_redact_numbers, level=20 if reply.ok else 30, kind="inbound",
                decision="delivered" if reply.ok else "queued", outbox_id=item_id, attempt=1,
                app_status=reply.status, error=reply.error, sender=sender, user=user,

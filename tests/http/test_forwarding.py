@@ -156,6 +156,34 @@ def test_a_content_type_no_server_may_send_is_not_relayed_to_twilio(forwarding, 
     assert response.headers.getlist("Content-Type") == ["text/xml; charset=utf-8"]
 
 
+@pytest.mark.parametrize("app_answers", [True, False])
+def test_a_database_failure_after_the_app_answered_still_gives_twilio_the_apps_answer(forwarding, fake_app,
+                                                                                       db_engine, monkeypatch,
+                                                                                       app_answers):
+    """The message was stored and the app has had the webhook: only the attempt's bookkeeping failed. Twilio got
+    a 503 (the app's TwiML thrown away); the item, still under the inline lease, is delivered again after it."""
+    from proxy import outbox as box
+
+    def refused(*args, **kwargs):
+        raise OperationalError("UPDATE outbox", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(box, "delivered" if app_answers else "failed", refused)
+    if not app_answers:
+        fake_app.fail_status = 503
+    response = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "3" * 31 + "d"))
+    assert response.status_code == 200
+    if app_answers:
+        assert response.get_data(as_text=True) == fake_app.reply
+    else:
+        assert response.get_data(as_text=True).endswith("<Response />")
+    monkeypatch.undo()
+    [item] = items(db_engine)
+    assert item["status"] == "pending" and item["lease_until"] is not None  # the worker's after the lease
+    fake_app.reset()
+    assert run_worker(forwarding, utcnow() + timedelta(seconds=LEASE_SECONDS)) == 1
+    assert items(db_engine)[0]["status"] == "delivered" and len(fake_app.received) == 1
+
+
 def test_retried_twilio_webhook_is_forwarded_once(forwarding, fake_app):
     client = forwarding.test_client()
     params = inbound_params("SM" + "4" * 32)
