@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import re
 import time
 from dataclasses import dataclass
 
@@ -12,14 +11,12 @@ from requests.adapters import HTTPAdapter
 from twilio.request_validator import RequestValidator
 from werkzeug.datastructures import MultiDict
 
+from .headers import sendable
+
 # Twilio's request headers worth passing on, and the proxy's own. The signature is recomputed
 # for the app's URL with the auth token, so Twilio's SharedKey signature-settings header is not kept.
 KEPT_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent", "X-Proxy-Window-Expires-At",
                 "X-Proxy-Outbox-Id")
-
-
-# A Content-Type value a server may send on (gunicorn answers a bare 500 for one with a control character).
-_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ def _content_type(response: requests.Response) -> str | None:
     """The app's Content-Type, the first one if it sent several; None (TwiML's text/xml) if it cannot be relayed."""
     values = response.raw.headers.getlist("Content-Type") if response.raw is not None else []
     value = values[0] if values else response.headers.get("Content-Type")
-    return value if value is not None and _FIELD_VALUE.fullmatch(value) else None
+    return value if value is not None and sendable("Content-Type", value) else None
 
 
 def _not_sent(timeout: float) -> Reply:

@@ -20,6 +20,7 @@ from .addresses import mask
 from .db import utcnow, writing
 from .errors import ApiError, twilio_error
 from .forms import URLENCODED, body_of, strict_form
+from .headers import sendable
 from .judge import Judgement, fail_open, judge
 from .migrate import schema_missing
 from .policy import Action, explain
@@ -39,10 +40,7 @@ _NOT_RELAYED = frozenset(("connection", "keep-alive", "proxy-authenticate", "pro
                           "transfer-encoding", "upgrade", "content-length", "content-encoding", "date", "server",
                           # Twilio's for its own host; on the proxy's host a cookie and an HSTS pin would be the proxy's.
                           "set-cookie", "strict-transport-security"))
-# Nor what no server can send on (a name that is no token, a value with a control character: gunicorn
-# would answer a bare 500 for a message Twilio took), nor the proxy's own headers (X-Proxy-*, X-Request-Id).
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
+# Nor what no server can send on (proxy/headers.py), nor the proxy's own headers (X-Proxy-*, X-Request-Id).
 
 
 def _relayed(headers) -> list[tuple[str, str]]:
@@ -52,7 +50,7 @@ def _relayed(headers) -> list[tuple[str, str]]:
     for name, value in headers.iteritems():
         lower = name.lower()
         if lower in _NOT_RELAYED or lower in hop or lower.startswith("x-proxy-") or lower == "x-request-id" \
-                or not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+                or not sendable(name, value):
             continue
         if lower == "content-type":
             if content_type:
