@@ -19,9 +19,13 @@ KEPT_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent", "X-
                 "X-Proxy-Outbox-Id")
 
 
+# The app's "not now" (Request Timeout, Too Many Requests): retried like a 5xx. Any other 4xx is its answer.
+RETRYABLE_4XX = frozenset({408, 429})
+
+
 @dataclass(frozen=True)
 class Reply:
-    """The app's answer; `ok` False means retry later (down, timed out, 5xx, a redirect)."""
+    """The app's answer; `ok` False means retry later (down, timed out, 5xx, 408/429, a redirect)."""
 
     ok: bool
     status: int | None
@@ -78,7 +82,7 @@ class Forwarder:
             return Reply(False, None, b"", None, f"no answer within {self.timeout:g}s")
         except requests.exceptions.RequestException as exc:
             return Reply(False, None, b"", None, f"unreachable ({type(exc).__name__})")
-        if response.status_code >= 500:
+        if response.status_code >= 500 or response.status_code in RETRYABLE_4XX:
             return Reply(False, response.status_code, b"", None, f"answered {response.status_code}")
         if 300 <= response.status_code < 400:
             # Not followed (forward targets come from configuration only): the app's handler never saw it.

@@ -128,11 +128,12 @@ def test_app_4xx_is_the_apps_answer_and_is_relayed(forwarding, fake_app, db_engi
     assert items(db_engine)[0]["status"] == "delivered"
 
 
-@pytest.mark.parametrize("status", [301, 302, 307, 308])
+@pytest.mark.parametrize("status", [301, 302, 307, 308, 408, 429])
 def test_an_app_answering_a_redirect_did_not_take_the_webhook_and_the_outbox_retries(forwarding, fake_app,
                                                                                      db_engine, status):
     """Redirects are not followed (forward targets come from configuration only), so the app's handler never
-    saw the webhook: the item was marked delivered (lost), and Twilio got a 3xx without its Location."""
+    saw the webhook: the item was marked delivered (lost), and Twilio got a 3xx without its Location.
+    408 and 429 are the app's "not now" (HTTP's retryable 4xx), not its answer: retried like a 5xx."""
     fake_app.fail_status = status
     response = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "3" * 31 + "a"))
     assert response.status_code == 200 and response.get_data(as_text=True).endswith("<Response />")
