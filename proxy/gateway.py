@@ -16,7 +16,6 @@ from werkzeug.datastructures import MultiDict
 from . import attempts, holds, logs
 from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
-from .addresses import mask
 from .db import utcnow, writing
 from .errors import ApiError, twilio_error
 from .forms import URLENCODED, body_of, strict_form
@@ -176,20 +175,9 @@ def passthrough(rest: str):
     started = time.perf_counter()
     response, outcome, upstream_status, _ = _forward(body_of(request))
     response.headers["X-Proxy-Decision"] = Action.PASSTHROUGH.value
-    logs.event("api_passthrough", redact=True, method=request.method, path=_logged_path(request.path), outcome=outcome,
+    logs.event("api_passthrough", redact=True, method=request.method, path=logs.masked_path(request.path), outcome=outcome,
                upstream_status=upstream_status, duration_ms=_ms(started), request_id=g.request_id)
     return response
-
-
-# A phone number in a path (Lookup-style `/PhoneNumbers/+14155550111`, spaced or punctuated once the
-# %-escapes are decoded); digits inside a SID are not one, and neither is the API version.
-_NUMBER_IN_PATH = re.compile(r"(?<![A-Za-z0-9])\+?[0-9][0-9 ().\-]{5,}[0-9](?![A-Za-z0-9])")
-_API_VERSION = "2010-04-01"
-
-
-def _logged_path(path: str) -> str:
-    return _NUMBER_IN_PATH.sub(lambda found: found.group() if found.group() == _API_VERSION else mask(found.group()),
-                               path)
 
 
 # `/SMS/Messages` too: the legacy create resource sends as the current one does.

@@ -153,3 +153,18 @@ def test_relayed_twilio_error_logs_no_body_number_or_token(client, fake_twilio, 
     line = only(lines, "send", decision="allowed")
     assert (line["outcome"], line["upstream_status"]) == ("upstream_error", 400)
     assert_leaks_nothing(text)
+
+
+# --- (d) a phone number in a refused request's path; a non-SID ContentSid --------------------------------
+
+@pytest.mark.parametrize("path", [
+    f"/2010-04-01/Accounts/{ACCOUNT_SID}/IncomingPhoneNumbers/+14155550111.json",
+    f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/+1 415 555 0100",
+])
+def test_auth_failed_masks_a_number_in_the_path(client, db_engine, fake_twilio, logged, path):
+    response = client.get(path, headers=basic_auth(ACCOUNT_SID, AUTH_TOKEN + "x"))
+    assert response.status_code == 401 and fake_twilio.creates == []
+    text, lines = logged()
+    line = only(lines, "auth_failed")
+    assert line["path"].startswith(f"/2010-04-01/Accounts/{ACCOUNT_SID}/") and "*" in line["path"]
+    assert_leaks_nothing(text, "415 555 0100")
