@@ -16,6 +16,7 @@ from werkzeug.datastructures import MultiDict
 from . import attempts, holds, logs
 from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
+from .content import CONTENT_SID
 from .db import utcnow, writing
 from .errors import ApiError, twilio_error
 from .forms import URLENCODED, body_of, strict_form
@@ -255,7 +256,8 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
         code=decision.code,
         channel=judgement.channel,
         content_type=content_type,
-        content_sid=judgement.content_sid,
+        # A passthrough send's ContentSid is not checked: only a real Content SID is logged, never a value put there.
+        content_sid=_logged_content_sid(judgement.content_sid),
         approval_status=judgement.send.approval,
         fallback_content_sid=judgement.fallback.content_sid if judgement.fallback else None,
         sender=judgement.sender,
@@ -268,6 +270,10 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
         duration_ms=duration,
         request_id=g.request_id,
     )
+
+
+def _logged_content_sid(content_sid: str | None) -> str | None:
+    return content_sid if content_sid is None or CONTENT_SID.match(content_sid) else "not_a_content_sid"
 
 
 def _ms(started: float) -> float:

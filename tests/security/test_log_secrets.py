@@ -168,3 +168,19 @@ def test_auth_failed_masks_a_number_in_the_path(client, db_engine, fake_twilio, 
     line = only(lines, "auth_failed")
     assert line["path"].startswith(f"/2010-04-01/Accounts/{ACCOUNT_SID}/") and "*" in line["path"]
     assert_leaks_nothing(text, "415 555 0100")
+
+
+def test_a_content_sid_that_is_no_sid_is_not_logged_verbatim(client, fake_twilio, db_engine, logged):
+    # An SMS send passes through unjudged; a number or a text put in ContentSid by mistake is still no log value.
+    response = send(client, {"To": "+14155550111", "From": "+14155550100", "ContentSid": f"HX {BODY} +14155550111"})
+    assert response.status_code == 201
+    text, lines = logged()
+    line = only(lines, "send", decision="passthrough")
+    assert line["content_sid"] != f"HX {BODY} +14155550111"
+    assert_leaks_nothing(text)
+
+
+def test_a_content_sid_is_logged(client, fake_twilio, db_engine, logged):
+    sid = "HX" + "0123456789abcdef" * 2
+    assert send(client, {"To": "+14155550111", "From": "+14155550100", "ContentSid": sid}).status_code == 201
+    assert only(logged()[1], "send", decision="passthrough")["content_sid"] == sid
