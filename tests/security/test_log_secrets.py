@@ -184,3 +184,34 @@ def test_a_content_sid_is_logged(client, fake_twilio, db_engine, logged):
     sid = "HX" + "0123456789abcdef" * 2
     assert send(client, {"To": "+14155550111", "From": "+14155550100", "ContentSid": sid}).status_code == 201
     assert only(logged()[1], "send", decision="passthrough")["content_sid"] == sid
+
+
+# --- (e) configuration errors and the CLI: a URL's credentials, an API key's secret ---------------------
+
+URL_PASSWORD, URL_TOKEN = "url-password-marker-3c1d", "url-query-token-marker-8e02"
+
+
+@pytest.mark.parametrize("name", ["FORWARD_INBOUND_URL", "FORWARD_STATUS_URL", "TWILIO_API_BASE_URL", "PUBLIC_BASE_URL"])
+@pytest.mark.parametrize("value", [
+    f"https//app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}",  # a colon missing
+    f"ftp://app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}",
+    f"app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}",
+])
+def test_an_invalid_url_setting_is_named_without_its_credentials(name, value):
+    from proxy.settings import ConfigError, Settings
+
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, name: value})
+    message = str(refused.value)
+    assert name in message and "app.example/hook" in message
+    assert URL_PASSWORD not in message and URL_TOKEN not in message and AUTH_TOKEN not in message
+
+
+@pytest.mark.parametrize("entry", [f"{API_SECRET}:{API_KEY}", API_SECRET, f"{API_KEY}{API_SECRET}"])
+def test_an_invalid_api_key_entry_shows_no_part_of_a_secret(entry):
+    from proxy.settings import ConfigError, Settings
+
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_API_KEYS": entry})
+    message = str(refused.value)
+    assert "TWILIO_API_KEYS" in message and API_SECRET[:4] not in message
