@@ -215,3 +215,18 @@ def test_an_invalid_api_key_entry_shows_no_part_of_a_secret(entry):
         Settings.from_env({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_API_KEYS": entry})
     message = str(refused.value)
     assert "TWILIO_API_KEYS" in message and API_SECRET[:4] not in message
+
+
+def test_outbox_list_shows_no_credentials_of_the_forward_url(settings, db_engine):
+    from proxy.db import utcnow, writing
+    from proxy import outbox
+
+    target = f"https://app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}"
+    app = create_app(replace(settings, forward_inbound_url=target))
+    with writing(app.extensions["proxy"].engine) as conn:
+        outbox.enqueue(conn, kind="inbound", ordering_key=f"inbound:{BUSINESS}|{USER}", target=target, headers={},
+                       body=[("Body", BODY)], now=utcnow())
+    result = app.test_cli_runner().invoke(args=["outbox", "list"])
+    app.extensions["proxy"].engine.dispose()
+    assert result.exit_code == 0 and "app.example/hook" in result.output
+    assert URL_PASSWORD not in result.output and URL_TOKEN not in result.output and BODY not in result.output
