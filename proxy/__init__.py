@@ -110,14 +110,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.errorhandler(DataError)
     def unstorable_value(exc: StatementError):
         # A value the database refuses is bad input, not an outage.
-        logs.log.warning("unstorable_value", extra={"path": request.path, "request_id": g.get("request_id")})
+        logs.log.warning("unstorable_value", extra={"path": logs.masked_path(request.path), "request_id": g.get("request_id")})
         return twilio_error(400, 400, "A value in the request cannot be stored (control characters or too long).")
 
     @app.errorhandler(SQLAlchemyError)
     def database_error(exc: SQLAlchemyError):
         if isinstance(exc, StatementError) and values_refused(exc):
             return unstorable_value(exc)  # a value that could not even be bound: bad input, not an outage
-        extra = {"error": type(exc).__name__, "path": request.path, "request_id": g.get("request_id")}
+        extra = {"error": type(exc).__name__, "path": logs.masked_path(request.path), "request_id": g.get("request_id")}
         missing = schema_missing(exc)  # no outage: the migrations were not applied, and no retry will help
         if missing:
             extra["detail"] = schema_hint(exc)
@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(Exception)
     def unexpected_error(exc: Exception):
-        logs.log.exception("unhandled_error", extra={"path": request.path, "request_id": g.get("request_id")})
+        logs.log.exception("unhandled_error", extra={"path": logs.masked_path(request.path), "request_id": g.get("request_id")})
         return twilio_error(20500, 500, "An internal server error has occurred in the proxy.")
 
     return app

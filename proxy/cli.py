@@ -19,6 +19,7 @@ from .db import utcnow, writing
 from .errors import ApiError
 
 from .migrate import alembic_config, schema_hint, schema_missing, upgrade
+from .settings import without_credentials
 
 MAX_ONCE_PASSES = 1000  # `worker --once`: passes over the outbox at most
 
@@ -120,6 +121,8 @@ def register(app: Flask) -> None:
             item = dict(row._mapping)
             for key in ("next_attempt_at", "created_at"):
                 item[key] = item[key].isoformat()
+            if item["kind"] in ("inbound", "status"):  # FORWARD_*_URL: its user:password@ and ?token are not shown
+                item["target"] = without_credentials(item["target"])
             click.echo(json.dumps(item))
         click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "outbox empty", err=True)
 

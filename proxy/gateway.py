@@ -16,7 +16,7 @@ from werkzeug.datastructures import MultiDict
 from . import attempts, holds, logs
 from .metrics import DECISIONS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
-from .addresses import mask
+from .content import CONTENT_SID
 from .db import utcnow, writing
 from .errors import ApiError, twilio_error
 from .forms import URLENCODED, body_of, strict_form
@@ -174,20 +174,9 @@ def passthrough(rest: str):
     started = time.perf_counter()
     response, outcome, upstream_status, _ = _forward(body_of(request))
     response.headers["X-Proxy-Decision"] = Action.PASSTHROUGH.value
-    logs.event("api_passthrough", redact=True, method=request.method, path=_logged_path(request.path), outcome=outcome,
+    logs.event("api_passthrough", redact=True, method=request.method, path=logs.masked_path(request.path), outcome=outcome,
                upstream_status=upstream_status, duration_ms=_ms(started), request_id=g.request_id)
     return response
-
-
-# A phone number in a path (Lookup-style `/PhoneNumbers/+14155550111`, spaced or punctuated once the
-# %-escapes are decoded); digits inside a SID are not one, and neither is the API version.
-_NUMBER_IN_PATH = re.compile(r"(?<![A-Za-z0-9])\+?[0-9][0-9 ().\-]{5,}[0-9](?![A-Za-z0-9])")
-_API_VERSION = "2010-04-01"
-
-
-def _logged_path(path: str) -> str:
-    return _NUMBER_IN_PATH.sub(lambda found: found.group() if found.group() == _API_VERSION else mask(found.group()),
-                               path)
 
 
 # `/SMS/Messages` too: the legacy create resource sends as the current one does.
@@ -265,7 +254,8 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
         code=decision.code,
         channel=judgement.channel,
         content_type=content_type,
-        content_sid=judgement.content_sid,
+        # A passthrough send's ContentSid is not checked: only a real Content SID is logged, never a value put there.
+        content_sid=_logged_content_sid(judgement.content_sid),
         approval_status=judgement.send.approval,
         fallback_content_sid=judgement.fallback.content_sid if judgement.fallback else None,
         sender=judgement.sender,
@@ -278,6 +268,10 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
         duration_ms=duration,
         request_id=g.request_id,
     )
+
+
+def _logged_content_sid(content_sid: str | None) -> str | None:
+    return content_sid if content_sid is None or CONTENT_SID.match(content_sid) else "not_a_content_sid"
 
 
 def _ms(started: float) -> float:

@@ -110,6 +110,18 @@ def mask_numbers(text: str) -> str:
     return _NUMBER_IN_TEXT.sub(lambda found: mask(found.group()), text)
 
 
+# A phone number in a path (Lookup-style `/PhoneNumbers/+14155550111`, spaced or punctuated once the
+# %-escapes are decoded); digits inside a SID are not one, and neither is the API version.
+_NUMBER_IN_PATH = re.compile(r"(?<![A-Za-z0-9])\+?[0-9][0-9 ().\-]{5,}[0-9](?![A-Za-z0-9])")
+_API_VERSION = "2010-04-01"
+
+
+def masked_path(path: str) -> str:
+    """A request path as logged: every phone number in it masked (a refused request's too)."""
+    return _NUMBER_IN_PATH.sub(lambda found: found.group() if found.group() == _API_VERSION else mask(found.group()),
+                               path)
+
+
 def event(name: str, *, redact: bool, level: int = logging.INFO, **fields) -> None:
     if redact:
         for key in ADDRESS_FIELDS:

@@ -233,8 +233,10 @@ def _api_keys(env: Mapping[str, str]) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in env.get("TWILIO_API_KEYS", "").split(","))):
         sid, sep, secret = item.partition(":")
         if not sep or not API_KEY_SID.fullmatch(sid) or not secret:
+            # The start of the entry only when it is a key's SID: an entry in another order starts with its secret.
+            start = f", got an entry starting {item[:6]!r}" if item.startswith("SK") else ", got one not starting with SK"
             raise ConfigError("TWILIO_API_KEYS must be comma-separated SK…:secret pairs (SK followed by 32 hex "
-                              f"characters), got an entry starting {item[:6]!r}.")
+                              f"characters){start}.")
         keys[sid] = secret
     return keys
 
@@ -299,5 +301,19 @@ def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
         return default
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}.")
+        raise ConfigError(f"{name} must be an http(s) URL, got {without_credentials(raw)!r}.")
     return raw.rstrip("/")
+
+
+_SCHEME_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:?//")
+
+
+def without_credentials(raw: str) -> str:
+    """A URL the operator mistyped, as a configuration error shows it: whatever stood before an `@` (a
+    user and password) and the query (a token) are left out, its scheme, host and path kept."""
+    text, query, _ = raw.partition("?")
+    text = text.partition("#")[0]
+    if "@" in text:
+        prefix = _SCHEME_PREFIX.match(text)
+        text = (prefix.group() if prefix else "") + "…@" + text.rpartition("@")[2]
+    return text + ("?…" if query else "")

@@ -153,3 +153,80 @@ def test_relayed_twilio_error_logs_no_body_number_or_token(client, fake_twilio, 
     line = only(lines, "send", decision="allowed")
     assert (line["outcome"], line["upstream_status"]) == ("upstream_error", 400)
     assert_leaks_nothing(text)
+
+
+# --- (d) a phone number in a refused request's path; a non-SID ContentSid --------------------------------
+
+@pytest.mark.parametrize("path", [
+    f"/2010-04-01/Accounts/{ACCOUNT_SID}/IncomingPhoneNumbers/+14155550111.json",
+    f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/+1 415 555 0100",
+])
+def test_auth_failed_masks_a_number_in_the_path(client, db_engine, fake_twilio, logged, path):
+    response = client.get(path, headers=basic_auth(ACCOUNT_SID, AUTH_TOKEN + "x"))
+    assert response.status_code == 401 and fake_twilio.creates == []
+    text, lines = logged()
+    line = only(lines, "auth_failed")
+    assert line["path"].startswith(f"/2010-04-01/Accounts/{ACCOUNT_SID}/") and "*" in line["path"]
+    assert_leaks_nothing(text, "415 555 0100")
+
+
+def test_a_content_sid_that_is_no_sid_is_not_logged_verbatim(client, fake_twilio, db_engine, logged):
+    # An SMS send passes through unjudged; a number or a text put in ContentSid by mistake is still no log value.
+    response = send(client, {"To": "+14155550111", "From": "+14155550100", "ContentSid": f"HX {BODY} +14155550111"})
+    assert response.status_code == 201
+    text, lines = logged()
+    line = only(lines, "send", decision="passthrough")
+    assert line["content_sid"] != f"HX {BODY} +14155550111"
+    assert_leaks_nothing(text)
+
+
+def test_a_content_sid_is_logged(client, fake_twilio, db_engine, logged):
+    sid = "HX" + "0123456789abcdef" * 2
+    assert send(client, {"To": "+14155550111", "From": "+14155550100", "ContentSid": sid}).status_code == 201
+    assert only(logged()[1], "send", decision="passthrough")["content_sid"] == sid
+
+
+# --- (e) configuration errors and the CLI: a URL's credentials, an API key's secret ---------------------
+
+URL_PASSWORD, URL_TOKEN = "url-password-marker-3c1d", "url-query-token-marker-8e02"
+
+
+@pytest.mark.parametrize("name", ["FORWARD_INBOUND_URL", "FORWARD_STATUS_URL", "TWILIO_API_BASE_URL", "PUBLIC_BASE_URL"])
+@pytest.mark.parametrize("value", [
+    f"https//app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}",  # a colon missing
+    f"ftp://app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}",
+    f"app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}",
+])
+def test_an_invalid_url_setting_is_named_without_its_credentials(name, value):
+    from proxy.settings import ConfigError, Settings
+
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, name: value})
+    message = str(refused.value)
+    assert name in message and "app.example/hook" in message
+    assert URL_PASSWORD not in message and URL_TOKEN not in message and AUTH_TOKEN not in message
+
+
+@pytest.mark.parametrize("entry", [f"{API_SECRET}:{API_KEY}", API_SECRET, f"{API_KEY}{API_SECRET}"])
+def test_an_invalid_api_key_entry_shows_no_part_of_a_secret(entry):
+    from proxy.settings import ConfigError, Settings
+
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_API_KEYS": entry})
+    message = str(refused.value)
+    assert "TWILIO_API_KEYS" in message and API_SECRET[:4] not in message
+
+
+def test_outbox_list_shows_no_credentials_of_the_forward_url(settings, db_engine):
+    from proxy.db import utcnow, writing
+    from proxy import outbox
+
+    target = f"https://app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}"
+    app = create_app(replace(settings, forward_inbound_url=target))
+    with writing(app.extensions["proxy"].engine) as conn:
+        outbox.enqueue(conn, kind="inbound", ordering_key=f"inbound:{BUSINESS}|{USER}", target=target, headers={},
+                       body=[("Body", BODY)], now=utcnow())
+    result = app.test_cli_runner().invoke(args=["outbox", "list"])
+    app.extensions["proxy"].engine.dispose()
+    assert result.exit_code == 0 and "app.example/hook" in result.output
+    assert URL_PASSWORD not in result.output and URL_TOKEN not in result.output and BODY not in result.output
