@@ -46,8 +46,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     account_sid: str
-    auth_token: str
-    database_url: str
+    # Secrets stay out of repr() (a traceback, a debug print): here and in the keys below.
+    auth_token: str = field(repr=False)
+    database_url: str = field(repr=False)
     twilio_api_base_url: str = "https://api.twilio.com"
     public_base_url: str | None = None
     session_window_seconds: int = 86400
@@ -56,8 +57,8 @@ class Settings:
     log_level: str = "INFO"
     log_redact_numbers: bool = True
     log_format: str = "json"
-    api_keys: Mapping[str, str] = field(default_factory=dict)  # SK sid -> secret
-    metrics_token: str | None = None
+    api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)  # SK sid -> secret
+    metrics_token: str | None = field(default=None, repr=False)
     forward_inbound_url: str | None = None
     forward_status_url: str | None = None
     forward_timeout_seconds: float = 10.0
@@ -69,7 +70,7 @@ class Settings:
     outbox_lease_seconds: int = 120
     fail_open: bool = False
     allow_unsigned_webhooks: bool = False
-    webhook_shared_keys: Mapping[str, str] = field(default_factory=dict)  # SharedKey id -> secret
+    webhook_shared_keys: Mapping[str, str] = field(default_factory=dict, repr=False)  # SharedKey id -> secret
     max_content_length: int = 256 * 1024
     twilio_content_base_url: str = "https://content.twilio.com"
     content_cache_seconds: int = 300

@@ -238,3 +238,13 @@ def test_policy_file_content_sid_is_the_whole_value(tmp_path):
     path.write_text(f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}\\n"\n')
     with pytest.raises(ConfigError, match="content_sid"):
         Settings.from_env({**BASE, "POLICY_FILE": str(path)})
+
+
+def test_the_settings_repr_holds_no_secret():
+    """A Settings in a traceback or a debug print must not carry the secrets it holds."""
+    s = Settings.from_env({**BASE, "TWILIO_AUTH_TOKEN": "tok-SECRET-7f3a", "METRICS_TOKEN": "met-SECRET-1",
+                           "TWILIO_API_KEYS": "SK" + "1" * 32 + ":key-SECRET-2",
+                           "TWILIO_WEBHOOK_SHARED_KEYS": "kid:shared-SECRET-3",
+                           "DATABASE_URL": "postgresql://proxy:db-SECRET-4@127.0.0.1/proxy"})
+    assert s.auth_token == "tok-SECRET-7f3a"
+    assert "SECRET" not in repr(s) and "SECRET" not in str(s)
