@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 
 from flask import Flask, g, request
@@ -29,6 +30,7 @@ from .upstream import Upstream
 # one), keeps WEB_CONCURRENCY x 10 under PostgreSQL's default max_connections of 100.
 DEFAULT_POOL_SIZE = 256
 DB_POOL_SIZE = 10
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # what a Twilio idempotency token looks like
 
 
 # gunicorn restarts a worker that exits with any other code, forever, behind a listening port; 4 (its
@@ -89,7 +91,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     def assign_request_id():
         # Twilio's idempotency token ties our log line to Twilio's own request log.
         # Not uuid4: a log correlation id needs no OS entropy, and os.urandom cost ~0.1 ms a request here.
-        g.request_id = request.headers.get("I-Twilio-Idempotency-Token", "")[:64] or f"{random.getrandbits(128):032x}"
+        # Anyone may send the header, signed or not: only a token-shaped value becomes a log field.
+        token = request.headers.get("I-Twilio-Idempotency-Token", "")
+        g.request_id = token if _REQUEST_ID.fullmatch(token) else f"{random.getrandbits(128):032x}"
 
     @app.after_request
     def add_request_id(response):

@@ -45,6 +45,16 @@ def test_request_id_comes_from_twilios_idempotency_token(client, log_lines):
     assert log_lines()[0]["request_id"] == "idem-123"
 
 
+@pytest.mark.parametrize("token", ["call me on +1 415 555 0111", "tok-SECRET with spaces", "a;b", "x" * 65, "é"])
+def test_an_idempotency_token_that_is_no_token_is_not_the_request_id(client, log_lines, token):
+    """Anyone may send the header, signed or not: free text from it must not become a log field."""
+    response = client.post("/twilio/inbound", data={"x": "1"}, headers={"I-Twilio-Idempotency-Token": token})
+    assert response.status_code == 403
+    request_id = response.headers["X-Request-Id"]
+    assert request_id != token and len(request_id) == 32 and int(request_id, 16) >= 0
+    assert [line["request_id"] for line in log_lines()] == [request_id]
+
+
 def test_numbers_shown_when_redaction_is_off(settings, db_engine, log_lines):
     client = create_app(replace(settings, log_redact_numbers=False)).test_client()
     signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 32))
