@@ -15,7 +15,7 @@ from flask import Flask
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from . import holds, logs, outbox, store, window_api
-from .db import utcnow, writing
+from .db import unavailable_reason, utcnow, writing
 from .errors import ApiError
 
 from .migrate import alembic_config, schema_hint, schema_missing, upgrade
@@ -35,8 +35,7 @@ def needs_schema(command_function):
             if schema_missing(exc):
                 raise click.ClickException(schema_hint(exc)) from None
             if isinstance(exc, OperationalError):  # refused, timed out, locked, disk: the driver's words say which
-                reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
-                raise click.ClickException(f"the database is unavailable: {reason}") from None
+                raise click.ClickException(f"the database is unavailable: {unavailable_reason(exc)}") from None
             raise  # anything else keeps its traceback: it is the operator's best clue
     return run
 

@@ -34,7 +34,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.exc import InvalidatePoolError, SQLAlchemyError
+from sqlalchemy.exc import InvalidatePoolError, OperationalError, SQLAlchemyError
 
 
 class UTCDateTime(TypeDecorator):
@@ -355,6 +355,13 @@ def writing(engine: Engine) -> Iterator[Connection]:
     """A write transaction: `engine.begin()`, taken in turn with the other writers on SQLite."""
     with write_lock(engine), engine.begin() as conn:
         yield conn
+
+
+def unavailable_reason(exc: OperationalError) -> str:
+    """The first line of the driver's words for an unreachable or locked database (refused, timed out, locked,
+    disk): what an operator needs, without SQLAlchemy's traceback."""
+    text = str(exc.orig).strip()
+    return text.splitlines()[0] if text else type(exc.orig).__name__
 
 
 def storable(value: str | None, length: int) -> str | None:

@@ -10,10 +10,11 @@ import time
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from sqlalchemy.exc import OperationalError
 from werkzeug.datastructures import MultiDict
 
 from . import attempts, holds, late_failures, logs, outbox
-from .db import utcnow, writing
+from .db import unavailable_reason, utcnow, writing
 from .errors import ApiError
 from .judge import Judgement, judge
 from .migrate import schema_hint, schema_missing
@@ -66,18 +67,28 @@ class Worker:
         return len(items)
 
     def run_forever(self, stop: threading.Event) -> None:
-        unmigrated = False  # said once, not with a traceback every poll, until the migrations are applied
+        # Said once, not with a traceback every poll, until the migrations are applied or the database is back.
+        unmigrated = unavailable = False
         while not stop.is_set():
             try:
                 busy = self.run_once()
                 unmigrated = False
+                if unavailable:
+                    logs.log.info("database_available")
+                    unavailable = False
             except Exception as exc:  # noqa: BLE001 — a database hiccup must not kill the worker
-                if not schema_missing(exc):
-                    logs.log.exception("worker_error")
-                elif not unmigrated:
-                    logs.log.error("migrations_not_at_head", extra={"error": type(exc).__name__,
-                                                                    "detail": schema_hint(exc)})
+                if schema_missing(exc):
+                    if not unmigrated:
+                        logs.log.error("migrations_not_at_head", extra={"error": type(exc).__name__,
+                                                                        "detail": schema_hint(exc)})
                     unmigrated = True
+                elif isinstance(exc, OperationalError):  # refused, timed out, locked: the driver's words say which
+                    if not unavailable:
+                        logs.log.error("database_unavailable", extra={"error": type(exc.orig).__name__,
+                                                                      "detail": unavailable_reason(exc)})
+                    unavailable = True
+                else:
+                    logs.log.exception("worker_error")
                 busy = 0
             if not busy:
                 stop.wait(self.rt.settings.worker_poll_seconds)

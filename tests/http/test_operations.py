@@ -345,3 +345,41 @@ def test_api_keys_authenticate_and_are_forwarded(settings, db_engine, fake_twili
     assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"},
                 auth=basic_auth("SK" + "6" * 32, API_SECRET)).status_code == 401
     fake_twilio.api_keys = {}
+
+
+def test_worker_with_the_database_down_says_so_once_then_says_when_it_is_back(settings, db_engine, log_lines):
+    """Not a traceback every poll (one a second, all through an outage): one line when it goes, one when it
+    comes back."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    from proxy.worker import Worker
+
+    class Rounds(threading.Event):
+        rounds = 0
+
+        def wait(self, timeout=None):
+            self.rounds += 1
+            if self.rounds == 5:
+                self.set()
+            return self.is_set()
+
+    worker = Worker(create_app(settings).extensions["proxy"])
+    answers = iter([OperationalError("SELECT", {}, Exception("connection refused\nmore detail")),
+                    OperationalError("SELECT", {}, Exception("connection refused")), 0, 0,
+                    OperationalError("SELECT", {}, Exception("server closed the connection"))])
+
+    def run_once(now=None):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    worker.run_once = run_once
+    started = len(log_lines())
+    worker.run_forever(Rounds())
+    lines = [line for line in log_lines()[started:] if line["event"].startswith("database")]
+    assert [(line["event"], line["level"]) for line in lines] == [
+        ("database_unavailable", "ERROR"), ("database_available", "INFO"), ("database_unavailable", "ERROR")]
+    assert lines[0]["detail"] == "connection refused" and "exc_info" not in lines[0]
