@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
+
 from .policy import Policy
 from .policy_file import Fallback, PolicyFileError, load, parse_fallback
 
@@ -178,10 +181,15 @@ def normalise_database_url(raw: str) -> str:
     # Heroku-style platforms hand out postgres://, which SQLAlchemy no longer accepts;
     # psycopg 3 is the driver this project installs.
     if scheme in ("postgres", "postgresql", "postgresql+psycopg"):
-        return f"postgresql+psycopg://{rest}"
-    if scheme.startswith("sqlite"):
-        return url
-    raise ConfigError(f"DATABASE_URL scheme {scheme!r} is not supported (use postgresql:// or sqlite://).")
+        url = f"postgresql+psycopg://{rest}"
+    elif not scheme.startswith("sqlite"):
+        raise ConfigError(f"DATABASE_URL scheme {scheme!r} is not supported (use postgresql:// or sqlite://).")
+    try:
+        make_url(url)  # here, not in the first worker's traceback (a port that is no number, say)
+    except (ValueError, ArgumentError) as exc:
+        raise ConfigError(f"DATABASE_URL cannot be read ({type(exc).__name__}): {without_credentials(raw.strip())!r}.") \
+            from None
+    return url
 
 
 def _fallback(env: Mapping[str, str]) -> Fallback | None:

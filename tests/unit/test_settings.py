@@ -248,3 +248,11 @@ def test_the_settings_repr_holds_no_secret():
                            "DATABASE_URL": "postgresql://proxy:db-SECRET-4@127.0.0.1/proxy"})
     assert s.auth_token == "tok-SECRET-7f3a"
     assert "SECRET" not in repr(s) and "SECRET" not in str(s)
+
+
+@pytest.mark.parametrize("url", ["postgresql://proxy:pw-SECRET@db.internal:abc/proxy", "postgres://proxy:pw-SECRET@:5432x/p",
+                                 "sqlite://relative:port:x/db"])
+def test_a_database_url_sqlalchemy_cannot_read_is_one_line_without_its_password(url):
+    with pytest.raises(ConfigError) as error:
+        Settings.from_env({**BASE, "DATABASE_URL": url})
+    assert "DATABASE_URL" in str(error.value) and "SECRET" not in str(error.value)
