@@ -25,10 +25,14 @@ migrate: $(VENV)/.run-installed
 	$(BIN)/flask --app proxy db upgrade
 
 # With credentials: the Procfile's own command. Without: sandbox mode (a local Twilio simulator, loud banner).
+# Only one of the two: refused, naming the missing one (not a sandbox under another account).
 run: $(VENV)/.run-installed
 	@if [ -n "$$TWILIO_ACCOUNT_SID" ] && [ -n "$$TWILIO_AUTH_TOKEN" ]; then \
 	  $(BIN)/flask --app proxy db upgrade && \
 	  PATH="$(abspath $(BIN)):$$PATH" PORT=$(PORT) exec bash -c "exec $$(sed -n 's/^web: //p' Procfile)"; \
+	elif [ -n "$$TWILIO_ACCOUNT_SID" ] || [ -n "$$TWILIO_AUTH_TOKEN" ]; then \
+	  if [ -n "$$TWILIO_ACCOUNT_SID" ]; then set -- TWILIO_ACCOUNT_SID TWILIO_AUTH_TOKEN; else set -- TWILIO_AUTH_TOKEN TWILIO_ACCOUNT_SID; fi; \
+	  echo "$$1 is set but $$2 is not: set both to serve for real, or neither for the sandbox." >&2; exit 2; \
 	else \
 	  echo "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: starting in SANDBOX mode."; \
 	  exec $(BIN)/flask --app proxy sandbox up --port $(PORT); \

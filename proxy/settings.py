@@ -117,9 +117,8 @@ class Settings:
         fallbacks = dict(policy_file.fallbacks) if policy_file else {}
         if "reroute" in {action, *actions.values()} and not (fallback or fallbacks):
             raise ConfigError("OUT_OF_WINDOW_ACTION=reroute needs FALLBACK_CONTENT_SID (or fallbacks in POLICY_FILE).")
-        forward_timeout = _float(env, "FORWARD_TIMEOUT_SECONDS", 10.0, maximum=15)
-        if forward_timeout >= 15:
-            raise ConfigError("FORWARD_TIMEOUT_SECONDS must be below 15: Twilio gives up on a webhook after 15 s.")
+        # Below 15, not at most: Twilio gives up on a webhook after 15 s.
+        forward_timeout = _float(env, "FORWARD_TIMEOUT_SECONDS", 10.0, maximum=15, inclusive=False)
         twilio_timeout = _float(env, "TWILIO_TIMEOUT_SECONDS", 10.0, maximum=MAX_TWILIO_TIMEOUT_SECONDS)
         lease = _int(env, "OUTBOX_LEASE_SECONDS", 120, minimum=1, maximum=MAX_OUTBOX_LEASE_SECONDS)
         # The longest single delivery: a webhook forward, or a fallback send after a late 63016 (the
@@ -274,7 +273,8 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maxim
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *, maximum: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, *, maximum: float,
+           inclusive: bool = True) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -282,8 +282,9 @@ def _float(env: Mapping[str, str], name: str, default: float, *, maximum: float)
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
-    if not 0 < value <= maximum:  # also refuses nan and inf
-        raise ConfigError(f"{name} must be greater than 0 and at most {_seconds(maximum)}, got {raw!r}.")
+    if not (0 < value <= maximum if inclusive else 0 < value < maximum):  # also refuses nan and inf
+        bound = "at most" if inclusive else "below"
+        raise ConfigError(f"{name} must be greater than 0 and {bound} {_seconds(maximum)}, got {raw!r}.")
     return value
 
 

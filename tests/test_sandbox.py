@@ -473,3 +473,24 @@ def test_the_exports_never_print_a_database_password():
     assert f"export TWILIO_ACCOUNT_SID={SANDBOX_ACCOUNT_SID}" in lines
     plain = exports({"DATABASE_URL": "sqlite:////tmp/x.sqlite3"}, "/venv/bin")
     assert plain[0] == "export DATABASE_URL=sqlite:////tmp/x.sqlite3"
+
+
+@pytest.mark.parametrize("present", ["TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"])
+def test_make_run_with_only_one_credential_says_which_is_missing_instead_of_a_sandbox(tmp_path, present):
+    """A newcomer who exported the SID and forgot the token got the sandbox, under the sandbox's own
+    account (their SID then answered 20404), and a banner saying both were unset."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").touch()
+    (venv / ".run-installed").touch()  # newer than pyproject.toml: nothing is installed
+    env = {k: v for k, v in os.environ.items() if k not in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN")}
+    env[present] = SANDBOX_ACCOUNT_SID if present == "TWILIO_ACCOUNT_SID" else SANDBOX_AUTH_TOKEN
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(["make", "-s", "-C", str(root), "run", f"VENV={venv}"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    missing = ({"TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"} - {present}).pop()
+    assert result.returncode != 0
+    assert "SANDBOX" not in result.stdout
+    assert f"{present} is set but {missing} is not" in result.stderr
