@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import click
 from alembic import command
+from alembic.util import CommandError
 from flask import Flask
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -18,7 +19,7 @@ from . import holds, logs, outbox, store, window_api
 from .db import utcnow, writing
 from .errors import ApiError
 
-from .migrate import alembic_config, schema_hint, schema_missing, upgrade
+from .migrate import alembic_config, head_revision, known_revision, revision_at_start, schema_hint, schema_missing, upgrade
 from .settings import without_credentials
 
 MAX_ONCE_PASSES = 1000  # `worker --once`: passes over the outbox at most
@@ -41,12 +42,32 @@ def needs_schema(command_function):
     return run
 
 
+def alembic_errors(app: Flask):
+    """`db` commands: Alembic's refusals (a revision it cannot find) in one line, not its traceback; a
+    database a newer release migrated (a rollback's release phase) is named as such."""
+    def decorate(command_function):
+        @functools.wraps(command_function)
+        def run(*args, **kwargs):
+            try:
+                return command_function(*args, **kwargs)
+            except CommandError as exc:
+                current = revision_at_start(app.extensions["proxy"].engine)
+                if current is not None and not known_revision(current):
+                    raise click.ClickException(
+                        f"the database is at revision {current}, which this code (head {head_revision()}) does not "
+                        "know: a newer release has migrated it; run that release, or restore a backup") from None
+                raise click.ClickException(str(exc)) from None
+        return run
+    return decorate
+
+
 def register(app: Flask) -> None:
     db = click.Group("db", help="Database schema (Alembic migrations).")
 
     @db.command("upgrade")
     @click.argument("revision", default="head")
     @needs_schema
+    @alembic_errors(app)
     def db_upgrade(revision: str):
         """Apply migrations up to REVISION (default: head)."""
         upgrade(app.extensions["proxy"].settings.database_url, revision)
@@ -54,6 +75,7 @@ def register(app: Flask) -> None:
 
     @db.command("current")
     @needs_schema
+    @alembic_errors(app)
     def db_current():
         """Show the revision the database is at."""
         command.current(alembic_config(app.extensions["proxy"].settings.database_url))

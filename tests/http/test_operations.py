@@ -345,3 +345,27 @@ def test_api_keys_authenticate_and_are_forwarded(settings, db_engine, fake_twili
     assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"},
                 auth=basic_auth("SK" + "6" * 32, API_SECRET)).status_code == 401
     fake_twilio.api_keys = {}
+
+
+@pytest.mark.parametrize("args", [["db", "current"], ["db", "upgrade"], ["db", "upgrade", "0002"]])
+def test_cli_db_on_a_database_a_newer_release_migrated_says_so_in_one_line(settings, tmp_path, args):
+    """A rollback's `db upgrade` or `db current` met a revision it does not know: Alembic's traceback."""
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'newer.sqlite3'}"
+    upgrade(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    result = create_app(replace(settings, database_url=url)).test_cli_runner().invoke(args=args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "0099" in line and "newer release" in line and "Traceback" not in result.output
+
+
+def test_cli_db_upgrade_to_an_unknown_revision_says_so_in_one_line(app):
+    result = app.test_cli_runner().invoke(args=["db", "upgrade", "nosuchrev"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "nosuchrev" in line and "Traceback" not in result.output
