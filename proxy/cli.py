@@ -23,6 +23,10 @@ from .migrate import alembic_config, head_revision, known_revision, revision_at_
 from .settings import without_credentials
 
 MAX_ONCE_PASSES = 1000  # `worker --once`: passes over the outbox at most
+# Bounds that keep an argument out of OverflowError: a date a century away, an id the database can store.
+MAX_DURATION = timedelta(days=36500)
+LIMIT = click.IntRange(1, 1_000_000)
+ITEM_ID = click.IntRange(1, 2**63 - 1)
 
 
 def needs_schema(command_function):
@@ -113,7 +117,7 @@ def register(app: Flask) -> None:
 
     @windows.command("expiring")
     @click.option("--within", default="1h", show_default=True, help="e.g. 3600, 90m, 2h")
-    @click.option("--limit", default=100, show_default=True)
+    @click.option("--limit", default=100, show_default=True, type=LIMIT)
     @needs_schema
     def windows_expiring(within: str, limit: int):
         """Windows that close within the given time, soonest first (one JSON object per line)."""
@@ -132,7 +136,7 @@ def register(app: Flask) -> None:
     @click.option("--status", type=click.Choice(outbox.STATUSES), default=None,
                   help="`sending`: a fallback being sent now; `uncertain`: one Twilio may have taken, never sent "
                        "again (check Twilio's Messages list, then `outbox replay ID` if it is missing).")
-    @click.option("--limit", default=100, show_default=True)
+    @click.option("--limit", default=100, show_default=True, type=LIMIT)
     @needs_schema
     def outbox_list(status: str | None, limit: int):
         """Outbox items, oldest first (one JSON object per line)."""
@@ -149,7 +153,7 @@ def register(app: Flask) -> None:
         click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "outbox empty", err=True)
 
     @box.command("replay")
-    @click.argument("item_id", required=False, type=int)
+    @click.argument("item_id", required=False, type=ITEM_ID)
     @click.option("--all", "replay_all", is_flag=True, help="Replay every exhausted item.")
     @needs_schema
     def outbox_replay(item_id: int | None, replay_all: bool):
@@ -167,7 +171,7 @@ def register(app: Flask) -> None:
     @held.command("list")
     @click.option("--status", type=click.Choice([*holds.STATUSES, "all"]), default=holds.HELD, show_default=True,
                   help="`sending`: being sent now, or left so by a crashed worker.")
-    @click.option("--limit", default=100, show_default=True)
+    @click.option("--limit", default=100, show_default=True, type=LIMIT)
     @needs_schema
     def held_list(status: str, limit: int):
         """Held messages, oldest first (one JSON object per line)."""
@@ -218,11 +222,14 @@ def register(app: Flask) -> None:
         click.echo(", ".join(f"{n} {table}" for table, n in counts.items()) + f" deleted (before {cutoff:%Y-%m-%dT%H:%M:%SZ})")
 
 
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> timedelta:
     match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text)
     if not match:
         raise click.BadParameter(f"{text!r} is not a duration such as 3600, 90m, 12h, 30d or 2w")
-    return timedelta(**{_UNITS[match.group(2) or "s"]: int(match.group(1))})
+    seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds > MAX_DURATION.total_seconds():
+        raise click.BadParameter(f"{text!r} is longer than {MAX_DURATION.days}d")
+    return timedelta(seconds=seconds)

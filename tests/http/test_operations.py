@@ -369,3 +369,18 @@ def test_cli_db_upgrade_to_an_unknown_revision_says_so_in_one_line(app):
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert "nosuchrev" in line and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args", [["windows", "expiring", "--within", "99999999999999999999d"],
+                                  ["windows", "expiring", "--within", "100000000000000"],
+                                  ["windows", "expiring", "--within", "3000000w"],
+                                  ["purge", "--older-than", "99999999999d"], ["purge", "--older-than", "800000d"],
+                                  ["windows", "expiring", "--limit", "-1"], ["windows", "expiring", "--limit", "0"],
+                                  ["outbox", "list", "--limit", "-5"], ["held", "list", "--limit", "-1"],
+                                  ["outbox", "replay", "99999999999999999999999"], ["outbox", "replay", "0"]])
+def test_cli_out_of_range_arguments_are_usage_errors(app, args):
+    """A huge duration or item id ended in OverflowError's traceback, a negative --limit in IndexError's."""
+    result = app.test_cli_runner().invoke(args=args)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "Invalid value" in line and "Traceback" not in result.output
