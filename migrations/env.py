@@ -3,8 +3,13 @@
 import os
 
 from alembic import context
+from sqlalchemy import text
 from proxy.db import make_engine, metadata, write_lock
 from proxy.settings import normalise_database_url
+
+# Two `db upgrade`s at once on PostgreSQL (two release phases, or one beside a one-off run) take turns:
+# each reads the revision only once it holds this lock, so the second finds the first's work done.
+MIGRATION_LOCK_ID = 0x7761_7072_6F78  # "waprox": any constant the application itself never takes
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or normalise_database_url(os.environ.get("DATABASE_URL", ""))
@@ -22,6 +27,8 @@ def run_migrations_online() -> None:
         context.configure(connection=connection, target_metadata=metadata,
                           render_as_batch=connection.dialect.name == "sqlite")
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":  # held to the transaction's end, released by it
+                connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
             context.run_migrations()
     engine.dispose()
 

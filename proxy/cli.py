@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import click
 from alembic import command
+from alembic.util import CommandError
 from flask import Flask
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -18,10 +19,14 @@ from . import holds, logs, outbox, store, window_api
 from .db import unavailable_reason, utcnow, writing
 from .errors import ApiError
 
-from .migrate import alembic_config, schema_hint, schema_missing, upgrade
+from .migrate import alembic_config, head_revision, known_revision, revision_at_start, schema_hint, schema_missing, upgrade
 from .settings import without_credentials
 
 MAX_ONCE_PASSES = 1000  # `worker --once`: passes over the outbox at most
+# Bounds that keep an argument out of OverflowError: a date a century away, an id the database can store.
+MAX_DURATION = timedelta(days=36500)
+LIMIT = click.IntRange(1, 1_000_000)
+ITEM_ID = click.IntRange(1, 2**63 - 1)
 
 
 def needs_schema(command_function):
@@ -40,12 +45,32 @@ def needs_schema(command_function):
     return run
 
 
+def alembic_errors(app: Flask):
+    """`db` commands: Alembic's refusals (a revision it cannot find) in one line, not its traceback; a
+    database a newer release migrated (a rollback's release phase) is named as such."""
+    def decorate(command_function):
+        @functools.wraps(command_function)
+        def run(*args, **kwargs):
+            try:
+                return command_function(*args, **kwargs)
+            except CommandError as exc:
+                current = revision_at_start(app.extensions["proxy"].engine)
+                if current is not None and not known_revision(current):
+                    raise click.ClickException(
+                        f"the database is at revision {current}, which this code (head {head_revision()}) does not "
+                        "know: a newer release has migrated it; run that release, or restore a backup") from None
+                raise click.ClickException(str(exc)) from None
+        return run
+    return decorate
+
+
 def register(app: Flask) -> None:
     db = click.Group("db", help="Database schema (Alembic migrations).")
 
     @db.command("upgrade")
     @click.argument("revision", default="head")
     @needs_schema
+    @alembic_errors(app)
     def db_upgrade(revision: str):
         """Apply migrations up to REVISION (default: head)."""
         upgrade(app.extensions["proxy"].settings.database_url, revision)
@@ -53,6 +78,7 @@ def register(app: Flask) -> None:
 
     @db.command("current")
     @needs_schema
+    @alembic_errors(app)
     def db_current():
         """Show the revision the database is at."""
         command.current(alembic_config(app.extensions["proxy"].settings.database_url))
@@ -90,7 +116,7 @@ def register(app: Flask) -> None:
 
     @windows.command("expiring")
     @click.option("--within", default="1h", show_default=True, help="e.g. 3600, 90m, 2h")
-    @click.option("--limit", default=100, show_default=True)
+    @click.option("--limit", default=100, show_default=True, type=LIMIT)
     @needs_schema
     def windows_expiring(within: str, limit: int):
         """Windows that close within the given time, soonest first (one JSON object per line)."""
@@ -109,7 +135,7 @@ def register(app: Flask) -> None:
     @click.option("--status", type=click.Choice(outbox.STATUSES), default=None,
                   help="`sending`: a fallback being sent now; `uncertain`: one Twilio may have taken, never sent "
                        "again (check Twilio's Messages list, then `outbox replay ID` if it is missing).")
-    @click.option("--limit", default=100, show_default=True)
+    @click.option("--limit", default=100, show_default=True, type=LIMIT)
     @needs_schema
     def outbox_list(status: str | None, limit: int):
         """Outbox items, oldest first (one JSON object per line)."""
@@ -126,7 +152,7 @@ def register(app: Flask) -> None:
         click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "outbox empty", err=True)
 
     @box.command("replay")
-    @click.argument("item_id", required=False, type=int)
+    @click.argument("item_id", required=False, type=ITEM_ID)
     @click.option("--all", "replay_all", is_flag=True, help="Replay every exhausted item.")
     @needs_schema
     def outbox_replay(item_id: int | None, replay_all: bool):
@@ -144,7 +170,7 @@ def register(app: Flask) -> None:
     @held.command("list")
     @click.option("--status", type=click.Choice([*holds.STATUSES, "all"]), default=holds.HELD, show_default=True,
                   help="`sending`: being sent now, or left so by a crashed worker.")
-    @click.option("--limit", default=100, show_default=True)
+    @click.option("--limit", default=100, show_default=True, type=LIMIT)
     @needs_schema
     def held_list(status: str, limit: int):
         """Held messages, oldest first (one JSON object per line)."""
@@ -195,11 +221,14 @@ def register(app: Flask) -> None:
         click.echo(", ".join(f"{n} {table}" for table, n in counts.items()) + f" deleted (before {cutoff:%Y-%m-%dT%H:%M:%SZ})")
 
 
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> timedelta:
     match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text)
     if not match:
         raise click.BadParameter(f"{text!r} is not a duration such as 3600, 90m, 12h, 30d or 2w")
-    return timedelta(**{_UNITS[match.group(2) or "s"]: int(match.group(1))})
+    seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds > MAX_DURATION.total_seconds():
+        raise click.BadParameter(f"{text!r} is longer than {MAX_DURATION.days}d")
+    return timedelta(seconds=seconds)

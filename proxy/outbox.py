@@ -112,6 +112,13 @@ def keep_lease(conn: Connection, item_id: int, held: datetime | None, now: datet
     ).scalar()
 
 
+def unclaim(conn: Connection, item: Item, now: datetime) -> None:
+    """Hand back a claimed item not yet started (the worker is stopping): claimable again at once."""
+    conn.execute(update(outbox).where(outbox.c.id == item.id, outbox.c.status == PENDING,
+                                      outbox.c.lease_until == item.lease_until)
+                 .values(lease_until=None, updated_at=now))
+
+
 def start_sending(conn: Connection, item: Item, now: datetime) -> bool:
     """Mark an item this worker holds (item.lease_until) as being sent; False if another worker has it.
 

@@ -48,8 +48,11 @@ class Worker:
     def __init__(self, rt: Runtime):
         self.rt = rt
 
-    def run_once(self, now: datetime | None = None) -> int:
-        """Expire old holds, then claim and process the due items; returns how many were claimed."""
+    def run_once(self, now: datetime | None = None, stop: threading.Event | None = None) -> int:
+        """Expire old holds, then claim and process the due items; returns how many were claimed.
+
+        Once `stop` is set (SIGTERM) the delivery at hand ends and the rest of the batch is handed back, claimable
+        at once: a batch is up to 10 deliveries of FORWARD_TIMEOUT_SECONDS, longer than a platform's grace."""
         now, started = now or utcnow(), time.monotonic()
         with writing(self.rt.engine) as conn:
             for row in holds.expire(conn, now):
@@ -62,7 +65,12 @@ class Worker:
         with writing(self.rt.engine) as conn:
             # A claimed item is this worker's for the lease; a crashed worker's items come back after it.
             items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds)
-        for item in items:
+        for index, item in enumerate(items):
+            if stop is not None and stop.is_set():
+                with writing(self.rt.engine) as conn:
+                    for rest in items[index:]:
+                        outbox.unclaim(conn, rest, utcnow())
+                break
             self.process(item, now + timedelta(seconds=time.monotonic() - started))
         return len(items)
 
@@ -71,7 +79,7 @@ class Worker:
         unmigrated = unavailable = False
         while not stop.is_set():
             try:
-                busy = self.run_once()
+                busy = self.run_once(stop=stop)
                 unmigrated = False
                 if unavailable:
                     logs.log.info("database_available")

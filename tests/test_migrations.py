@@ -57,3 +57,46 @@ def test_revision_at_start_on_a_fresh_and_a_partly_migrated_database(tmp_path):
     upgrade(url, "0001")
     assert revision_at_start(engine) == "0001"
     engine.dispose()
+
+
+def test_concurrent_upgrades_on_postgresql_take_turns(database_url):
+    """Two release phases at once (two deploys, or a one-off `db upgrade` beside the release): the second
+    failed with a traceback, `duplicate key value violates unique constraint "pg_type_typname_nsp_index"`."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+    from sqlalchemy import text
+
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite's migrations take the proxy's write lock")
+    schema = "concurrent_upgrade"
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    url = f"{database_url}{'&' if '?' in database_url else '?'}options=-csearch_path%3D{schema}"
+    upgrade(url, "0002")
+    blocker = engine.connect()
+    try:
+        with blocker.begin():  # every run meets 0002 at once, when this lets go
+            blocker.execute(text(f"LOCK TABLE {schema}.alembic_version IN ACCESS EXCLUSIVE MODE"))
+            runs = [subprocess.Popen([sys.executable, "-c", f"from proxy.migrate import upgrade; upgrade({url!r})"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(8)]
+            for _ in range(200):
+                blocker.execute(text("SELECT pg_stat_clear_snapshot()"))  # read anew, inside this transaction
+                waiting = blocker.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                               "AND datname = current_database()")).scalar()
+                if waiting >= 8:
+                    break
+                time.sleep(0.05)
+        outputs = [run.communicate(timeout=60)[0] for run in runs]
+        assert [run.returncode for run in runs] == [0] * 8, outputs
+        with engine.connect() as conn:
+            assert conn.execute(text(f"SELECT version_num FROM {schema}.alembic_version")).scalars().all() == ["0003"]
+    finally:
+        blocker.close()
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        engine.dispose()

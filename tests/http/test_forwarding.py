@@ -369,6 +369,26 @@ def test_a_worker_delivers_only_the_items_it_still_holds(forwarding, fake_app, d
     other.extensions["proxy"].engine.dispose()
 
 
+def test_a_stopped_worker_ends_after_the_delivery_at_hand_and_hands_back_the_rest(forwarding, fake_app, db_engine):
+    """SIGTERM (a deploy, a restart) set the stop event, but the worker went on through its whole batch, up to
+    10 deliveries of FORWARD_TIMEOUT_SECONDS each: past the platform's grace, then SIGKILL mid-delivery."""
+    client = forwarding.test_client()
+    for i in range(3):  # three conversations, each with a status callback queued
+        signed_post(client, "/twilio/status", {"MessageSid": f"SM{i:032x}", "MessageStatus": "delivered",
+                                               "From": BUSINESS, "To": f"whatsapp:+1415555{i:04d}"})
+    stop = threading.Event()
+
+    class Stopped(Worker):
+        def process(self, item, *args):
+            super().process(item, *args)
+            stop.set()  # SIGTERM arrives during the first delivery
+
+    Stopped(forwarding.extensions["proxy"]).run_forever(stop)
+    assert len(fake_app.received) == 1
+    assert [(i["status"], i["lease_until"]) for i in items(db_engine)] == [("delivered", None)] + [("pending", None)] * 2
+    assert run_worker(forwarding) == 2  # the next worker takes them at once, not after their lease
+
+
 def test_status_callbacks_are_forwarded_through_the_outbox(forwarding, fake_app, db_engine):
     params = {"MessageSid": "SM" + "a" * 32, "MessageStatus": "delivered", "From": BUSINESS, "To": USER,
               "AccountSid": ACCOUNT_SID}

@@ -370,7 +370,7 @@ def test_worker_with_the_database_down_says_so_once_then_says_when_it_is_back(se
                     OperationalError("SELECT", {}, Exception("connection refused")), 0, 0,
                     OperationalError("SELECT", {}, Exception("server closed the connection"))])
 
-    def run_once(now=None):
+    def run_once(now=None, stop=None):
         answer = next(answers)
         if isinstance(answer, Exception):
             raise answer
@@ -383,3 +383,42 @@ def test_worker_with_the_database_down_says_so_once_then_says_when_it_is_back(se
     assert [(line["event"], line["level"]) for line in lines] == [
         ("database_unavailable", "ERROR"), ("database_available", "INFO"), ("database_unavailable", "ERROR")]
     assert lines[0]["detail"] == "connection refused" and "exc_info" not in lines[0]
+
+
+@pytest.mark.parametrize("args", [["db", "current"], ["db", "upgrade"], ["db", "upgrade", "0002"]])
+def test_cli_db_on_a_database_a_newer_release_migrated_says_so_in_one_line(settings, tmp_path, args):
+    """A rollback's `db upgrade` or `db current` met a revision it does not know: Alembic's traceback."""
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'newer.sqlite3'}"
+    upgrade(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    result = create_app(replace(settings, database_url=url)).test_cli_runner().invoke(args=args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "0099" in line and "newer release" in line and "Traceback" not in result.output
+
+
+def test_cli_db_upgrade_to_an_unknown_revision_says_so_in_one_line(app):
+    result = app.test_cli_runner().invoke(args=["db", "upgrade", "nosuchrev"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "nosuchrev" in line and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args", [["windows", "expiring", "--within", "99999999999999999999d"],
+                                  ["windows", "expiring", "--within", "100000000000000"],
+                                  ["windows", "expiring", "--within", "3000000w"],
+                                  ["purge", "--older-than", "99999999999d"], ["purge", "--older-than", "800000d"],
+                                  ["windows", "expiring", "--limit", "-1"], ["windows", "expiring", "--limit", "0"],
+                                  ["outbox", "list", "--limit", "-5"], ["held", "list", "--limit", "-1"],
+                                  ["outbox", "replay", "99999999999999999999999"], ["outbox", "replay", "0"]])
+def test_cli_out_of_range_arguments_are_usage_errors(app, args):
+    """A huge duration or item id ended in OverflowError's traceback, a negative --limit in IndexError's."""
+    result = app.test_cli_runner().invoke(args=args)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "Invalid value" in line and "Traceback" not in result.output
