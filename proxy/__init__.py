@@ -19,7 +19,8 @@ from .forwarding import Forwarder
 from .group_commit import GroupCommit, values_refused
 from .db import make_engine
 from .errors import ApiError, twilio_error
-from .migrate import UPGRADE_COMMAND, head_revision, known_revision, revision_at_start, schema_hint, schema_missing
+from .migrate import (UPGRADE_COMMAND, HeadCheck, head_revision, known_revision, revision_at_start, schema_hint,
+                      schema_missing)
 from .runtime import Runtime
 from .settings import ConfigError, Settings
 from .upstream import Upstream
@@ -65,7 +66,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             "detail": "FAIL_OPEN=true: if the database is down, sends go to Twilio unjudged"})
     engine = make_engine(settings.database_url, pool_size=DB_POOL_SIZE)
     head = head_revision()
-    check_migrations(engine, head)
+    at_start = check_migrations(engine, head)
     upstream = Upstream(settings.twilio_api_base_url, settings.twilio_timeout_seconds, DEFAULT_POOL_SIZE)
     app.extensions["proxy"] = Runtime(
         settings=settings,
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         upstream=upstream,
         validator=RequestValidator(settings.auth_token),
         migrations_head=head,
+        schema=HeadCheck(engine, head, at_start),
         forwarder=Forwarder(settings.auth_token, settings.forward_timeout_seconds),
         attempts=AttemptWriter(engine),
         shared_writes=GroupCommit(engine),
@@ -137,8 +139,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-def check_migrations(engine, head: str) -> None:
-    """Say at start-up, in one line, that the database's migrations are not at the code's head.
+def check_migrations(engine, head: str) -> str | None | bool:
+    """Say at start-up, in one line, that the database's migrations are not at the code's head; the revision
+    found (None: no migrations at all), or False when the database did not answer.
 
     Otherwise the first sign is a 503 per request, logged like an outage. One query; a database that is
     down does not stop the start: the proxy comes up and fails closed until the database is back."""
@@ -148,9 +151,9 @@ def check_migrations(engine, head: str) -> None:
         logs.log.warning("database_unavailable", extra={
             "error": type(exc).__name__,
             "detail": "at start-up; starting anyway: what needs the database answers 503 until it is back"})
-        return
+        return False
     if current == head:
-        return
+        return current
     if current is None or known_revision(current):
         detail = (f"run `{UPGRADE_COMMAND}` (the Procfile's release phase); until then a request that "
                   "meets a missing table or column answers 503")
@@ -158,3 +161,4 @@ def check_migrations(engine, head: str) -> None:
         detail = "the database is at a revision this code does not know: a newer release has migrated it"
     logs.log.warning("migrations_not_at_head", extra={"database_revision": current, "code_revision": head,
                                                       "detail": detail})
+    return current

@@ -22,7 +22,7 @@ from .errors import ApiError, twilio_error
 from .forms import URLENCODED, body_of, strict_form
 from .headers import sendable
 from .judge import Judgement, fail_open, judge
-from .migrate import schema_missing
+from .migrate import UPGRADE_COMMAND, schema_missing
 from .policy import Action, explain
 from .runtime import runtime
 from .upstream import UpstreamError
@@ -106,6 +106,12 @@ def create_form() -> tuple[bytes, MultiDict]:
 def create_message(account_sid: str):
     rt, started = runtime(), time.perf_counter()
     raw_body, form = create_form()
+    if not rt.schema.reached():
+        # Judged on the old tables it would go to Twilio, and its attempt row (newer columns) be lost.
+        detail = f"the database's migrations are behind this code's: run `{UPGRADE_COMMAND}`"
+        logs.log.error("migrations_not_at_head", extra={"path": logs.masked_path(request.path), "detail": detail,
+                                                        "request_id": g.request_id})
+        raise ApiError(503, 503, f"This send could not be recorded, so nothing was sent: {detail}.")
     try:
         judgement = judge(rt, form)
     except SQLAlchemyError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 from alembic import command
@@ -85,3 +86,38 @@ def revision_at_start(engine: Engine) -> str | None:
     finally:
         if own:
             engine.dispose()
+
+
+class HeadCheck:
+    """Whether the database's migrations have reached this code's head (or gone past it, a newer release's).
+
+    Asked again at most every RECHECK_SECONDS while they have not — once they have, never again: they only
+    move forward while this code runs. A database that does not answer is not judged here.
+    """
+
+    RECHECK_SECONDS = 5.0
+
+    def __init__(self, engine: Engine, head: str, at_start: str | None | bool):
+        """`at_start`: the revision found at start-up, or False when the database did not answer then."""
+        self._engine, self._head = engine, head
+        self._reached = at_start is not False and self._at_or_past_head(at_start)
+        self._asked = time.monotonic() if at_start is not False else float("-inf")
+
+    def reached(self) -> bool:
+        if self._reached:
+            return True
+        now = time.monotonic()
+        if now - self._asked < self.RECHECK_SECONDS:
+            return False
+        self._asked = now
+        try:
+            with self._engine.connect() as conn:
+                current = current_revision(conn)
+        except SQLAlchemyError:
+            self._asked = float("-inf")
+            return True  # down, not behind: the request meets the outage itself, and answers 503 for it
+        self._reached = self._at_or_past_head(current)
+        return self._reached
+
+    def _at_or_past_head(self, revision: str | None) -> bool:
+        return revision == self._head or (revision is not None and not known_revision(revision))

@@ -12,6 +12,7 @@ from .attempts import AttemptWriter
 from .content import ContentResolver
 from .forwarding import Forwarder
 from .group_commit import GroupCommit
+from .migrate import HeadCheck
 from .settings import Settings
 from .upstream import Upstream
 
@@ -27,6 +28,7 @@ class Runtime:
     validator: RequestValidator
     content: ContentResolver
     migrations_head: str
+    schema: HeadCheck  # a send is refused while the database is behind this code's migrations
     forwarder: Forwarder
     attempts: AttemptWriter
     shared_writes: GroupCommit  # SQLite: concurrent webhooks' single writes committed together

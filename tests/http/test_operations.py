@@ -13,7 +13,7 @@ from proxy.attempts import flush_all
 from proxy.db import held_messages, messages, outbox, send_attempts, utcnow, windows
 from proxy.migrate import upgrade
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, signed_post
-from tests.http.test_gateway import open_window, send
+from tests.http.test_gateway import SHAPE, open_window, send
 
 API_KEY, API_SECRET = "SK" + "5" * 32, "api-secret-value-xyz"
 
@@ -422,3 +422,24 @@ def test_cli_out_of_range_arguments_are_usage_errors(app, args):
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert "Invalid value" in line and "Traceback" not in result.output
+
+
+def test_a_send_on_a_database_behind_the_codes_migrations_is_refused_until_it_is_upgraded(settings, fake_twilio,
+                                                                                         tmp_path, monkeypatch):
+    """Judged on the old tables, such a send went to Twilio, and its attempt row (newer columns) was then
+    dropped by the writer: a late 63016 on it could never be acted on. 503 and nothing sent, as README says."""
+    from proxy import migrate
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    upgrade(url, "0001")
+    app = create_app(replace(settings, database_url=url))
+    client = app.test_client()
+    response = send(client, {"To": "+14155550111", "From": "+14155550100", "Body": "x"})
+    assert response.status_code == 503 and set(response.get_json()) == SHAPE
+    assert migrate.UPGRADE_COMMAND in response.get_json()["message"]
+    assert fake_twilio.creates == []
+    upgrade(url)
+    monkeypatch.setattr(migrate.HeadCheck, "RECHECK_SECONDS", 0.0)  # asked again at the next send
+    assert send(client, {"To": "+14155550111", "From": "+14155550100", "Body": "x"}).status_code == 201
+    app.extensions["proxy"].attempts.flush()
+    app.extensions["proxy"].engine.dispose()
