@@ -2,6 +2,7 @@
 
 import json
 import logging
+import threading
 from dataclasses import replace
 from datetime import timedelta
 
@@ -296,24 +297,26 @@ def test_cli_on_an_unreachable_database_says_so_in_one_line(settings, tmp_path, 
     assert "Traceback" not in result.output
 
 
+class Rounds(threading.Event):
+    """A worker's stop event that ends its loop after `count` idle waits, without waiting."""
+
+    def __init__(self, count: int):
+        super().__init__()
+        self.count, self.rounds = count, 0
+
+    def wait(self, timeout=None):
+        self.rounds += 1
+        if self.rounds == self.count:
+            self.set()
+        return self.is_set()
+
+
 def test_worker_on_an_unmigrated_database_says_so_once_without_a_traceback(settings, tmp_path, log_lines):
-    import threading
-
     from proxy.worker import Worker
-
-    class ThreeRounds(threading.Event):
-        """Stops the loop after its third idle wait, without waiting."""
-        rounds = 0
-
-        def wait(self, timeout=None):
-            self.rounds += 1
-            if self.rounds == 3:
-                self.set()
-            return self.is_set()
 
     app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'fresh.sqlite3'}"))
     started = len(log_lines())
-    Worker(app.extensions["proxy"]).run_forever(ThreeRounds())
+    Worker(app.extensions["proxy"]).run_forever(Rounds(3))
     lines = log_lines()[started:]
     assert [line["event"] for line in lines] == ["migrations_not_at_head"]
     assert UPGRADE in lines[0]["detail"] and "exc_info" not in lines[0]
@@ -350,20 +353,9 @@ def test_api_keys_authenticate_and_are_forwarded(settings, db_engine, fake_twili
 def test_worker_with_the_database_down_says_so_once_then_says_when_it_is_back(settings, db_engine, log_lines):
     """Not a traceback every poll (one a second, all through an outage): one line when it goes, one when it
     comes back."""
-    import threading
-
     from sqlalchemy.exc import OperationalError
 
     from proxy.worker import Worker
-
-    class Rounds(threading.Event):
-        rounds = 0
-
-        def wait(self, timeout=None):
-            self.rounds += 1
-            if self.rounds == 5:
-                self.set()
-            return self.is_set()
 
     worker = Worker(create_app(settings).extensions["proxy"])
     answers = iter([OperationalError("SELECT", {}, Exception("connection refused\nmore detail")),
@@ -378,7 +370,7 @@ def test_worker_with_the_database_down_says_so_once_then_says_when_it_is_back(se
 
     worker.run_once = run_once
     started = len(log_lines())
-    worker.run_forever(Rounds())
+    worker.run_forever(Rounds(5))
     lines = [line for line in log_lines()[started:] if line["event"].startswith("database")]
     assert [(line["event"], line["level"]) for line in lines] == [
         ("database_unavailable", "ERROR"), ("database_available", "INFO"), ("database_unavailable", "ERROR")]
