@@ -28,16 +28,22 @@ class OutboxDepth:
 
     def collect(self):
         from . import outbox
+        from .db import utcnow
 
         family = GaugeMetricFamily("proxy_outbox_items", "Outbox items by status.", labels=["status"])
+        now = utcnow()
         try:
             with self.engine.connect() as conn:
-                counts = outbox.depth(conn)
+                counts, oldest = outbox.depth(conn), outbox.oldest_due(conn, now)
         except Exception:  # noqa: BLE001 — a scrape must not fail because the database is away
             return
         for status in outbox.STATUSES:  # every one, so a stuck `sending` or `uncertain` item can be alerted on
             family.add_metric([status], counts.get(status, 0))
         yield family
+        # Alert when it stays above a minute: no worker is running, or it is far behind.
+        yield GaugeMetricFamily("proxy_outbox_oldest_due_seconds",
+                                "How long the longest-waiting due outbox item has waited for a worker.",
+                                value=(now - oldest).total_seconds() if oldest else 0.0)
 
 
 def exposition(engine) -> tuple[bytes, str]:

@@ -231,6 +231,13 @@ def replay(conn: Connection, now: datetime, item_id: int | None = None) -> int:
                                       updated_at=now)).rowcount
 
 
+def oldest_due(conn: Connection, now: datetime) -> datetime | None:
+    """When the longest-waiting pending item became due (None when none is): a worker takes one within
+    about a poll, so a long wait means no worker runs, or it is far behind."""
+    return conn.execute(select(func.min(outbox.c.next_attempt_at))
+                        .where(outbox.c.status == PENDING, outbox.c.next_attempt_at <= now)).scalar()
+
+
 def depth(conn: Connection) -> dict[str, int]:
     rows = conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)).all()
     return {status: count for status, count in rows}

@@ -336,6 +336,25 @@ def test_metrics_need_auth_or_token(settings, db_engine, fake_twilio):
     assert client.get("/metrics", headers=basic_auth()).status_code == 200
 
 
+def test_metrics_say_how_long_the_oldest_due_outbox_item_has_waited(settings, db_engine, fake_twilio):
+    """Nothing else shows a deployment without a worker: held messages, retries and fallbacks just wait."""
+    from proxy import outbox as outbox_module
+
+    client = create_app(settings).test_client()
+
+    def oldest() -> float:
+        text = client.get("/metrics", headers=basic_auth()).get_data(as_text=True)
+        [line] = [line for line in text.splitlines() if line.startswith("proxy_outbox_oldest_due_seconds ")]
+        return float(line.split()[1])
+
+    assert oldest() == 0.0
+    with db_engine.begin() as conn:
+        for due in (utcnow() - timedelta(seconds=120), utcnow() + timedelta(hours=1)):  # waiting; a retry ahead
+            outbox_module.enqueue(conn, kind="inbound", ordering_key="k", target="http://127.0.0.1:9/app",
+                                  headers={}, body=[], now=utcnow(), due=due)
+    assert 119 <= oldest() < 180
+
+
 def test_api_keys_authenticate_and_are_forwarded(settings, db_engine, fake_twilio):
     fake_twilio.api_keys = {API_KEY: API_SECRET}
     client = create_app(replace(settings, api_keys={API_KEY: API_SECRET})).test_client()
