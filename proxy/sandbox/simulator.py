@@ -157,8 +157,9 @@ class Simulator:
             if not present:
                 return 63005
             kind = max(present, key=WHATSAPP_COMPLEXITY.index)
-            approved = (content["approval"] or "").lower() == "approved"
-            if in_window and (content["approval"] or "").lower() in UNSENDABLE_APPROVALS:
+            approval = (content["approval"] or "").lower()
+            approved = approval == "approved"
+            if in_window and approval in UNSENDABLE_APPROVALS:
                 return 63005  # "can't be sent to end users", whatever the type
             buttons = [str(a.get("type", "")).upper() for a in content["types"][kind].get("actions") or []]
         else:
