@@ -12,6 +12,7 @@ _E164_DIGITS = re.compile(r"^\+?[1-9][0-9]{6,14}\Z")  # ASCII: `\d` also reads o
 _PUNCTUATION = re.compile(r"[\s\-().]")
 _PLAIN_CHANNEL = re.compile(r"[A-Za-z]+")
 _ASCII_SPACE = " \t\n\r\f\v"
+_CONTROL = re.compile(r"[\x00-\x1f]")
 # Digits (any script), maybe punctuated as phone numbers are: each such run is masked as one.
 _NUMBER_LIKE = re.compile(r"\+?\d(?:[\s\-().]*\d)*")
 _FIVE_DIGITS = re.compile(r"\d{5}")
@@ -49,7 +50,7 @@ def normalise(address: str) -> str:
     raw = address.strip()
     if not raw:
         raise InvalidAddress("empty address")
-    if len(raw) > MAX_LENGTH or any(ord(c) < 32 for c in raw):
+    if len(raw) > MAX_LENGTH or _CONTROL.search(raw):
         raise InvalidAddress("address too long or contains control characters")
     channel = channel_of(raw)
     if channel is None:

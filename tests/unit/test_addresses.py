@@ -26,7 +26,9 @@ def test_normalise(raw, expected):
 
 @pytest.mark.parametrize("raw", ["", "whatsapp:", "whatsapp:+0123", "whatsapp:hello", "whatsapp:+1234567890123456", "abc",
                                  # other scripts' digits: a window key of its own, never the ASCII number's
-                                 "whatsapp:+1\u0664\u0661\u0665\u0665\u0665\u0665\u0660\u0661\u0661\u0661"])
+                                 "whatsapp:+1\u0664\u0661\u0665\u0665\u0665\u0665\u0660\u0661\u0661\u0661",
+                                 # control characters anywhere, even where punctuation would be stripped
+                                 "messenger:ab\x01cd", "rcs:age\x1fnt", "whatsapp:+1415\n5550100", "\x00+14155550100"])
 def test_normalise_rejects(raw):
     with pytest.raises(InvalidAddress):
         normalise(raw)
