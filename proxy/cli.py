@@ -10,7 +10,6 @@ import threading
 from datetime import timedelta
 
 import click
-from alembic import command
 from alembic.util import CommandError
 from flask import Flask
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -19,7 +18,7 @@ from . import holds, logs, outbox, store, window_api
 from .db import unavailable_reason, utcnow, writing
 from .errors import ApiError
 
-from .migrate import alembic_config, head_revision, known_revision, revision_at_start, schema_hint, schema_missing, upgrade
+from .migrate import head_revision, known_revision, revision_at_start, schema_hint, schema_missing, upgrade
 from .settings import without_credentials
 
 MAX_ONCE_PASSES = 1000  # `worker --once`: passes over the outbox at most
@@ -56,12 +55,16 @@ def alembic_errors(app: Flask):
             except CommandError as exc:
                 current = revision_at_start(app.extensions["proxy"].engine)
                 if current is not None and not known_revision(current):
-                    raise click.ClickException(
-                        f"the database is at revision {current}, which this code (head {head_revision()}) does not "
-                        "know: a newer release has migrated it; run that release, or restore a backup") from None
+                    raise newer_release(current) from None
                 raise click.ClickException(str(exc)) from None
         return run
     return decorate
+
+
+def newer_release(current: str) -> click.ClickException:
+    return click.ClickException(
+        f"the database is at revision {current}, which this code (head {head_revision()}) does not "
+        "know: a newer release has migrated it; run that release, or restore a backup")
 
 
 def register(app: Flask) -> None:
@@ -81,7 +84,15 @@ def register(app: Flask) -> None:
     @alembic_errors(app)
     def db_current():
         """Show the revision the database is at."""
-        command.current(alembic_config(app.extensions["proxy"].settings.database_url))
+        current, head = revision_at_start(app.extensions["proxy"].engine), head_revision()
+        if current is None:  # Alembic printed nothing at all for a database never migrated
+            click.echo(f"none: no migrations applied (head is {head}; run `flask --app proxy db upgrade`)")
+        elif current == head:
+            click.echo(f"{current} (head)")
+        elif not known_revision(current):
+            raise newer_release(current)
+        else:
+            click.echo(f"{current} (head is {head}; run `flask --app proxy db upgrade`)")
 
     app.cli.add_command(db)
 
@@ -121,6 +132,8 @@ def register(app: Flask) -> None:
     def windows_expiring(within: str, limit: int):
         """Windows that close within the given time, soonest first (one JSON object per line)."""
         seconds = int(parse_duration(within).total_seconds())
+        if seconds < 1:  # what GET /v1/windows/expiring refuses too
+            raise click.BadParameter("must be at least 1 second", param_hint="'--within'")
         result = window_api.expiring(app.extensions["proxy"], seconds, limit, None)
         for item in result["windows"]:
             click.echo(json.dumps(item))
@@ -208,20 +221,36 @@ def register(app: Flask) -> None:
         logs.event("worker_stopped", redact=True)
 
     @app.cli.command("purge")
-    @click.option("--older-than", "older_than", required=True, help="e.g. 30d, 12h, 2w")
+    @click.option("--older-than", "older_than", required=True, help="an age with its unit: 30d, 12h, 2w")
+    @click.option("--yes", is_flag=True, help=f"Needed for an age under {_days(PURGE_WITHOUT_YES)}: records of "
+                  "conversations still going on are deleted too.")
     @needs_schema
-    def purge(older_than: str):
+    def purge(older_than: str, yes: bool):
         """Delete message and send-attempt records older than the given age, delivered outbox items and finished
         holds as old, and windows closed that long.
 
         Open windows, pending outbox items and live holds (held, sending) are never deleted."""
-        cutoff = utcnow() - parse_duration(older_than)
+        # Deleting is not undone: a bare number (seconds elsewhere) must not stand for days here, and an age
+        # of minutes takes the audit trail of today's conversations with it.
+        if not re.search(r"[smhdw]\s*$", older_than):
+            raise click.BadParameter(f"{older_than!r} has no unit: give one, e.g. 30d, 12h or 2w",
+                                     param_hint="'--older-than'")
+        age = parse_duration(older_than)
+        if age < PURGE_WITHOUT_YES and not yes:
+            raise click.UsageError(f"--older-than {older_than.strip()} deletes records younger than "
+                                   f"{_days(PURGE_WITHOUT_YES)}, today's conversations among them: add --yes if that is meant")
+        cutoff = utcnow() - age
         with writing(app.extensions["proxy"].engine) as conn:
             counts = store.purge(conn, cutoff)
         click.echo(", ".join(f"{n} {table}" for table, n in counts.items()) + f" deleted (before {cutoff:%Y-%m-%dT%H:%M:%SZ})")
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+PURGE_WITHOUT_YES = timedelta(days=1)
+
+
+def _days(age: timedelta) -> str:
+    return f"{age.days} day" + ("s" if age.days != 1 else "")
 
 
 def parse_duration(text: str) -> timedelta:

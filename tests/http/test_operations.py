@@ -454,3 +454,44 @@ def test_a_send_on_a_database_behind_the_codes_migrations_is_refused_until_it_is
     assert send(client, {"To": "+14155550111", "From": "+14155550100", "Body": "x"}).status_code == 201
     app.extensions["proxy"].attempts.flush()
     app.extensions["proxy"].engine.dispose()
+
+
+@pytest.mark.parametrize("age", ["30", " 30 ", "0"])
+def test_purge_refuses_an_age_without_its_unit(app, db_engine, age):
+    """`--older-than 30` was 30 seconds: a user meaning days deleted every finished record."""
+    add_holds(db_engine, utcnow() - timedelta(hours=1))
+    result = app.test_cli_runner().invoke(args=["purge", "--older-than", age])
+    assert result.exit_code == 2 and "has no unit" in result.output and "30d" in result.output, result.output
+    with db_engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(held_messages)).scalar_one() == len(HOLD_STATUSES)
+
+
+@pytest.mark.parametrize("age", ["0d", "90m", "23h"])
+def test_purge_of_records_younger_than_a_day_needs_yes(app, db_engine, age):
+    add_holds(db_engine, utcnow() - timedelta(days=2))
+    refused = app.test_cli_runner().invoke(args=["purge", "--older-than", age])
+    assert refused.exit_code == 2 and "--yes" in refused.output, refused.output
+    with db_engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(held_messages)).scalar_one() == len(HOLD_STATUSES)
+    done = app.test_cli_runner().invoke(args=["purge", "--older-than", age, "--yes"])
+    assert done.exit_code == 0 and "3 held_messages" in done.output, done.output
+
+
+def test_windows_expiring_within_zero_is_refused_like_the_api(app):
+    result = app.test_cli_runner().invoke(args=["windows", "expiring", "--within", "0"])
+    assert result.exit_code == 2 and "at least 1 second" in result.output, result.output
+
+
+def test_cli_db_current_names_the_revision_and_what_to_do(settings, tmp_path):
+    """Alembic's `current` printed nothing at all for a database never migrated."""
+    from proxy.migrate import head_revision
+
+    url = f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
+    runner = create_app(replace(settings, database_url=url)).test_cli_runner()
+    fresh = runner.invoke(args=["db", "current"])
+    assert fresh.exit_code == 0 and fresh.output.startswith("none: no migrations applied") and "db upgrade" in fresh.output
+    upgrade(url, "0002")
+    behind = runner.invoke(args=["db", "current"])
+    assert behind.exit_code == 0 and behind.output.startswith(f"0002 (head is {head_revision()};"), behind.output
+    upgrade(url)
+    assert runner.invoke(args=["db", "current"]).output == f"{head_revision()} (head)\n"
