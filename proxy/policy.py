@@ -122,19 +122,28 @@ def reroute(blocked: Decision, send: Send, fallback: Send | None, window: Window
     """Turn a block into a reroute when the policy asks for it and the fallback may really go out."""
     if blocked.action is not Action.BLOCKED or policy.action_for(send.content_type) != "reroute":
         return blocked
-    if send.channel != "whatsapp" or fallback is None:
+    if send.channel != "whatsapp":
         return blocked  # Messenger has no templates to fall back to
+    if fallback is None:  # configured, but the Content API has no such template (deleted, or a mistyped sid)
+        return Decision(Action.BLOCKED, f"{blocked.reason}+fallback_missing", blocked.code)
     if not fallback.approved or decide(fallback, window, policy).action is not Action.ALLOWED:
         return Decision(Action.BLOCKED, f"{blocked.reason}+fallback_not_sendable", blocked.code)
     return Decision(Action.REROUTED, blocked.reason, blocked.code)
 
 
+_FALLBACK_TEXTS = {
+    "fallback_not_sendable": " The configured fallback template is not approved or cannot be sent now, so nothing "
+                             "was sent.",
+    "fallback_missing": " The configured fallback template does not exist (Twilio answers 21655 for its sid: deleted, "
+                        "or mistyped in FALLBACK_CONTENT_SID or the policy file), so nothing was sent.",
+}
+
+
 def explain(decision: Decision, send: Send, window: WindowState, judged_at: datetime | None = None) -> str:
     """The message of a block: which rule, which type, so the caller can act on it."""
     kind = send.content_type or "this content"
-    base = decision.reason.split("+")[0]  # `window_closed+fallback_not_sendable` is still a closed window
-    unsent = " The configured fallback template is not approved or cannot be sent now, so nothing was sent." \
-        if decision.reason.endswith("+fallback_not_sendable") else ""
+    base = decision.reason.partition("+")[0]  # `window_closed+fallback_not_sendable` is still a closed window
+    unsent = _FALLBACK_TEXTS.get(decision.reason.partition("+")[2], "")
     if base in ("no_window", "window_closed"):
         if base == "no_window":
             why = "this user has not messaged this sender, so no customer-service window is open"

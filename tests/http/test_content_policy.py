@@ -306,6 +306,19 @@ def test_reroute_blocks_when_the_fallback_is_not_approved(reroute_app, fake_twil
     assert fake_twilio.creates == []
 
 
+def test_a_fallback_template_that_does_not_exist_is_named_in_the_block(settings, db_engine, fake_twilio, caplog):
+    """A mistyped FALLBACK_CONTENT_SID blocked every send as a plain no_window: nothing said why no reroute."""
+    missing = "HX" + "ab" * 16
+    app = create_app(replace(settings, policy=Policy(default_action="reroute"), fallback=Fallback(missing, {})))
+    response = send(app.test_client(), {"To": USER, "From": BUSINESS, "Body": "x"})
+    body = response.get_json()
+    assert response.status_code == 400 and body["code"] == 63016, body
+    assert "fallback template does not exist" in body["message"] and "21655" in body["message"]
+    assert response.headers["X-Proxy-Decision"] == "blocked" and fake_twilio.creates == []
+    (line,) = [r for r in caplog.records if r.getMessage() == "send"]
+    assert line.reason == "no_window+fallback_missing"
+
+
 def test_in_window_allowed_sends_are_never_rerouted(reroute_app, fake_twilio):
     client = reroute_app.test_client()
     open_window(client)

@@ -205,7 +205,7 @@ def test_reroute_when_asked_and_the_fallback_is_approved():
     "fallback, reason",
     [(template("twilio/text", "pending"), "window_closed+fallback_not_sendable"),
      (template("twilio/location", "approved"), "window_closed+fallback_not_sendable"),  # cannot go out of session
-     (None, "window_closed")],
+     (None, "window_closed+fallback_missing")],  # configured, but no such template (judge.py: 21655)
 )
 def test_reroute_only_to_a_sendable_approved_template(fallback, reason):
     blocked = decide(Send("whatsapp", TEXT), EXPIRED, REROUTE)
