@@ -69,7 +69,36 @@ workers = _workers()
 _positive_int(os.environ, "WEB_THREADS")
 
 
+def _check_proxy_settings():
+    """Read the proxy's own settings once, before any worker starts: a bad one is one line and exit 2.
+
+    Each worker reads them too, as it loads the app; when several failed at once gunicorn's master raised
+    its HaltServer a second time while stopping, and printed tracebacks. A forked child reads them
+    here, because the master itself must not import the app (gevent patches the standard library in
+    each worker, after the fork).
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            from proxy.settings import ConfigError, Settings
+
+            Settings.from_env()
+        except ConfigError as exc:
+            sys.stderr.write(f"whatsapp-window-proxy: configuration error: {exc}\n")
+            code = 2
+        except BaseException:  # noqa: BLE001 — anything else is the workers' to report, with its traceback
+            pass
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 2:
+        raise SystemExit(2)
+
+
 def on_starting(server):
+    _check_proxy_settings()
     # prometheus-client's multiprocess mode: every worker writes its samples to files in this
     # directory, and /metrics sums them. A stale directory would carry counts of old workers.
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
