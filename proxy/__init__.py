@@ -7,6 +7,7 @@ import random
 import re
 import sys
 
+import click
 from flask import Flask, g, request
 from sqlalchemy.exc import DataError, SQLAlchemyError, StatementError
 from twilio.request_validator import RequestValidator
@@ -43,6 +44,30 @@ def _in_gunicorn() -> bool:
     return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/")  # set by gunicorn's master
 
 
+def _asking_flask_for_help() -> bool:
+    """`flask --app proxy [COMMAND] --help`: the flask CLI loads the app only to list its commands."""
+    return click.get_current_context(silent=True) is not None and "--help" in sys.argv[1:]
+
+
+class _Unconfigured:
+    """The runtime of an app whose settings could not be read: any command that uses it stops there."""
+
+    def __init__(self, error: ConfigError):
+        self.error = error
+
+    def __getattr__(self, name):
+        raise click.ClickException(f"configuration error: {self.error}")
+
+
+def _commands_only(error: ConfigError) -> Flask:
+    """An app with the proxy's commands and nothing else, so that a new user's `--help` lists them before any
+    credentials are set (the sandbox, which needs none, is among them). It serves nothing."""
+    app = Flask(__name__)
+    app.extensions["proxy"] = _Unconfigured(error)
+    cli.register(app)
+    return app
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     if settings is None:
         try:
@@ -50,6 +75,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         except ConfigError as exc:
             # A clean message, not a traceback, for whoever starts the proxy.
             sys.stderr.write(f"whatsapp-window-proxy: configuration error: {exc}\n")
+            if _asking_flask_for_help():
+                return _commands_only(exc)
             raise SystemExit(_CONFIG_ERROR_EXIT_UNDER_GUNICORN if _in_gunicorn() else 2) from None
     logs.configure(settings.log_level, settings.log_format)
 

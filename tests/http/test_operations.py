@@ -495,3 +495,30 @@ def test_cli_db_current_names_the_revision_and_what_to_do(settings, tmp_path):
     assert behind.exit_code == 0 and behind.output.startswith(f"0002 (head is {head_revision()};"), behind.output
     upgrade(url)
     assert runner.invoke(args=["db", "current"]).output == f"{head_revision()} (head)\n"
+
+
+def _flask_without_credentials(tmp_path, *args):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FLASK_"))}
+    env["DATABASE_URL"] = f"sqlite:///{tmp_path / 'proxy.sqlite3'}"
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "proxy", *args], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("args, listed", [(["--help"], ["worker", "outbox", "held", "purge", "sandbox"]),
+                                          (["outbox", "--help"], ["list", "replay"])])
+def test_help_lists_the_commands_before_any_credentials_are_set(tmp_path, args, listed):
+    """A new user's `flask --app proxy --help` answered only that the credentials were missing."""
+    done = _flask_without_credentials(tmp_path, *args)
+    assert done.returncode == 0, done.stderr
+    assert all(f"  {name} " in done.stdout for name in listed), done.stdout
+    assert "TWILIO_ACCOUNT_SID" in done.stderr and "Traceback" not in done.stderr  # and why commands will stop
+
+
+def test_a_command_without_credentials_still_stops_with_the_configuration_error(tmp_path):
+    done = _flask_without_credentials(tmp_path, "held", "list")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "configuration error: TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set" in done.stderr
