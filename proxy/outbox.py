@@ -232,10 +232,18 @@ def replay(conn: Connection, now: datetime, item_id: int | None = None) -> int:
 
 
 def oldest_due(conn: Connection, now: datetime) -> datetime | None:
-    """When the longest-waiting pending item became due (None when none is): a worker takes one within
-    about a poll, so a long wait means no worker runs, or it is far behind."""
+    """When the longest-waiting item a worker could take became due (None when none is): a worker takes
+    one within about a poll, so a long wait means no worker runs, or it is far behind.
+
+    Like `claim`, only the oldest pending item of its ordering key: a newer one waiting behind an earlier one's
+    retry is in order, not neglected.
+    """
+    earlier = aliased(outbox)
     return conn.execute(select(func.min(outbox.c.next_attempt_at))
-                        .where(outbox.c.status == PENDING, outbox.c.next_attempt_at <= now)).scalar()
+                        .where(outbox.c.status == PENDING, outbox.c.next_attempt_at <= now,
+                               ~exists().where(and_(earlier.c.ordering_key == outbox.c.ordering_key,
+                                                    earlier.c.status == PENDING, earlier.c.id < outbox.c.id)))
+                        ).scalar()
 
 
 def depth(conn: Connection) -> dict[str, int]:

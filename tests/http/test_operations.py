@@ -353,6 +353,12 @@ def test_metrics_say_how_long_the_oldest_due_outbox_item_has_waited(settings, db
             outbox_module.enqueue(conn, kind="inbound", ordering_key="k", target="http://127.0.0.1:9/app",
                                   headers={}, body=[], now=utcnow(), due=due)
     assert 119 <= oldest() < 180
+    with db_engine.begin() as conn:  # the first waits for its retry; the one behind it is due, but in order
+        conn.execute(outbox.delete())
+        for key, due in (("k", utcnow() + timedelta(minutes=5)), ("k", utcnow() - timedelta(seconds=120))):
+            outbox_module.enqueue(conn, kind="inbound", ordering_key=key, target="http://127.0.0.1:9/app",
+                                  headers={}, body=[], now=utcnow(), due=due)
+    assert oldest() == 0.0
 
 
 def test_api_keys_authenticate_and_are_forwarded(settings, db_engine, fake_twilio):
