@@ -279,6 +279,30 @@ def test_exhausted_items_can_be_listed_and_replayed(forwarding, fake_app, db_eng
     assert runner.invoke(args=["outbox", "replay"]).exit_code != 0
 
 
+@pytest.mark.parametrize("state", ["missing", "pending", "delivered"])
+def test_replaying_an_item_that_cannot_be_replayed_fails_saying_why(forwarding, fake_app, db_engine, state):
+    """An id that does not exist (a typo) or an item that is not exhausted or uncertain printed "0 item(s)
+    queued again" and exited 0: an operator's script took it for done."""
+    if state == "pending":
+        fake_app.fail_status = 503
+    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "8" * 31 + "a"))
+    [item] = items(db_engine)
+    assert item["status"] == ("pending" if state == "pending" else "delivered")
+    item_id = item["id"] + 1000 if state == "missing" else item["id"]
+    result = forwarding.test_cli_runner().invoke(args=["outbox", "replay", str(item_id)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert str(item_id) in line and "exhausted or uncertain" in line and "Traceback" not in result.output
+    assert ("does not exist" if state == "missing" else f"is {state}") in line
+    assert "queued again" not in result.output
+    assert items(db_engine) == [item]  # untouched
+
+
+def test_replaying_all_with_nothing_exhausted_is_no_error(forwarding, db_engine):
+    result = forwarding.test_cli_runner().invoke(args=["outbox", "replay", "--all"])
+    assert result.exit_code == 0 and "0 item(s) queued again" in result.output
+
+
 def test_a_webhook_behind_one_being_delivered_waits_its_turn_and_relays_the_apps_reply(forwarding, fake_app,
                                                                                         db_engine):
     """The user writes twice in quick succession: the second webhook was handed to the worker while the first
