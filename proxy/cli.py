@@ -174,6 +174,13 @@ def register(app: Flask) -> None:
             raise click.UsageError("give one ITEM_ID or --all")
         with writing(app.extensions["proxy"].engine) as conn:
             count = outbox.replay(conn, utcnow(), item_id)
+            status = outbox.status_of(conn, item_id) if item_id is not None and not count else None
+        if item_id is not None and not count:
+            # One item asked for and none queued is a mistake (a mistyped id, a live item), not a result: a
+            # script must not take it for done. --all with nothing exhausted is a result.
+            found = f"is {status}" if status else "does not exist"
+            raise click.ClickException(f"outbox item {item_id} {found}: only an exhausted or uncertain item can be "
+                                       "replayed (`outbox list --status exhausted`)")
         click.echo(f"{count} item(s) queued again")
 
     app.cli.add_command(box)

@@ -33,6 +33,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    make_url,
 )
 from sqlalchemy.exc import InvalidatePoolError, OperationalError, SQLAlchemyError
 
@@ -213,7 +214,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         if fcntl is not None and database and database != ":memory:" and not database.startswith("file:"):
             _WRITE_LOCKS[engine] = _sqlite_write_lock(database)
         return engine
-    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True, hide_parameters=True)
+    # connect_args would override the URL's own connect_timeout: the operator's value wins.
+    connect_args = {} if "connect_timeout" in make_url(url).query else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True, hide_parameters=True,
+                           connect_args=connect_args)
     dialect = engine.dialect
 
     def ping_if_idle(dbapi_connection, record, _proxy) -> None:
@@ -227,6 +231,14 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     event.listen(engine, "checkin", _note_idle)
     event.listen(engine, "checkout", ping_if_idle)
     return engine
+
+
+# A PostgreSQL host that accepts the connection and never answers (or drops its packets) is given up on
+# after this long, unless DATABASE_URL sets its own `connect_timeout`. Without it psycopg waits 130 s, past
+# gunicorn's 60 s --timeout: every request hung until its worker was killed. 10 s is far beyond any
+# healthy connect (TCP, TLS and authentication take milliseconds, a second across regions) and leaves an
+# inbound webhook time to answer 503 before Twilio's 15 s run out.
+CONNECT_TIMEOUT_SECONDS = 10
 
 
 # A connection idle this long is pinged before use, so one a restarted database closed is replaced

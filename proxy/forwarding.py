@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from requests.adapters import HTTPAdapter
 from twilio.request_validator import RequestValidator
 from werkzeug.datastructures import MultiDict
 
+from . import logs
 from .headers import sendable
 
 # Twilio's request headers worth passing on, and the proxy's own. The signature is recomputed
@@ -22,6 +24,11 @@ KEPT_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent", "X-
 # The app's "not now" (Request Timeout, Too Many Requests): retried like a 5xx. Any other 4xx is its answer.
 RETRYABLE_4XX = frozenset({408, 429})
 
+# The most of the app's answer read. Twilio refuses TwiML over 64 kB (error 11750), so a longer answer is
+# nothing Twilio would act on, most likely a debug page or a runaway loop; read whole, it could take a
+# worker's memory. Past this the proxy stops reading and hangs up.
+MAX_ANSWER_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -32,6 +39,10 @@ class Reply:
     body: bytes
     content_type: str | None
     error: str | None = None
+    # The app answered more than MAX_ANSWER_BYTES: it had the webhook (`ok`), its answer is not relayed
+    # (cut short it would be broken TwiML). `content_length`: the length it declared, if it did.
+    too_large: bool = False
+    content_length: int | None = None
 
 
 class Forwarder:
@@ -76,19 +87,33 @@ class Forwarder:
         if remaining <= 0:  # the caller gave up just as a thread took this post, too late to cancel it
             return _not_sent(self.timeout)
         try:
-            response = self.session.post(url, data=pairs, headers=self.headers_for(url, pairs, kept),
-                                         timeout=remaining, allow_redirects=False)
+            # Streamed: the answer is read here, at most MAX_ANSWER_BYTES of it. Closing the response
+            # returns a connection whose answer was read to its end to the pool, and drops any other.
+            with self.session.post(url, data=pairs, headers=self.headers_for(url, pairs, kept),
+                                   timeout=remaining, allow_redirects=False, stream=True) as response:
+                return self._reply(response)
         except requests.exceptions.Timeout:
             return Reply(False, None, b"", None, f"no answer within {self.timeout:g}s")
         except requests.exceptions.RequestException as exc:
             return Reply(False, None, b"", None, f"unreachable ({type(exc).__name__})")
+
+    def _reply(self, response: requests.Response) -> Reply:
         if response.status_code >= 500 or response.status_code in RETRYABLE_4XX:
             return Reply(False, response.status_code, b"", None, f"answered {response.status_code}")
         if 300 <= response.status_code < 400:
             # Not followed (forward targets come from configuration only): the app's handler never saw it.
             return Reply(False, response.status_code, b"", None,
                          f"answered {response.status_code}: redirects are not followed, set the final URL")
-        return Reply(True, response.status_code, response.content, _content_type(response))
+        declared = response.headers.get("Content-Length", "")
+        length = int(declared) if declared.isascii() and declared.isdigit() else None
+        if length is not None and length > MAX_ANSWER_BYTES:  # said so up front: not read at all
+            return Reply(True, response.status_code, b"", None, too_large=True, content_length=length)
+        body = bytearray()
+        for chunk in response.iter_content(chunk_size=16 * 1024):  # decoded, when the app compressed it
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                return Reply(True, response.status_code, b"", None, too_large=True, content_length=length)
+        return Reply(True, response.status_code, bytes(body), _content_type(response))
 
 
 def _content_type(response: requests.Response) -> str | None:
@@ -96,6 +121,14 @@ def _content_type(response: requests.Response) -> str | None:
     values = response.raw.headers.getlist("Content-Type") if response.raw is not None else []
     value = values[0] if values else response.headers.get("Content-Type")
     return value if value is not None and sendable("Content-Type", value) else None
+
+
+def too_large(reply: Reply, *, redact: bool, **fields) -> None:
+    """The one line for an answer not relayed for its length: its size as known, never its content."""
+    logs.event("app_answer_too_large", redact=redact, level=logging.WARNING, app_status=reply.status,
+               content_length=reply.content_length, limit_bytes=MAX_ANSWER_BYTES,
+               detail="the app had the webhook, so it is not sent again; its answer is not relayed (Twilio takes "
+                      "TwiML of up to 64 kB): Twilio gets empty TwiML", **fields)
 
 
 def _not_sent(timeout: float) -> Reply:

@@ -231,6 +231,11 @@ def replay(conn: Connection, now: datetime, item_id: int | None = None) -> int:
                                       updated_at=now)).rowcount
 
 
+def status_of(conn: Connection, item_id: int) -> str | None:
+    """An item's status; None when there is no such item."""
+    return conn.execute(select(outbox.c.status).where(outbox.c.id == item_id)).scalar()
+
+
 def oldest_due(conn: Connection, now: datetime) -> datetime | None:
     """When the longest-waiting item a worker could take became due (None when none is): a worker takes
     one within about a poll, so a long wait means no worker runs, or it is far behind.

@@ -14,7 +14,7 @@ from werkzeug.datastructures import MultiDict
 from twilio.twiml.messaging_response import MessagingResponse
 
 from . import holds, late_failures, logs, outbox, signatures, store
-from .forwarding import KEPT_HEADERS
+from .forwarding import KEPT_HEADERS, too_large
 from .addresses import InvalidAddress, normalise
 from .db import storable, utcnow, writing
 from .errors import twilio_error
@@ -268,11 +268,14 @@ def _forward_inline(item_id: int, lease: datetime, arrived: float, sender: str, 
         # item stays under this attempt's lease, and the worker delivers it (again) after it: at-least-once.
         logs.log.error("database_unavailable", extra={"error": type(exc).__name__, "path": request.path,
                                                       "outbox_id": item_id, "request_id": g.request_id})
+    if reply.too_large:
+        too_large(reply, redact=rt.settings.log_redact_numbers, kind="inbound", outbox_id=item_id, sender=sender,
+                  user=user, request_id=g.request_id)
     logs.event("delivery", redact=rt.settings.log_redact_numbers, level=20 if reply.ok else 30, kind="inbound",
                decision="delivered" if reply.ok else "queued", outbox_id=item_id, attempt=1,
                app_status=reply.status, error=reply.error, sender=sender, user=user,
                duration_ms=round((time.perf_counter() - started) * 1000, 2), request_id=g.request_id)
-    if not reply.ok:
+    if not reply.ok or reply.too_large:
         return _twiml()  # Twilio sees success; the user sees nothing broken
     return Response(reply.body, status=reply.status, content_type=reply.content_type or "text/xml")
 

@@ -16,6 +16,7 @@ from werkzeug.datastructures import MultiDict
 from . import attempts, holds, late_failures, logs, outbox
 from .db import unavailable_reason, utcnow, writing
 from .errors import ApiError
+from .forwarding import too_large
 from .judge import Judgement, judge
 from .migrate import schema_hint, schema_missing
 from .policy import Action
@@ -150,6 +151,8 @@ class Worker:
         reply = self.rt.forwarder.post(item.target, [tuple(p) for p in item.body], outbox.with_id(item))
         if not reply.ok:
             raise Retry(reply.error or "failed")
+        if reply.too_large:  # delivered all the same: the app had the webhook
+            too_large(reply, redact=self.rt.settings.log_redact_numbers, kind=item.kind, outbox_id=item.id)
 
     def _send(self, item: outbox.Item) -> None:
         """A fallback template after a late 63016: judged like any send, then sent with the account's auth,

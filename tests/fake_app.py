@@ -22,6 +22,13 @@ class FakeApp:
     fail_status: int | None = None
     headers: list = field(default_factory=list)  # (name, value) pairs the answer carries instead of its own
     reply: str = '<?xml version="1.0" encoding="UTF-8"?><Response><Message>Thanks!</Message></Response>'
+    # A broken app's answer (a debug page, a runaway loop): this many bytes instead of `reply`, streamed in
+    # 64 KiB pieces, chunked unless `declare_length`; `streamed` counts the bytes that went out before the
+    # proxy hung up (or the answer ended), and `stream_ended` is set then.
+    huge_reply: int = 0
+    declare_length: bool = False
+    streamed: int = 0
+    stream_ended: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reset(self) -> None:
@@ -29,6 +36,7 @@ class FakeApp:
             self.received.clear()
         self.rejected, self.delay, self.fail_status, self.started = 0, 0.0, None, 0
         self.headers = []
+        self.huge_reply, self.declare_length, self.streamed, self.stream_ended = 0, False, 0, threading.Event()
 
     def bodies(self, path: str | None = None) -> list[str]:
         return [dict(form).get("Body") for p, form, _ in self.received if path is None or p == path]
@@ -50,6 +58,8 @@ class FakeApp:
                 return Response("app error", status=self.fail_status)
             with self.lock:
                 self.received.append((request.path, list(request.form.items(multi=True)), dict(request.headers)))
+            if self.huge_reply:
+                return self._huge()
             response = Response(self.reply, status=200, mimetype="text/xml")
             for name in {name for name, _ in self.headers}:
                 del response.headers[name]
@@ -58,3 +68,18 @@ class FakeApp:
             return response
 
         return app
+
+    def _huge(self) -> Response:
+        size, piece, ended = self.huge_reply, b"<Response>" + b"x" * (64 * 1024 - 10), self.stream_ended
+
+        def pieces():
+            try:
+                while self.streamed < size:
+                    chunk = piece[:size - self.streamed]
+                    yield chunk  # resumed once the server has written it
+                    self.streamed += len(chunk)
+            finally:  # also when the write fails: the proxy closed the connection
+                ended.set()
+
+        headers = {"Content-Length": str(size)} if self.declare_length else {}
+        return Response(pieces(), status=200, mimetype="text/xml", headers=headers)

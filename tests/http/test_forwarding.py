@@ -157,6 +157,56 @@ def test_a_content_type_no_server_may_send_is_not_relayed_to_twilio(forwarding, 
     assert response.headers.getlist("Content-Type") == ["text/xml; charset=utf-8"]
 
 
+HUGE = 64 * 1024 * 1024  # a broken app's answer: far more than Twilio takes, and than loopback buffers hold
+
+
+@pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "chunked"])
+def test_an_answer_longer_than_twilio_takes_is_not_relayed_nor_read_whole_nor_retried(forwarding, fake_app,
+                                                                                      db_engine, log_lines,
+                                                                                      declare_length):
+    """The app's answer was read whole into memory, however long (a debug page, a runaway loop: a worker's
+    memory) and relayed. Twilio refuses TwiML over 64 kB (11750), and a truncated one is worse than none: Twilio
+    gets empty TwiML. The app did get the webhook: delivered, not sent again. The proxy hangs up mid-answer."""
+    fake_app.huge_reply, fake_app.declare_length = HUGE, declare_length
+    client = forwarding.test_client()
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 31 + "e"))
+    assert response.status_code == 200 and response.get_data(as_text=True).endswith("<Response />")
+    assert response.mimetype == "text/xml"
+    [item] = items(db_engine)
+    assert (item["status"], item["attempts"]) == ("delivered", 1) and len(fake_app.received) == 1
+    [line] = [line for line in log_lines() if line["event"] == "app_answer_too_large"]
+    assert line["level"] == "WARNING" and line["limit_bytes"] == 64 * 1024 and line["outbox_id"] == item["id"]
+    assert line["content_length"] == (HUGE if declare_length else None) and line["app_status"] == 200
+    assert "xxxx" not in json.dumps(log_lines())  # nothing of the answer itself
+    assert fake_app.stream_ended.wait(10) and fake_app.streamed < HUGE  # the connection was closed, not drained
+
+    fake_app.reset()  # the next forward finds a working connection pool
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 31 + "f"))
+    assert response.get_data(as_text=True) == fake_app.reply
+
+
+@pytest.mark.parametrize("size, relayed", [(64 * 1024, True), (64 * 1024 + 1, False)])
+def test_an_answer_of_up_to_64_kib_is_relayed_whole(forwarding, fake_app, db_engine, size, relayed):
+    fake_app.huge_reply = size
+    response = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "3" * 30 + "aa"))
+    body = response.get_data()
+    assert (len(body), body.startswith(b"<Response>xxx")) == ((size, True) if relayed else (len(body), False))
+    assert items(db_engine)[0]["status"] == "delivered"
+
+
+def test_a_status_callback_answered_at_length_is_delivered_once(forwarding, fake_app, db_engine, log_lines):
+    fake_app.huge_reply = HUGE
+    params = {"MessageSid": "SM" + "a" * 31 + "b", "MessageStatus": "delivered", "From": BUSINESS, "To": USER,
+              "AccountSid": ACCOUNT_SID}
+    assert signed_post(forwarding.test_client(), "/twilio/status", params).status_code == 200
+    assert run_worker(forwarding) == 1
+    [item] = items(db_engine)
+    assert (item["status"], item["attempts"]) == ("delivered", 1)
+    [line] = [line for line in log_lines() if line["event"] == "app_answer_too_large"]
+    assert line["kind"] == "status" and line["outbox_id"] == item["id"]
+    assert fake_app.stream_ended.wait(10) and fake_app.streamed < HUGE
+
+
 @pytest.mark.parametrize("app_answers", [True, False])
 def test_a_database_failure_after_the_app_answered_still_gives_twilio_the_apps_answer(forwarding, fake_app,
                                                                                        db_engine, monkeypatch,
@@ -227,6 +277,30 @@ def test_exhausted_items_can_be_listed_and_replayed(forwarding, fake_app, db_eng
     assert run_worker(forwarding) == 1
     assert items(db_engine)[0]["status"] == "delivered" and len(fake_app.received) == 1
     assert runner.invoke(args=["outbox", "replay"]).exit_code != 0
+
+
+@pytest.mark.parametrize("state", ["missing", "pending", "delivered"])
+def test_replaying_an_item_that_cannot_be_replayed_fails_saying_why(forwarding, fake_app, db_engine, state):
+    """An id that does not exist (a typo) or an item that is not exhausted or uncertain printed "0 item(s)
+    queued again" and exited 0: an operator's script took it for done."""
+    if state == "pending":
+        fake_app.fail_status = 503
+    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "8" * 31 + "a"))
+    [item] = items(db_engine)
+    assert item["status"] == ("pending" if state == "pending" else "delivered")
+    item_id = item["id"] + 1000 if state == "missing" else item["id"]
+    result = forwarding.test_cli_runner().invoke(args=["outbox", "replay", str(item_id)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert str(item_id) in line and "exhausted or uncertain" in line and "Traceback" not in result.output
+    assert ("does not exist" if state == "missing" else f"is {state}") in line
+    assert "queued again" not in result.output
+    assert items(db_engine) == [item]  # untouched
+
+
+def test_replaying_all_with_nothing_exhausted_is_no_error(forwarding, db_engine):
+    result = forwarding.test_cli_runner().invoke(args=["outbox", "replay", "--all"])
+    assert result.exit_code == 0 and "0 item(s) queued again" in result.output
 
 
 def test_a_webhook_behind_one_being_delivered_waits_its_turn_and_relays_the_apps_reply(forwarding, fake_app,
