@@ -169,18 +169,25 @@ def register(app: Flask) -> None:
     @click.option("--all", "replay_all", is_flag=True, help="Replay every exhausted item.")
     @needs_schema
     def outbox_replay(item_id: int | None, replay_all: bool):
-        """Give an exhausted item (or --all of them), or an uncertain one by its id, a fresh round of attempts."""
+        """Give an exhausted item (or --all of them), or an uncertain one by its id, a fresh round of attempts; a
+        pending one waiting for its next attempt is made due now."""
         if (item_id is None) == (not replay_all):
             raise click.UsageError("give one ITEM_ID or --all")
         with writing(app.extensions["proxy"].engine) as conn:
             count = outbox.replay(conn, utcnow(), item_id)
+            hurried = item_id is not None and not count and outbox.hurry(conn, item_id, utcnow())
             status = outbox.status_of(conn, item_id) if item_id is not None and not count else None
+        if hurried:  # the app is back: its webhooks need not wait out the retry schedule
+            click.echo(f"outbox item {item_id} was waiting for its next attempt: due now (a worker takes it within a "
+                       "poll, after any earlier item of its conversation)")
+            return
         if item_id is not None and not count:
             # One item asked for and none queued is a mistake (a mistyped id, a live item), not a result: a
             # script must not take it for done. --all with nothing exhausted is a result.
-            found = f"is {status}" if status else "does not exist"
+            found = "is being delivered now" if status == outbox.PENDING else f"is {status}" if status else \
+                "does not exist"
             raise click.ClickException(f"outbox item {item_id} {found}: only an exhausted or uncertain item can be "
-                                       "replayed (`outbox list --status exhausted`)")
+                                       "replayed, or a pending one hurried (`outbox list --status exhausted`)")
         click.echo(f"{count} item(s) queued again")
 
     app.cli.add_command(box)

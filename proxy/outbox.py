@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, exists, func, select, update
+from sqlalchemy import Connection, and_, case, exists, func, select, update
 from sqlalchemy.orm import aliased
 
 from .db import outbox
@@ -229,6 +229,18 @@ def replay(conn: Connection, now: datetime, item_id: int | None = None) -> int:
         query = query.where(outbox.c.id == item_id)
     return conn.execute(query.values(status=PENDING, attempts=0, next_attempt_at=now, lease_until=None,
                                       updated_at=now)).rowcount
+
+
+def hurry(conn: Connection, item_id: int, now: datetime) -> bool:
+    """Make a pending item waiting for its next attempt due now (its attempts so far still count); False
+    when it is not pending, or is being delivered (leased) right now."""
+    return conn.execute(
+        update(outbox).where(outbox.c.id == item_id, outbox.c.status == PENDING,
+                             (outbox.c.lease_until.is_(None)) | (outbox.c.lease_until < now))
+        # one already due keeps its time: how long it has waited is what /metrics reports
+        .values(next_attempt_at=case((outbox.c.next_attempt_at > now, now), else_=outbox.c.next_attempt_at),
+                updated_at=now)
+    ).rowcount == 1
 
 
 def status_of(conn: Connection, item_id: int) -> str | None:

@@ -279,23 +279,41 @@ def test_exhausted_items_can_be_listed_and_replayed(forwarding, fake_app, db_eng
     assert runner.invoke(args=["outbox", "replay"]).exit_code != 0
 
 
-@pytest.mark.parametrize("state", ["missing", "pending", "delivered"])
+@pytest.mark.parametrize("state", ["missing", "being delivered", "delivered"])
 def test_replaying_an_item_that_cannot_be_replayed_fails_saying_why(forwarding, fake_app, db_engine, state):
     """An id that does not exist (a typo) or an item that is not exhausted or uncertain printed "0 item(s)
     queued again" and exited 0: an operator's script took it for done."""
-    if state == "pending":
+    if state == "being delivered":
         fake_app.fail_status = 503
     signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "8" * 31 + "a"))
+    if state == "being delivered":  # a worker holds its lease
+        with db_engine.begin() as conn:
+            conn.execute(outbox.update().values(lease_until=utcnow() + timedelta(minutes=1)))
     [item] = items(db_engine)
-    assert item["status"] == ("pending" if state == "pending" else "delivered")
+    assert item["status"] == ("pending" if state == "being delivered" else "delivered")
     item_id = item["id"] + 1000 if state == "missing" else item["id"]
     result = forwarding.test_cli_runner().invoke(args=["outbox", "replay", str(item_id)])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert str(item_id) in line and "exhausted or uncertain" in line and "Traceback" not in result.output
-    assert ("does not exist" if state == "missing" else f"is {state}") in line
+    assert ("does not exist" if state == "missing" else f"is {state}") in line, line
     assert "queued again" not in result.output
     assert items(db_engine) == [item]  # untouched
+
+
+def test_replaying_a_pending_item_makes_it_due_now(forwarding, fake_app, db_engine):
+    """The app is back: a webhook waiting for its next attempt (minutes away) had no way to go now."""
+    fake_app.fail_status = 503
+    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "8" * 31 + "b"))
+    [item] = items(db_engine)
+    assert item["status"] == "pending"
+    assert run_worker(forwarding) == 0  # its next attempt is seconds away
+    fake_app.fail_status = None
+    result = forwarding.test_cli_runner().invoke(args=["outbox", "replay", str(item["id"])])
+    assert result.exit_code == 0 and "due now" in result.output, result.output
+    assert run_worker(forwarding) == 1
+    [after] = items(db_engine)
+    assert (after["status"], after["attempts"]) == ("delivered", 2)  # the inline attempt still counts
 
 
 def test_replaying_all_with_nothing_exhausted_is_no_error(forwarding, db_engine):
