@@ -106,13 +106,13 @@ def create_form() -> tuple[bytes, MultiDict]:
 def create_message(account_sid: str):
     rt, started = runtime(), time.perf_counter()
     raw_body, form = create_form()
-    if not rt.schema.reached():
-        # Judged on the old tables it would go to Twilio, and its attempt row (newer columns) be lost.
-        detail = f"the database's migrations are behind this code's: run `{UPGRADE_COMMAND}`"
-        logs.log.error("migrations_not_at_head", extra={"path": logs.masked_path(request.path), "detail": detail,
-                                                        "request_id": g.request_id})
-        raise ApiError(503, 503, f"This send could not be recorded, so nothing was sent: {detail}.")
     try:
+        if not rt.schema.reached():
+            # Judged on the old tables it would go to Twilio, and its attempt row (newer columns) be lost.
+            detail = f"the database's migrations are behind this code's: run `{UPGRADE_COMMAND}`"
+            logs.log.error("migrations_not_at_head", extra={"path": logs.masked_path(request.path), "detail": detail,
+                                                            "request_id": g.request_id})
+            raise ApiError(503, 503, f"This send could not be recorded, so nothing was sent: {detail}.")
         judgement = judge(rt, form)
     except SQLAlchemyError as exc:
         # 503: fail closed, nothing is sent unjudged. FAIL_OPEN is for an outage; a database the

@@ -92,7 +92,8 @@ class HeadCheck:
     """Whether the database's migrations have reached this code's head (or gone past it, a newer release's).
 
     Asked again at most every RECHECK_SECONDS while they have not — once they have, never again: they only
-    move forward while this code runs. A database that does not answer is not judged here.
+    move forward while this code runs. A database that does not answer is not judged here: its error is
+    the caller's, so a request meets the outage once (a silent host costs one connect timeout, not two).
     """
 
     RECHECK_SECONDS = 5.0
@@ -114,8 +115,8 @@ class HeadCheck:
             with self._engine.connect() as conn:
                 current = current_revision(conn)
         except SQLAlchemyError:
-            self._asked = float("-inf")
-            return True  # down, not behind: the request meets the outage itself, and answers 503 for it
+            self._asked = float("-inf")  # down, not behind: asked again by the next request
+            raise
         self._reached = self._at_or_past_head(current)
         return self._reached
 
