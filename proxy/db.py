@@ -214,8 +214,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         if fcntl is not None and database and database != ":memory:" and not database.startswith("file:"):
             _WRITE_LOCKS[engine] = _sqlite_write_lock(database)
         return engine
-    # connect_args would override the URL's own connect_timeout: the operator's value wins.
-    connect_args = {} if "connect_timeout" in make_url(url).query else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    # connect_args would override the URL's own values: the operator's win.
+    given = make_url(url).query
+    connect_args = {name: value for name, value in (("connect_timeout", CONNECT_TIMEOUT_SECONDS),
+                                                    ("tcp_user_timeout", TCP_USER_TIMEOUT_MS)) if name not in given}
     engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True, hide_parameters=True,
                            connect_args=connect_args)
     dialect = engine.dialect
@@ -239,6 +241,11 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 # healthy connect (TCP, TLS and authentication take milliseconds, a second across regions) and leaves an
 # inbound webhook time to answer 503 before Twilio's 15 s run out.
 CONNECT_TIMEOUT_SECONDS = 10
+# And an open connection whose host stops answering (it died, or the network between split) fails after
+# this long without an acknowledgement of what was sent (libpq's `tcp_user_timeout`, Linux), instead of the
+# kernel's ~15 minutes of retransmissions. It times the network, not the query: a slow query's packets are
+# acknowledged at once.
+TCP_USER_TIMEOUT_MS = 10_000
 
 
 # A connection idle this long is pinged before use, so one a restarted database closed is replaced

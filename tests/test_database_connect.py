@@ -141,3 +141,29 @@ def test_the_proxy_on_a_database_host_that_never_answers_fails_closed_as_for_any
         assert "the database is unavailable" in line and "timeout" in line and "Traceback" not in result.output
     finally:
         app.extensions["proxy"].engine.dispose()
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("", {"connect_timeout": proxy.db.CONNECT_TIMEOUT_SECONDS, "tcp_user_timeout": proxy.db.TCP_USER_TIMEOUT_MS}),
+    ("tcp_user_timeout=2500&connect_timeout=3", {"connect_timeout": "3", "tcp_user_timeout": "2500"}),
+])
+def test_an_open_connection_to_a_host_that_stops_answering_is_given_up_on(silent_host, query, expected):
+    """libpq's tcp_user_timeout bounds how long sent data may go unacknowledged; without it a query to a host
+    that died mid-connection waited for the kernel's retransmissions (~15 minutes). A dropped packet cannot be
+    staged on loopback, so this checks what reaches the driver: the default, or the URL's own values."""
+    from sqlalchemy import event
+
+    engine = make_engine(silent_host.url(query), pool_size=1)
+    given: dict = {}
+
+    @event.listens_for(engine, "do_connect")
+    def capture(dialect, record, cargs, cparams):
+        given.update(cparams)
+        raise OperationalError("captured", {}, RuntimeError("not connecting"))
+
+    try:
+        with pytest.raises(OperationalError):
+            engine.connect()
+    finally:
+        engine.dispose()
+    assert {name: given.get(name) for name in expected} == expected
