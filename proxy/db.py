@@ -142,6 +142,9 @@ content_cache = Table(
 
 # Durable deliveries: webhooks forwarded to the app, held-message releases, fallback sends.
 # Items with one ordering_key are delivered one at a time, oldest first.
+# The id goes to the app as X-Proxy-Outbox-Id, which it de-duplicates forwards on: never given twice.
+# SQLite hands out the largest rowid + 1, so without AUTOINCREMENT a purge of the newest rows let the
+# next items take their ids again (PostgreSQL's sequence never does). Migration 0004.
 outbox = Table(
     "outbox",
     metadata,
@@ -161,9 +164,11 @@ outbox = Table(
     Column("delivered_at", UTCDateTime(), nullable=True),
     Index(None, "status", "next_attempt_at"),
     Index(None, "ordering_key", "id"),
+    sqlite_autoincrement=True,
 )
 
 # Sends that were rerouted and are kept until the user's next message opens the window.
+# The id is shown to the caller as X-Proxy-Held-Id: never given twice, as the outbox's.
 held_messages = Table(
     "held_messages",
     metadata,
@@ -181,6 +186,7 @@ held_messages = Table(
     Column("last_error", String(500), nullable=True),
     Index(None, "sender", "user", "status"),
     Index(None, "status", "expires_at"),
+    sqlite_autoincrement=True,
 )
 
 # Messages the proxy let through that failed later with 63016: acted on once per sid.

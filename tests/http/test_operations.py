@@ -179,6 +179,38 @@ def test_purge_deletes_finished_holds_only(app, db_engine):
             ["held", "sending"]
 
 
+def test_a_purge_never_lets_an_outbox_or_hold_id_be_handed_out_again(app, db_engine):
+    """Apps de-duplicate forwards on X-Proxy-Outbox-Id, and callers were shown X-Proxy-Held-Id: on SQLite a
+    purge that deleted the newest rows let the next items take their ids again, so a new webhook looked like
+    a copy of an old one and was dropped. PostgreSQL's sequences never give an id twice."""
+    from proxy import holds
+    from proxy import outbox as queue
+
+    def forwarded(at):
+        with db_engine.begin() as conn:
+            headers = {}
+            item_id = queue.enqueue(conn, kind="inbound", ordering_key="k", target="http://app", headers=headers,
+                                    body=[], now=at)
+            queue.delivered(conn, item_id, at)
+        assert headers[queue.OUTBOX_ID_HEADER] == str(item_id)
+        return item_id
+
+    def released(at):
+        with db_engine.begin() as conn:
+            held_id, _ = holds.hold(conn, sender=BUSINESS, user=USER, account_sid=ACCOUNT_SID, params=[],
+                                    request_id="r", now=at, ttl_seconds=60, judged_inbound_at=None)
+            holds.mark(conn, held_id, holds.RELEASED, at, message_sid="SM" + "7" * 32)
+        return held_id
+
+    earlier = utcnow() - timedelta(minutes=1)
+    outbox_ids = [forwarded(earlier) for _ in range(3)]
+    held_ids = [released(earlier) for _ in range(3)]
+    result = app.test_cli_runner().invoke(args=["purge", "--older-than", "0d"])  # as the user did: every row goes
+    assert result.exit_code == 0 and "3 outbox" in result.output and "3 held_messages" in result.output, result.output
+    assert forwarded(utcnow()) > max(outbox_ids)
+    assert released(utcnow()) > max(held_ids)
+
+
 def test_cli_held_list_takes_the_statuses_the_api_takes(app, client, db_engine):
     add_holds(db_engine, utcnow())
     runner = app.test_cli_runner()
