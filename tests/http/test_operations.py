@@ -205,7 +205,7 @@ def test_a_purge_never_lets_an_outbox_or_hold_id_be_handed_out_again(app, db_eng
     earlier = utcnow() - timedelta(minutes=1)
     outbox_ids = [forwarded(earlier) for _ in range(3)]
     held_ids = [released(earlier) for _ in range(3)]
-    result = app.test_cli_runner().invoke(args=["purge", "--older-than", "0d"])  # as the user did: every row goes
+    result = app.test_cli_runner().invoke(args=["purge", "--older-than", "0d", "--yes"])  # as the user did: every row goes
     assert result.exit_code == 0 and "3 outbox" in result.output and "3 held_messages" in result.output, result.output
     assert forwarded(utcnow()) > max(outbox_ids)
     assert released(utcnow()) > max(held_ids)
