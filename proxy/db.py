@@ -214,7 +214,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # hide_parameters: a database error must never carry a message body into the logs.
         engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True,
-                               connect_args={"timeout": 30}, hide_parameters=True)
+                               pool_timeout=POOL_TIMEOUT_SECONDS, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         database = engine.url.database
         if fcntl is not None and database and database != ":memory:" and not database.startswith("file:"):
@@ -224,8 +224,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     given = make_url(url).query
     connect_args = {name: value for name, value in (("connect_timeout", CONNECT_TIMEOUT_SECONDS),
                                                     ("tcp_user_timeout", TCP_USER_TIMEOUT_MS)) if name not in given}
-    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True, hide_parameters=True,
-                           connect_args=connect_args)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True,
+                           pool_timeout=POOL_TIMEOUT_SECONDS, hide_parameters=True, connect_args=connect_args)
     dialect = engine.dialect
 
     def ping_if_idle(dbapi_connection, record, _proxy) -> None:
@@ -247,6 +247,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 # healthy connect (TCP, TLS and authentication take milliseconds, a second across regions) and leaves an
 # inbound webhook time to answer 503 before Twilio's 15 s run out.
 CONNECT_TIMEOUT_SECONDS = 10
+# A request waits this long for a pooled connection (SQLAlchemy's default is 30 s): every connection held
+# that long means a stalled database, answered with a 503 rather than a send forwarded long after its caller
+# gave up (proxy/judge.py refuses a window read as slow).
+POOL_TIMEOUT_SECONDS = 10
 # And an open connection whose host stops answering (it died, or the network between split) fails after
 # this long without an acknowledgement of what was sent (libpq's `tcp_user_timeout`, Linux), instead of the
 # kernel's ~15 minutes of retransmissions. It times the network, not the query: a slow query's packets are

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from flask import g, has_request_context
 from werkzeug.datastructures import MultiDict
 
-from . import store
+from . import logs, store
 from .addresses import WINDOWED_CHANNELS, InvalidAddress, channel_of, normalise, plain_channel
 from .content import CONTENT_SID, ContentNotFound, ContentUnavailable
 from .db import utcnow
@@ -38,6 +40,9 @@ class Judgement:
 SINGLE_VALUED = ("To", "From", "MessagingServiceSid", "Body", "ContentSid", "ContentVariables", "SendAt",
                  "ScheduleType", "StatusCallback")
 MAX_MEDIA = 10
+# A window read slower than this means the database is stalled: the send is refused rather than forwarded
+# late (the pool's checkout waits no longer either: proxy/db.py).
+SLOW_DATABASE_SECONDS = 10
 MAX_BODY = 1600
 
 
@@ -142,8 +147,17 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
             raise ApiError(21910, 400)
 
     at = send_time(form, now)
+    asked = time.monotonic()
     with rt.reader.connect() as conn:
         row = store.load_window(conn, sender, user)
+    waited = time.monotonic() - asked
+    if waited > SLOW_DATABASE_SECONDS:
+        # A database that stalls (a lock held, a host that stopped answering mid-query) answers late, and a
+        # send forwarded after that may reach Twilio after its caller gave up and sent it again; the window
+        # was judged at a time long gone too. Nothing goes out: the caller's retry is judged afresh.
+        logs.log.error("database_slow", extra={"waited_seconds": round(waited, 1), "limit_seconds": SLOW_DATABASE_SECONDS,
+                                               "request_id": g.get("request_id") if has_request_context() else None})
+        raise ApiError(503, 503, f"The proxy's database took {waited:.0f} s to answer; nothing was sent. Retry.")
     window = window_state(row.expires_at, row.last_inbound_at, now=at,
                           safety_margin_seconds=rt.settings.window_safety_margin_seconds) if row else CLOSED
     profile_name = row.profile_name if row else None

@@ -164,6 +164,47 @@ def test_database_unavailable_is_503_rejected_and_nothing_sent(settings, fake_tw
     assert line["path"] == MESSAGES and line["level"] == "ERROR"
 
 
+def test_a_stalled_database_refuses_the_send_rather_than_forwarding_it_late(app, client, fake_twilio, db_engine,
+                                                                           log_lines, monkeypatch):
+    """A window read held up (a lock; a database host that stopped answering mid-query) answered after 39 s and
+    the send then went to Twilio, after a caller that gave up could have sent it again: twice to the customer."""
+    import threading
+    import time
+
+    from proxy import judge, store
+
+    open_window(client)
+    monkeypatch.setattr(judge, "SLOW_DATABASE_SECONDS", 1)
+    if db_engine.dialect.name == "postgresql":  # the real thing: a lock another session holds
+        from sqlalchemy import text
+
+        locked, release = threading.Event(), threading.Event()
+
+        def hold_lock():
+            with db_engine.begin() as conn:
+                conn.execute(text("LOCK TABLE windows IN ACCESS EXCLUSIVE MODE"))
+                locked.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold_lock)
+        holder.start()
+        assert locked.wait(10)
+        threading.Timer(1.5, release.set).start()
+    else:  # SQLite's readers never wait for a writer (WAL): the read is slowed instead
+        real = store.load_window
+        monkeypatch.setattr(store, "load_window", lambda *a: (time.sleep(1.5), real(*a))[1])
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    if db_engine.dialect.name == "postgresql":
+        holder.join(10)
+    assert response.status_code == 503 and set(response.get_json()) == SHAPE, response.get_json()
+    assert "nothing was sent" in response.get_json()["message"]
+    assert fake_twilio.creates == []
+    [line] = [line for line in log_lines() if line["event"] == "database_slow"]
+    assert line["level"] == "ERROR" and line["waited_seconds"] >= 1 and line["request_id"]
+    monkeypatch.undo()
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).status_code == 201  # the retry goes
+
+
 @pytest.mark.parametrize(
     "fields, code",
     [
