@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         reader=engine if engine.dialect.name == "sqlite" else engine.execution_options(isolation_level="AUTOCOMMIT"),
         upstream=upstream,
         validator=RequestValidator(settings.auth_token),
+        previous_validator=RequestValidator(settings.previous_auth_token) if settings.previous_auth_token else None,
         migrations_head=head,
         schema=HeadCheck(engine, head, at_start),
         forwarder=Forwarder(settings.auth_token, settings.forward_timeout_seconds),

@@ -26,6 +26,7 @@ class Runtime:
     reader: Engine
     upstream: Upstream
     validator: RequestValidator
+    previous_validator: RequestValidator | None  # TWILIO_AUTH_TOKEN_PREVIOUS, during a token rotation
     content: ContentResolver
     migrations_head: str
     schema: HeadCheck  # a send is refused while the database is behind this code's migrations

@@ -52,6 +52,9 @@ class Settings:
     # Secrets stay out of repr() (a traceback, a debug print): here and in the keys below.
     auth_token: str = field(repr=False)
     database_url: str = field(repr=False)
+    # The token before a rotation (TWILIO_AUTH_TOKEN_PREVIOUS): accepted on webhooks and from gateway callers
+    # until it is removed, so no process must restart at the moment Twilio's new token takes over.
+    previous_auth_token: str | None = field(default=None, repr=False)
     twilio_api_base_url: str = "https://api.twilio.com"
     public_base_url: str | None = None
     session_window_seconds: int = 86400
@@ -94,6 +97,10 @@ class Settings:
                 "(Console → Account Info)."
             )
         account_sid = env["TWILIO_ACCOUNT_SID"].strip()
+        previous_token = env.get("TWILIO_AUTH_TOKEN_PREVIOUS", "").strip() or None
+        if previous_token == env["TWILIO_AUTH_TOKEN"].strip():
+            raise ConfigError("TWILIO_AUTH_TOKEN_PREVIOUS is TWILIO_AUTH_TOKEN itself: during a rotation it is "
+                              "the token being replaced (unset it once the rotation is done).")
         if not ACCOUNT_SID.fullmatch(account_sid):
             raise ConfigError("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex characters.")
         window = _int(env, "SESSION_WINDOW_SECONDS", 86400, minimum=1, maximum=MAX_SESSION_WINDOW_SECONDS)
@@ -152,6 +159,7 @@ class Settings:
             metrics_token=env.get("METRICS_TOKEN", "").strip() or None,
             account_sid=account_sid,
             auth_token=env["TWILIO_AUTH_TOKEN"].strip(),
+            previous_auth_token=previous_token,
             database_url=normalise_database_url(env.get("DATABASE_URL", "")),
             twilio_api_base_url=_url(env, "TWILIO_API_BASE_URL", "https://api.twilio.com"),
             public_base_url=_url(env, "PUBLIC_BASE_URL", None),

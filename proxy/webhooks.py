@@ -47,7 +47,7 @@ def require_twilio_signature():
     g.params = webhook_params()
     if g.params is None:
         return twilio_error(400, 400, "Webhook body must be a form or a JSON object.")
-    reason = signatures.problem(request, g.params, signed_url(), rt.settings, rt.validator)
+    reason = signatures.problem(request, g.params, signed_url(), rt.settings, rt.validator, rt.previous_validator)
     if reason is None:
         return None
     if rt.settings.allow_unsigned_webhooks:

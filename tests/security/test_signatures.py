@@ -168,3 +168,40 @@ def test_a_replayed_status_callback_cannot_become_an_inbound_message(client, db_
     assert sign(URL, forged) == signature
     assert client.post("/twilio/inbound", data=forged, headers={"X-Twilio-Signature": signature}).status_code == 400
     assert count(db_engine, windows) == 0
+
+
+OLD_TOKEN = "0123456789abcdef" * 2
+
+
+def test_during_a_token_rotation_the_previous_token_still_signs_and_authenticates(settings, db_engine, fake_twilio):
+    """Twilio signs with whichever token is its primary when it calls: without TWILIO_AUTH_TOKEN_PREVIOUS every
+    webhook was refused (403, and Twilio does not retry a 403) from the promotion until each process restarted."""
+    from tests.http.test_gateway import open_window, send
+    from tests.conftest import ACCOUNT_SID, BUSINESS, USER, basic_auth
+
+    rotating = create_app(replace(settings, previous_auth_token=OLD_TOKEN)).test_client()
+    for n, token in enumerate((AUTH_TOKEN, OLD_TOKEN)):
+        params = inbound_params(f"SM{n:032x}")
+        signed = RequestValidator(token).compute_signature(URL, params)
+        assert rotating.post("/twilio/inbound", data=params, headers={"X-Twilio-Signature": signed}).status_code == 200
+    assert count(db_engine, messages) == 2
+    other = inbound_params("SM" + "e" * 32)  # any other token still fails
+    forged = RequestValidator("f" * 32).compute_signature(URL, other)
+    assert rotating.post("/twilio/inbound", data=other, headers={"X-Twilio-Signature": forged}).status_code == 403
+
+    open_window(rotating)
+    for token in (AUTH_TOKEN, OLD_TOKEN):  # judged and sent on (Twilio takes both until the new one is promoted)
+        response = send(rotating, {"To": USER, "From": BUSINESS, "Body": "x"}, auth=basic_auth(ACCOUNT_SID, token))
+        assert response.headers["X-Proxy-Decision"] == "allowed", response.get_json()
+        assert fake_twilio.creates[-1].headers["Authorization"] == basic_auth(ACCOUNT_SID, token)["Authorization"]
+    sent = len(fake_twilio.creates)
+    assert send(rotating, {"To": USER, "From": BUSINESS, "Body": "x"},
+                auth=basic_auth(ACCOUNT_SID, "f" * 32)).status_code == 401
+    assert len(fake_twilio.creates) == sent
+
+    plain = create_app(settings).test_client()  # without it, the old token is just wrong
+    params = inbound_params("SM" + "d" * 32)
+    signed = RequestValidator(OLD_TOKEN).compute_signature(URL, params)
+    assert plain.post("/twilio/inbound", data=params, headers={"X-Twilio-Signature": signed}).status_code == 403
+    assert send(plain, {"To": USER, "From": BUSINESS, "Body": "x"},
+                auth=basic_auth(ACCOUNT_SID, OLD_TOKEN)).status_code == 401

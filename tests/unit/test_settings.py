@@ -29,6 +29,7 @@ def test_defaults():
         ({**BASE, "TWILIO_TIMEOUT_SECONDS": "0"}, "TWILIO_TIMEOUT_SECONDS"),
         ({**BASE, "LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({**BASE, "LOG_REDACT_NUMBERS": "maybe"}, "LOG_REDACT_NUMBERS"),
+        ({**BASE, "TWILIO_AUTH_TOKEN_PREVIOUS": " tok "}, "TWILIO_AUTH_TOKEN_PREVIOUS"),  # the token itself
     ],
 )
 def test_invalid_values_name_the_variable(env, variable):
@@ -264,3 +265,9 @@ def test_a_database_url_sqlalchemy_cannot_read_is_one_line_without_its_password(
     with pytest.raises(ConfigError) as error:
         Settings.from_env({**BASE, "DATABASE_URL": url})
     assert "DATABASE_URL" in str(error.value) and "SECRET" not in str(error.value)
+
+
+def test_the_previous_auth_token_is_optional_and_never_shown():
+    assert Settings.from_env(BASE).previous_auth_token is None
+    rotating = Settings.from_env({**BASE, "TWILIO_AUTH_TOKEN_PREVIOUS": "old-token"})
+    assert rotating.previous_auth_token == "old-token" and "old-token" not in repr(rotating)
