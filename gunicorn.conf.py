@@ -130,6 +130,6 @@ def child_exit(server, worker):
 def worker_exit(server, worker):
     # Send-attempt records still queued in this worker's writer go to the database before it exits
     # (atexit does it too; this runs first and inside gunicorn's graceful timeout).
-    from proxy.attempts import flush_all
+    from proxy.attempts import flush_at_exit
 
-    flush_all(5.0)
+    flush_at_exit(5.0)

@@ -34,6 +34,7 @@ MAX_PENDING = 100_000  # rows kept while the database is down; older ones are dr
 
 _writers: weakref.WeakSet[AttemptWriter] = weakref.WeakSet()
 _registered = False
+_exit_flushed = False
 
 
 class AttemptWriter:
@@ -44,11 +45,12 @@ class AttemptWriter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
+        self._pending: list[dict] = []  # taken off the queue by the writer, not stored yet
         self.dropped = 0
         _writers.add(self)
         global _registered
         if not _registered:
-            atexit.register(flush_all, 5.0)
+            atexit.register(flush_at_exit, 5.0)
             _registered = True
 
     def submit(self, row: dict) -> None:
@@ -78,8 +80,14 @@ class AttemptWriter:
                 self._thread = threading.Thread(target=self._run, name="attempt-writer", daemon=True)
                 self._thread.start()
 
+    def unstored(self) -> int:
+        """About how many rows wait to be stored (this process's, while its writer runs)."""
+        if self._thread is None or self._pid != os.getpid():
+            return 0
+        return len(self._pending) + self._rows.qsize()  # the queue may hold a flush marker or two: "about"
+
     def _run(self) -> None:
-        pending: list[dict] = []
+        pending = self._pending = []
         markers: list[threading.Event] = []
         failures = 0
         while True:
@@ -149,6 +157,23 @@ class AttemptWriter:
 def flush_all(timeout: float = 10.0) -> bool:
     """Flush every writer of this process (at exit, and for tests that read send_attempts)."""
     return all([writer.flush(timeout) for writer in list(_writers)])
+
+
+def flush_at_exit(timeout: float) -> bool:
+    """`flush_all`, and one ERROR line saying how many records the exiting process could not store: the sends
+    went out (a FAIL_OPEN send while the database was away, say), their records did not. Once per process:
+    gunicorn's worker_exit hook runs it, then atexit."""
+    global _exit_flushed
+    if _exit_flushed:
+        return True
+    _exit_flushed = True
+    if flush_all(timeout):
+        return True
+    lost = sum(writer.unstored() for writer in list(_writers))
+    if lost:
+        logs.log.error("attempts_lost_at_exit", extra={
+            "count": lost, "detail": "the process is exiting and the database did not take these send records"})
+    return False
 
 
 def content_type(judgement: Judgement) -> str | None:

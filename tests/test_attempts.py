@@ -136,3 +136,31 @@ def test_a_value_that_cannot_even_be_bound_costs_only_its_own_row(database_url, 
     assert writer.flush(5)
     assert stored(db_engine) == ["r1", "r3", "r4"] and writer.dropped == 1
     engine.dispose()
+
+
+def test_records_an_exiting_process_could_not_store_are_counted_in_one_error_line(tmp_path, log_lines, monkeypatch):
+    """A FAIL_OPEN send while the database is away goes out; its record waits in memory. A worker stopped then
+    exited with one `attempts_not_stored_yet` line naming the first batch: nothing said the records were lost."""
+    from sqlalchemy.exc import OperationalError
+
+    from proxy import attempts
+
+    monkeypatch.setattr(attempts, "_exit_flushed", False)
+    url = f"sqlite:///{tmp_path / 'away.sqlite3'}"
+    upgrade(url)
+    engine = make_engine(url)
+    writer = AttemptWriter(engine)
+
+    def database_away(pending):
+        raise OperationalError("INSERT", {}, RuntimeError("unable to open database file"))
+
+    monkeypatch.setattr(writer, "_store", database_away)
+    for n in range(5):
+        writer.submit(row(n))
+    assert attempts.flush_at_exit(0.5) is False
+    assert attempts.flush_at_exit(0.5) is True  # once per process: gunicorn's hook, then atexit
+    [line] = [line for line in log_lines() if line["event"] == "attempts_lost_at_exit"]
+    assert line["level"] == "ERROR" and line["count"] == 5
+    monkeypatch.undo()  # the database is back: the writer stores them, and stops retrying
+    assert writer.flush(timeout=60) and stored(engine) == [f"r{n}" for n in range(5)]
+    engine.dispose()
