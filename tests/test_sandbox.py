@@ -266,7 +266,7 @@ def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tm
 
     port, sim_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
-    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.sqlite3'}", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    env.update(SANDBOX_DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.sqlite3'}", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
     up = subprocess.Popen([f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "up", "--port",
                            str(port), "--sandbox-port", str(sim_port)], env=env, cwd=ROOT, start_new_session=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -345,10 +345,26 @@ def test_the_open_windows_of_the_proxys_database_are_what_a_restarted_simulator_
 
 def sandbox_env(tmp_path: Path, **extra) -> dict:
     """`sandbox up`'s environment in a test: no Twilio credentials, a throw-away database."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FALLBACK_"))}
-    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.sqlite3'}",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FALLBACK_", "SANDBOX_"))}
+    env.update(SANDBOX_DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.sqlite3'}",
                PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"), PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def sandbox_up_refused(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`sandbox up` expected to stop at once; one that starts anyway is stopped with its whole group."""
+    import signal
+
+    up = subprocess.Popen([f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "up", *args],
+                          env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        stdout, stderr = up.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        stdout, stderr = up.communicate()
+        pytest.fail(f"sandbox up started: {stdout}{stderr}")
+    return subprocess.CompletedProcess(up.args, up.returncode, stdout, stderr)
 
 
 class SandboxUp:
@@ -436,7 +452,7 @@ def test_the_exports_sandbox_up_prints_point_cli_commands_in_another_shell_at_th
             f"export {name}" for name in ("DATABASE_URL", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN",
                                           "TWILIO_API_BASE_URL", "TWILIO_CONTENT_BASE_URL", "PATH")}
         # Another shell: none of the sandbox's variables, not the virtualenv's flask, another directory.
-        shell = {k: v for k, v in sandbox_env(tmp_path).items() if k != "DATABASE_URL"}
+        shell = {k: v for k, v in sandbox_env(tmp_path).items() if k != "SANDBOX_DATABASE_URL"}
         shell["PATH"] = os.pathsep.join(p for p in shell.get("PATH", "").split(os.pathsep) if p != venv_bin)
         shell["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), shell.get("PYTHONPATH")]))
         other = tmp_path / "elsewhere"
@@ -494,3 +510,73 @@ def test_make_run_with_only_one_credential_says_which_is_missing_instead_of_a_sa
     assert result.returncode != 0
     assert "SANDBOX" not in result.stdout
     assert f"{present} is set but {missing} is not" in result.stderr
+
+
+def test_the_sandbox_database_is_its_own_whatever_database_url_says(tmp_path):
+    """The sandbox's windows and held messages must never be the real proxy's: a sandbox window in the real
+    database lets real sends through to that user. DATABASE_URL is the real mode's; only an explicit
+    --database-url / SANDBOX_DATABASE_URL moves the sandbox's, and never onto the real one."""
+    import click
+
+    from proxy.sandbox.cli import ROOT as CODE_ROOT, sandbox_database_url
+
+    own = f"sqlite:///{CODE_ROOT / 'instance' / 'sandbox.sqlite3'}"
+    assert sandbox_database_url(None, {}) == own
+    assert sandbox_database_url(None, {"DATABASE_URL": "postgresql://proxy@127.0.0.1/proxy"}) == own
+    assert sandbox_database_url(None, {"DATABASE_URL": f"sqlite:///{tmp_path / 'real.sqlite3'}"}) == own
+    assert sandbox_database_url(None, {"DATABASE_URL": "mysql://real"}) == own  # the real mode's to refuse
+    assert sandbox_database_url("sqlite:///instance/try.sqlite3", {}) == \
+        f"sqlite:///{CODE_ROOT / 'instance' / 'try.sqlite3'}"
+    for named, environ in (("sqlite:///instance/proxy.sqlite3", {}),  # the real mode's default
+                           (f"sqlite:///{CODE_ROOT / 'instance' / 'proxy.sqlite3'}", {}),
+                           ("postgresql://proxy@127.0.0.1/proxy", {"DATABASE_URL": "postgres://proxy@127.0.0.1/proxy"}),
+                           (f"sqlite:///{tmp_path / 'real.sqlite3'}", {"DATABASE_URL": f"sqlite:///{tmp_path / 'real.sqlite3'}"})):
+        with pytest.raises(click.ClickException, match="real"):
+            sandbox_database_url(named, environ)
+
+
+def test_sandbox_up_leaves_the_real_modes_settings_alone_and_says_where_things_go(tmp_path):
+    """A newcomer's shell holds the real mode's settings: the sandbox keeps its own database, fallback and
+    signature URL, forwards only to this machine, and its banner says which database and app it uses."""
+    from tests.e2e.conftest import free_port
+
+    app_side = FakeApp(SANDBOX_AUTH_TOKEN)
+    real = tmp_path / "real.sqlite3"
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[actions]\n"twilio/text" = "block"\n')
+    with ServerThread(app_side.app()) as app_server:
+        env = sandbox_env(tmp_path, DATABASE_URL=f"sqlite:///{real}", FALLBACK_CONTENT_SID="HX" + "e" * 32,
+                          FALLBACK_CONTENT_VARIABLES='{"1": "x"}', POLICY_FILE=str(policy),
+                          PUBLIC_BASE_URL="https://proxy.example.com", FORWARD_INBOUND_URL=f"{app_server.url}/inbound")
+        with SandboxUp(env, free_port(), free_port(), tmp_path / "up.log") as up:
+            said = requests.post(f"{up.sim_url}/sandbox/say", data={"From": USER, "To": BUSINESS, "Body": "hi"},
+                                 timeout=30)
+            # Signed for the sandbox's own URL, not PUBLIC_BASE_URL's; forwarded to the app on this machine.
+            assert said.json()["proxy_status"] == 200, said.text
+            assert app_side.bodies("/inbound") == ["hi"]
+            cold = requests.post(f"{up.proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json",
+                                 auth=SANDBOX_AUTH, timeout=30,
+                                 data={"To": "whatsapp:+14155550123", "From": BUSINESS, "Body": "your order"})
+            # POLICY_FILE (which blocks text) is ignored; the fallback is the sandbox's approved sample.
+            assert cold.headers["X-Proxy-Decision"] == "rerouted", cold.text
+            output = up.output.read_text()
+        assert not real.exists()
+        assert (tmp_path / "sandbox.sqlite3").exists()
+        assert f"database: sqlite:///{tmp_path / 'sandbox.sqlite3'}" in output
+        assert f"webhooks forwarded to {app_server.url}/inbound (FORWARD_INBOUND_URL)" in output
+        assert "ignored (the real mode's): DATABASE_URL, FALLBACK_CONTENT_SID, FALLBACK_CONTENT_VARIABLES, " \
+               "POLICY_FILE, PUBLIC_BASE_URL" in output
+        assert "HX" + "e" * 32 not in output
+
+
+@pytest.mark.parametrize("name", ["FORWARD_INBOUND_URL", "FORWARD_STATUS_URL"])
+def test_sandbox_up_refuses_to_forward_beyond_this_machine(tmp_path, name):
+    """'Nothing leaves this machine' must stay true: a forward to another host is refused before anything starts."""
+    from tests.e2e.conftest import free_port
+
+    env = sandbox_env(tmp_path, **{name: "https://app.example.com/twilio"})
+    result = sandbox_up_refused(env, "--port", str(free_port()), "--sandbox-port", str(free_port()))
+    assert result.returncode != 0
+    assert "SANDBOX MODE" not in result.stdout and not (tmp_path / "sandbox.sqlite3").exists()
+    [line] = result.stderr.strip().splitlines()
+    assert name in line and "app.example.com" in line and "127.0.0.1" in line
