@@ -370,13 +370,15 @@ def sandbox_up_refused(env: dict, *args: str) -> subprocess.CompletedProcess:
 class SandboxUp:
     """`flask --app proxy sandbox up` as `make run` starts it, stopped like Ctrl-C stops it."""
 
-    def __init__(self, env: dict, port: int, sim_port: int, output: Path):
-        self.proxy_url, self.sim_url, self.output = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{sim_port}", output
+    def __init__(self, env: dict, port: int, sim_port: int | None, output: Path):
+        """sim_port None: the simulator's port left to its default, the proxy's + 1."""
+        self.proxy_url, self.output = f"http://127.0.0.1:{port}", output
+        self.sim_url = f"http://127.0.0.1:{port + 1 if sim_port is None else sim_port}"
         with open(output, "w") as out:
             self.process = subprocess.Popen(
                 [f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "up", "--port", str(port),
-                 "--sandbox-port", str(sim_port)], env=env, cwd=ROOT, start_new_session=True, stdout=out,
-                stderr=subprocess.STDOUT)
+                 *(["--sandbox-port", str(sim_port)] if sim_port is not None else [])],
+                env=env, cwd=ROOT, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
 
     def __enter__(self):
         for _ in range(600):
@@ -489,6 +491,54 @@ def test_the_exports_never_print_a_database_password():
     assert f"export TWILIO_ACCOUNT_SID={SANDBOX_ACCOUNT_SID}" in lines
     plain = exports({"DATABASE_URL": "sqlite:////tmp/x.sqlite3"}, "/venv/bin")
     assert plain[0] == "export DATABASE_URL=sqlite:////tmp/x.sqlite3"
+
+
+def fake_venv(tmp_path: Path) -> Path:
+    """A virtualenv make takes as installed, whose flask only says how it was called."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").touch()
+    (venv / ".run-installed").touch()  # newer than pyproject.toml: nothing is installed
+    flask = venv / "bin" / "flask"
+    flask.write_text('#!/bin/sh\necho "flask $*"\n')
+    flask.chmod(0o755)
+    return venv
+
+
+@pytest.mark.parametrize("variables, expected", [
+    (["PORT=18000"], "flask --app proxy sandbox up --port 18000"),  # the simulator then on 18001
+    (["PORT=18000", "SANDBOX_PORT=18500"], "flask --app proxy sandbox up --port 18000 --sandbox-port 18500"),
+])
+def test_make_run_moves_the_simulator_too(tmp_path, variables, expected):
+    """`make run PORT=18000` left the simulator on 8001, with no variable to move it."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "SANDBOX_PORT")}
+    result = subprocess.run(["make", "-s", "-C", str(ROOT), "run", f"VENV={fake_venv(tmp_path)}", *variables],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == expected
+
+
+def test_the_simulator_listens_next_to_the_proxy_unless_told_otherwise(tmp_path):
+    from tests.e2e.conftest import free_port
+
+    port = next(p for p in iter(free_port, None) if p < 65535 and _free(p + 1))
+    with SandboxUp(sandbox_env(tmp_path), port, None, tmp_path / "up.log") as up:
+        assert requests.get(f"http://127.0.0.1:{port + 1}/sandbox", timeout=10).json()["inbound_url"] == \
+            f"{up.proxy_url}/twilio/inbound"
+        assert f"answers on\n  http://127.0.0.1:{port + 1};" in up.output.read_text()
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @pytest.mark.parametrize("present", ["TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"])

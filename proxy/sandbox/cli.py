@@ -204,15 +204,19 @@ def say(user, text, business, sim_url, profile_name, button_payload, latitude, l
 
 @sandbox.command("up")
 @click.option("--port", default=8000, show_default=True, help="Port of the proxy.")
-@click.option("--sandbox-port", default=8001, show_default=True, help="Port of the simulator.")
+@click.option("--sandbox-port", type=int, default=None,
+              help="Port of the simulator.  [default: the proxy's port + 1, 8001]")
 @click.option("--database-url", envvar="SANDBOX_DATABASE_URL", default=None,
               help="The sandbox's database (never DATABASE_URL, the real mode's).  [env SANDBOX_DATABASE_URL; "
                    "default: instance/sandbox.sqlite3]")
 @click.option("--policy-file", envvar="SANDBOX_POLICY_FILE", default=None,
               help="A POLICY_FILE for the sandbox (its fallbacks must name the sample templates).  "
                    "[env SANDBOX_POLICY_FILE]")
-def up(port: int, sandbox_port: int, database_url: str | None, policy_file: str | None):
+def up(port: int, sandbox_port: int | None, database_url: str | None, policy_file: str | None):
     """The proxy (the Procfile's web and worker lines) wired to the simulator: `make run` with no credentials."""
+    # Next to the proxy's: `make run PORT=18000`, moved off a port in use, must not meet the same
+    # neighbour's simulator on 8001.
+    sandbox_port = port + 1 if sandbox_port is None else sandbox_port
     for name in FORWARDS:
         target = os.environ.get(name, "").strip()
         if target and not is_loopback(target):
