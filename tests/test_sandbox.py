@@ -530,6 +530,57 @@ def test_the_simulator_listens_next_to_the_proxy_unless_told_otherwise(tmp_path)
         assert f"answers on\n  http://127.0.0.1:{port + 1};" in up.output.read_text()
 
 
+@pytest.mark.parametrize("taken, option, variable", [("proxy", "--port", "PORT"),
+                                                     ("simulator", "--sandbox-port", "SANDBOX_PORT"),
+                                                     ("simulator by default", "--sandbox-port", "SANDBOX_PORT")])
+def test_sandbox_up_finds_a_port_in_use_before_it_says_anything(tmp_path, taken, option, variable):
+    """It printed its whole banner and a curl to try, then failed ~5 s later (gunicorn's bind retries), or
+    with a traceback for the simulator's port."""
+    import socket
+
+    from tests.e2e.conftest import free_port
+
+    busy = next(p for p in iter(free_port, None) if p > 1 and _free(p - 1))  # the default case needs p - 1
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", busy))
+        holder.listen()
+        if taken == "proxy":
+            args = ["--port", str(busy), "--sandbox-port", str(free_port())]
+        elif taken == "simulator":
+            args = ["--port", str(free_port()), "--sandbox-port", str(busy)]
+        else:
+            args = ["--port", str(busy - 1)]
+        started = time.monotonic()
+        result = sandbox_up_refused(sandbox_env(tmp_path), *args)
+    assert result.returncode != 0 and time.monotonic() - started < 15
+    assert result.stdout == "" and not (tmp_path / "sandbox.sqlite3").exists()
+    [line] = result.stderr.strip().splitlines()
+    assert f"port {busy} " in line and option in line and f"make run {variable}=" in line, line
+
+
+def test_sandbox_up_refuses_one_port_for_both(tmp_path):
+    from tests.e2e.conftest import free_port
+
+    port = str(free_port())
+    result = sandbox_up_refused(sandbox_env(tmp_path), "--port", port, "--sandbox-port", port)
+    assert result.returncode != 0 and result.stdout == ""
+    assert "--sandbox-port" in result.stderr and "--port" in result.stderr
+
+
+def test_the_simulator_alone_names_its_port_in_use_in_one_line():
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        result = subprocess.run([f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "--port",
+                                 str(busy)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert f"port {busy} " in line and "--port" in line, line
+
+
 def _free(port: int) -> bool:
     import socket
 

@@ -6,10 +6,12 @@ the app factory is never called for it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,14 +64,35 @@ EXPORTED = ("DATABASE_URL", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_A
             "POLICY_FILE")
 
 
-def bind_simulator(port: int, proxy_url: str) -> tuple[Simulator, ServerThread, dict]:
+def bind_simulator(port: int, proxy_url: str, hint: str = "--port N") -> tuple[Simulator, ServerThread, dict]:
     """The simulator and its server, bound to the port but not serving until the server is entered."""
     proxy_url = proxy_url.rstrip("/")  # `--proxy-url http://host:8000/` must not post to `//twilio/...`, a 404
     sim = Simulator(inbound_url=f"{proxy_url}/twilio/inbound", status_callback_url=f"{proxy_url}/twilio/status")
     samples = sim.load_samples()
+    # werkzeug itself prints two lines of its own for a port in use and exits.
+    check_port_free(port, "the simulator's", hint)
     server = ServerThread(sim.app(), port)
     sim.url = server.url
     return sim, server, samples
+
+
+def check_port_free(port: int, whose: str, hint: str) -> None:
+    """Bind and let go at once, as gunicorn will bind it (SO_REUSEADDR: a restart's TIME_WAIT is no conflict).
+
+    Before the banner: gunicorn finds a port in use only after the banner and its curl to try are out,
+    and gives up ~5 s later, after its bind retries.
+    """
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise _port_unusable(port, whose, exc, hint) from None
+
+
+def _port_unusable(port: int, whose: str, exc: OSError, hint: str) -> click.ClickException:
+    reason = "in use" if exc.errno == errno.EADDRINUSE else f"unusable ({exc.strerror or exc})"
+    return click.ClickException(f"port {port} ({whose}) is {reason}: choose another with {hint}")
 
 
 def sandbox_database_url(named: str | None, environ: Mapping[str, str]) -> str:
@@ -203,8 +226,8 @@ def say(user, text, business, sim_url, profile_name, button_payload, latitude, l
 
 
 @sandbox.command("up")
-@click.option("--port", default=8000, show_default=True, help="Port of the proxy.")
-@click.option("--sandbox-port", type=int, default=None,
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port of the proxy.")
+@click.option("--sandbox-port", type=click.IntRange(1, 65535), default=None,
               help="Port of the simulator.  [default: the proxy's port + 1, 8001]")
 @click.option("--database-url", envvar="SANDBOX_DATABASE_URL", default=None,
               help="The sandbox's database (never DATABASE_URL, the real mode's).  [env SANDBOX_DATABASE_URL; "
@@ -217,6 +240,10 @@ def up(port: int, sandbox_port: int | None, database_url: str | None, policy_fil
     # Next to the proxy's: `make run PORT=18000`, moved off a port in use, must not meet the same
     # neighbour's simulator on 8001.
     sandbox_port = port + 1 if sandbox_port is None else sandbox_port
+    if sandbox_port > 65535:
+        raise click.UsageError(f"--port {port} leaves no port after it for the simulator: give --sandbox-port.")
+    if sandbox_port == port:
+        raise click.UsageError(f"--sandbox-port must be another port than --port ({port}).")
     for name in FORWARDS:
         target = os.environ.get(name, "").strip()
         if target and not is_loopback(target):
@@ -225,7 +252,8 @@ def up(port: int, sandbox_port: int | None, database_url: str | None, policy_fil
                 "machine (127.0.0.1/localhost); unset it, or point it at your app running locally.")
     proxy_url = f"http://127.0.0.1:{port}"
     sandbox_db = sandbox_database_url(database_url, os.environ)
-    sim, server, samples = bind_simulator(sandbox_port, proxy_url)
+    check_port_free(port, "the proxy's", "--port N (make run PORT=N)")
+    sim, server, samples = bind_simulator(sandbox_port, proxy_url, "--sandbox-port N (make run SANDBOX_PORT=N)")
     ignored = sorted(name for name in REAL_MODE_ONLY if os.environ.get(name, "").strip())
     env = {k: v for k, v in os.environ.items() if k not in REAL_MODE_ONLY}
     env.update({"DATABASE_URL": sandbox_db, "TWILIO_ACCOUNT_SID": SANDBOX_ACCOUNT_SID,
