@@ -256,6 +256,40 @@ def test_sandbox_say_command_against_a_running_simulator(tmp_path):
         assert dict(form)["Body"] == "where is my order?" and dict(form)["Latitude"] == "1.5"
 
 
+def say_through_the_cli(*args: str) -> tuple:
+    """`flask --app proxy sandbox say …` against a running simulator: (exit code, output, forms the proxy got)."""
+    from click.testing import CliRunner
+
+    from proxy.sandbox.cli import sandbox
+
+    app_side = FakeApp(SANDBOX_AUTH_TOKEN)
+    sim = Simulator()
+    with ServerThread(app_side.app()) as proxy_side, ServerThread(sim.app()) as server:
+        sim.inbound_url = f"{proxy_side.url}/twilio/inbound"
+        result = CliRunner().invoke(sandbox, ["say", *args, "--sim-url", server.url])
+    return result.exit_code, result.output, [dict(form) for _, form, _ in app_side.received]
+
+
+def test_sandbox_say_sends_a_location_without_text():
+    code, output, forms = say_through_the_cli(USER, "--latitude", "37.7", "--longitude", "-122.4")
+    assert code == 0, output
+    [form] = forms
+    assert (form["Latitude"], form["Longitude"], form["MessageType"], form["Body"]) == \
+        ("37.7", "-122.4", "location", "")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--latitude", "37.7"], "--latitude and --longitude go together"),
+    (["hi", "--longitude", "-122.4"], "--latitude and --longitude go together"),
+    ([], "TEXT"),  # neither text nor a location
+    (["--latitude", "north", "--longitude", "1"], "--latitude"),
+    (["--latitude", "91", "--longitude", "1"], "--latitude"),
+])
+def test_sandbox_say_refuses_half_a_location_or_nothing_to_say(args, message):
+    code, output, forms = say_through_the_cli(USER, *args)
+    assert code == 2 and message in output and forms == [], output
+
+
 def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tmp_path):
     """As CI and process managers stop it: signals to it and TERM to its whole group. It must stop its web
     and worker processes and exit. (CI once left it hung: its handler took a lock, Event.set, and a second

@@ -199,21 +199,43 @@ def sandbox(ctx: click.Context, port: int, proxy_url: str):
     server.__exit__(None, None, None)
 
 
+def _coordinate(limit: float):
+    """A latitude or longitude as typed (`37.70` stays `37.70`, as Twilio posts what WhatsApp sent), checked."""
+    def check(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a number") from None
+        if not -limit <= number <= limit:
+            raise click.BadParameter(f"{value} is not between -{limit:g} and {limit:g}")
+        return value.strip()
+    return check
+
+
 @sandbox.command("say")
 @click.argument("user")
-@click.argument("text")
+@click.argument("text", required=False)
 @click.option("--to", "business", default=BUSINESS, show_default=True, help="The business number written to.")
 @click.option("--sim-url", default="http://127.0.0.1:8001", show_default=True)
 @click.option("--profile-name", default="Sandbox User", show_default=True)
 @click.option("--button-payload", default=None, help="Reply as if a quick-reply button with this id was tapped.")
-@click.option("--latitude", default=None)
-@click.option("--longitude", default=None)
+@click.option("--latitude", default=None, metavar="DEGREES", callback=_coordinate(90),
+              help="Share a location (with --longitude).")
+@click.option("--longitude", default=None, metavar="DEGREES", callback=_coordinate(180),
+              help="Share a location (with --latitude).")
 def say(user, text, business, sim_url, profile_name, button_payload, latitude, longitude):
-    """Play the user: USER writes TEXT; the simulator posts a signed inbound webhook to the proxy."""
-    form = {"From": user, "To": business, "Body": text, "ProfileName": profile_name}
+    """Play the user: USER writes TEXT (or shares a location); the simulator posts a signed inbound webhook
+    to the proxy."""
+    if (latitude is None) != (longitude is None):
+        raise click.UsageError("--latitude and --longitude go together: a location needs both.")
+    if text is None and latitude is None:
+        raise click.UsageError("Missing argument 'TEXT' (a location, --latitude and --longitude, needs none).")
+    form = {"From": user, "To": business, "Body": text or "", "ProfileName": profile_name}
     if button_payload:
         form["ButtonPayload"] = button_payload
-    if latitude and longitude:
+    if latitude is not None:
         form.update(Latitude=latitude, Longitude=longitude)
     try:
         reply = requests.post(f"{sim_url}/sandbox/say", data=form, timeout=30)
