@@ -290,6 +290,22 @@ def test_sandbox_say_refuses_half_a_location_or_nothing_to_say(args, message):
     assert code == 2 and message in output and forms == [], output
 
 
+def test_sandbox_say_takes_a_bare_number_for_a_whatsapp_user_and_says_so():
+    """`say +14155550111 hi` opened a window for the SMS address +14155550111: the sandbox is WhatsApp."""
+    code, output, forms = say_through_the_cli("+14155550111", "hi", "--to", "+1 415-555-0100")
+    assert code == 0, output
+    [form] = forms
+    assert (form["From"], form["To"]) == ("whatsapp:+14155550111", "whatsapp:+14155550100")
+    assert "writing as whatsapp:+14155550111" in output and "to whatsapp:+1 415-555-0100" in output
+
+
+@pytest.mark.parametrize("args", [["sms:+14155550111", "hi"], ["messenger:1234", "hi"],
+                                  [USER, "hi", "--to", "sms:+14155550100"]])
+def test_sandbox_say_refuses_another_channel(args):
+    code, output, forms = say_through_the_cli(*args)
+    assert code == 2 and "WhatsApp" in output and forms == [], output
+
+
 def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tmp_path):
     """As CI and process managers stop it: signals to it and TERM to its whole group. It must stop its web
     and worker processes and exit. (CI once left it hung: its handler took a lock, Event.set, and a second

@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from ..addresses import channel_of
 from ..db import utcnow, windows
 from ..settings import DEFAULT_SQLITE_PATH, ConfigError, normalise_database_url, without_credentials
 from .server import ServerThread
@@ -214,6 +215,22 @@ def _coordinate(limit: float):
     return check
 
 
+def _whatsapp_address(address: str, param_hint: str, verb: str) -> str:
+    """A bare number is taken for WhatsApp's, and said so; another channel is refused.
+
+    The sandbox is WhatsApp: `+14155550111` opened a window for the SMS address, which no send to
+    `whatsapp:+14155550111` ever finds.
+    """
+    channel = channel_of(address)
+    if channel is None:
+        click.echo(f"{address} has no channel prefix: writing {verb} whatsapp:{address.strip()}")
+        return f"whatsapp:{address.strip()}"
+    if channel != "whatsapp":
+        raise click.BadParameter(f"{address!r} is not a WhatsApp address: the sandbox plays WhatsApp only "
+                                 "(e.g. whatsapp:+14155550111).", param_hint=param_hint)
+    return address
+
+
 @sandbox.command("say")
 @click.argument("user")
 @click.argument("text", required=False)
@@ -232,6 +249,8 @@ def say(user, text, business, sim_url, profile_name, button_payload, latitude, l
         raise click.UsageError("--latitude and --longitude go together: a location needs both.")
     if text is None and latitude is None:
         raise click.UsageError("Missing argument 'TEXT' (a location, --latitude and --longitude, needs none).")
+    user = _whatsapp_address(user, "USER", "as")
+    business = _whatsapp_address(business, "'--to'", "to")
     form = {"From": user, "To": business, "Body": text or "", "ProfileName": profile_name}
     if button_payload:
         form["ButtonPayload"] = button_payload
