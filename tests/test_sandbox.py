@@ -231,6 +231,34 @@ def test_a_held_send_to_a_respelt_user_is_delivered_once_they_write(settings, db
     app.extensions["proxy"].engine.dispose()
 
 
+def test_the_servers_access_lines_are_plain_text():
+    """werkzeug colours its access lines (a 201 bold magenta, a 404 yellow): escape codes in a log file or CI."""
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("werkzeug")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    sim = Simulator(callback_delay=0.01)
+    try:
+        with ServerThread(sim.app()) as server:
+            sim.url = server.url
+            assert create(server.url, sim, To=USER, From=BUSINESS, Body="x").status_code == 201
+            assert requests.get(f"{server.url}/nowhere", auth=(sim.account_sid, sim.auth_token),
+                                timeout=10).status_code == 404
+            assert create(server.url, sim, From=BUSINESS, Body="x").status_code == 400
+            sim.wait_for_callbacks()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    access = [line for line in lines if "POST /2010-04-01" in line or "GET /nowhere" in line]
+    assert len(access) == 3 and not any("\x1b" in line for line in access), access
+    assert any(line.endswith('"GET /nowhere HTTP/1.1" 404 -') for line in access), access
+
+
 def test_simulator_never_calls_beyond_this_machine():
     sim = Simulator(inbound_url="https://example.com/twilio/inbound")
     with pytest.raises(ValueError):
