@@ -294,7 +294,9 @@ def say_through_the_cli(*args: str) -> tuple:
     sim = Simulator()
     with ServerThread(app_side.app()) as proxy_side, ServerThread(sim.app()) as server:
         sim.inbound_url = f"{proxy_side.url}/twilio/inbound"
-        result = CliRunner().invoke(sandbox, ["say", *args, "--sim-url", server.url])
+        # Named in env, restored afterwards: the command adds this machine to no_proxy/NO_PROXY.
+        result = CliRunner().invoke(sandbox, ["say", *args, "--sim-url", server.url],
+                                    env={name: os.environ.get(name) for name in ("no_proxy", "NO_PROXY")})
     return result.exit_code, result.output, [dict(form) for _, form, _ in app_side.received]
 
 
@@ -549,6 +551,27 @@ def test_the_exports_sandbox_up_prints_point_cli_commands_in_another_shell_at_th
         refreshed = run("flask --app proxy content refresh")  # the Content API too is the simulator's
         assert refreshed.returncode == 0 and refreshed.stdout.strip() == "cached 28 content templates", \
             refreshed.stderr
+
+
+def test_the_sandbox_stays_on_this_machine_behind_an_http_proxy(tmp_path):
+    """HTTP_PROXY without a NO_PROXY for 127.0.0.1 (a corporate laptop) sent the proxy's creates, the
+    simulator's webhooks and `sandbox say` to that proxy: off this machine, or nowhere."""
+    from tests.e2e.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # a proxy that is not there: whatever goes through it fails
+    env = {k: v for k, v in sandbox_env(tmp_path).items() if k.lower() not in ("no_proxy", "all_proxy")}
+    env.update(HTTP_PROXY=dead, http_proxy=dead, HTTPS_PROXY=dead, https_proxy=dead)
+    flask = f"{Path(sys.executable).parent}/flask"
+    with SandboxUp(env, free_port(), free_port(), tmp_path / "up.log") as up:
+        cold = requests.post(f"{up.proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json",
+                             auth=SANDBOX_AUTH, timeout=30, data={"To": USER, "From": BUSINESS, "Body": "your order"})
+        assert cold.status_code == 201 and cold.headers["X-Proxy-Decision"] == "rerouted", cold.text
+        said = subprocess.run([flask, "--app", "proxy", "sandbox", "say", USER, "hi", "--sim-url", up.sim_url],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert said.returncode == 0 and "proxy answered 200" in said.stdout, said.stdout + said.stderr
+    demo = subprocess.run([flask, "--app", "proxy", "sandbox", "demo"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
 
 
 def test_a_proxy_url_ending_in_a_slash_gets_no_doubled_slash():

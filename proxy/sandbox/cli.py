@@ -175,6 +175,23 @@ def _has_password(database_url: str) -> bool:
         return False
 
 
+LOOPBACK_NO_PROXY = ("127.0.0.1", "localhost")
+
+
+def bypass_proxies_for_this_machine(environ) -> None:
+    """Everything the sandbox calls is on this machine: an HTTP_PROXY without a NO_PROXY for it (a corporate
+    laptop) took the proxy's creates, the simulator's webhooks and `say` to that proxy, off the machine.
+
+    Set in this process's environment (the simulator, `say`, the demo) and so in `sandbox up`'s
+    processes: the proxy reads NO_PROXY for its calls to the simulator. requests reads no_proxy before
+    NO_PROXY; both get the same list.
+    """
+    given = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+    missing = [host for host in LOOPBACK_NO_PROXY if host not in {h.strip() for h in given.split(",")}]
+    if missing or environ.get("no_proxy") != environ.get("NO_PROXY"):
+        environ["no_proxy"] = environ["NO_PROXY"] = ",".join(filter(None, [*missing, given]))
+
+
 def template_lines(samples: dict) -> list[str]:
     """The sample templates, as both banners list them."""
     return ["templates:", *(f"  {sid}  {content_type:<26} {'approved' if approved else 'unapproved'}"
@@ -188,6 +205,7 @@ def template_lines(samples: dict) -> list[str]:
 @click.pass_context
 def sandbox(ctx: click.Context, port: int, proxy_url: str):
     """A local Twilio simulator: Messages and Content APIs, WhatsApp's own window, status callbacks."""
+    bypass_proxies_for_this_machine(os.environ)
     if ctx.invoked_subcommand is not None:
         return
     sim, server, samples = bind_simulator(port, proxy_url)
