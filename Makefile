@@ -1,9 +1,11 @@
-# make run: install into .venv, migrate the database (SQLite by default), serve on $(PORT).
+# make run: install into .venv, migrate the database (SQLite by default), serve on $(PORT)
+# (sandbox mode: the simulator on $(SANDBOX_PORT), by default the port after $(PORT)).
 # make test: install with dev extras and run the whole suite (TEST_DATABASE_URL picks PostgreSQL).
 # make bench: install the bench extras and run bench/ (SQLite and a throw-away PostgreSQL); see bench/README.md.
 PYTHON ?= python3
 VENV ?= .venv
 PORT ?= 8000
+SANDBOX_PORT ?=
 BIN := $(VENV)/bin
 
 .PHONY: run test test-pg migrate demo clean bench bench-profile
@@ -35,7 +37,7 @@ run: $(VENV)/.run-installed
 	  echo "$$1 is set but $$2 is not: set both to serve for real, or neither for the sandbox." >&2; exit 2; \
 	else \
 	  echo "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set: starting in SANDBOX mode."; \
-	  exec $(BIN)/flask --app proxy sandbox up --port $(PORT); \
+	  exec $(BIN)/flask --app proxy sandbox up --port $(PORT)$(if $(SANDBOX_PORT), --sandbox-port $(SANDBOX_PORT)); \
 	fi
 
 # A scripted conversation through the proxy and the simulator; exits non-zero if a step misbehaves.

@@ -231,6 +231,34 @@ def test_a_held_send_to_a_respelt_user_is_delivered_once_they_write(settings, db
     app.extensions["proxy"].engine.dispose()
 
 
+def test_the_servers_access_lines_are_plain_text():
+    """werkzeug colours its access lines (a 201 bold magenta, a 404 yellow): escape codes in a log file or CI."""
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("werkzeug")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    sim = Simulator(callback_delay=0.01)
+    try:
+        with ServerThread(sim.app()) as server:
+            sim.url = server.url
+            assert create(server.url, sim, To=USER, From=BUSINESS, Body="x").status_code == 201
+            assert requests.get(f"{server.url}/nowhere", auth=(sim.account_sid, sim.auth_token),
+                                timeout=10).status_code == 404
+            assert create(server.url, sim, From=BUSINESS, Body="x").status_code == 400
+            sim.wait_for_callbacks()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    access = [line for line in lines if "POST /2010-04-01" in line or "GET /nowhere" in line]
+    assert len(access) == 3 and not any("\x1b" in line for line in access), access
+    assert any(line.endswith('"GET /nowhere HTTP/1.1" 404 -') for line in access), access
+
+
 def test_simulator_never_calls_beyond_this_machine():
     sim = Simulator(inbound_url="https://example.com/twilio/inbound")
     with pytest.raises(ValueError):
@@ -256,6 +284,58 @@ def test_sandbox_say_command_against_a_running_simulator(tmp_path):
         assert dict(form)["Body"] == "where is my order?" and dict(form)["Latitude"] == "1.5"
 
 
+def say_through_the_cli(*args: str) -> tuple:
+    """`flask --app proxy sandbox say …` against a running simulator: (exit code, output, forms the proxy got)."""
+    from click.testing import CliRunner
+
+    from proxy.sandbox.cli import sandbox
+
+    app_side = FakeApp(SANDBOX_AUTH_TOKEN)
+    sim = Simulator()
+    with ServerThread(app_side.app()) as proxy_side, ServerThread(sim.app()) as server:
+        sim.inbound_url = f"{proxy_side.url}/twilio/inbound"
+        # Named in env, restored afterwards: the command adds this machine to no_proxy/NO_PROXY.
+        result = CliRunner().invoke(sandbox, ["say", *args, "--sim-url", server.url],
+                                    env={name: os.environ.get(name) for name in ("no_proxy", "NO_PROXY")})
+    return result.exit_code, result.output, [dict(form) for _, form, _ in app_side.received]
+
+
+def test_sandbox_say_sends_a_location_without_text():
+    code, output, forms = say_through_the_cli(USER, "--latitude", "37.7", "--longitude", "-122.4")
+    assert code == 0, output
+    [form] = forms
+    assert (form["Latitude"], form["Longitude"], form["MessageType"], form["Body"]) == \
+        ("37.7", "-122.4", "location", "")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--latitude", "37.7"], "--latitude and --longitude go together"),
+    (["hi", "--longitude", "-122.4"], "--latitude and --longitude go together"),
+    ([], "TEXT"),  # neither text nor a location
+    (["--latitude", "north", "--longitude", "1"], "--latitude"),
+    (["--latitude", "91", "--longitude", "1"], "--latitude"),
+])
+def test_sandbox_say_refuses_half_a_location_or_nothing_to_say(args, message):
+    code, output, forms = say_through_the_cli(USER, *args)
+    assert code == 2 and message in output and forms == [], output
+
+
+def test_sandbox_say_takes_a_bare_number_for_a_whatsapp_user_and_says_so():
+    """`say +14155550111 hi` opened a window for the SMS address +14155550111: the sandbox is WhatsApp."""
+    code, output, forms = say_through_the_cli("+14155550111", "hi", "--to", "+1 415-555-0100")
+    assert code == 0, output
+    [form] = forms
+    assert (form["From"], form["To"]) == ("whatsapp:+14155550111", "whatsapp:+14155550100")
+    assert "writing as whatsapp:+14155550111" in output and "to whatsapp:+1 415-555-0100" in output
+
+
+@pytest.mark.parametrize("args", [["sms:+14155550111", "hi"], ["messenger:1234", "hi"],
+                                  [USER, "hi", "--to", "sms:+14155550100"]])
+def test_sandbox_say_refuses_another_channel(args):
+    code, output, forms = say_through_the_cli(*args)
+    assert code == 2 and "WhatsApp" in output and forms == [], output
+
+
 def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tmp_path):
     """As CI and process managers stop it: signals to it and TERM to its whole group. It must stop its web
     and worker processes and exit. (CI once left it hung: its handler took a lock, Event.set, and a second
@@ -266,7 +346,7 @@ def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tm
 
     port, sim_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
-    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.sqlite3'}", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    env.update(SANDBOX_DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.sqlite3'}", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
     up = subprocess.Popen([f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "up", "--port",
                            str(port), "--sandbox-port", str(sim_port)], env=env, cwd=ROOT, start_new_session=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -345,22 +425,40 @@ def test_the_open_windows_of_the_proxys_database_are_what_a_restarted_simulator_
 
 def sandbox_env(tmp_path: Path, **extra) -> dict:
     """`sandbox up`'s environment in a test: no Twilio credentials, a throw-away database."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FALLBACK_"))}
-    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.sqlite3'}",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FALLBACK_", "SANDBOX_"))}
+    env.update(SANDBOX_DATABASE_URL=f"sqlite:///{tmp_path / 'sandbox.sqlite3'}",
                PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"), PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def sandbox_up_refused(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`sandbox up` expected to stop at once; one that starts anyway is stopped with its whole group."""
+    import signal
+
+    up = subprocess.Popen([f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "up", *args],
+                          env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        stdout, stderr = up.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        stdout, stderr = up.communicate()
+        pytest.fail(f"sandbox up started: {stdout}{stderr}")
+    return subprocess.CompletedProcess(up.args, up.returncode, stdout, stderr)
 
 
 class SandboxUp:
     """`flask --app proxy sandbox up` as `make run` starts it, stopped like Ctrl-C stops it."""
 
-    def __init__(self, env: dict, port: int, sim_port: int, output: Path):
-        self.proxy_url, self.sim_url, self.output = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{sim_port}", output
+    def __init__(self, env: dict, port: int, sim_port: int | None, output: Path):
+        """sim_port None: the simulator's port left to its default, the proxy's + 1."""
+        self.proxy_url, self.output = f"http://127.0.0.1:{port}", output
+        self.sim_url = f"http://127.0.0.1:{port + 1 if sim_port is None else sim_port}"
         with open(output, "w") as out:
             self.process = subprocess.Popen(
                 [f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "up", "--port", str(port),
-                 "--sandbox-port", str(sim_port)], env=env, cwd=ROOT, start_new_session=True, stdout=out,
-                stderr=subprocess.STDOUT)
+                 *(["--sandbox-port", str(sim_port)] if sim_port is not None else [])],
+                env=env, cwd=ROOT, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
 
     def __enter__(self):
         for _ in range(600):
@@ -436,7 +534,7 @@ def test_the_exports_sandbox_up_prints_point_cli_commands_in_another_shell_at_th
             f"export {name}" for name in ("DATABASE_URL", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN",
                                           "TWILIO_API_BASE_URL", "TWILIO_CONTENT_BASE_URL", "PATH")}
         # Another shell: none of the sandbox's variables, not the virtualenv's flask, another directory.
-        shell = {k: v for k, v in sandbox_env(tmp_path).items() if k != "DATABASE_URL"}
+        shell = {k: v for k, v in sandbox_env(tmp_path).items() if k != "SANDBOX_DATABASE_URL"}
         shell["PATH"] = os.pathsep.join(p for p in shell.get("PATH", "").split(os.pathsep) if p != venv_bin)
         shell["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), shell.get("PYTHONPATH")]))
         other = tmp_path / "elsewhere"
@@ -453,6 +551,27 @@ def test_the_exports_sandbox_up_prints_point_cli_commands_in_another_shell_at_th
         refreshed = run("flask --app proxy content refresh")  # the Content API too is the simulator's
         assert refreshed.returncode == 0 and refreshed.stdout.strip() == "cached 28 content templates", \
             refreshed.stderr
+
+
+def test_the_sandbox_stays_on_this_machine_behind_an_http_proxy(tmp_path):
+    """HTTP_PROXY without a NO_PROXY for 127.0.0.1 (a corporate laptop) sent the proxy's creates, the
+    simulator's webhooks and `sandbox say` to that proxy: off this machine, or nowhere."""
+    from tests.e2e.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # a proxy that is not there: whatever goes through it fails
+    env = {k: v for k, v in sandbox_env(tmp_path).items() if k.lower() not in ("no_proxy", "all_proxy")}
+    env.update(HTTP_PROXY=dead, http_proxy=dead, HTTPS_PROXY=dead, https_proxy=dead)
+    flask = f"{Path(sys.executable).parent}/flask"
+    with SandboxUp(env, free_port(), free_port(), tmp_path / "up.log") as up:
+        cold = requests.post(f"{up.proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json",
+                             auth=SANDBOX_AUTH, timeout=30, data={"To": USER, "From": BUSINESS, "Body": "your order"})
+        assert cold.status_code == 201 and cold.headers["X-Proxy-Decision"] == "rerouted", cold.text
+        said = subprocess.run([flask, "--app", "proxy", "sandbox", "say", USER, "hi", "--sim-url", up.sim_url],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert said.returncode == 0 and "proxy answered 200" in said.stdout, said.stdout + said.stderr
+    demo = subprocess.run([flask, "--app", "proxy", "sandbox", "demo"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
 
 
 def test_a_proxy_url_ending_in_a_slash_gets_no_doubled_slash():
@@ -475,6 +594,105 @@ def test_the_exports_never_print_a_database_password():
     assert plain[0] == "export DATABASE_URL=sqlite:////tmp/x.sqlite3"
 
 
+def fake_venv(tmp_path: Path) -> Path:
+    """A virtualenv make takes as installed, whose flask only says how it was called."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").touch()
+    (venv / ".run-installed").touch()  # newer than pyproject.toml: nothing is installed
+    flask = venv / "bin" / "flask"
+    flask.write_text('#!/bin/sh\necho "flask $*"\n')
+    flask.chmod(0o755)
+    return venv
+
+
+@pytest.mark.parametrize("variables, expected", [
+    (["PORT=18000"], "flask --app proxy sandbox up --port 18000"),  # the simulator then on 18001
+    (["PORT=18000", "SANDBOX_PORT=18500"], "flask --app proxy sandbox up --port 18000 --sandbox-port 18500"),
+])
+def test_make_run_moves_the_simulator_too(tmp_path, variables, expected):
+    """`make run PORT=18000` left the simulator on 8001, with no variable to move it."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "SANDBOX_PORT")}
+    result = subprocess.run(["make", "-s", "-C", str(ROOT), "run", f"VENV={fake_venv(tmp_path)}", *variables],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == expected
+
+
+def test_the_simulator_listens_next_to_the_proxy_unless_told_otherwise(tmp_path):
+    from tests.e2e.conftest import free_port
+
+    port = next(p for p in iter(free_port, None) if p < 65535 and _free(p + 1))
+    with SandboxUp(sandbox_env(tmp_path), port, None, tmp_path / "up.log") as up:
+        assert requests.get(f"http://127.0.0.1:{port + 1}/sandbox", timeout=10).json()["inbound_url"] == \
+            f"{up.proxy_url}/twilio/inbound"
+        assert f"answers on\n  http://127.0.0.1:{port + 1};" in up.output.read_text()
+
+
+@pytest.mark.parametrize("taken, option, variable", [("proxy", "--port", "PORT"),
+                                                     ("simulator", "--sandbox-port", "SANDBOX_PORT"),
+                                                     ("simulator by default", "--sandbox-port", "SANDBOX_PORT")])
+def test_sandbox_up_finds_a_port_in_use_before_it_says_anything(tmp_path, taken, option, variable):
+    """It printed its whole banner and a curl to try, then failed ~5 s later (gunicorn's bind retries), or
+    with a traceback for the simulator's port."""
+    import socket
+
+    from tests.e2e.conftest import free_port
+
+    busy = next(p for p in iter(free_port, None) if p > 1 and _free(p - 1))  # the default case needs p - 1
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", busy))
+        holder.listen()
+        if taken == "proxy":
+            args = ["--port", str(busy), "--sandbox-port", str(free_port())]
+        elif taken == "simulator":
+            args = ["--port", str(free_port()), "--sandbox-port", str(busy)]
+        else:
+            args = ["--port", str(busy - 1)]
+        started = time.monotonic()
+        result = sandbox_up_refused(sandbox_env(tmp_path), *args)
+    assert result.returncode != 0 and time.monotonic() - started < 15
+    assert result.stdout == "" and not (tmp_path / "sandbox.sqlite3").exists()
+    [line] = result.stderr.strip().splitlines()
+    assert f"port {busy} " in line and option in line and f"make run {variable}=" in line, line
+
+
+def test_sandbox_up_refuses_one_port_for_both(tmp_path):
+    from tests.e2e.conftest import free_port
+
+    port = str(free_port())
+    result = sandbox_up_refused(sandbox_env(tmp_path), "--port", port, "--sandbox-port", port)
+    assert result.returncode != 0 and result.stdout == ""
+    assert "--sandbox-port" in result.stderr and "--port" in result.stderr
+
+
+def test_the_simulator_alone_names_its_port_in_use_in_one_line():
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        result = subprocess.run([f"{Path(sys.executable).parent}/flask", "--app", "proxy", "sandbox", "--port",
+                                 str(busy)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert f"port {busy} " in line and "--port" in line, line
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.mark.parametrize("present", ["TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"])
 def test_make_run_with_only_one_credential_says_which_is_missing_instead_of_a_sandbox(tmp_path, present):
     """A newcomer who exported the SID and forgot the token got the sandbox, under the sandbox's own
@@ -494,3 +712,73 @@ def test_make_run_with_only_one_credential_says_which_is_missing_instead_of_a_sa
     assert result.returncode != 0
     assert "SANDBOX" not in result.stdout
     assert f"{present} is set but {missing} is not" in result.stderr
+
+
+def test_the_sandbox_database_is_its_own_whatever_database_url_says(tmp_path):
+    """The sandbox's windows and held messages must never be the real proxy's: a sandbox window in the real
+    database lets real sends through to that user. DATABASE_URL is the real mode's; only an explicit
+    --database-url / SANDBOX_DATABASE_URL moves the sandbox's, and never onto the real one."""
+    import click
+
+    from proxy.sandbox.cli import ROOT as CODE_ROOT, sandbox_database_url
+
+    own = f"sqlite:///{CODE_ROOT / 'instance' / 'sandbox.sqlite3'}"
+    assert sandbox_database_url(None, {}) == own
+    assert sandbox_database_url(None, {"DATABASE_URL": "postgresql://proxy@127.0.0.1/proxy"}) == own
+    assert sandbox_database_url(None, {"DATABASE_URL": f"sqlite:///{tmp_path / 'real.sqlite3'}"}) == own
+    assert sandbox_database_url(None, {"DATABASE_URL": "mysql://real"}) == own  # the real mode's to refuse
+    assert sandbox_database_url("sqlite:///instance/try.sqlite3", {}) == \
+        f"sqlite:///{CODE_ROOT / 'instance' / 'try.sqlite3'}"
+    for named, environ in (("sqlite:///instance/proxy.sqlite3", {}),  # the real mode's default
+                           (f"sqlite:///{CODE_ROOT / 'instance' / 'proxy.sqlite3'}", {}),
+                           ("postgresql://proxy@127.0.0.1/proxy", {"DATABASE_URL": "postgres://proxy@127.0.0.1/proxy"}),
+                           (f"sqlite:///{tmp_path / 'real.sqlite3'}", {"DATABASE_URL": f"sqlite:///{tmp_path / 'real.sqlite3'}"})):
+        with pytest.raises(click.ClickException, match="real"):
+            sandbox_database_url(named, environ)
+
+
+def test_sandbox_up_leaves_the_real_modes_settings_alone_and_says_where_things_go(tmp_path):
+    """A newcomer's shell holds the real mode's settings: the sandbox keeps its own database, fallback and
+    signature URL, forwards only to this machine, and its banner says which database and app it uses."""
+    from tests.e2e.conftest import free_port
+
+    app_side = FakeApp(SANDBOX_AUTH_TOKEN)
+    real = tmp_path / "real.sqlite3"
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[actions]\n"twilio/text" = "block"\n')
+    with ServerThread(app_side.app()) as app_server:
+        env = sandbox_env(tmp_path, DATABASE_URL=f"sqlite:///{real}", FALLBACK_CONTENT_SID="HX" + "e" * 32,
+                          FALLBACK_CONTENT_VARIABLES='{"1": "x"}', POLICY_FILE=str(policy),
+                          PUBLIC_BASE_URL="https://proxy.example.com", FORWARD_INBOUND_URL=f"{app_server.url}/inbound")
+        with SandboxUp(env, free_port(), free_port(), tmp_path / "up.log") as up:
+            said = requests.post(f"{up.sim_url}/sandbox/say", data={"From": USER, "To": BUSINESS, "Body": "hi"},
+                                 timeout=30)
+            # Signed for the sandbox's own URL, not PUBLIC_BASE_URL's; forwarded to the app on this machine.
+            assert said.json()["proxy_status"] == 200, said.text
+            assert app_side.bodies("/inbound") == ["hi"]
+            cold = requests.post(f"{up.proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json",
+                                 auth=SANDBOX_AUTH, timeout=30,
+                                 data={"To": "whatsapp:+14155550123", "From": BUSINESS, "Body": "your order"})
+            # POLICY_FILE (which blocks text) is ignored; the fallback is the sandbox's approved sample.
+            assert cold.headers["X-Proxy-Decision"] == "rerouted", cold.text
+            output = up.output.read_text()
+        assert not real.exists()
+        assert (tmp_path / "sandbox.sqlite3").exists()
+        assert f"database: sqlite:///{tmp_path / 'sandbox.sqlite3'}" in output
+        assert f"webhooks forwarded to {app_server.url}/inbound (FORWARD_INBOUND_URL)" in output
+        assert "ignored (the real mode's): DATABASE_URL, FALLBACK_CONTENT_SID, FALLBACK_CONTENT_VARIABLES, " \
+               "POLICY_FILE, PUBLIC_BASE_URL" in output
+        assert "HX" + "e" * 32 not in output
+
+
+@pytest.mark.parametrize("name", ["FORWARD_INBOUND_URL", "FORWARD_STATUS_URL"])
+def test_sandbox_up_refuses_to_forward_beyond_this_machine(tmp_path, name):
+    """'Nothing leaves this machine' must stay true: a forward to another host is refused before anything starts."""
+    from tests.e2e.conftest import free_port
+
+    env = sandbox_env(tmp_path, **{name: "https://app.example.com/twilio"})
+    result = sandbox_up_refused(env, "--port", str(free_port()), "--sandbox-port", str(free_port()))
+    assert result.returncode != 0
+    assert "SANDBOX MODE" not in result.stdout and not (tmp_path / "sandbox.sqlite3").exists()
+    [line] = result.stderr.strip().splitlines()
+    assert name in line and "app.example.com" in line and "127.0.0.1" in line

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+_ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class PlainRequestHandler(WSGIRequestHandler):
+    """werkzeug's access line without its ANSI colours, which end up as escape codes in a log file or CI's
+    output. Only the styling is taken out: werkzeug already shows a control character of the path escaped."""
+
+    def log(self, type: str, message: str, *args) -> None:
+        super().log(type, message, *(_ANSI_STYLE.sub("", a) if isinstance(a, str) else a for a in args))
 
 
 class ServerThread:
     def __init__(self, app, port: int = 0):
-        self.server = make_server("127.0.0.1", port, app, threaded=True)
+        self.server = make_server("127.0.0.1", port, app, threaded=True, request_handler=PlainRequestHandler)
         self.port = self.server.server_port
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
