@@ -761,6 +761,13 @@ def test_sandbox_up_leaves_the_real_modes_settings_alone_and_says_where_things_g
                                  data={"To": "whatsapp:+14155550123", "From": BUSINESS, "Body": "your order"})
             # POLICY_FILE (which blocks text) is ignored; the fallback is the sandbox's approved sample.
             assert cold.headers["X-Proxy-Decision"] == "rerouted", cold.text
+            # Code that builds Client(api_key, api_secret, account_sid) sends too: the proxy and the simulator
+            # both know the sandbox's key (the user's own TWILIO_API_KEYS are the real mode's).
+            from proxy.sandbox.simulator import SANDBOX_API_KEY_SECRET, SANDBOX_API_KEY_SID
+            keyed = requests.post(f"{up.proxy_url}/2010-04-01/Accounts/{SANDBOX_ACCOUNT_SID}/Messages.json",
+                                  auth=(SANDBOX_API_KEY_SID, SANDBOX_API_KEY_SECRET), timeout=30,
+                                  data={"To": USER, "From": BUSINESS, "Body": "in the window"})
+            assert keyed.status_code == 201 and keyed.headers["X-Proxy-Decision"] == "allowed", keyed.text
             output = up.output.read_text()
         assert not real.exists()
         assert (tmp_path / "sandbox.sqlite3").exists()

@@ -28,7 +28,8 @@ from ..addresses import channel_of
 from ..db import utcnow, windows
 from ..settings import DEFAULT_SQLITE_PATH, ConfigError, normalise_database_url, without_credentials
 from .server import ServerThread
-from .simulator import BUSINESS, SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN, Simulator, is_loopback, whatsapp_key
+from .simulator import (BUSINESS, SANDBOX_ACCOUNT_SID, SANDBOX_API_KEY_SECRET, SANDBOX_API_KEY_SID, SANDBOX_AUTH_TOKEN,
+                        Simulator, is_loopback, whatsapp_key)
 
 ROOT = Path(__file__).resolve().parents[2]
 # Never the real mode's default (instance/proxy.sqlite3): a sandbox window left there let real sends to
@@ -313,10 +314,12 @@ def up(port: int, sandbox_port: int | None, database_url: str | None, policy_fil
     sandbox_db = sandbox_database_url(database_url, os.environ)
     check_port_free(port, "the proxy's", "--port N (make run PORT=N)")
     sim, server, samples = bind_simulator(sandbox_port, proxy_url, "--sandbox-port N (make run SANDBOX_PORT=N)")
+    sim.api_keys[SANDBOX_API_KEY_SID] = SANDBOX_API_KEY_SECRET  # the proxy forwards a key's callers' own credentials
     ignored = sorted(name for name in REAL_MODE_ONLY if os.environ.get(name, "").strip())
     env = {k: v for k, v in os.environ.items() if k not in REAL_MODE_ONLY}
     env.update({"DATABASE_URL": sandbox_db, "TWILIO_ACCOUNT_SID": SANDBOX_ACCOUNT_SID,
                 "TWILIO_AUTH_TOKEN": SANDBOX_AUTH_TOKEN, "TWILIO_API_BASE_URL": sim.url,
+                "TWILIO_API_KEYS": f"{SANDBOX_API_KEY_SID}:{SANDBOX_API_KEY_SECRET}",
                 "TWILIO_CONTENT_BASE_URL": sim.url, "PORT": str(port),
                 "FALLBACK_CONTENT_SID": samples[("twilio/text", True)],
                 "FALLBACK_CONTENT_VARIABLES": json.dumps({"1": "{profile_name}", "2": "#1001"})})
@@ -339,6 +342,7 @@ def up(port: int, sandbox_port: int | None, database_url: str | None, policy_fil
     processes = [subprocess.Popen(["bash", "-c", f"exec {web}"], env=env, cwd=ROOT),
                  subprocess.Popen(["bash", "-c", f"exec {procfile_command('worker')}"], env=env, cwd=ROOT)]
     click.echo(f"proxy on {proxy_url}; account {SANDBOX_ACCOUNT_SID}, auth token {SANDBOX_AUTH_TOKEN}\n"
+               f"API key {SANDBOX_API_KEY_SID}, secret {SANDBOX_API_KEY_SECRET} (sandbox values, not secrets)\n"
                f"database: {without_credentials(sandbox_db)}"
                + ("" if database_url else " (the sandbox's own; --database-url or SANDBOX_DATABASE_URL moves it)")
                + "\n"

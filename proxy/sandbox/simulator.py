@@ -31,6 +31,9 @@ from .templates import SAMPLE_TEMPLATES
 
 SANDBOX_ACCOUNT_SID = "AC" + "5a" * 16
 SANDBOX_AUTH_TOKEN = "sandbox-auth-token-not-a-secret"
+# One API key, for code that builds its client as Client(api_key, api_secret, account_sid).
+SANDBOX_API_KEY_SID = "SK" + "5a" * 16
+SANDBOX_API_KEY_SECRET = "sandbox-api-key-secret-not-a-secret"
 BUSINESS = "whatsapp:+14155238886"  # Twilio's WhatsApp sandbox number, the usual first sender
 
 log = logging.getLogger("proxy.sandbox")
