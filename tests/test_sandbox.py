@@ -320,6 +320,25 @@ def test_sandbox_say_refuses_half_a_location_or_nothing_to_say(args, message):
     assert code == 2 and message in output and forms == [], output
 
 
+def test_sandbox_say_can_write_through_a_messaging_service():
+    """Messaging Service windows could not be tried in the sandbox: say sent no MessagingServiceSid."""
+    service = "MG" + "ab" * 16
+    code, output, forms = say_through_the_cli(USER, "hi", "--messaging-service", service)
+    assert code == 0, output
+    [form] = forms
+    assert form["MessagingServiceSid"] == service
+    code, output, forms = say_through_the_cli(USER, "hi", "--messaging-service", "MGnot-a-sid")
+    assert code == 2 and "MG and 32 hex digits" in output and forms == []
+
+
+def test_the_simulators_say_endpoint_refuses_half_a_location():
+    sim = Simulator()
+    with ServerThread(sim.app()) as server:
+        answer = requests.post(f"{server.url}/sandbox/say", data={"From": USER, "Body": "", "Latitude": "1"},
+                               timeout=30)
+    assert answer.status_code == 400 and "go together" in answer.json()["message"]
+
+
 def test_sandbox_say_takes_a_bare_number_for_a_whatsapp_user_and_says_so():
     """`say +14155550111 hi` opened a window for the SMS address +14155550111: the sandbox is WhatsApp."""
     code, output, forms = say_through_the_cli("+14155550111", "hi", "--to", "+1 415-555-0100")

@@ -28,8 +28,8 @@ from ..addresses import channel_of
 from ..db import utcnow, windows
 from ..settings import DEFAULT_SQLITE_PATH, ConfigError, normalise_database_url, without_credentials
 from .server import ServerThread
-from .simulator import (BUSINESS, SANDBOX_ACCOUNT_SID, SANDBOX_API_KEY_SECRET, SANDBOX_API_KEY_SID, SANDBOX_AUTH_TOKEN,
-                        Simulator, is_loopback, whatsapp_key)
+from .simulator import (BUSINESS, MESSAGING_SERVICE_SID, SANDBOX_ACCOUNT_SID, SANDBOX_API_KEY_SECRET,
+                        SANDBOX_API_KEY_SID, SANDBOX_AUTH_TOKEN, Simulator, is_loopback, whatsapp_key)
 
 ROOT = Path(__file__).resolve().parents[2]
 # Never the real mode's default (instance/proxy.sqlite3): a sandbox window left there let real sends to
@@ -261,7 +261,10 @@ def _whatsapp_address(address: str, param_hint: str, verb: str) -> str:
               help="Share a location (with --longitude).")
 @click.option("--longitude", default=None, metavar="DEGREES", callback=_coordinate(180),
               help="Share a location (with --latitude).")
-def say(user, text, business, sim_url, profile_name, button_payload, latitude, longitude):
+@click.option("--messaging-service", default=None, metavar="MG…",
+              help="The Messaging Service the business number belongs to: the webhook carries its "
+                   "MessagingServiceSid, and opens the (service, user) window too.")
+def say(user, text, business, sim_url, profile_name, button_payload, latitude, longitude, messaging_service):
     """Play the user: USER writes TEXT (or shares a location); the simulator posts a signed inbound webhook
     to the proxy."""
     if (latitude is None) != (longitude is None):
@@ -275,6 +278,10 @@ def say(user, text, business, sim_url, profile_name, button_payload, latitude, l
         form["ButtonPayload"] = button_payload
     if latitude is not None:
         form.update(Latitude=latitude, Longitude=longitude)
+    if messaging_service:
+        if not MESSAGING_SERVICE_SID.fullmatch(messaging_service):
+            raise click.BadParameter("a Messaging Service SID is MG and 32 hex digits", param_hint="'--messaging-service'")
+        form["MessagingServiceSid"] = messaging_service
     try:
         reply = requests.post(f"{sim_url}/sandbox/say", data=form, timeout=30)
     except requests.RequestException:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
+import re
 import threading
 import time
 import uuid
@@ -34,6 +35,7 @@ SANDBOX_AUTH_TOKEN = "sandbox-auth-token-not-a-secret"
 # One API key, for code that builds its client as Client(api_key, api_secret, account_sid).
 SANDBOX_API_KEY_SID = "SK" + "5a" * 16
 SANDBOX_API_KEY_SECRET = "sandbox-api-key-secret-not-a-secret"
+MESSAGING_SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
 BUSINESS = "whatsapp:+14155238886"  # Twilio's WhatsApp sandbox number, the usual first sender
 
 log = logging.getLogger("proxy.sandbox")
@@ -419,11 +421,16 @@ class Simulator:
         @app.post("/sandbox/say")
         def sandbox_say():
             form = request.form
+            if (form.get("Latitude") is None) != (form.get("Longitude") is None):
+                return _error(400, 400, "say: Latitude and Longitude go together: a location needs both.")
+            service = form.get("MessagingServiceSid") or None
+            if service is not None and not MESSAGING_SERVICE_SID.fullmatch(service):
+                return _error(400, 400, "say: a MessagingServiceSid is MG and 32 hex digits.")
             try:
                 reply = self.say(form["From"], form.get("Body", ""), to=form.get("To") or BUSINESS,
                                  profile_name=form.get("ProfileName") or "Sandbox User",
                                  button_payload=form.get("ButtonPayload"), latitude=form.get("Latitude"),
-                                 longitude=form.get("Longitude"))
+                                 longitude=form.get("Longitude"), messaging_service_sid=service)
             except (KeyError, ValueError) as exc:
                 return _error(400, 400, f"say needs a From and To that are numbers (and a loopback inbound URL): "
                                         f"{exc}")
