@@ -32,6 +32,10 @@ from .upstream import Upstream
 # one), keeps WEB_CONCURRENCY x 10 under PostgreSQL's default max_connections of 100.
 DEFAULT_POOL_SIZE = 256
 DB_POOL_SIZE = 10
+# Forwarding threads of a web process: its inline attempts at once (each waits up to FORWARD_TIMEOUT_SECONDS).
+FORWARD_THREADS = 16
+# The outbox worker's connections besides one per delivery: its claims (and hand-backs) and the attempt writer.
+WORKER_SPARE_CONNECTIONS = 2
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # what a Twilio idempotency token looks like
 
 
@@ -91,26 +95,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.fail_open:
         logs.log.critical("fail_open_enabled", extra={
             "detail": "FAIL_OPEN=true: if the database is down, sends go to Twilio unjudged"})
-    engine = make_engine(settings.database_url, pool_size=DB_POOL_SIZE)
-    head = head_revision()
-    at_start = check_migrations(engine, head)
-    upstream = Upstream(settings.twilio_api_base_url, settings.twilio_timeout_seconds, DEFAULT_POOL_SIZE)
-    app.extensions["proxy"] = Runtime(
-        settings=settings,
-        engine=engine,
-        # pysqlite begins no transaction before a SELECT, and switching isolation costs it a PRAGMA.
-        reader=engine if engine.dialect.name == "sqlite" else engine.execution_options(isolation_level="AUTOCOMMIT"),
-        upstream=upstream,
-        validator=RequestValidator(settings.auth_token),
-        previous_validator=RequestValidator(settings.previous_auth_token) if settings.previous_auth_token else None,
-        migrations_head=head,
-        schema=HeadCheck(engine, head, at_start),
-        forwarder=Forwarder(settings.auth_token, settings.forward_timeout_seconds),
-        attempts=AttemptWriter(engine),
-        shared_writes=GroupCommit(engine),
-        content=ContentResolver(upstream.http, settings.twilio_content_base_url,
-                                (settings.account_sid, settings.auth_token), engine, settings.content_cache_seconds),
-    )
+    app.extensions["proxy"] = make_runtime(settings)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(gateway.bp)
     app.register_blueprint(admin.bp)
@@ -165,6 +150,45 @@ def create_app(settings: Settings | None = None) -> Flask:
         return twilio_error(20500, 500, "An internal server error has occurred in the proxy.")
 
     return app
+
+
+def make_runtime(settings: Settings, *, db_pool_size: int = DB_POOL_SIZE, forward_threads: int = FORWARD_THREADS,
+                 check: bool = True) -> Runtime:
+    """What a process holds for its lifetime: a database pool of `db_pool_size`, `forward_threads` forwarding
+    threads. `check`: ask the database's revision now, and say if it is behind (else asked at first need)."""
+    engine = make_engine(settings.database_url, pool_size=db_pool_size)
+    head = head_revision()
+    at_start = check_migrations(engine, head) if check else False
+    upstream = Upstream(settings.twilio_api_base_url, settings.twilio_timeout_seconds, DEFAULT_POOL_SIZE)
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        # pysqlite begins no transaction before a SELECT, and switching isolation costs it a PRAGMA.
+        reader=engine if engine.dialect.name == "sqlite" else engine.execution_options(isolation_level="AUTOCOMMIT"),
+        upstream=upstream,
+        validator=RequestValidator(settings.auth_token),
+        previous_validator=RequestValidator(settings.previous_auth_token) if settings.previous_auth_token else None,
+        migrations_head=head,
+        schema=HeadCheck(engine, head, at_start),
+        forwarder=Forwarder(settings.auth_token, settings.forward_timeout_seconds, pool_size=forward_threads),
+        attempts=AttemptWriter(engine),
+        shared_writes=GroupCommit(engine),
+        content=ContentResolver(upstream.http, settings.twilio_content_base_url,
+                                (settings.account_sid, settings.auth_token), engine, settings.content_cache_seconds),
+    )
+
+
+def worker_runtime(rt: Runtime) -> Runtime:
+    """The runtime the `worker` command delivers with: the app's, with a database pool and forwarding
+    threads for WORKER_CONCURRENCY deliveries at once. Each delivery holds a connection while it writes
+    and a forwarding thread while it waits for the app; the web's pool (10 per gunicorn worker) would make
+    them queue, and a forward still waiting for a thread at its deadline is a failed attempt. The app's
+    own engine is closed: the worker process uses this one."""
+    concurrency = rt.settings.worker_concurrency
+    worker = make_runtime(rt.settings, db_pool_size=concurrency + WORKER_SPARE_CONNECTIONS,
+                          forward_threads=max(FORWARD_THREADS, concurrency), check=False)  # create_app asked
+    rt.engine.dispose()
+    return worker
 
 
 def check_migrations(engine, head: str) -> str | None | bool:

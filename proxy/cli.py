@@ -213,26 +213,32 @@ def register(app: Flask) -> None:
     @needs_schema
     def worker(once: bool):
         """Deliver the outbox: forwarded webhooks with backoff, held-message releases, fallback sends."""
+        from . import worker_runtime
         from .worker import Worker
 
-        runner = Worker(app.extensions["proxy"])
-        if once:
-            # A pass takes one item per conversation (their order); passes repeat until nothing is due.
-            # Each failure pushes its item back by the retry schedule, so this ends; the bound is a backstop.
-            total = 0
-            for _ in range(MAX_ONCE_PASSES):
-                claimed = runner.run_once()
-                total += claimed
-                if not claimed:
-                    break
-            click.echo(f"{total} item(s) processed")
-            return
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        logs.event("worker_started", redact=True, poll_seconds=app.extensions["proxy"].settings.worker_poll_seconds)
-        runner.run_forever(stop)
-        logs.event("worker_stopped", redact=True)
+        rt = worker_runtime(app.extensions["proxy"])  # a connection and a forwarding thread per delivery
+        runner = Worker(rt)
+        try:
+            if once:
+                # A pass takes one item per conversation (their order); passes repeat until nothing is due.
+                # Each failure pushes its item back by the retry schedule, so this ends; the bound is a backstop.
+                total = 0
+                for _ in range(MAX_ONCE_PASSES):
+                    claimed = runner.run_once()
+                    total += claimed
+                    if not claimed:
+                        break
+                click.echo(f"{total} item(s) processed")
+                return
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            logs.event("worker_started", redact=True, poll_seconds=rt.settings.worker_poll_seconds,
+                       concurrency=rt.settings.worker_concurrency)
+            runner.run_forever(stop)
+            logs.event("worker_stopped", redact=True)
+        finally:
+            rt.engine.dispose()  # its last attempt records are still stored at exit, on a fresh connection
 
     @app.cli.command("purge")
     @click.option("--older-than", "older_than", required=True, help="an age with its unit: 30d, 12h, 2w")

@@ -48,7 +48,7 @@ class Reply:
 class Forwarder:
     def __init__(self, auth_token: str, timeout: float, pool_size: int = 16):
         self.validator = RequestValidator(auth_token)
-        self.timeout = timeout
+        self.timeout, self.threads = timeout, pool_size
         self.session = requests.Session()
         self.session.trust_env = False  # forward targets come from configuration only
         adapter = HTTPAdapter(pool_maxsize=pool_size, max_retries=0)

@@ -95,8 +95,8 @@ def renew_lease(conn: Connection, item_id: int, until: datetime) -> None:
 def keep(conn: Connection, item: Item, now: datetime, lease_seconds: float) -> datetime | None:
     """Lease a claimed item afresh for its delivery: the new lease, or None if another worker has claimed it since.
 
-    A worker delivers its batch one item after another, so the last ones can outlive the claim's
-    lease; any claim changes lease_until, so an unchanged one means the item is still this worker's.
+    A worker delivers its batch WORKER_CONCURRENCY items at a time, so the last ones can outlive the
+    claim's lease; any claim changes lease_until, so an unchanged one means the item is still this worker's.
     """
     return keep_lease(conn, item.id, item.lease_until, now, lease_seconds)
 

@@ -36,6 +36,10 @@ MAX_CONTENT_CACHE_SECONDS = DAY  # an approval Meta withdraws is noticed within 
 MAX_RETRY_DELAY_SECONDS = 7 * DAY  # per attempt; the default schedule's longest wait is 10 h
 MAX_OUTBOX_LEASE_SECONDS = 3600  # a crashed worker's items wait this long to come back
 MAX_WORKER_POLL_SECONDS = 300
+# Each delivery at once is a thread, a forwarding thread and, while it writes, a database connection of the
+# worker's (PostgreSQL's default max_connections is 100); an app taking more at once is better served by
+# several workers.
+MAX_WORKER_CONCURRENCY = 64
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # Twilio's webhooks and Messages creates are a few KiB
 # Twilio's own pattern for these sids (twilio-oai): the prefix and 32 hex digits, nothing else.
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
@@ -73,6 +77,8 @@ class Settings:
     hold_on_reroute: bool = False
     hold_ttl_seconds: int = 7 * 86400
     worker_poll_seconds: float = 1.0
+    # Deliveries a worker makes at once, each to another conversation; its batch is at least this many.
+    worker_concurrency: int = 10
     outbox_lease_seconds: int = 120
     fail_open: bool = False
     allow_unsigned_webhooks: bool = False
@@ -153,6 +159,8 @@ class Settings:
             hold_on_reroute=_bool(env, "HOLD_ON_REROUTE", False),
             hold_ttl_seconds=_int(env, "HOLD_TTL_SECONDS", 7 * 86400, minimum=1, maximum=MAX_HOLD_TTL_SECONDS),
             worker_poll_seconds=_float(env, "WORKER_POLL_SECONDS", 1.0, maximum=MAX_WORKER_POLL_SECONDS),
+            worker_concurrency=_int(env, "WORKER_CONCURRENCY", 10, minimum=1, maximum=MAX_WORKER_CONCURRENCY,
+                                    unit="deliveries"),
             outbox_lease_seconds=lease,
             log_format=_choice(env, "LOG_FORMAT", "json", ("json", "text")),
             api_keys=_api_keys(env),

@@ -7,6 +7,8 @@ import json
 import logging
 import threading
 import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -23,6 +25,12 @@ from .policy import Action
 from .runtime import Runtime
 from .settings import ATTEMPT_FLUSH_SECONDS
 from .upstream import UpstreamError
+
+
+# Items a worker claimed at once before its deliveries ran concurrently; the batch is at least this many.
+CLAIM_BATCH = 10
+# How often a worker waiting for its deliveries looks at its stop event (SIGTERM).
+STOP_CHECK_SECONDS = 0.1
 
 
 class Retry(Exception):
@@ -50,10 +58,12 @@ class Worker:
         self.rt = rt
 
     def run_once(self, now: datetime | None = None, stop: threading.Event | None = None) -> int:
-        """Expire old holds, then claim and process the due items; returns how many were claimed.
+        """Expire old holds, then claim and deliver the due items; returns how many were claimed.
 
-        Once `stop` is set (SIGTERM) the delivery at hand ends and the rest of the batch is handed back, claimable
-        at once: a batch is up to 10 deliveries of FORWARD_TIMEOUT_SECONDS, longer than a platform's grace."""
+        A batch holds one item per ordering key (each the oldest pending one of its conversation), so its
+        items are delivered at once, WORKER_CONCURRENCY at most, without changing any conversation's order.
+        Once `stop` is set (SIGTERM) the deliveries under way end and the items not started are handed
+        back, claimable at once: a batch of deliveries one after another took longer than a platform's grace."""
         now, started = now or utcnow(), time.monotonic()
         with writing(self.rt.engine) as conn:
             for row in holds.expire(conn, now):
@@ -65,15 +75,45 @@ class Worker:
                            error=outbox.ABANDONED)
         with writing(self.rt.engine) as conn:
             # A claimed item is this worker's for the lease; a crashed worker's items come back after it.
-            items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds)
-        for index, item in enumerate(items):
-            if stop is not None and stop.is_set():
-                with writing(self.rt.engine) as conn:
-                    for rest in items[index:]:
-                        outbox.unclaim(conn, rest, utcnow())
-                break
-            self.process(item, now + timedelta(seconds=time.monotonic() - started))
+            items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds, limit=self.batch_size)
+        self._deliver(items, lambda: now + timedelta(seconds=time.monotonic() - started), stop)
         return len(items)
+
+    @property
+    def batch_size(self) -> int:
+        """Items claimed at once: every delivery slot filled, and at least the CLAIM_BATCH of old."""
+        return max(CLAIM_BATCH, self.rt.settings.worker_concurrency)
+
+    def _deliver(self, items: list[outbox.Item], clock, stop: threading.Event | None) -> None:
+        """`process` each item in a thread of its own, WORKER_CONCURRENCY at once, the next as one ends.
+
+        Each thread takes its own connections (`writing`, per write): none is shared between threads.
+        On `stop`, or a delivery's error (the database gone: raised once the others have ended, as before),
+        no other starts; on `stop` the ones not started are handed back."""
+        if not items:
+            return
+        concurrency, waiting = self.rt.settings.worker_concurrency, deque(items)
+        running: set[Future] = set()
+        error: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=min(concurrency, len(items)), thread_name_prefix="delivery") as pool:
+            while waiting or running:
+                if waiting and stop is not None and stop.is_set() and error is None:
+                    with writing(self.rt.engine) as conn:
+                        for rest in waiting:
+                            outbox.unclaim(conn, rest, utcnow())
+                    waiting.clear()
+                while waiting and error is None and len(running) < concurrency:
+                    running.add(pool.submit(self.process, waiting.popleft(), clock()))
+                if not running:
+                    break
+                # In slices while `stop` may come: what is still waiting goes back as soon as it does.
+                done, running = wait(running, timeout=STOP_CHECK_SECONDS if stop is not None else None,
+                                     return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future.exception() is not None and error is None:
+                        error = future.exception()
+        if error is not None:
+            raise error
 
     def run_forever(self, stop: threading.Event) -> None:
         # Said once, not with a traceback every poll, until the migrations are applied or the database is back.

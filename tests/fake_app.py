@@ -18,6 +18,12 @@ class FakeApp:
     received: list = field(default_factory=list)  # (path, form pairs, headers) of accepted requests
     rejected: int = 0
     started: int = 0  # requests that arrived, whether or not they finished
+    # Requests being handled right now, and the most there ever were at once: overall, and per
+    # conversation (the pair of From and To, whichever way round).
+    in_flight: int = 0
+    max_in_flight: int = 0
+    in_flight_by_pair: dict = field(default_factory=dict)
+    max_in_flight_by_pair: dict = field(default_factory=dict)
     delay: float = 0.0
     fail_status: int | None = None
     headers: list = field(default_factory=list)  # (name, value) pairs the answer carries instead of its own
@@ -35,6 +41,8 @@ class FakeApp:
         with self.lock:
             self.received.clear()
         self.rejected, self.delay, self.fail_status, self.started = 0, 0.0, None, 0
+        self.in_flight, self.max_in_flight = 0, 0
+        self.in_flight_by_pair, self.max_in_flight_by_pair = {}, {}
         self.headers = []
         self.huge_reply, self.declare_length, self.streamed, self.stream_ended = 0, False, 0, threading.Event()
 
@@ -47,27 +55,42 @@ class FakeApp:
 
         @app.post("/<path:path>")
         def webhook(path):
-            self.started += 1
-            if self.delay:
-                time.sleep(self.delay)
-            # Exactly what a business app does with twilio-python: validate against its own URL.
-            if not validator.validate(request.url, request.form, request.headers.get("X-Twilio-Signature", "")):
-                self.rejected += 1
-                return Response("bad signature", status=403)
-            if self.fail_status:
-                return Response("app error", status=self.fail_status)
+            pair = tuple(sorted((request.form.get("From", ""), request.form.get("To", ""))))
             with self.lock:
-                self.received.append((request.path, list(request.form.items(multi=True)), dict(request.headers)))
-            if self.huge_reply:
-                return self._huge()
-            response = Response(self.reply, status=200, mimetype="text/xml")
-            for name in {name for name, _ in self.headers}:
-                del response.headers[name]
-            for name, value in self.headers:
-                response.headers.add(name, value)
-            return response
+                self.started += 1
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                self.in_flight_by_pair[pair] = self.in_flight_by_pair.get(pair, 0) + 1
+                self.max_in_flight_by_pair[pair] = max(self.max_in_flight_by_pair.get(pair, 0),
+                                                       self.in_flight_by_pair[pair])
+            try:
+                return self._answer(validator)
+            finally:
+                with self.lock:  # a reset while it was in flight started the counts afresh
+                    self.in_flight = max(0, self.in_flight - 1)
+                    self.in_flight_by_pair[pair] = max(0, self.in_flight_by_pair.get(pair, 0) - 1)
 
         return app
+
+    def _answer(self, validator: RequestValidator) -> Response:
+        if self.delay:
+            time.sleep(self.delay)
+        # Exactly what a business app does with twilio-python: validate against its own URL.
+        if not validator.validate(request.url, request.form, request.headers.get("X-Twilio-Signature", "")):
+            self.rejected += 1
+            return Response("bad signature", status=403)
+        if self.fail_status:
+            return Response("app error", status=self.fail_status)
+        with self.lock:
+            self.received.append((request.path, list(request.form.items(multi=True)), dict(request.headers)))
+        if self.huge_reply:
+            return self._huge()
+        response = Response(self.reply, status=200, mimetype="text/xml")
+        for name in {name for name, _ in self.headers}:
+            del response.headers[name]
+        for name, value in self.headers:
+            response.headers.add(name, value)
+        return response
 
     def _huge(self) -> Response:
         size, piece, ended = self.huge_reply, b"<Response>" + b"x" * (64 * 1024 - 10), self.stream_ended

@@ -84,6 +84,40 @@ def test_worker_killed_mid_delivery_redelivers_after_restart(settings, database_
     assert {dict(form)["MessageSid"] for _, form, _ in fake_app.received} == {"SM" + "9" * 32}
 
 
+def test_a_worker_stopped_mid_batch_ends_the_deliveries_under_way_and_hands_back_the_rest(
+        settings, database_url, db_engine, fake_app, fake_twilio, tmp_path):
+    """SIGTERM while a batch is at a slow app, WORKER_CONCURRENCY deliveries at once: those under way end
+    (delivered: the app had them), no other starts, the rest are claimable again at once, and it exits 0."""
+    url = fake_app.url + "/app/inbound"
+    app = create_app(replace(settings, forward_inbound_url=url, forward_timeout_seconds=1.0, retry_schedule=(0, 0, 0)))
+    fake_app.fail_status = 503  # the app is down when the messages come in: they go to the outbox, due at once
+    for i in range(5):
+        signed_post(app.test_client(), "/twilio/inbound",
+                    inbound_params(f"SM{i:032x}", user=f"whatsapp:+1415555{i:04d}", Body=f"m{i}"))
+    app.extensions["proxy"].engine.dispose()
+    fake_app.reset()
+    fake_app.delay = 1.5
+
+    env = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "DATABASE_URL": database_url,
+           "TWILIO_API_BASE_URL": fake_twilio.url, "TWILIO_CONTENT_BASE_URL": fake_twilio.url,
+           "FORWARD_INBOUND_URL": url, "FORWARD_TIMEOUT_SECONDS": "5", "WORKER_CONCURRENCY": "2",
+           "WORKER_POLL_SECONDS": "0.2"}
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log)
+    try:
+        assert wait_for(lambda: fake_app.started >= 2), log.read_text()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, log.read_text()
+    finally:
+        worker.kill()
+    assert fake_app.started == 2 and sorted(fake_app.bodies("/app/inbound")) == ["m0", "m1"]
+    with db_engine.connect() as conn:
+        rows = conn.execute(select(outbox.c.status, outbox.c.lease_until).order_by(outbox.c.id)).all()
+    assert [tuple(row) for row in rows] == [("delivered", None)] * 2 + [("pending", None)] * 3
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines() if line.startswith("{")]
+    assert events.count("delivery") == 2 and events[-1] == "worker_stopped"
+
+
 class SilentTwilio:
     """Takes a Messages create and never answers: the worker stays inside its create until it is killed."""
 

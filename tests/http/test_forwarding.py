@@ -437,7 +437,7 @@ def test_two_workers_never_deliver_one_item_twice(forwarding, fake_app, db_engin
 
 
 def test_a_worker_delivers_only_the_items_it_still_holds(forwarding, fake_app, db_engine):
-    """A batch can outlast its lease (one delivery after another, each up to FORWARD_TIMEOUT_SECONDS):
+    """A batch can outlast its lease (WORKER_CONCURRENCY deliveries at a time, each up to FORWARD_TIMEOUT_SECONDS):
     an item another worker claimed meanwhile is that worker's to deliver, not a second copy."""
     client = forwarding.test_client()
     for i in range(3):  # three conversations, each with a status callback queued
@@ -445,12 +445,13 @@ def test_a_worker_delivers_only_the_items_it_still_holds(forwarding, fake_app, d
                                                "From": BUSINESS, "To": f"whatsapp:+1415555{i:04d}"})
     due = utcnow()
     other = create_app(forwarding.extensions["proxy"].settings)
-    took_over = []
+    took_over, turn = [], threading.Lock()
 
     class Stalled(Worker):
         def process(self, item, *args):
-            if not took_over:  # stalls after claiming, past its lease: another worker claims the batch
-                took_over.append(run_worker(other, due + timedelta(seconds=LEASE_SECONDS + 1)))
+            with turn:  # the batch's deliveries start at once: the first stalls them all
+                if not took_over:  # stalls after claiming, past its lease: another worker claims the batch
+                    took_over.append(run_worker(other, due + timedelta(seconds=LEASE_SECONDS + 1)))
             super().process(item, *args)
 
     assert Stalled(forwarding.extensions["proxy"]).run_once(due) == 3
@@ -461,24 +462,102 @@ def test_a_worker_delivers_only_the_items_it_still_holds(forwarding, fake_app, d
     other.extensions["proxy"].engine.dispose()
 
 
-def test_a_stopped_worker_ends_after_the_delivery_at_hand_and_hands_back_the_rest(forwarding, fake_app, db_engine):
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_stopped_worker_ends_after_the_deliveries_at_hand_and_hands_back_the_rest(settings, db_engine, fake_app,
+                                                                                    concurrency):
     """SIGTERM (a deploy, a restart) set the stop event, but the worker went on through its whole batch, up to
-    10 deliveries of FORWARD_TIMEOUT_SECONDS each: past the platform's grace, then SIGKILL mid-delivery."""
-    client = forwarding.test_client()
-    for i in range(3):  # three conversations, each with a status callback queued
+    10 deliveries of FORWARD_TIMEOUT_SECONDS each: past the platform's grace, then SIGKILL mid-delivery.
+    The deliveries under way when it comes end (each within its timeout); none starts after it."""
+    app = create_app(replace(settings, forward_status_url=fake_app.url + "/app/status", forward_timeout_seconds=1.0,
+                             worker_concurrency=concurrency))
+    client = app.test_client()
+    for i in range(5):  # five conversations, each with a status callback queued
         signed_post(client, "/twilio/status", {"MessageSid": f"SM{i:032x}", "MessageStatus": "delivered",
                                                "From": BUSINESS, "To": f"whatsapp:+1415555{i:04d}"})
+    fake_app.delay = 0.3  # the batch's first deliveries are all at the app when the first one ends
     stop = threading.Event()
 
     class Stopped(Worker):
         def process(self, item, *args):
             super().process(item, *args)
-            stop.set()  # SIGTERM arrives during the first delivery
+            stop.set()  # SIGTERM arrives during the first deliveries
 
-    Stopped(forwarding.extensions["proxy"]).run_forever(stop)
-    assert len(fake_app.received) == 1
-    assert [(i["status"], i["lease_until"]) for i in items(db_engine)] == [("delivered", None)] + [("pending", None)] * 2
-    assert run_worker(forwarding) == 2  # the next worker takes them at once, not after their lease
+    Stopped(app.extensions["proxy"]).run_forever(stop)
+    assert len(fake_app.received) == concurrency == fake_app.started
+    assert [(i["status"], i["lease_until"]) for i in items(db_engine)] == \
+        [("delivered", None)] * concurrency + [("pending", None)] * (5 - concurrency)
+    fake_app.delay = 0
+    assert run_worker(app) == 5 - concurrency  # the next worker takes them at once, not after their lease
+    app.extensions["proxy"].engine.dispose()
+
+
+def queue_for_the_worker(client, fake_app, webhooks):
+    """Inbound webhooks, (sid, user, body) each, that reach the outbox while the app is down; the app is then
+    back. Returns when the worker may take them (after the first retry's pause)."""
+    fake_app.fail_status = 503
+    for sid, user, body in webhooks:
+        signed_post(client, "/twilio/inbound", inbound_params(sid, user=user, Body=body))
+    fake_app.reset()
+    return utcnow() + timedelta(seconds=SCHEDULE[1] + 1)
+
+
+def test_a_batch_of_different_conversations_is_delivered_concurrently(settings, db_engine, fake_app):
+    """One delivery after another, an app answering in 3 s took a minute for 20 webhooks (and one that
+    hangs, FORWARD_TIMEOUT_SECONDS each): a backlog after an outage drained for hours. A batch holds one
+    item per conversation, so its deliveries go to the app together, WORKER_CONCURRENCY at most."""
+    app = create_app(replace(settings, forward_inbound_url=fake_app.url + "/app/inbound", forward_timeout_seconds=5.0,
+                             retry_schedule=SCHEDULE, worker_concurrency=4))
+    users = [f"whatsapp:+1415555{i:04d}" for i in range(6)]
+    due = queue_for_the_worker(app.test_client(), fake_app,
+                               [(f"SM{i:032x}", user, f"m{i}") for i, user in enumerate(users)])
+    fake_app.delay = 0.5
+    assert run_worker(app, due) == 6  # one batch
+    assert 1 < fake_app.max_in_flight <= 4  # together, but never more than WORKER_CONCURRENCY at once
+    assert sorted(fake_app.bodies("/app/inbound")) == [f"m{i}" for i in range(6)]
+    assert [(i["status"], i["attempts"], i["lease_until"]) for i in items(db_engine)] == [("delivered", 2, None)] * 6
+    app.extensions["proxy"].engine.dispose()
+
+
+def test_one_conversation_is_never_at_the_app_twice_at_once_and_arrives_in_order(settings, db_engine, fake_app,
+                                                                                 log_lines):
+    app = create_app(replace(settings, forward_inbound_url=fake_app.url + "/app/inbound", forward_timeout_seconds=5.0,
+                             retry_schedule=SCHEDULE))
+    chatty, others = "whatsapp:+14155550999", [f"whatsapp:+1415555{i:04d}" for i in range(3)]
+    webhooks = [(f"SM{i:032x}", chatty, f"chatty {i}") for i in range(4)]
+    webhooks[1:1] = [(f"SM{100 + i:032x}", user, f"other {i}") for i, user in enumerate(others)]
+    due = queue_for_the_worker(app.test_client(), fake_app, webhooks)
+    fake_app.delay = 0.2
+    started = len(log_lines())
+    passes = []
+    while claimed := run_worker(app, due):
+        passes.append(claimed)
+    assert passes == [4, 1, 1, 1]  # a pass takes the head of each conversation
+    assert fake_app.max_in_flight > 1  # the others went alongside the chatty one's first
+    assert fake_app.max_in_flight_by_pair[tuple(sorted((chatty, BUSINESS)))] == 1
+    assert [body for body in fake_app.bodies("/app/inbound") if body.startswith("chatty")] == \
+        [f"chatty {i}" for i in range(4)]
+    deliveries = [line for line in log_lines()[started:] if line["event"] == "delivery"]
+    assert sorted(line["outbox_id"] for line in deliveries) == [i["id"] for i in items(db_engine)]  # one line each
+    assert {line["decision"] for line in deliveries} == {"delivered"}
+    app.extensions["proxy"].engine.dispose()
+
+
+def test_the_worker_command_has_a_connection_and_a_forwarding_thread_for_each_delivery(settings, db_engine):
+    """A delivery holds a database connection while it writes and a forwarding thread while it waits for the
+    app: the web's pool (10 connections, 16 threads per gunicorn worker) would make them queue, and a forward
+    still waiting for a thread at its deadline is a failed attempt."""
+    from proxy import DB_POOL_SIZE, worker_runtime
+
+    web = create_app(replace(settings, worker_concurrency=40)).extensions["proxy"]
+    rt = worker_runtime(web)
+    try:
+        assert rt.settings is web.settings and rt.engine is not web.engine
+        assert rt.engine.pool.size() >= 40 + 2 and rt.forwarder.threads >= 40  # and the claims, the attempt writer
+        assert rt.reader.pool is rt.engine.pool and rt.attempts.engine is rt.engine and rt.content.engine is rt.engine
+        assert web.engine.pool.size() == DB_POOL_SIZE  # the web's own is left as it is
+    finally:
+        rt.engine.dispose()
+        web.engine.dispose()
 
 
 def test_status_callbacks_are_forwarded_through_the_outbox(forwarding, fake_app, db_engine):

@@ -11,6 +11,7 @@ def test_defaults():
     assert s.session_window_seconds == 86400 and s.window_safety_margin_seconds == 60
     assert s.public_base_url is None
     assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("instance/proxy.sqlite3")
+    assert s.worker_concurrency == 10
 
 
 @pytest.mark.parametrize(
@@ -30,6 +31,9 @@ def test_defaults():
         ({**BASE, "LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({**BASE, "LOG_REDACT_NUMBERS": "maybe"}, "LOG_REDACT_NUMBERS"),
         ({**BASE, "TWILIO_AUTH_TOKEN_PREVIOUS": " tok "}, "TWILIO_AUTH_TOKEN_PREVIOUS"),  # the token itself
+        ({**BASE, "WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY"),
+        ({**BASE, "WORKER_CONCURRENCY": "eight"}, "WORKER_CONCURRENCY"),
+        ({**BASE, "WORKER_CONCURRENCY": "2.5"}, "WORKER_CONCURRENCY"),
     ],
 )
 def test_invalid_values_name_the_variable(env, variable):
@@ -61,6 +65,8 @@ def test_invalid_values_name_the_variable(env, variable):
         ("WORKER_POLL_SECONDS", "1e12"),
         ("WORKER_POLL_SECONDS", "301"),
         ("MAX_CONTENT_LENGTH", "999999999999999"),
+        ("WORKER_CONCURRENCY", "999999999999999"),
+        ("WORKER_CONCURRENCY", "65"),
     ],
 )
 def test_numbers_out_of_range_name_the_variable_and_the_range(variable, value):
@@ -81,14 +87,16 @@ def test_numbers_at_the_ends_of_their_range_are_accepted():
     s = Settings.from_env({**BASE, "SESSION_WINDOW_SECONDS": "604800", "TWILIO_TIMEOUT_SECONDS": "60",
                            "HOLD_TTL_SECONDS": "31536000", "CONTENT_CACHE_SECONDS": "86400",
                            "OUTBOX_RETRY_SCHEDULE": "0,604800", "OUTBOX_LEASE_SECONDS": "3600",
-                           "WORKER_POLL_SECONDS": "300", "MAX_CONTENT_LENGTH": str(16 * 1024 * 1024)})
+                           "WORKER_POLL_SECONDS": "300", "MAX_CONTENT_LENGTH": str(16 * 1024 * 1024),
+                           "WORKER_CONCURRENCY": "64"})
     assert (s.session_window_seconds, s.twilio_timeout_seconds, s.hold_ttl_seconds, s.content_cache_seconds,
-            s.retry_schedule, s.outbox_lease_seconds, s.worker_poll_seconds, s.max_content_length) == \
-        (604800, 60.0, 31536000, 86400, (0, 604800), 3600, 300.0, 16 * 1024 * 1024)
+            s.retry_schedule, s.outbox_lease_seconds, s.worker_poll_seconds, s.max_content_length,
+            s.worker_concurrency) == (604800, 60.0, 31536000, 86400, (0, 604800), 3600, 300.0, 16 * 1024 * 1024, 64)
     low = Settings.from_env({**BASE, "SESSION_WINDOW_SECONDS": "1", "WINDOW_SAFETY_MARGIN_SECONDS": "0",
                              "TWILIO_TIMEOUT_SECONDS": "0.5", "HOLD_TTL_SECONDS": "1", "CONTENT_CACHE_SECONDS": "0",
-                             "WORKER_POLL_SECONDS": "0.1", "MAX_CONTENT_LENGTH": "1024"})
-    assert (low.session_window_seconds, low.twilio_timeout_seconds, low.worker_poll_seconds) == (1, 0.5, 0.1)
+                             "WORKER_POLL_SECONDS": "0.1", "MAX_CONTENT_LENGTH": "1024", "WORKER_CONCURRENCY": "1"})
+    assert (low.session_window_seconds, low.twilio_timeout_seconds, low.worker_poll_seconds,
+            low.worker_concurrency) == (1, 0.5, 0.1, 1)
 
 
 @pytest.mark.parametrize(
