@@ -230,6 +230,7 @@ def register(app: Flask) -> None:
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        logs.database_in_use("worker", app.extensions["proxy"].settings)
         logs.event("worker_started", redact=True, poll_seconds=app.extensions["proxy"].settings.worker_poll_seconds)
         runner.run_forever(stop)
         logs.event("worker_stopped", redact=True)

@@ -122,6 +122,18 @@ def masked_path(path: str) -> str:
                                path)
 
 
+def database_in_use(process: str, settings) -> None:
+    """One line at the start of a long-running process (`web`, `worker`): the database it uses, and whether
+    that is the default because DATABASE_URL is unset (a worker polling the wrong file said nothing)."""
+    from .settings import database_shown
+
+    fields = {"process_type": process, "database": database_shown(settings.database_url),
+              "database_default": settings.database_is_default}
+    if settings.database_is_default:
+        fields["detail"] = "DATABASE_URL is unset: a SQLite file in ./instance/, for a single instance only"
+    log.info("database_in_use", extra=fields)
+
+
 def event(name: str, *, redact: bool, level: int = logging.INFO, **fields) -> None:
     if redact:
         for key in ADDRESS_FIELDS:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from sqlalchemy import make_url
+from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from .policy import Policy
@@ -52,6 +52,7 @@ class Settings:
     # Secrets stay out of repr() (a traceback, a debug print): here and in the keys below.
     auth_token: str = field(repr=False)
     database_url: str = field(repr=False)
+    database_is_default: bool = False  # DATABASE_URL unset: the SQLite file in ./instance/
     twilio_api_base_url: str = "https://api.twilio.com"
     public_base_url: str | None = None
     session_window_seconds: int = 86400
@@ -153,6 +154,7 @@ class Settings:
             account_sid=account_sid,
             auth_token=env["TWILIO_AUTH_TOKEN"].strip(),
             database_url=normalise_database_url(env.get("DATABASE_URL", "")),
+            database_is_default=not env.get("DATABASE_URL", "").strip(),
             twilio_api_base_url=_url(env, "TWILIO_API_BASE_URL", "https://api.twilio.com"),
             public_base_url=_url(env, "PUBLIC_BASE_URL", None),
             session_window_seconds=window,
@@ -316,6 +318,16 @@ def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
 
 
 _SCHEME_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:?//")
+
+
+def database_shown(url: str) -> str:
+    """The database a log line names: driver, host, port and database (a SQLite file's path), without user,
+    password or query. Rebuilt from SQLAlchemy's reading of the URL, the one the engine connects with: cut as
+    text alone, a password with an unescaped `?` (`u:pa?ss@host`) kept the part before it."""
+    parsed = make_url(url)
+    bare = URL.create(parsed.drivername, host=parsed.host, port=parsed.port, database=parsed.database)
+    # Then cut as text too: a password with an unescaped `@` is read by SQLAlchemy as part of the host.
+    return without_credentials(bare.render_as_string(hide_password=False))
 
 
 def without_credentials(raw: str) -> str:

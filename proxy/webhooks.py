@@ -9,14 +9,14 @@ from datetime import datetime, timedelta
 from urllib.parse import quote
 
 from flask import Blueprint, Response, g, request
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 from twilio.twiml.messaging_response import MessagingResponse
 
 from . import holds, late_failures, logs, outbox, signatures, store
 from .forwarding import KEPT_HEADERS, too_large
 from .addresses import InvalidAddress, normalise
-from .db import storable, utcnow, writing
+from .db import storable, unavailable_reason, utcnow, writing
 from .errors import twilio_error
 from .forms import Fields, form_of
 from .metrics import WEBHOOKS
@@ -266,8 +266,9 @@ def _forward_inline(item_id: int, lease: datetime, arrived: float, sender: str, 
     except SQLAlchemyError as exc:
         # The message is stored and the app has had its turn: a 503 now would throw the app's TwiML away. The
         # item stays under this attempt's lease, and the worker delivers it (again) after it: at-least-once.
-        logs.log.error("database_unavailable", extra={"error": type(exc).__name__, "path": request.path,
-                                                      "outbox_id": item_id, "request_id": g.request_id})
+        logs.log.error("database_unavailable", extra={
+            "error": type(exc).__name__, "path": request.path, "outbox_id": item_id, "request_id": g.request_id,
+            "detail": unavailable_reason(exc) if isinstance(exc, OperationalError) else None})
     if reply.too_large:
         too_large(reply, redact=rt.settings.log_redact_numbers, kind="inbound", outbox_id=item_id, sender=sender,
                   user=user, request_id=g.request_id)

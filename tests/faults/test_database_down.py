@@ -106,3 +106,38 @@ def _running(pg_cluster) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_a_refused_password_is_logged_as_the_drivers_reason_without_the_password(pg_cluster, settings, log_lines):
+    """PostgreSQL refusing the password is the driver's reason in the 503's log line (as in the worker's and the
+    CLI's), and the password is in none of the lines: libpq names the host, the port and the user, never it."""
+    from dataclasses import replace
+
+    from sqlalchemy import text
+
+    from proxy import create_app
+    from tests.http.test_gateway import send as send_in_process
+
+    engine = create_engine(pg_cluster.url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP ROLE IF EXISTS guarded"))
+        conn.execute(text("CREATE ROLE guarded LOGIN PASSWORD 'the-right-one'"))
+    engine.dispose()
+    hba = pg_cluster.data / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text(f"host all guarded 127.0.0.1/32 scram-sha-256\n{original}")  # before the cluster's trust lines
+    pg_cluster._run("pg_ctl", "-D", str(pg_cluster.data), "reload")
+    wrong = "wrong-password-marker-7d3a"
+    try:
+        app = create_app(replace(settings, database_url=f"postgresql+psycopg://guarded:{wrong}@127.0.0.1:"
+                                                        f"{pg_cluster.port}/proxy"))
+        response = send_in_process(app.test_client(), {"To": USER, "From": BUSINESS, "Body": "x"})
+        app.extensions["proxy"].engine.dispose()
+    finally:
+        hba.write_text(original)
+        pg_cluster._run("pg_ctl", "-D", str(pg_cluster.data), "reload")
+    assert response.status_code == 503
+    lines = [line for line in log_lines() if line["event"] == "database_unavailable"]
+    assert [line["level"] for line in lines] == ["WARNING", "ERROR"]  # at start-up, then the request
+    assert all('password authentication failed for user "guarded"' in line["detail"] for line in lines), lines
+    assert wrong not in json.dumps(log_lines())

@@ -230,3 +230,21 @@ def test_outbox_list_shows_no_credentials_of_the_forward_url(settings, db_engine
     app.extensions["proxy"].engine.dispose()
     assert result.exit_code == 0 and "app.example/hook" in result.output
     assert URL_PASSWORD not in result.output and URL_TOKEN not in result.output and BODY not in result.output
+
+
+def test_database_unavailable_names_the_drivers_reason_but_not_the_password(settings, fake_twilio, logged):
+    """The web process's 503s said only `OperationalError`; the driver's reason (refused, timed out, password
+    authentication failed) names the host, port, user and database, never the password."""
+    from tests.e2e.conftest import free_port
+
+    url = f"postgresql+psycopg://proxy:{URL_PASSWORD}@127.0.0.1:{free_port()}/proxy?password={URL_TOKEN}"
+    app = create_app(replace(settings, database_url=url))  # nothing listens there
+    client = app.test_client()
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": BODY}).status_code == 503
+    assert signed_post(client, "/twilio/inbound", _inbound()).status_code == 503
+    app.extensions["proxy"].engine.dispose()
+    text, lines = logged()
+    failures = [line for line in lines if line["event"] == "database_unavailable"]
+    assert [line["level"] for line in failures] == ["WARNING", "ERROR", "ERROR"]  # at start-up, then each request
+    assert all("refused" in line["detail"] for line in failures), failures
+    assert_leaks_nothing(text, URL_PASSWORD, URL_TOKEN)
