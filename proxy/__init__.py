@@ -20,6 +20,7 @@ from .forwarding import Forwarder
 from .group_commit import GroupCommit, values_refused
 from .db import make_engine, unavailable_reason
 from .errors import ApiError, twilio_error
+from .metrics import DECISIONS, WEBHOOKS
 from .migrate import (UPGRADE_COMMAND, HeadCheck, head_revision, known_revision, revision_at_start, schema_hint,
                       schema_missing)
 from .runtime import Runtime
@@ -163,7 +164,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             extra["detail"] = schema_hint(exc)
         elif isinstance(exc, OperationalError):  # refused, timed out, password refused: the driver's words say which
             extra["detail"] = unavailable_reason(exc)
-        logs.log.error("migrations_not_at_head" if missing else "database_unavailable", extra=extra)
+        reason = "migrations_not_at_head" if missing else "database_unavailable"
+        logs.log.error(reason, extra=extra)
+        count_refusal(reason)
         # Fail closed: without the window state nothing is judged, so nothing is sent.
         return twilio_error(503, 503, "The proxy's database is unavailable; nothing was sent or recorded. Retry later.")
 
@@ -173,6 +176,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         return twilio_error(20500, 500, "An internal server error has occurred in the proxy.")
 
     return app
+
+
+def count_refusal(reason: str) -> None:
+    """A send or a webhook answered 503 because of the database (`reason`): counted with the decisions and
+    webhooks, so a dashboard shows refusals, not only fewer requests."""
+    if request.endpoint == "gateway.create_message":
+        DECISIONS.labels("rejected", reason, "none").inc()  # `rejected`: the X-Proxy-Decision such a send gets
+    elif request.blueprint == "webhooks":
+        WEBHOOKS.labels(g.get("webhook_kind", "unknown"), reason).inc()
 
 
 def check_migrations(engine, head: str) -> str | None | bool:

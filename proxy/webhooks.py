@@ -147,7 +147,9 @@ def webhook():
     # on an inbound message, so a callback without its MessageStatus is still a callback.
     form = g.params
     if form.get("MessageStatus") or form.get("SmsStatus", "received") != "received":
+        g.webhook_kind = "status"  # for the count of a 503 (proxy.count_refusal)
         return _status_callback()
+    g.webhook_kind = "inbound"
     return _inbound_message()
 
 

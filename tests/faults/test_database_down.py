@@ -56,6 +56,12 @@ def test_outage_fails_closed_and_recovers_without_restart(pg_cluster, fake_twili
         assert down_send.status_code == 503 and set(down_send.json()) == SHAPE
         assert len(fake_twilio.creates) == sent_before  # nothing went out unjudged
         assert requests.get(server.url + "/readyz", timeout=15).status_code == 503
+        # Counted, and said: the outbox series are gone for the outage, proxy_database_up is not.
+        down = metrics(server)
+        assert down["proxy_database_up"] == 0.0 and "proxy_outbox_oldest_due_seconds" not in down
+        assert down['proxy_send_decisions_total{action="rejected",content_type="none",reason="database_unavailable"}'] \
+            == 1.0
+        assert down['proxy_webhooks_total{kind="inbound",outcome="database_unavailable"}'] == 1.0
         assert requests.get(server.url + "/healthz", timeout=15).status_code == 200
 
         pg_cluster.start()
@@ -64,10 +70,18 @@ def test_outage_fails_closed_and_recovers_without_restart(pg_cluster, fake_twili
         assert send(server).status_code == 201
         assert recorded(pg_cluster, "SM" + "2" * 32) == 1
         assert requests.get(server.url + "/readyz", timeout=15).status_code == 200
+        assert metrics(server)["proxy_database_up"] == 1.0
     finally:
         server.stop()
         if not _running(pg_cluster):
             pg_cluster.start()
+
+
+def metrics(server) -> dict[str, float]:
+    """/metrics as {series: value}, summed across the gunicorn workers."""
+    text = requests.get(server.url + "/metrics", headers=basic_auth(), timeout=30).text
+    return {series: float(value) for series, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
 
 
 def test_fail_open_forwards_unjudged_and_says_so_loudly(pg_cluster, fake_twilio, tmp_path):

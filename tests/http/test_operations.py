@@ -635,3 +635,66 @@ def _flask_with_credentials(tmp_path, *args):
                DATABASE_URL=f"sqlite:///{tmp_path / 'proxy.sqlite3'}")
     return subprocess.run([sys.executable, "-m", "flask", "--app", "proxy", *args], capture_output=True, text=True,
                           timeout=60, env=env, cwd=tmp_path)
+
+
+# --- metrics while the database is away ----------------------------------------------------------------
+
+def _samples(client) -> dict:
+    """/metrics as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics", headers=basic_auth()).get_data(as_text=True)
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+REFUSED_SEND = ("proxy_send_decisions_total", (("action", "rejected"), ("content_type", "none")))
+
+
+def _refusals(samples: dict, reason: str) -> tuple[float, float, float]:
+    """How many sends, inbound messages and status callbacks were answered 503 for `reason`."""
+    name, labels = REFUSED_SEND
+    return (samples.get((name, tuple(sorted((*labels, ("reason", reason))))), 0.0),
+            samples.get(("proxy_webhooks_total", (("kind", "inbound"), ("outcome", reason))), 0.0),
+            samples.get(("proxy_webhooks_total", (("kind", "status"), ("outcome", reason))), 0.0))
+
+
+def _send_inbound_and_status(client) -> None:
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).status_code == 503
+    assert signed_post(client, "/twilio/inbound", inbound_params("SM" + "5" * 32)).status_code == 503
+    status = inbound_params("SM" + "6" * 32, MessageStatus="delivered", SmsStatus="delivered")
+    assert signed_post(client, "/twilio/status", status).status_code == 503
+
+
+def test_requests_refused_because_the_database_is_unavailable_are_counted(settings, fake_twilio, tmp_path):
+    """Answered 503 and counted nowhere: a dashboard showed fewer sends and webhooks, not refused ones."""
+    (tmp_path / "not-a-file").mkdir()  # SQLite that cannot be opened stands in for a database that is down
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'not-a-file'}"))
+    client = app.test_client()
+    before = _refusals(_samples(client), "database_unavailable")
+    _send_inbound_and_status(client)
+    after = _refusals(_samples(client), "database_unavailable")
+    app.extensions["proxy"].engine.dispose()
+    assert [b - a for a, b in zip(before, after)] == [1.0, 1.0, 1.0]
+
+
+def test_requests_refused_because_migrations_were_not_applied_are_counted(settings, fake_twilio, tmp_path):
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'fresh.sqlite3'}"))
+    client = app.test_client()
+    before = _refusals(_samples(client), "migrations_not_at_head")
+    _send_inbound_and_status(client)
+    after = _refusals(_samples(client), "migrations_not_at_head")
+    app.extensions["proxy"].engine.dispose()
+    assert [b - a for a, b in zip(before, after)] == [1.0, 1.0, 1.0]
+
+
+def test_metrics_say_whether_the_database_answered_the_scrape(settings, db_engine, tmp_path):
+    """During an outage the proxy_outbox_* series vanished and /metrics still answered 200: an alert on
+    proxy_outbox_oldest_due_seconds could never fire. proxy_database_up is always there."""
+    up = _samples(create_app(settings).test_client())
+    assert up[("proxy_database_up", ())] == 1.0 and ("proxy_outbox_oldest_due_seconds", ()) in up
+    (tmp_path / "not-a-file").mkdir()
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'not-a-file'}"))
+    down = _samples(app.test_client())
+    app.extensions["proxy"].engine.dispose()
+    assert down[("proxy_database_up", ())] == 0.0 and ("proxy_outbox_oldest_due_seconds", ()) not in down
