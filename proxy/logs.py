@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import time
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -18,12 +19,19 @@ ADDRESS_FIELDS = ("sender", "user", "from", "to")
 _stream: _Lines | None = None
 
 
+class _JsonLine(JsonFormatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # UTC with milliseconds (2026-11-26T17:24:24.123Z), whatever the host's TZ: lines of several hosts and
+        # processes sort by it, and whole seconds could not order two lines of one request.
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{whole}.{int(record.msecs):03d}Z"
+
+
 def make_formatter() -> logging.Formatter:
-    return JsonFormatter(
+    return _JsonLine(
         "{asctime}{levelname}{name}{message}",
         style="{",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "message": "event"},
-        datefmt="%Y-%m-%dT%H:%M:%S%z",
     )
 
 
