@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import time
+from urllib.parse import unquote, urlsplit
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -128,6 +129,29 @@ def masked_path(path: str) -> str:
     """A request path as logged: every phone number in it masked (a refused request's too)."""
     return _NUMBER_IN_PATH.sub(lambda found: found.group() if found.group() == _API_VERSION else mask(found.group()),
                                path)
+
+
+MAX_LOGGED_URL = 512  # the host part is the caller's Host header, unless PUBLIC_BASE_URL is set
+
+
+def masked_url(url: str) -> str:
+    """A URL as logged (the one a webhook's signature was checked against): scheme, host and port as they are,
+    so a PUBLIC_BASE_URL mistake shows; phone numbers in the path masked; of the query only its names (a value
+    may be a token or a number); never a user:password@."""
+    parts = urlsplit(url)
+    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{_masked_as_sent(parts.path)}"
+    if parts.query:
+        shown += "?" + "&".join(_masked_as_sent(name) + ("=…" if sep else "")
+                                for name, sep, _ in (item.partition("=") for item in parts.query.split("&")))
+    return shown[:MAX_LOGGED_URL]
+
+
+def _masked_as_sent(text: str) -> str:
+    """`text` with its %-escapes kept (they are part of what was signed), unless they hid a phone number: then
+    decoded, and the number masked."""
+    decoded = unquote(text)
+    masked = masked_path(decoded)
+    return masked_path(text) if masked == decoded else masked
 
 
 def database_in_use(process: str, settings) -> None:

@@ -47,7 +47,8 @@ def require_twilio_signature():
     g.params = webhook_params()
     if g.params is None:
         return twilio_error(400, 400, "Webhook body must be a form or a JSON object.")
-    reason = signatures.problem(request, g.params, signed_url(), rt.settings, rt.validator)
+    url = signed_url()
+    reason = signatures.problem(request, g.params, url, rt.settings, rt.validator)
     if reason is None:
         return None
     if rt.settings.allow_unsigned_webhooks:
@@ -55,8 +56,11 @@ def require_twilio_signature():
                    request_id=g.request_id)
         return None
     WEBHOOKS.labels("unknown", "signature_rejected").inc()
+    # Who called, and the URL the signature was computed over: a PUBLIC_BASE_URL that is not the URL Twilio
+    # requests (scheme, host, case behind a TLS terminator) shows here, not only as invalid_signature.
     logs.event("webhook_rejected", redact=rt.settings.log_redact_numbers, level=30, path=request.path,
-               reason=reason, request_id=g.request_id)
+               reason=reason, remote_addr=request.remote_addr, signed_url=logs.masked_url(url),
+               request_id=g.request_id)
     return twilio_error(20403, 403, f"Forbidden: X-Twilio-Signature check failed ({reason}).")
 
 
