@@ -11,9 +11,11 @@ An invalid WEB_CONCURRENCY, WEB_THREADS or WEB_WORKER_CLASS stops the start with
 as proxy/settings.py does for the proxy's own variables.
 """
 
+import atexit
 import gc
 import glob
 import os
+import shutil
 import sys
 import tempfile
 
@@ -67,6 +69,11 @@ workers = _workers()
 # The Procfile passes --threads ${WEB_THREADS:-64}, which overrides any setting here; gunicorn refuses a
 # non-number itself, but 0 only fails later, in every gthread worker's boot.
 _positive_int(os.environ, "WEB_THREADS")
+# gunicorn 25.1+ serves `gunicornc` on $XDG_RUNTIME_DIR/gunicorn.ctl, else ~/.gunicorn/gunicorn.ctl: one path for
+# every instance a user runs on the host, so a second instance took over the first's (and the first to stop
+# removed the other's). The proxy never uses it; off, no instance can be managed through another's socket.
+# (Older gunicorn ignores the name.)
+control_socket_disable = True
 
 
 def _check_proxy_settings():
@@ -105,10 +112,27 @@ def on_starting(server):
     if not path:
         path = tempfile.mkdtemp(prefix="proxy-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        # Removed when the master exits (one was left behind by every start); an operator's own is kept. On the
+        # server, not in this module: a reload (SIGHUP) reads this file again, the server stays.
+        server.proxy_metrics_dir = path
+        # on_exit runs only on gunicorn's orderly way out; a start that fails after here (a port in use) exits
+        # without it. Workers are forks that run atexit too: only this process removes it.
+        atexit.register(_remove_metrics_dir, path, os.getpid())
     else:
         os.makedirs(path, exist_ok=True)
         for stale in glob.glob(os.path.join(path, "*.db")):
             os.remove(stale)
+
+
+def on_exit(server):
+    path = getattr(server, "proxy_metrics_dir", None)
+    if path:  # every worker has stopped by now
+        _remove_metrics_dir(path, os.getpid())
+
+
+def _remove_metrics_dir(path: str, master_pid: int) -> None:
+    if os.getpid() == master_pid:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def post_worker_init(worker):

@@ -9,7 +9,7 @@ import sys
 
 import click
 from flask import Flask, g, request
-from sqlalchemy.exc import DataError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError, StatementError
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
@@ -18,8 +18,9 @@ from .attempts import AttemptWriter
 from .content import ContentResolver
 from .forwarding import Forwarder
 from .group_commit import GroupCommit, values_refused
-from .db import make_engine
+from .db import make_engine, unavailable_reason
 from .errors import ApiError, twilio_error
+from .metrics import DECISIONS, WEBHOOKS
 from .migrate import (UPGRADE_COMMAND, HeadCheck, head_revision, known_revision, revision_at_start, schema_hint,
                       schema_missing)
 from .runtime import Runtime
@@ -51,6 +52,11 @@ def _in_gunicorn() -> bool:
 def _asking_flask_for_help() -> bool:
     """`flask --app proxy [COMMAND] --help`: the flask CLI loads the app only to list its commands."""
     return click.get_current_context(silent=True) is not None and "--help" in sys.argv[1:]
+
+
+def _loaded_by_flask_cli() -> bool:
+    """`flask --app proxy COMMAND`: the app serves no requests (the `worker` command says its own start)."""
+    return click.get_current_context(silent=True) is not None
 
 
 class _Unconfigured:
@@ -95,6 +101,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.fail_open:
         logs.log.critical("fail_open_enabled", extra={
             "detail": "FAIL_OPEN=true: if the database is down, sends go to Twilio unjudged"})
+    if not _loaded_by_flask_cli():  # a serving process: once per gunicorn worker, as each loads the app
+        logs.database_in_use("web", settings)
     app.extensions["proxy"] = make_runtime(settings)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(gateway.bp)
@@ -140,7 +148,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         missing = schema_missing(exc)  # no outage: the migrations were not applied, and no retry will help
         if missing:
             extra["detail"] = schema_hint(exc)
-        logs.log.error("migrations_not_at_head" if missing else "database_unavailable", extra=extra)
+        elif isinstance(exc, OperationalError):  # refused, timed out, password refused: the driver's words say which
+            extra["detail"] = unavailable_reason(exc)
+        reason = "migrations_not_at_head" if missing else "database_unavailable"
+        logs.log.error(reason, extra=extra)
+        count_refusal(reason)
         # Fail closed: without the window state nothing is judged, so nothing is sent.
         return twilio_error(503, 503, "The proxy's database is unavailable; nothing was sent or recorded. Retry later.")
 
@@ -191,6 +203,15 @@ def worker_runtime(rt: Runtime) -> Runtime:
     return worker
 
 
+def count_refusal(reason: str) -> None:
+    """A send or a webhook answered 503 because of the database (`reason`): counted with the decisions and
+    webhooks, so a dashboard shows refusals, not only fewer requests."""
+    if request.endpoint == "gateway.create_message":
+        DECISIONS.labels("rejected", reason, "none").inc()  # `rejected`: the X-Proxy-Decision such a send gets
+    elif request.blueprint == "webhooks":
+        WEBHOOKS.labels(g.get("webhook_kind", "unknown"), reason).inc()
+
+
 def check_migrations(engine, head: str) -> str | None | bool:
     """Say at start-up, in one line, that the database's migrations are not at the code's head; the revision
     found (None: no migrations at all), or False when the database did not answer.
@@ -200,9 +221,10 @@ def check_migrations(engine, head: str) -> str | None | bool:
     try:
         current = revision_at_start(engine)
     except SQLAlchemyError as exc:
+        reason = f" ({unavailable_reason(exc)})" if isinstance(exc, OperationalError) else ""
         logs.log.warning("database_unavailable", extra={
             "error": type(exc).__name__,
-            "detail": "at start-up; starting anyway: what needs the database answers 503 until it is back"})
+            "detail": f"at start-up{reason}; starting anyway: what needs the database answers 503 until it is back"})
         return False
     if current == head:
         return current

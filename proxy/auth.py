@@ -31,6 +31,8 @@ def require_basic_auth():
     """A before_request hook: 401 with Twilio's 20003 body unless the caller holds the credentials."""
     auth = request.authorization
     if auth is None or auth.type != "basic" or not credentials_match(auth.username, auth.password):
-        logs.event("auth_failed", redact=True, level=30, path=logs.masked_path(request.path), request_id=g.request_id)
+        # remote_addr: the peer (behind a load balancer, the balancer); nothing of what the caller sent.
+        logs.event("auth_failed", redact=True, level=30, path=logs.masked_path(request.path),
+                   remote_addr=request.remote_addr, request_id=g.request_id)
         return twilio_error(20003, 401)
     return None

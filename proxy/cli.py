@@ -233,6 +233,7 @@ def register(app: Flask) -> None:
             stop = threading.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
+            logs.database_in_use("worker", rt.settings)
             logs.event("worker_started", redact=True, poll_seconds=rt.settings.worker_poll_seconds,
                        concurrency=rt.settings.worker_concurrency)
             runner.run_forever(stop)

@@ -112,6 +112,7 @@ def create_message(account_sid: str):
             detail = f"the database's migrations are behind this code's: run `{UPGRADE_COMMAND}`"
             logs.log.error("migrations_not_at_head", extra={"path": logs.masked_path(request.path), "detail": detail,
                                                             "request_id": g.request_id})
+            DECISIONS.labels("rejected", "migrations_not_at_head", "none").inc()
             raise ApiError(503, 503, f"This send could not be recorded, so nothing was sent: {detail}.")
         judgement = judge(rt, form)
     except SQLAlchemyError as exc:

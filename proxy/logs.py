@@ -6,6 +6,8 @@ import logging
 import os
 import re
 import sys
+import time
+from urllib.parse import unquote, urlsplit
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -18,12 +20,19 @@ ADDRESS_FIELDS = ("sender", "user", "from", "to")
 _stream: _Lines | None = None
 
 
+class _JsonLine(JsonFormatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # UTC with milliseconds (2026-11-26T17:24:24.123Z), whatever the host's TZ: lines of several hosts and
+        # processes sort by it, and whole seconds could not order two lines of one request.
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{whole}.{int(record.msecs):03d}Z"
+
+
 def make_formatter() -> logging.Formatter:
-    return JsonFormatter(
+    return _JsonLine(
         "{asctime}{levelname}{name}{message}",
         style="{",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger", "message": "event"},
-        datefmt="%Y-%m-%dT%H:%M:%S%z",
     )
 
 
@@ -120,6 +129,41 @@ def masked_path(path: str) -> str:
     """A request path as logged: every phone number in it masked (a refused request's too)."""
     return _NUMBER_IN_PATH.sub(lambda found: found.group() if found.group() == _API_VERSION else mask(found.group()),
                                path)
+
+
+MAX_LOGGED_URL = 512  # the host part is the caller's Host header, unless PUBLIC_BASE_URL is set
+
+
+def masked_url(url: str) -> str:
+    """A URL as logged (the one a webhook's signature was checked against): scheme, host and port as they are,
+    so a PUBLIC_BASE_URL mistake shows; phone numbers in the path masked; of the query only its names (a value
+    may be a token or a number); never a user:password@."""
+    parts = urlsplit(url)
+    shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{_masked_as_sent(parts.path)}"
+    if parts.query:
+        shown += "?" + "&".join(_masked_as_sent(name) + ("=…" if sep else "")
+                                for name, sep, _ in (item.partition("=") for item in parts.query.split("&")))
+    return shown[:MAX_LOGGED_URL]
+
+
+def _masked_as_sent(text: str) -> str:
+    """`text` with its %-escapes kept (they are part of what was signed), unless they hid a phone number: then
+    decoded, and the number masked."""
+    decoded = unquote(text)
+    masked = masked_path(decoded)
+    return masked_path(text) if masked == decoded else masked
+
+
+def database_in_use(process: str, settings) -> None:
+    """One line at the start of a long-running process (`web`, `worker`): the database it uses, and whether
+    that is the default because DATABASE_URL is unset (a worker polling the wrong file said nothing)."""
+    from .settings import database_shown
+
+    fields = {"process_type": process, "database": database_shown(settings.database_url),
+              "database_default": settings.database_is_default}
+    if settings.database_is_default:
+        fields["detail"] = "DATABASE_URL is unset: a SQLite file in ./instance/, for a single instance only"
+    log.info("database_in_use", extra=fields)
 
 
 def event(name: str, *, redact: bool, level: int = logging.INFO, **fields) -> None:

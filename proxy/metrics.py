@@ -21,7 +21,8 @@ UPSTREAM_SECONDS = Histogram(
 
 
 class OutboxDepth:
-    """Outbox items by status, read from the database at scrape time (shared by every instance)."""
+    """Outbox items by status, read from the database at scrape time (shared by every instance), and whether
+    the database answered: the outbox series are absent when it did not, proxy_database_up never is."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -36,7 +37,9 @@ class OutboxDepth:
             with self.engine.connect() as conn:
                 counts, oldest = outbox.depth(conn), outbox.oldest_due(conn, now)
         except Exception:  # noqa: BLE001 — a scrape must not fail because the database is away
+            yield _database_up(0)
             return
+        yield _database_up(1)
         for status in outbox.STATUSES:  # every one, so a stuck `sending` or `uncertain` item can be alerted on
             family.add_metric([status], counts.get(status, 0))
         yield family
@@ -44,6 +47,13 @@ class OutboxDepth:
         yield GaugeMetricFamily("proxy_outbox_oldest_due_seconds",
                                 "How long the longest-waiting due outbox item has waited for a worker.",
                                 value=(now - oldest).total_seconds() if oldest else 0.0)
+
+
+def _database_up(value: int) -> GaugeMetricFamily:
+    # Without it an outage only removed series, and an alert on a missing series does not fire by itself.
+    return GaugeMetricFamily("proxy_database_up",
+                             "1 when the database answered this scrape's outbox queries, else 0 (unreachable, or "
+                             "its tables missing).", value=value)
 
 
 def exposition(engine) -> tuple[bytes, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from sqlalchemy import make_url
+from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from .policy import Policy
@@ -59,6 +59,7 @@ class Settings:
     # The token before a rotation (TWILIO_AUTH_TOKEN_PREVIOUS): accepted on webhooks and from gateway callers
     # until it is removed, so no process must restart at the moment Twilio's new token takes over.
     previous_auth_token: str | None = field(default=None, repr=False)
+    database_is_default: bool = False  # DATABASE_URL unset: the SQLite file in ./instance/
     twilio_api_base_url: str = "https://api.twilio.com"
     public_base_url: str | None = None
     session_window_seconds: int = 86400
@@ -169,6 +170,7 @@ class Settings:
             auth_token=env["TWILIO_AUTH_TOKEN"].strip(),
             previous_auth_token=previous_token,
             database_url=normalise_database_url(env.get("DATABASE_URL", "")),
+            database_is_default=not env.get("DATABASE_URL", "").strip(),
             twilio_api_base_url=_url(env, "TWILIO_API_BASE_URL", "https://api.twilio.com"),
             public_base_url=_url(env, "PUBLIC_BASE_URL", None),
             session_window_seconds=window,
@@ -332,6 +334,16 @@ def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
 
 
 _SCHEME_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:?//")
+
+
+def database_shown(url: str) -> str:
+    """The database a log line names: driver, host, port and database (a SQLite file's path), without user,
+    password or query. Rebuilt from SQLAlchemy's reading of the URL, the one the engine connects with: cut as
+    text alone, a password with an unescaped `?` (`u:pa?ss@host`) kept the part before it."""
+    parsed = make_url(url)
+    bare = URL.create(parsed.drivername, host=parsed.host, port=parsed.port, database=parsed.database)
+    # Then cut as text too: a password with an unescaped `@` is read by SQLAlchemy as part of the host.
+    return without_credentials(bare.render_as_string(hide_password=False))
 
 
 def without_credentials(raw: str) -> str:

@@ -9,14 +9,14 @@ from datetime import datetime, timedelta
 from urllib.parse import quote
 
 from flask import Blueprint, Response, g, request
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 from twilio.twiml.messaging_response import MessagingResponse
 
 from . import holds, late_failures, logs, outbox, signatures, store
 from .forwarding import KEPT_HEADERS, too_large
 from .addresses import InvalidAddress, normalise
-from .db import storable, utcnow, writing
+from .db import storable, unavailable_reason, utcnow, writing
 from .errors import twilio_error
 from .forms import Fields, form_of
 from .metrics import WEBHOOKS
@@ -47,7 +47,8 @@ def require_twilio_signature():
     g.params = webhook_params()
     if g.params is None:
         return twilio_error(400, 400, "Webhook body must be a form or a JSON object.")
-    reason = signatures.problem(request, g.params, signed_url(), rt.settings, rt.validator, rt.previous_validator)
+    url = signed_url()
+    reason = signatures.problem(request, g.params, url, rt.settings, rt.validator, rt.previous_validator)
     if reason is None:
         return None
     if rt.settings.allow_unsigned_webhooks:
@@ -55,8 +56,11 @@ def require_twilio_signature():
                    request_id=g.request_id)
         return None
     WEBHOOKS.labels("unknown", "signature_rejected").inc()
+    # Who called, and the URL the signature was computed over: a PUBLIC_BASE_URL that is not the URL Twilio
+    # requests (scheme, host, case behind a TLS terminator) shows here, not only as invalid_signature.
     logs.event("webhook_rejected", redact=rt.settings.log_redact_numbers, level=30, path=request.path,
-               reason=reason, request_id=g.request_id)
+               reason=reason, remote_addr=request.remote_addr, signed_url=logs.masked_url(url),
+               request_id=g.request_id)
     return twilio_error(20403, 403, f"Forbidden: X-Twilio-Signature check failed ({reason}).")
 
 
@@ -147,7 +151,9 @@ def webhook():
     # on an inbound message, so a callback without its MessageStatus is still a callback.
     form = g.params
     if form.get("MessageStatus") or form.get("SmsStatus", "received") != "received":
+        g.webhook_kind = "status"  # for the count of a 503 (proxy.count_refusal)
         return _status_callback()
+    g.webhook_kind = "inbound"
     return _inbound_message()
 
 
@@ -266,8 +272,9 @@ def _forward_inline(item_id: int, lease: datetime, arrived: float, sender: str, 
     except SQLAlchemyError as exc:
         # The message is stored and the app has had its turn: a 503 now would throw the app's TwiML away. The
         # item stays under this attempt's lease, and the worker delivers it (again) after it: at-least-once.
-        logs.log.error("database_unavailable", extra={"error": type(exc).__name__, "path": request.path,
-                                                      "outbox_id": item_id, "request_id": g.request_id})
+        logs.log.error("database_unavailable", extra={
+            "error": type(exc).__name__, "path": request.path, "outbox_id": item_id, "request_id": g.request_id,
+            "detail": unavailable_reason(exc) if isinstance(exc, OperationalError) else None})
     if reply.too_large:
         too_large(reply, redact=rt.settings.log_redact_numbers, kind="inbound", outbox_id=item_id, sender=sender,
                   user=user, request_id=g.request_id)

@@ -118,3 +118,96 @@ def test_an_invalid_proxy_setting_stops_gunicorn_rather_than_restarting_its_work
     refusals = [line for line in done.stderr.splitlines() if "configuration error" in line]
     assert len(refusals) == 1 and variable in refusals[0], done.stderr[-1500:]
     assert "Traceback" not in done.stderr and "Booting worker" not in done.stderr, done.stderr[-1500:]
+
+
+def _gunicorn(tmp_path, port: int, **env) -> subprocess.Popen:
+    """The Procfile's web command on 127.0.0.1 with its own HOME and TMPDIR, so what it leaves there can be seen."""
+    from proxy.sandbox.cli import procfile_command
+    from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+
+    for name in ("home", "tmp"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("WEB_", "TWILIO_", "PROMETHEUS_", "XDG_")) and k not in ("HOME", "TMPDIR")}
+    full = {**base, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'proxy.sqlite3'}", "PORT": str(port), "WEB_CONCURRENCY": "2",
+            "HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path / "tmp"), **env,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = procfile_command("web").replace("0.0.0.0:", "127.0.0.1:")
+    return subprocess.Popen(["bash", "-c", f"exec {command}"], env=full, cwd=CONF.parent,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "gunicorn.log", "w"))
+
+
+def _serve_metrics_then_stop(tmp_path, **env) -> dict[Path, list[Path]]:
+    """Start, have /metrics answered and a webhook counted, stop; the metrics directories in TMPDIR while it ran, with their sample files."""
+    import time
+
+    import requests
+
+    from tests.conftest import basic_auth
+    from tests.e2e.conftest import free_port
+
+    port = free_port()
+    server = _gunicorn(tmp_path, port, **env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "gunicorn.log").read_text()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/metrics", headers=basic_auth(), timeout=5).ok:
+                    # Counted (an unsigned webhook): the worker writes its sample file.
+                    assert requests.post(f"http://127.0.0.1:{port}/twilio/inbound", timeout=5).status_code == 403
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        time.sleep(1)  # gunicorn starts its control server once the workers are forked
+        running = {path: sorted(path.glob("*.db")) for path in (tmp_path / "tmp").glob("proxy-metrics-*")}
+        assert not (tmp_path / "home" / ".gunicorn").exists(), "a control socket shared by every gunicorn"
+    finally:
+        server.terminate()
+        assert server.wait(30) == 0, (tmp_path / "gunicorn.log").read_text()
+    return running
+
+
+def test_the_metrics_directory_gunicorn_made_is_removed_when_it_stops(tmp_path):
+    """One proxy-metrics-* directory was left in the temp directory by every start (1,700 on one host)."""
+    running = _serve_metrics_then_stop(tmp_path)
+    assert len(running) == 1 and list(running.values())[0], running  # the workers' sample files
+    assert not list((tmp_path / "tmp").glob("proxy-metrics-*"))
+
+
+def test_a_metrics_directory_the_operator_set_is_kept(tmp_path):
+    given = tmp_path / "metrics"
+    assert _serve_metrics_then_stop(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(given)) == {}
+    assert given.is_dir() and list(given.glob("*.db"))  # its counters, left for the operator
+
+
+def test_the_metrics_directory_is_removed_when_gunicorn_cannot_start(tmp_path):
+    """A port in use ends gunicorn's start before its on_exit hook could run."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = _gunicorn(tmp_path, taken.getsockname()[1])
+        assert server.wait(60) != 0
+    assert "Address already in use" in (tmp_path / "gunicorn.log").read_text()
+    assert not list((tmp_path / "tmp").glob("proxy-metrics-*"))
+
+
+def test_gunicorn_makes_no_control_socket():
+    """gunicorn 25.1+ binds $XDG_RUNTIME_DIR/gunicorn.ctl (else ~/.gunicorn/gunicorn.ctl) for gunicornc: one path
+    for every instance on the host, so a second instance replaced the first's. The proxy does not use it."""
+    assert _run("print(conf['control_socket_disable'])") == "True"
+
+
+def test_on_exit_removes_only_the_directory_gunicorn_made(tmp_path):
+    made, given = tmp_path / "proxy-metrics-made", tmp_path / "given"
+    for path in (made, given):
+        path.mkdir()
+        (path / "counter_1.db").write_bytes(b"")
+    _run("import types\n"
+         f"conf['on_exit'](types.SimpleNamespace(proxy_metrics_dir={str(made)!r}))\n"
+         "conf['on_exit'](types.SimpleNamespace())  # PROMETHEUS_MULTIPROC_DIR was the operator's")
+    assert not made.exists() and given.is_dir()

@@ -42,3 +42,39 @@ def test_numbers_in_free_text_are_masked_like_address_fields():
     masked = logs.mask_numbers(text)
     assert "whatsapp:+1415*****11" in masked and masked.startswith("21211 The 'To' number")
     assert "4155550111" not in masked and "555-0122" not in masked
+
+
+def test_json_time_is_utc_with_milliseconds_whatever_the_process_timezone(monkeypatch):
+    """The lines had whole seconds in the process's own timezone (TZ=America/Los_Angeles gave -0800): lines
+    of several hosts could not be ordered, nor two lines of one request told apart."""
+    import time
+    from datetime import datetime, timezone
+
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    try:
+        record = logging.LogRecord("proxy", logging.INFO, __file__, 1, "send", None, None)
+        record.created = datetime(2026, 11, 26, 17, 24, 24, 123456, tzinfo=timezone.utc).timestamp()
+        record.msecs = 123.0  # as LogRecord derives it from `created`
+        line = json.loads(logs.make_formatter().format(record))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert line["time"] == "2026-11-26T17:24:24.123Z"
+
+
+def test_json_time_of_a_logged_line_parses_as_utc():
+    import io
+    from datetime import datetime, timedelta, timezone
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.make_formatter())
+    logger = logging.Logger("time-test")
+    logger.addHandler(handler)
+    before = datetime.now(timezone.utc)
+    logger.info("event")
+    stamp = json.loads(stream.getvalue())["time"]
+    assert len(stamp) == len("2026-11-26T17:24:24.123Z") and stamp.endswith("Z")
+    logged = datetime.fromisoformat(stamp)  # Python 3.11 reads the Z
+    assert logged.tzinfo == timezone.utc and before - timedelta(seconds=1) <= logged <= datetime.now(timezone.utc)

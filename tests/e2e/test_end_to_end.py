@@ -199,3 +199,19 @@ def test_a_webhook_url_with_escapes_is_checked_as_twilio_requested_it(proxy_serv
         conn.close()
     with db_engine.connect() as conn:
         assert conn.execute(select(windows.c.last_inbound_sid)).scalars().all() == ["SM" + "4" * 32]
+
+
+def test_each_gunicorn_worker_names_its_database_at_start(proxy_server, database_url):
+    """The Procfile's web line: one INFO line per worker (WEB_CONCURRENCY=2 here) as it loads the app."""
+    from proxy.settings import database_shown
+
+    import time
+
+    deadline, said = time.monotonic() + 20, []
+    while len(said) < 2 and time.monotonic() < deadline:  # the port is open before the workers have loaded the app
+        time.sleep(0.1)
+        lines = [json.loads(line) for line in json_lines(proxy_server.log_path.read_text().splitlines())]
+        said = [line for line in lines if line["event"] == "database_in_use"]
+    assert len(said) >= 2 and {line["process_type"] for line in said} == {"web"}, said
+    assert {line["database"] for line in said} == {database_shown(database_url)}
+    assert {line["database_default"] for line in said} == {False}

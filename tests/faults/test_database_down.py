@@ -56,6 +56,12 @@ def test_outage_fails_closed_and_recovers_without_restart(pg_cluster, fake_twili
         assert down_send.status_code == 503 and set(down_send.json()) == SHAPE
         assert len(fake_twilio.creates) == sent_before  # nothing went out unjudged
         assert requests.get(server.url + "/readyz", timeout=15).status_code == 503
+        # Counted, and said: the outbox series are gone for the outage, proxy_database_up is not.
+        down = metrics(server)
+        assert down["proxy_database_up"] == 0.0 and "proxy_outbox_oldest_due_seconds" not in down
+        assert down['proxy_send_decisions_total{action="rejected",content_type="none",reason="database_unavailable"}'] \
+            == 1.0
+        assert down['proxy_webhooks_total{kind="inbound",outcome="database_unavailable"}'] == 1.0
         assert requests.get(server.url + "/healthz", timeout=15).status_code == 200
 
         pg_cluster.start()
@@ -64,10 +70,18 @@ def test_outage_fails_closed_and_recovers_without_restart(pg_cluster, fake_twili
         assert send(server).status_code == 201
         assert recorded(pg_cluster, "SM" + "2" * 32) == 1
         assert requests.get(server.url + "/readyz", timeout=15).status_code == 200
+        assert metrics(server)["proxy_database_up"] == 1.0
     finally:
         server.stop()
         if not _running(pg_cluster):
             pg_cluster.start()
+
+
+def metrics(server) -> dict[str, float]:
+    """/metrics as {series: value}, summed across the gunicorn workers."""
+    text = requests.get(server.url + "/metrics", headers=basic_auth(), timeout=30).text
+    return {series: float(value) for series, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
 
 
 def test_fail_open_forwards_unjudged_and_says_so_loudly(pg_cluster, fake_twilio, tmp_path):
@@ -106,3 +120,38 @@ def _running(pg_cluster) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_a_refused_password_is_logged_as_the_drivers_reason_without_the_password(pg_cluster, settings, log_lines):
+    """PostgreSQL refusing the password is the driver's reason in the 503's log line (as in the worker's and the
+    CLI's), and the password is in none of the lines: libpq names the host, the port and the user, never it."""
+    from dataclasses import replace
+
+    from sqlalchemy import text
+
+    from proxy import create_app
+    from tests.http.test_gateway import send as send_in_process
+
+    engine = create_engine(pg_cluster.url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP ROLE IF EXISTS guarded"))
+        conn.execute(text("CREATE ROLE guarded LOGIN PASSWORD 'the-right-one'"))
+    engine.dispose()
+    hba = pg_cluster.data / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text(f"host all guarded 127.0.0.1/32 scram-sha-256\n{original}")  # before the cluster's trust lines
+    pg_cluster._run("pg_ctl", "-D", str(pg_cluster.data), "reload")
+    wrong = "wrong-password-marker-7d3a"
+    try:
+        app = create_app(replace(settings, database_url=f"postgresql+psycopg://guarded:{wrong}@127.0.0.1:"
+                                                        f"{pg_cluster.port}/proxy"))
+        response = send_in_process(app.test_client(), {"To": USER, "From": BUSINESS, "Body": "x"})
+        app.extensions["proxy"].engine.dispose()
+    finally:
+        hba.write_text(original)
+        pg_cluster._run("pg_ctl", "-D", str(pg_cluster.data), "reload")
+    assert response.status_code == 503
+    lines = [line for line in log_lines() if line["event"] == "database_unavailable"]
+    assert [line["level"] for line in lines] == ["WARNING", "ERROR"]  # at start-up, then the request
+    assert all('password authentication failed for user "guarded"' in line["detail"] for line in lines), lines
+    assert wrong not in json.dumps(log_lines())

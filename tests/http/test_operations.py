@@ -59,7 +59,7 @@ def test_an_idempotency_token_that_is_no_token_is_not_the_request_id(client, log
 def test_numbers_shown_when_redaction_is_off(settings, db_engine, log_lines):
     client = create_app(replace(settings, log_redact_numbers=False)).test_client()
     signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 32))
-    assert log_lines()[0]["user"] == USER
+    assert [line["user"] for line in log_lines() if line["event"] == "inbound"] == [USER]
 
 
 def test_text_format_for_humans(settings, db_engine, capsys):
@@ -560,3 +560,141 @@ def test_a_command_without_credentials_still_stops_with_the_configuration_error(
     done = _flask_without_credentials(tmp_path, "held", "list")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "configuration error: TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set" in done.stderr
+
+
+# --- which database a process uses ---------------------------------------------------------------------
+
+def _database_in_use(lines):
+    return [line for line in lines if line["event"] == "database_in_use"]
+
+
+def test_a_web_process_names_its_database_at_start_and_whether_it_is_the_default(tmp_path, monkeypatch, log_lines):
+    """With DATABASE_URL unset the proxy used ./instance/proxy.sqlite3 and no line said so."""
+    from proxy.settings import Settings
+    from tests.e2e.conftest import free_port
+
+    monkeypatch.chdir(tmp_path)
+    env = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN}
+    create_app(Settings.from_env({**env, "DATABASE_URL": " "})).extensions["proxy"].engine.dispose()
+    (default,) = _database_in_use(log_lines())
+    assert (default["level"], default["process_type"], default["database_default"]) == ("INFO", "web", True)
+    assert default["database"] == f"sqlite:///{tmp_path / 'instance' / 'proxy.sqlite3'}"
+    assert "DATABASE_URL" in default["detail"]
+
+    password, port = "db-password-marker-41f7", free_port()
+    url = f"postgres://proxy:{password}@127.0.0.1:{port}/proxy?sslmode=disable&password={password}"
+    create_app(Settings.from_env({**env, "DATABASE_URL": url})).extensions["proxy"].engine.dispose()
+    given = _database_in_use(log_lines())[1]
+    assert (given["database"], given["database_default"]) == (f"postgresql+psycopg://127.0.0.1:{port}/proxy", False)
+    assert "detail" not in given
+    assert password not in json.dumps(log_lines()) and "proxy:" not in given["database"]
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:pass?word@db.internal:5432/proxy", "postgresql://u:p@ss@db.internal/proxy",
+                                 "postgresql://u:pass%23word@db.internal/proxy?sslmode=require"])
+def test_the_database_named_in_logs_keeps_no_part_of_a_password(url):
+    from proxy.settings import database_shown, normalise_database_url
+
+    shown = database_shown(normalise_database_url(url))
+    assert shown.startswith("postgresql+psycopg://") and "db.internal" in shown and "/proxy" in shown, shown
+    assert not any(part in shown for part in ("pass", "word", "ss@", "u:", "sslmode")), shown
+
+
+def test_the_worker_names_its_database_at_start(settings, db_engine, log_lines, monkeypatch):
+    from proxy.settings import database_shown
+    from proxy.worker import Worker
+
+    monkeypatch.setattr(Worker, "run_forever", lambda self, stop: None)
+    app = create_app(settings)
+    started = len(log_lines())
+    result = app.test_cli_runner().invoke(args=["worker"])
+    assert result.exit_code == 0, result.output
+    lines = log_lines()[started:]
+    assert [line["event"] for line in lines] == ["database_in_use", "worker_started", "worker_stopped"]
+    assert (lines[0]["process_type"], lines[0]["database_default"]) == ("worker", False)
+    assert lines[0]["database"] == database_shown(settings.database_url)
+    assert "postgres@" not in lines[0]["database"]  # the user the tests' PostgreSQL URL names is left out too
+
+
+def test_other_commands_do_not_name_the_database(tmp_path):
+    """Their output is often read by scripts (one JSON object per line): only the long-running processes say it."""
+    done = _flask_with_credentials(tmp_path, "db", "upgrade")
+    assert done.returncode == 0, done.stderr
+    listed = _flask_with_credentials(tmp_path, "outbox", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "database_in_use" not in done.stdout + done.stderr + listed.stdout + listed.stderr
+
+
+def _flask_with_credentials(tmp_path, *args):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FLASK_"))}
+    env.update(TWILIO_ACCOUNT_SID=ACCOUNT_SID, TWILIO_AUTH_TOKEN=AUTH_TOKEN,
+               DATABASE_URL=f"sqlite:///{tmp_path / 'proxy.sqlite3'}")
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "proxy", *args], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=tmp_path)
+
+
+# --- metrics while the database is away ----------------------------------------------------------------
+
+def _samples(client) -> dict:
+    """/metrics as {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics", headers=basic_auth()).get_data(as_text=True)
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+REFUSED_SEND = ("proxy_send_decisions_total", (("action", "rejected"), ("content_type", "none")))
+
+
+def _refusals(samples: dict, reason: str) -> tuple[float, float, float]:
+    """How many sends, inbound messages and status callbacks were answered 503 for `reason`."""
+    name, labels = REFUSED_SEND
+    return (samples.get((name, tuple(sorted((*labels, ("reason", reason))))), 0.0),
+            samples.get(("proxy_webhooks_total", (("kind", "inbound"), ("outcome", reason))), 0.0),
+            samples.get(("proxy_webhooks_total", (("kind", "status"), ("outcome", reason))), 0.0))
+
+
+def _send_inbound_and_status(client) -> None:
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).status_code == 503
+    assert signed_post(client, "/twilio/inbound", inbound_params("SM" + "5" * 32)).status_code == 503
+    status = inbound_params("SM" + "6" * 32, MessageStatus="delivered", SmsStatus="delivered")
+    assert signed_post(client, "/twilio/status", status).status_code == 503
+
+
+def test_requests_refused_because_the_database_is_unavailable_are_counted(settings, fake_twilio, tmp_path):
+    """Answered 503 and counted nowhere: a dashboard showed fewer sends and webhooks, not refused ones."""
+    (tmp_path / "not-a-file").mkdir()  # SQLite that cannot be opened stands in for a database that is down
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'not-a-file'}"))
+    client = app.test_client()
+    before = _refusals(_samples(client), "database_unavailable")
+    _send_inbound_and_status(client)
+    after = _refusals(_samples(client), "database_unavailable")
+    app.extensions["proxy"].engine.dispose()
+    assert [b - a for a, b in zip(before, after)] == [1.0, 1.0, 1.0]
+
+
+def test_requests_refused_because_migrations_were_not_applied_are_counted(settings, fake_twilio, tmp_path):
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'fresh.sqlite3'}"))
+    client = app.test_client()
+    before = _refusals(_samples(client), "migrations_not_at_head")
+    _send_inbound_and_status(client)
+    after = _refusals(_samples(client), "migrations_not_at_head")
+    app.extensions["proxy"].engine.dispose()
+    assert [b - a for a, b in zip(before, after)] == [1.0, 1.0, 1.0]
+
+
+def test_metrics_say_whether_the_database_answered_the_scrape(settings, db_engine, tmp_path):
+    """During an outage the proxy_outbox_* series vanished and /metrics still answered 200: an alert on
+    proxy_outbox_oldest_due_seconds could never fire. proxy_database_up is always there."""
+    up = _samples(create_app(settings).test_client())
+    assert up[("proxy_database_up", ())] == 1.0 and ("proxy_outbox_oldest_due_seconds", ()) in up
+    (tmp_path / "not-a-file").mkdir()
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'not-a-file'}"))
+    down = _samples(app.test_client())
+    app.extensions["proxy"].engine.dispose()
+    assert down[("proxy_database_up", ())] == 0.0 and ("proxy_outbox_oldest_due_seconds", ()) not in down

@@ -81,6 +81,7 @@ def test_auth_failed_logs_neither_password_nor_token_nor_the_user_tried(settings
     # What is legitimately logged: the path (the account SID is in every API URL and is no secret) and
     # the request id. Never the password, the token, the user name tried, or the Authorization header.
     assert line["level"] == "WARNING" and line["path"] == path.split("?")[0]
+    assert line["remote_addr"] == "127.0.0.1"  # who called (behind a load balancer: the balancer)
     header = auth["Authorization"].removeprefix("Basic ")
     assert_leaks_nothing(text, header, API_SECRET, *(s for s in (user, password) if s != ACCOUNT_SID))
     assert ACCOUNT_SID not in text.replace(line["path"], "")  # the SID only as part of the path
@@ -107,7 +108,37 @@ def test_webhook_rejected_logs_no_body_number_or_token(client, db_engine, settin
     text, lines = logged()
     line = only(lines, "webhook_rejected")
     assert line["level"] == "WARNING" and line["path"] == path and line["reason"]
+    # Who called, and the URL the signature was checked against (a PUBLIC_BASE_URL mistake shows there).
+    assert line["remote_addr"] == "127.0.0.1" and line["signed_url"] == "http://localhost" + path
     assert_leaks_nothing(text, headers.get("X-Twilio-Signature", AUTH_TOKEN))
+
+
+def test_webhook_rejected_shows_the_url_checked_with_the_querys_names_only(settings, db_engine, logged):
+    """A PUBLIC_BASE_URL that differs from the URL Twilio requested (here its host's case) was logged only as
+    invalid_signature. The URL is shown as checked, but a query's values (a token, a number) are not."""
+    app = create_app(replace(settings, public_base_url="https://Proxy.example.com"))
+    query = f"?token={URL_TOKEN}&to=%2B14155550111&flag"
+    params = _inbound()
+    signature = sign("https://proxy.example.com/twilio/inbound" + query, params)
+    response = app.test_client().post("/twilio/inbound" + query, data=params, headers={"X-Twilio-Signature": signature})
+    app.extensions["proxy"].engine.dispose()
+    assert response.status_code == 403
+    text, lines = logged()
+    line = only(lines, "webhook_rejected")
+    assert line["reason"] == "invalid_signature"
+    assert line["signed_url"] == "https://Proxy.example.com/twilio/inbound?token=…&to=…&flag"
+    assert_leaks_nothing(text, signature, URL_TOKEN, "%2B1415")
+
+
+@pytest.mark.parametrize("url, logged_url", [
+    ("https://h.example/a/+14155550111/twilio/inbound", "https://h.example/a/+1415*****11/twilio/inbound"),
+    ("https://h.example/a/%2B14155550111/twilio/inbound", "https://h.example/a/+1415*****11/twilio/inbound"),
+    ("https://user:pass@h.example:8443/twilio/inbound?bodySHA256=abc", "https://h.example:8443/twilio/inbound?bodySHA256=…"),
+    ("http://127.0.0.1:8000/twilio/status", "http://127.0.0.1:8000/twilio/status"),
+    ("https://h.example/twilio/inbound?%2B14155550111=1", "https://h.example/twilio/inbound?+1415*****11=…"),
+])
+def test_a_logged_url_keeps_no_number_credentials_or_query_value(url, logged_url):
+    assert proxy_logs.masked_url(url) == logged_url
 
 
 MALFORMED = {
@@ -230,3 +261,21 @@ def test_outbox_list_shows_no_credentials_of_the_forward_url(settings, db_engine
     app.extensions["proxy"].engine.dispose()
     assert result.exit_code == 0 and "app.example/hook" in result.output
     assert URL_PASSWORD not in result.output and URL_TOKEN not in result.output and BODY not in result.output
+
+
+def test_database_unavailable_names_the_drivers_reason_but_not_the_password(settings, fake_twilio, logged):
+    """The web process's 503s said only `OperationalError`; the driver's reason (refused, timed out, password
+    authentication failed) names the host, port, user and database, never the password."""
+    from tests.e2e.conftest import free_port
+
+    url = f"postgresql+psycopg://proxy:{URL_PASSWORD}@127.0.0.1:{free_port()}/proxy?password={URL_TOKEN}"
+    app = create_app(replace(settings, database_url=url))  # nothing listens there
+    client = app.test_client()
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": BODY}).status_code == 503
+    assert signed_post(client, "/twilio/inbound", _inbound()).status_code == 503
+    app.extensions["proxy"].engine.dispose()
+    text, lines = logged()
+    failures = [line for line in lines if line["event"] == "database_unavailable"]
+    assert [line["level"] for line in failures] == ["WARNING", "ERROR", "ERROR"]  # at start-up, then each request
+    assert all("refused" in line["detail"] for line in failures), failures
+    assert_leaks_nothing(text, URL_PASSWORD, URL_TOKEN)
