@@ -1,11 +1,14 @@
-"""SQLite write transactions of concurrent requests, committed together: one write turn for many.
+"""Write transactions of concurrent requests, committed together: one transaction for many.
 
-SQLite takes one writer at a time, so each inbound webhook's transaction waited its turn on the
-proxy's lock file and paid its own BEGIN and COMMIT. Here the first request to arrive leads: it
-takes the turn once and runs, in one transaction, every request's work queued by then; the others
-wait for their own result. A batch that fails on one request's values is rerun one by one, so a
-refused value costs only its own request; any other failure (the database locked or gone) is every
-request's answer, as it would have been alone.
+Each inbound webhook or status callback writes one statement. Alone, each paid its own transaction:
+on SQLite a turn on the proxy's write lock with its BEGIN and COMMIT, on PostgreSQL a pooled
+connection and a commit in the server. Here the first request to arrive leads: it runs its own
+statement at once (on PostgreSQL in autocommit, one round trip, as before), and then, in one
+transaction, every request's work queued meanwhile; the others wait for their own result. A batch
+that fails on one request's values is rerun one by one, so a refused value costs only its own
+request; so is a PostgreSQL batch that deadlocked with another worker's (each request alone is
+what it would have been without batching). Any other failure (the database locked or gone) is
+every request's answer, as it would have been alone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from .db import writing
 
 MAX_BATCH = 64
+# PostgreSQL's answers to two transactions taking the same rows in opposite orders (deadlock_detected,
+# serialization_failure): nothing about the values, and each request alone does not conflict with itself.
+_CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
 
 
 def values_refused(exc: BaseException) -> bool:
@@ -30,11 +36,17 @@ def values_refused(exc: BaseException) -> bool:
     return isinstance(exc, (StatementError, UnicodeError)) and not isinstance(exc, DBAPIError)
 
 
-class _Job:
-    __slots__ = ("work", "done", "lead", "result", "error")
+def lock_conflict(exc: BaseException) -> bool:
+    """PostgreSQL gave up the transaction because another one held rows it wanted, and vice versa."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _CONFLICT_SQLSTATES
 
-    def __init__(self, work: Callable[[Connection], Any]):
+
+class _Job:
+    __slots__ = ("work", "order", "done", "lead", "result", "error")
+
+    def __init__(self, work: Callable[[Connection], Any], order: tuple = ()):
         self.work = work
+        self.order = order
         self.done = threading.Event()  # set when its result is in, or when it is handed the lead
         self.lead = False
         self.result: Any = None
@@ -44,16 +56,22 @@ class _Job:
 class GroupCommit:
     def __init__(self, engine: Engine):
         self.engine = engine
+        # A batch of one: on PostgreSQL one statement in autocommit is its own transaction, one round trip
+        # instead of three; on SQLite a write needs the write turn, which `writing` takes.
+        self._autocommit = (None if engine.dialect.name == "sqlite"
+                            else engine.execution_options(isolation_level="AUTOCOMMIT"))
         self._mutex = threading.Lock()
         self._pending: list[_Job] = []
         self._leading = False
 
-    def run(self, work: Callable[[Connection], Any]) -> Any:
+    def run(self, work: Callable[[Connection], Any], order: tuple = ()) -> Any:
         """`work(conn)` inside a write transaction shared with other requests; its return value.
 
-        `work` must only use `conn` (it may run in another request's thread) and may run twice.
+        `work` must only use `conn` (it may run in another request's thread) and may run twice. A batch
+        runs in `order` (the keys of the rows `work` writes): two batches then take their rows' locks in
+        the same order, and do not wait on each other both ways (a PostgreSQL deadlock costs a second).
         """
-        job = _Job(work)
+        job = _Job(work, order)
         with self._mutex:
             self._pending.append(job)
             job.lead = not self._leading
@@ -99,18 +117,21 @@ class GroupCommit:
 
     def _commit(self, batch: list[_Job]) -> None:
         try:
+            if len(batch) == 1:
+                batch[0].result = self._alone(batch[0])
+                return
+            batch.sort(key=lambda job: job.order)
             try:
                 with writing(self.engine) as conn:
                     results = [job.work(conn) for job in batch]
                 for job, result in zip(batch, results):
                     job.result = result
             except Exception as error:  # noqa: BLE001 — sorted below: this batch's values, or the database
-                if not values_refused(error) or len(batch) == 1:
+                if not (values_refused(error) or lock_conflict(error)):
                     raise
-                for job in batch:  # one request's values were refused: find whose
+                for job in batch:  # one request's values were refused (find whose), or batches crossed
                     try:
-                        with writing(self.engine) as conn:
-                            job.result = job.work(conn)
+                        job.result = self._alone(job)
                     except Exception as exc:  # noqa: BLE001 — it is that request's answer
                         job.error = exc
         except Exception as exc:  # noqa: BLE001 — the database's answer to everyone in the batch
@@ -119,3 +140,10 @@ class GroupCommit:
         finally:
             for job in batch:
                 job.done.set()
+
+    def _alone(self, job: _Job) -> Any:
+        if self._autocommit is not None:
+            with self._autocommit.connect() as conn:
+                return job.work(conn)
+        with writing(self.engine) as conn:
+            return job.work(conn)

@@ -202,8 +202,8 @@ def _inbound_message() -> Response:
                   received_at=now, window_seconds=settings.session_window_seconds)
     if not (settings.forward_inbound_url or settings.hold_on_reroute):
         # Nothing else is written with the message: one statement on PostgreSQL (store.record_inbound),
-        # one round trip instead of four.
-        expires_at = _write_alone(rt, lambda conn: store.record_inbound(conn, **record))
+        # committed with other webhooks' (group_commit) in the order of the pair's rows.
+        expires_at = _write_alone(rt, lambda conn: store.record_inbound(conn, **record), (user, sender))
         return _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     forward_id, pairs, kept = None, list(form.items(multi=True)), {}
     lease = now + timedelta(seconds=settings.forward_timeout_seconds + LEASE_MARGIN_SECONDS)
@@ -225,16 +225,14 @@ def _inbound_message() -> Response:
     return response
 
 
-def _write_alone(rt, work):
+def _write_alone(rt, work, order: tuple):
     """`work(conn)`: a request's single write statement, when nothing else is written with it.
 
-    PostgreSQL: alone in autocommit, one round trip. SQLite: committed together with the other
-    requests' writes waiting for the write turn (proxy/group_commit.py); `work` may run twice there.
+    Committed in one transaction with the other requests' single writes that queued while the
+    previous one ran (proxy/group_commit.py; alone, on PostgreSQL, in autocommit); `work` may run twice.
+    `order`: the keys of the rows it writes (a batch runs sorted by them; stable, so arrival order within one).
     """
-    if rt.engine.dialect.name == "postgresql":
-        with rt.reader.connect() as conn:
-            return work(conn)
-    return rt.shared_writes.run(work)
+    return rt.shared_writes.run(work, order)
 
 
 def _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at) -> Response:
@@ -336,7 +334,7 @@ def _status_callback() -> Response:
     status_row = dict(sid=sid, status=status, error_code=error_code, sender=sender, user=user, at=now)
     if not (late_window_failure or settings.forward_status_url):
         # Only the status is written — most callbacks (sent, delivered, read: several per message sent).
-        changed = _write_alone(rt, lambda conn: store.record_status(conn, **status_row))
+        changed = _write_alone(rt, lambda conn: store.record_status(conn, **status_row), (sid,))
     else:
         with writing(rt.engine) as conn:
             changed = store.record_status(conn, **status_row)

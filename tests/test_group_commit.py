@@ -1,22 +1,28 @@
-"""proxy.group_commit on SQLite: concurrent requests share one write transaction; each gets its own
-result; a refused value fails only its own request; a database failure is everyone's answer."""
+"""proxy.group_commit on the test database (SQLite, or PostgreSQL in its pass): concurrent requests share
+one write transaction in the order of their rows; each gets its own result; a refused value fails only its
+own request; batches that deadlocked are rerun one by one; a database failure is everyone's answer."""
 
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import event, func, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 
-from proxy.db import late_failures, make_engine, metadata, utcnow, writing
-from proxy import group_commit
+from proxy.db import late_failures, make_engine, metadata, utcnow, windows, writing
+from proxy import group_commit, store
 from proxy.group_commit import MAX_BATCH, GroupCommit
 
 
 @pytest.fixture
-def engine(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'g.sqlite3'}")
-    metadata.create_all(engine)
+def engine(tmp_path, database_url, request):
+    if database_url.startswith("postgresql"):
+        request.getfixturevalue("db_engine")  # the migrated test database, emptied
+        engine = make_engine(database_url)
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path / 'g.sqlite3'}")
+        metadata.create_all(engine)
     commits = []
     event.listen(engine, "commit", lambda conn: commits.append(1))
     engine.commits = commits
@@ -31,9 +37,10 @@ def row(sid):
     return work
 
 
-def run_together(group, works, *, hold_first_until_queued=True):
+def run_together(group, works, *, orders=None, hold_first_until_queued=True):
     """Run each work from its own thread; the first holds its batch open until the others queue."""
     results, queued = [None] * len(works), threading.Event()
+    orders = orders or [()] * len(works)
 
     def first(conn):
         assert queued.wait(10)
@@ -41,7 +48,7 @@ def run_together(group, works, *, hold_first_until_queued=True):
 
     def call(i, work):
         try:
-            results[i] = group.run(work)
+            results[i] = group.run(work, orders[i])
         except Exception as exc:  # noqa: BLE001 — the test looks at what each caller got
             results[i] = exc
 
@@ -71,10 +78,88 @@ def test_waiting_requests_share_one_transaction_and_get_their_own_results(engine
     sids = [f"SM{i:032d}" for i in range(MAX_BATCH + 6)]
     assert run_together(group, [row(s) for s in sids]) == sids
     assert stored(engine) == set(sids)
-    # The first alone; then a full batch of those that queued behind it; then the lead passes to the
-    # oldest request still waiting, which commits the last six.
-    assert len(engine.commits) == 3
+    # The first alone (on PostgreSQL in autocommit: no COMMIT of its own); then a full batch of those that
+    # queued behind it; then the lead passes to the oldest request still waiting, which commits the last six.
+    assert len(engine.commits) == (3 if engine.dialect.name == "sqlite" else 2)
     assert group._leading is False and group._pending == []
+
+
+def test_a_batch_runs_in_the_order_of_its_rows_and_each_caller_gets_its_own_result(engine):
+    ran = []
+
+    def noted(sid):
+        def work(conn):
+            ran.append(sid)
+            return row(sid)(conn)
+        return work
+
+    sids = [f"SM{i:032d}" for i in range(6)]
+    orders = [("a",), ("f", "x"), ("c",), ("f", "b"), ("b",), ("c",)]
+    assert run_together(group := GroupCommit(engine), [noted(s) for s in sids], orders=orders) == sids
+    # The first alone, then the rest sorted; the two ("c",) keep the order they arrived in.
+    assert ran == [sids[0], sids[4], sids[2], sids[5], sids[3], sids[1]]
+    assert stored(engine) == set(sids) and group._pending == []
+
+
+def test_a_batch_that_lost_a_deadlock_is_rerun_one_by_one(engine):
+    """What PostgreSQL says to the transaction it picks to end a deadlock: each request is then tried alone."""
+    calls = {}
+
+    def conflicting(sid):
+        def work(conn):
+            calls[sid] = calls.get(sid, 0) + 1
+            if sid.endswith("3") and calls[sid] == 1:
+                orig = Exception("deadlock detected")
+                orig.sqlstate = "40P01"
+                raise OperationalError("INSERT", {}, orig)
+            return row(sid)(conn)
+        return work
+
+    sids = [f"SM{i:032d}" for i in range(5)]
+    assert run_together(GroupCommit(engine), [conflicting(s) for s in sids]) == sids
+    assert stored(engine) == set(sids)
+    # The first alone; the batch of the other four ended at the third; then each of the four alone.
+    assert calls == {sids[0]: 1, sids[1]: 2, sids[2]: 2, sids[3]: 2, sids[4]: 1}
+
+
+def test_postgresql_batches_that_cross_each_other_all_land(engine):
+    """Two workers' batches taking the same two windows in opposite orders: PostgreSQL ends one of them
+    (deadlock_detected), whose requests are rerun alone; every request gets its window."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite writers take turns on one lock: their transactions never cross")
+    now = utcnow()
+    both_hold_one, reruns = threading.Barrier(2, timeout=10), []
+
+    def inbound(n, user, *, hold=False):
+        def work(conn):
+            expires = store.record_inbound(
+                conn, sid=f"SM{n:032d}", sender="whatsapp:+14155550100", user=user, messaging_service_sid=None,
+                profile_name=None, num_media=0, received_at=now, window_seconds=3600)
+            if hold:
+                if work.ran:
+                    reruns.append(n)
+                else:
+                    work.ran = True
+                    both_hold_one.wait()  # each batch holds its first window before asking for the other
+            return expires
+        work.ran = False
+        return work
+
+    u1, u2 = "whatsapp:+14155551001", "whatsapp:+14155551002"
+    worker_a = [inbound(1, "whatsapp:+14155551000"), inbound(2, u1, hold=True), inbound(3, u2)]
+    worker_b = [inbound(4, "whatsapp:+14155551009"), inbound(5, u2, hold=True), inbound(6, u1)]
+    out = {}
+    threads = [threading.Thread(target=lambda k=k, w=w: out.__setitem__(k, run_together(GroupCommit(engine), w)))
+               for k, w in (("a", worker_a), ("b", worker_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    expected = now + timedelta(seconds=3600)
+    assert out["a"] == [expected] * 3 and out["b"] == [expected] * 3
+    assert len(reruns) == 1  # one batch was ended by PostgreSQL and run again, one request at a time
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(windows)) == 4
 
 
 def test_a_refused_value_fails_only_its_own_request(engine):
