@@ -37,12 +37,13 @@ def row(sid):
     return work
 
 
-def run_together(group, works, *, orders=None, hold_first_until_queued=True):
-    """Run each work from its own thread; the first holds its batch open until the others queue."""
-    results, queued = [None] * len(works), threading.Event()
+def run_together(group, works, *, orders=None):
+    """Run each work from its own thread; the first holds its batch (of one) open until the others queue."""
+    results, started, queued = [None] * len(works), threading.Event(), threading.Event()
     orders = orders or [()] * len(works)
 
     def first(conn):
+        started.set()
         assert queued.wait(10)
         return works[0](conn)
 
@@ -52,11 +53,10 @@ def run_together(group, works, *, orders=None, hold_first_until_queued=True):
         except Exception as exc:  # noqa: BLE001 — the test looks at what each caller got
             results[i] = exc
 
-    threads = [threading.Thread(target=call, args=(0, first if hold_first_until_queued else works[0]))]
+    threads = [threading.Thread(target=call, args=(0, first))]
     threads += [threading.Thread(target=call, args=(i, w)) for i, w in enumerate(works[1:], start=1)]
     threads[0].start()
-    while not group._leading:
-        time.sleep(0.001)
+    assert started.wait(10)
     for t in threads[1:]:
         t.start()
     deadline = time.monotonic() + 10
@@ -82,6 +82,27 @@ def test_waiting_requests_share_one_transaction_and_get_their_own_results(engine
     # queued behind it; then the lead passes to the oldest request still waiting, which commits the last six.
     assert len(engine.commits) == (3 if engine.dialect.name == "sqlite" else 2)
     assert group._leading is False and group._pending == []
+
+
+def test_the_leader_lets_requests_ready_to_write_join_its_batch(engine, monkeypatch):
+    """Under gevent a SQLite write never yields: unless the leader yields before taking its batch, the
+    requests that are ready to write only queue once it has committed, and most batches are of one."""
+    group, later = GroupCommit(engine), []
+    real_sleep = time.sleep
+
+    def a_request_gets_ready_meanwhile(seconds):
+        if not later:  # the leader's yield: another request reaches its write now
+            later.append(threading.Thread(target=group.run, args=(row("SM" + "2" * 32),)))
+            later[0].start()
+            while not group._pending:
+                real_sleep(0.001)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(group_commit.time, "sleep", a_request_gets_ready_meanwhile)
+    assert group.run(row("SM" + "1" * 32)) == "SM" + "1" * 32
+    later[0].join(10)
+    assert stored(engine) == {"SM" + "1" * 32, "SM" + "2" * 32}
+    assert len(engine.commits) == 1  # one transaction for both
 
 
 def test_a_batch_runs_in_the_order_of_its_rows_and_each_caller_gets_its_own_result(engine):
