@@ -126,6 +126,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
+        if exc.refusal:
+            count_refusal(exc.refusal)
         return exc.response()
 
     @app.errorhandler(HTTPException)

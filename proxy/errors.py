@@ -31,9 +31,11 @@ MESSAGES = {
 class ApiError(Exception):
     """Raised anywhere in a request to answer with a Twilio-shaped error."""
 
-    def __init__(self, code: int, status: int, message: str | None = None, **fmt):
+    def __init__(self, code: int, status: int, message: str | None = None, *, refusal: str | None = None, **fmt):
+        """`refusal`: why a 503 was a dependency's fault (the database, the Content API): counted with the
+        decisions and webhooks (proxy.count_refusal), like the database errors the app's handler answers."""
         super().__init__(code)
-        self.code, self.status, self.message, self.fmt = code, status, message, fmt
+        self.code, self.status, self.message, self.fmt, self.refusal = code, status, message, fmt, refusal
 
     def response(self) -> Response:
         return twilio_error(self.code, self.status, self.message, **self.fmt)

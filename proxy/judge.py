@@ -157,7 +157,8 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
         # was judged at a time long gone too. Nothing goes out: the caller's retry is judged afresh.
         logs.log.error("database_slow", extra={"waited_seconds": round(waited, 1), "limit_seconds": SLOW_DATABASE_SECONDS,
                                                "request_id": g.get("request_id") if has_request_context() else None})
-        raise ApiError(503, 503, f"The proxy's database took {waited:.0f} s to answer; nothing was sent. Retry.")
+        raise ApiError(503, 503, f"The proxy's database took {waited:.0f} s to answer; nothing was sent. Retry.",
+                       refusal="database_slow")
     window = window_state(row.expires_at, row.last_inbound_at, now=at,
                           safety_margin_seconds=rt.settings.window_safety_margin_seconds) if row else CLOSED
     profile_name = row.profile_name if row else None
@@ -190,5 +191,5 @@ def resolve(rt: Runtime, content_sid: str, channel: str) -> Send:
     except ContentUnavailable as exc:
         # Fail closed: without the template's type and approval nothing can be judged.
         raise ApiError(503, 503, f"The Content API could not be asked about {content_sid} ({exc}); "
-                                 "nothing was sent. Retry later.") from None
+                                 "nothing was sent. Retry later.", refusal="content_unavailable") from None
     return Send(channel, content.delivered_type, template=True, approval=content.approval, buttons=content.buttons)

@@ -682,6 +682,30 @@ def test_requests_refused_because_of_the_database_are_counted(settings, fake_twi
     assert [b - a for a, b in zip(before, after)] == [1.0, 1.0, 1.0]
 
 
+def test_sends_refused_because_a_dependency_was_slow_or_away_are_counted(settings, db_engine, monkeypatch):
+    """A window read slower than judge.SLOW_DATABASE_SECONDS and a template the Content API could not be asked
+    about are answered 503 like a database that is down, and were counted nowhere."""
+    import time
+
+    from proxy import judge, store
+
+    app = create_app(replace(settings, twilio_content_base_url="http://127.0.0.1:9"))  # nothing listens there
+    client = app.test_client()
+    open_window(client)
+    samples = _samples(client)
+    slow, away = _refusals(samples, "database_slow")[0], _refusals(samples, "content_unavailable")[0]
+    monkeypatch.setattr(judge, "SLOW_DATABASE_SECONDS", 0.05)
+    real = store.load_window
+    monkeypatch.setattr(store, "load_window", lambda *a: (time.sleep(0.1), real(*a))[1])
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).status_code == 503
+    monkeypatch.undo()
+    assert send(client, {"To": USER, "From": BUSINESS, "ContentSid": "HX" + "7" * 32}).status_code == 503
+    samples = _samples(client)
+    app.extensions["proxy"].engine.dispose()
+    assert _refusals(samples, "database_slow")[0] == slow + 1
+    assert _refusals(samples, "content_unavailable")[0] == away + 1
+
+
 def test_metrics_say_whether_the_database_answered_the_scrape(settings, db_engine, tmp_path):
     """During an outage the proxy_outbox_* series vanished and /metrics still answered 200: an alert on
     proxy_outbox_oldest_due_seconds could never fire. proxy_database_up is always there."""
