@@ -1,7 +1,7 @@
 """gunicorn reads this file from the working directory: the worker model, and /metrics across workers.
 
 The Procfile's flags (threads, timeouts) override what is set here; the number of workers is
-WEB_CONCURRENCY, else one per core (`_workers`). The worker class is
+WEB_CONCURRENCY, else one per core, at most 4 on PostgreSQL (`_workers`). The worker class is
 gevent (numbers in README.md "Performance"): a send waiting on Twilio costs a greenlet, not a thread,
 and no GIL hand-offs; with SQLite too, where it measured 517 vs 355 sends/s and 786 vs 656 inbound
 webhooks/s against gthread (one run each, 4 workers). WEB_WORKER_CLASS=gthread is the alternative
@@ -51,15 +51,19 @@ def _worker_class(environ=os.environ) -> str:
 
 def _workers(environ=os.environ) -> int:
     """WEB_CONCURRENCY, else one worker per core (at least two, so one restarting worker never leaves
-    none). SQLite: writes take turns on one file, and on 2 cores 2 gevent workers did 10-20% more
-    sends/s and 20-30% more inbound webhooks/s than 4 at ~15% less CPU per request, A/B alternating
-    (bench/README.md). PostgreSQL had 4 until its webhooks' writes were committed together (session 10):
-    since then 2 did ~20% more inbound webhooks/s than 4 (p99 101-112 vs 123-160 ms) and as many
-    sends/s. Each worker pools up to 10 connections, which must fit the server's max_connections."""
+    none), and on PostgreSQL at most 4. SQLite: writes take turns on one file, and on 2 cores 2 gevent
+    workers did 10-20% more sends/s and 20-30% more inbound webhooks/s than 4 at ~15% less CPU per
+    request, A/B alternating (bench/README.md). PostgreSQL had 4 until its webhooks' writes were
+    committed together (session 10): since then 2 did ~20% more inbound webhooks/s than 4 on 2 cores
+    (p99 101-112 vs 123-160 ms) and as many sends/s. The cap: each worker pools up to 10 connections,
+    and 4 x 10 stays under PostgreSQL's default max_connections of 100 with room for a worker process
+    and a second instance, however many cores a container sees (sched_getaffinity ignores CPU quotas)."""
     configured = _positive_int(environ, "WEB_CONCURRENCY")  # 0 would leave a master with no worker
     if configured:
         return configured
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if environ.get("DATABASE_URL", "").strip().lower().startswith("postgres"):
+        return min(max(2, cores), 4)
     return max(2, cores)
 
 

@@ -5,11 +5,11 @@ on SQLite a turn on the proxy's write lock with its BEGIN and COMMIT, on Postgre
 connection and a commit in the server. Here the first request to arrive leads: it lets the requests
 that are ready reach their own write, then runs, in one transaction, every request's work queued by
 then (a batch of one alone: on PostgreSQL in autocommit, one round trip); the others wait for their
-own result. A batch
-that fails on one request's values is rerun one by one, so a refused value costs only its own
-request; so is a PostgreSQL batch that deadlocked with another worker's (each request alone is
-what it would have been without batching). Any other failure (the database locked or gone) is
-every request's answer, as it would have been alone.
+own result. A batch that fails on one request's values is rerun one request at a time, each in its
+own thread, so a refused value costs only its own request; so is a PostgreSQL batch that deadlocked
+with another worker's or waited over a second for a row (each request alone is what it would have
+been without batching). Any other failure (the database locked or gone) is every request's answer,
+as it would have been alone.
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ from .db import writing
 
 MAX_BATCH = 64
 # PostgreSQL's answers to two transactions taking the same rows in opposite orders (deadlock_detected,
-# serialization_failure): nothing about the values, and each request alone does not conflict with itself.
-_CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
+# serialization_failure), and to a batch that waited longer than BATCH_LOCK_TIMEOUT for a row
+# (lock_not_available): nothing about the values; each request alone waits only for its own rows.
+_CONFLICT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
+# How long a PostgreSQL batch waits for a row another transaction holds (a purge deleting old windows, a
+# forwarded webhook's transaction) before its requests are run alone: one held row must not hold up every
+# webhook of the worker. Batches wait on each other for milliseconds; PostgreSQL's deadlock check is at 1 s.
+BATCH_LOCK_TIMEOUT = "1s"
 
 
 def values_refused(exc: BaseException) -> bool:
@@ -44,13 +49,14 @@ def lock_conflict(exc: BaseException) -> bool:
 
 
 class _Job:
-    __slots__ = ("work", "order", "done", "lead", "result", "error")
+    __slots__ = ("work", "order", "done", "lead", "alone", "result", "error")
 
     def __init__(self, work: Callable[[Connection], Any], order: tuple = ()):
         self.work = work
         self.order = order
         self.done = threading.Event()  # set when its result is in, or when it is handed the lead
         self.lead = False
+        self.alone = False  # its batch did not commit, and not because of the database: run it alone
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -85,16 +91,22 @@ class GroupCommit:
                 self._abandon(job)
                 raise
         if job.lead:  # first to arrive, or handed the lead: this job heads the next batch
-            self._lead_once()
+            self._lead_once(job)
+        if job.alone:  # in this request's own thread: it waits for its own rows only
+            return self._alone(job)
         if job.error is not None:
             raise job.error
         return job.result
 
-    def _lead_once(self) -> None:
+    def _lead_once(self, job: _Job) -> None:
         # Let the requests that are ready run up to their own write first, and join this batch: under
         # gevent a SQLite write never yields, so without this most batches were of one (sleep(0) is a
         # yield to gevent's hub, a GIL hand-off between threads). SQLite inbound +25% webhooks/s, A/B.
-        time.sleep(0)
+        try:
+            time.sleep(0)
+        except BaseException:  # interrupted before taking the batch: never strand the queue
+            self._abandon(job)
+            raise
         # One batch, then the lead passes to the oldest request still waiting, so no request serves
         # others' batches for longer than its own.
         with self._mutex:
@@ -129,20 +141,26 @@ class GroupCommit:
             batch.sort(key=lambda job: job.order)
             try:
                 with writing(self.engine) as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'")
                     results = [job.work(conn) for job in batch]
-                for job, result in zip(batch, results):
-                    job.result = result
             except Exception as error:  # noqa: BLE001 — sorted below: this batch's values, or the database
                 if not (values_refused(error) or lock_conflict(error)):
                     raise
-                for job in batch:  # one request's values were refused (find whose), or batches crossed
-                    try:
-                        job.result = self._alone(job)
-                    except Exception as exc:  # noqa: BLE001 — it is that request's answer
-                        job.error = exc
+                # One request's values were refused, or the batch crossed another transaction: each
+                # request runs alone, in its own thread, and gets its own answer.
+                for job in batch:
+                    job.alone = True
+                return
+            for job, result in zip(batch, results):
+                job.result = result
         except Exception as exc:  # noqa: BLE001 — the database's answer to everyone in the batch
             for job in batch:
                 job.error = exc
+        except BaseException:  # the leader was interrupted: the others' work is their own again
+            for job in batch:
+                job.alone = True
+            raise
         finally:
             for job in batch:
                 job.done.set()

@@ -41,16 +41,20 @@ def test_worker_class_is_gevent_unless_the_environment_says_otherwise():
     assert _run("print(conf['worker_class'])", {**os.environ, "WEB_WORKER_CLASS": "gthread"}) == "gthread"
 
 
-def test_workers_are_web_concurrency_else_one_per_core():
+def test_workers_are_web_concurrency_else_one_per_core_at_most_4_on_postgresql():
     import os
 
     code = "import os; print(conf['_workers'](), len(os.sched_getaffinity(0)))"
     base = {k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "DATABASE_URL")}
     sqlite, cores = map(int, _run(code, base).split())
-    assert sqlite == max(2, cores)  # one per core, never fewer than two, whatever the database
+    assert sqlite == max(2, cores)  # one per core, never fewer than two
     assert _run(code, {**base, "DATABASE_URL": "sqlite:////tmp/x.sqlite3"}).split()[0] == str(max(2, cores))
-    assert _run(code, {**base, "DATABASE_URL": "postgres://u@db/proxy"}).split()[0] == str(max(2, cores))
-    assert _run(code, {**base, "DATABASE_URL": "postgresql+psycopg://u@db/proxy"}).split()[0] == str(max(2, cores))
+    # PostgreSQL: the same, but never more than 4 (10 pooled connections each under max_connections=100)
+    assert _run(code, {**base, "DATABASE_URL": "postgres://u@db/proxy"}).split()[0] == str(min(max(2, cores), 4))
+    assert _run(code, {**base, "DATABASE_URL": "postgresql+psycopg://u@db/proxy"}).split()[0] == str(min(max(2, cores), 4))
+    many = "import os; os.sched_getaffinity = lambda pid: set(range(32)); print(conf['_workers']())"
+    assert _run(many, {**base, "DATABASE_URL": "postgres://u@db/proxy"}) == "4"
+    assert _run(many, base) == "32"
     assert _run(code, {**base, "DATABASE_URL": "postgres://u@db/proxy", "WEB_CONCURRENCY": " 3 "}).split()[0] == "3"
 
 
