@@ -56,7 +56,7 @@ class _Job:
         self.order = order
         self.done = threading.Event()  # set when its result is in, or when it is handed the lead
         self.lead = False
-        self.alone = False  # its batch did not commit, and not because of the database: run it alone
+        self.alone = False  # its batch did not commit for the batch's sake (a value, crossed locks): run it alone
         self.result: Any = None
         self.error: BaseException | None = None
 
