@@ -232,7 +232,7 @@ def register(app: Flask) -> None:
                 return
             stop = threading.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: stop.set())
+                signal.signal(sig, setting_from_another_thread(stop))
             logs.database_in_use("worker", rt.settings)
             logs.event("worker_started", redact=True, poll_seconds=rt.settings.worker_poll_seconds,
                        concurrency=rt.settings.worker_concurrency)
@@ -264,6 +264,18 @@ def register(app: Flask) -> None:
         with writing(app.extensions["proxy"].engine) as conn:
             counts = store.purge(conn, cutoff)
         click.echo(", ".join(f"{n} {table}" for table, n in counts.items()) + f" deleted (before {cutoff:%Y-%m-%dT%H:%M:%SZ})")
+
+
+def setting_from_another_thread(stop: threading.Event):
+    """A signal handler that sets `stop` from a thread of its own.
+
+    Python runs a handler in the main thread between two bytecodes, which may be inside `stop.wait()`
+    holding the event's own lock: `stop.set()` there waits for that lock forever, and the worker never
+    stops (a CI run's worker ignored SIGTERM for 15 s, then was killed). A new thread takes the lock once
+    the main thread lets go of it."""
+    def handler(_signum, _frame):
+        threading.Thread(target=stop.set, name="stop", daemon=True).start()
+    return handler
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
