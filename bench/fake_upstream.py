@@ -1,7 +1,9 @@
 """A fake Twilio Messages API for load: answers each create after a fixed delay (250 ms by default).
 
-An asyncio (aiohttp) server on 127.0.0.1, so thousands of requests can wait at once in one process.
-Run: python -m bench.fake_upstream --port 8099 --delay 0.25
+It is also the business's app for forwarded webhooks: POST /app/inbound answers TwiML with a reply
+after --app-delay (20 ms by default). An asyncio (aiohttp) server on 127.0.0.1, so thousands of
+requests can wait at once in one process.
+Run: python -m bench.fake_upstream --port 8099 --delay 0.25 --app-delay 0.02
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from email.utils import format_datetime
 from aiohttp import web
 
 
-def make_app(delay: float) -> web.Application:
+APP_PATH = "/app/inbound"
+APP_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response><Message>Thanks, we got it.</Message></Response>'
+
+
+def make_app(delay: float, app_delay: float = 0.02) -> web.Application:
     async def create(request: web.Request) -> web.Response:
         form = await request.post()
         await asyncio.sleep(delay)
@@ -35,8 +41,14 @@ def make_app(delay: float) -> web.Application:
         return web.Response(text=json.dumps(body), status=201, content_type="application/json", charset="utf-8",
                             headers={"Twilio-Request-Id": "RQ" + uuid.uuid4().hex})
 
+    async def business_app(request: web.Request) -> web.Response:
+        await request.post()
+        await asyncio.sleep(app_delay)
+        return web.Response(text=APP_TWIML, content_type="text/xml")
+
     app = web.Application()
     app.router.add_post("/2010-04-01/Accounts/{account}/Messages.json", create)
+    app.router.add_post(APP_PATH, business_app)
     return app
 
 
@@ -44,8 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay", type=float, default=0.25)
+    parser.add_argument("--app-delay", type=float, default=0.02)
     args = parser.parse_args()
-    web.run_app(make_app(args.delay), host="127.0.0.1", port=args.port, access_log=None, backlog=4096,
+    web.run_app(make_app(args.delay, args.app_delay), host="127.0.0.1", port=args.port, access_log=None, backlog=4096,
                 print=None)
 
 

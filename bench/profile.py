@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python -m bench.profile gateway --db sqlite [--gil] [--seconds 8]
     PYTHONPATH=. python -m bench.profile inbound --db postgresql --dump
+    PYTHONPATH=. python -m bench.profile forwarding --db sqlite
 
 Writes py-spy's collapsed stacks to bench/results/profile-<scenario>-<db>[-gil].txt and prints the
 top functions (bench/stacks.py). Without --gil every sampled thread counts, so waiting (for the GIL,
@@ -22,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench import gateway, inbound
+from bench import forwarding, gateway, inbound
 from bench.common import RESULTS, Gunicorn, Subprocess, database_url, free_port, open_windows, run_load
 from bench.stacks import load, summarise
 
@@ -36,7 +37,7 @@ def py_spy() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["gateway", "inbound"])
+    parser.add_argument("scenario", choices=["gateway", "inbound", "forwarding"])
     parser.add_argument("--db", default="sqlite", choices=["sqlite", "postgresql"])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=int, default=100)
@@ -60,6 +61,13 @@ def main() -> None:
             env = {"DATABASE_URL": url, "TWILIO_API_BASE_URL": upstream_url,
                    "TWILIO_CONTENT_BASE_URL": upstream_url}
             connections = gateway.CONNECTIONS
+        elif args.scenario == "forwarding":
+            port = free_port()
+            helper = Subprocess(["-m", "bench.fake_upstream", "--port", str(port), "--app-delay",
+                                 str(forwarding.APP_DELAY)], port, "fake-app")
+            env = {"DATABASE_URL": url, "FORWARD_INBOUND_URL": f"http://127.0.0.1:{port}{forwarding.APP_PATH}",
+                   "TWILIO_API_BASE_URL": "http://127.0.0.1:9", "TWILIO_CONTENT_BASE_URL": "http://127.0.0.1:9"}
+            connections = inbound.CONNECTIONS
         else:
             helper = None
             env = {"DATABASE_URL": url, "TWILIO_API_BASE_URL": "http://127.0.0.1:9",

@@ -49,11 +49,12 @@ def lock_conflict(exc: BaseException) -> bool:
 
 
 class _Job:
-    __slots__ = ("work", "order", "done", "lead", "alone", "result", "error")
+    __slots__ = ("work", "order", "several", "done", "lead", "alone", "result", "error")
 
-    def __init__(self, work: Callable[[Connection], Any], order: tuple = ()):
+    def __init__(self, work: Callable[[Connection], Any], order: tuple = (), several: bool = False):
         self.work = work
         self.order = order
+        self.several = several  # more than one statement: alone, still one transaction (never autocommit)
         self.done = threading.Event()  # set when its result is in, or when it is handed the lead
         self.lead = False
         self.alone = False  # its batch did not commit for the batch's sake (a value, crossed locks): run it alone
@@ -72,14 +73,15 @@ class GroupCommit:
         self._pending: list[_Job] = []
         self._leading = False
 
-    def run(self, work: Callable[[Connection], Any], order: tuple = ()) -> Any:
+    def run(self, work: Callable[[Connection], Any], order: tuple = (), *, several: bool = False) -> Any:
         """`work(conn)` inside a write transaction shared with other requests; its return value.
 
         `work` must only use `conn` (it may run in another request's thread) and may run twice. A batch
         runs in `order` (the keys of the rows `work` writes): two batches then take their rows' locks in
         the same order, and do not wait on each other both ways (a PostgreSQL deadlock costs a second).
+        `several`: `work` runs more than one statement, which must commit together even when it runs alone.
         """
-        job = _Job(work, order)
+        job = _Job(work, order, several)
         with self._mutex:
             self._pending.append(job)
             job.lead = not self._leading
@@ -166,7 +168,7 @@ class GroupCommit:
                 job.done.set()
 
     def _alone(self, job: _Job) -> Any:
-        if self._autocommit is not None:
+        if self._autocommit is not None and not job.several:
             with self._autocommit.connect() as conn:
                 return job.work(conn)
         with writing(self.engine) as conn:

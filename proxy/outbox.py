@@ -6,10 +6,11 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, case, exists, func, select, update
+from sqlalchemy import Connection, and_, bindparam, case, exists, func, literal, select, update
 from sqlalchemy.orm import aliased
 
 from .db import outbox
+from .prepared import Statements
 
 PENDING, DELIVERED, EXHAUSTED = "pending", "delivered", "exhausted"
 # A fallback send is not idempotent: `sending` is committed before its create, and one Twilio may have
@@ -47,14 +48,10 @@ def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, head
     The item's id is also put into `headers` as X-Proxy-Outbox-Id (`with_id` does it for the worker's
     attempts), so the inline attempt made with them carries the same id as every retry.
     """
-    item_id = conn.execute(
-        outbox.insert()
-        .values(kind=kind, ordering_key=ordering_key[:300], target=target, headers=json.dumps(headers),
-                body=json.dumps(body), status=PENDING, attempts=0, next_attempt_at=due or now,
-                lease_until=lease_until,
-                created_at=now, updated_at=now)
-        .returning(outbox.c.id)
-    ).scalar_one()
+    (item_id,) = _statement(conn, "enqueue").first(conn, {
+        "kind": kind, "ordering_key": ordering_key[:300], "target": target, "headers": json.dumps(headers),
+        "body": json.dumps(body), "status": PENDING, "attempts": 0, "next_attempt_at": due or now,
+        "lease_until": lease_until, "created_at": now, "updated_at": now})
     headers[OUTBOX_ID_HEADER] = str(item_id)
     return item_id
 
@@ -68,10 +65,8 @@ def with_id(item: Item) -> dict:
 def earlier_pending(conn: Connection, ordering_key: str, item_id: int, now: datetime) -> str | None:
     """Whether an earlier item of the key is still pending: "in_flight" while one is leased (being
     delivered), "queued" when one waits for a retry, None when none is left."""
-    leases = conn.execute(
-        select(outbox.c.lease_until).where(outbox.c.ordering_key == ordering_key[:300], outbox.c.status == PENDING,
-                                           outbox.c.id < item_id)
-    ).scalars().all()
+    leases = [lease for (lease,) in _statement(conn, "earlier_pending").rows(
+        conn, {"ordering_key": ordering_key[:300], "item_id": item_id})]
     if not leases:
         return None
     return "in_flight" if all(lease is not None and lease > now for lease in leases) else "queued"
@@ -184,9 +179,7 @@ def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10
 
 
 def delivered(conn: Connection, item_id: int, now: datetime) -> None:
-    conn.execute(update(outbox).where(outbox.c.id == item_id)
-                 .values(status=DELIVERED, attempts=outbox.c.attempts + 1, lease_until=None, delivered_at=now,
-                         updated_at=now, last_error=None))
+    _statement(conn, "delivered").rows(conn, {"item_id": item_id, "now": now})
 
 
 def failed(conn: Connection, item_id: int, error: str, now: datetime, schedule: tuple[int, ...],
@@ -266,3 +259,29 @@ def oldest_due(conn: Connection, now: datetime) -> datetime | None:
 def depth(conn: Connection) -> dict[str, int]:
     rows = conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status)).all()
     return {status: count for status, count in rows}
+
+
+# The statements every forwarded webhook runs, compiled once per dialect (proxy/prepared.py).
+def _build_enqueue(_dialect):
+    return outbox.insert().returning(outbox.c.id)
+
+
+def _build_earlier_pending(_dialect):
+    return select(outbox.c.lease_until).where(
+        outbox.c.ordering_key == bindparam("ordering_key"), outbox.c.status == literal(PENDING),
+        outbox.c.id < bindparam("item_id"))
+
+
+def _build_delivered(_dialect):
+    now = bindparam("now", type_=outbox.c.updated_at.type)
+    return (update(outbox).where(outbox.c.id == bindparam("item_id"))
+            .values(status=literal(DELIVERED), attempts=outbox.c.attempts + 1, lease_until=None, delivered_at=now,
+                    updated_at=now, last_error=None))
+
+
+_statement = Statements({
+    "enqueue": (_build_enqueue, ("kind", "ordering_key", "target", "headers", "body", "status", "attempts",
+                                 "next_attempt_at", "lease_until", "created_at", "updated_at")),
+    "earlier_pending": (_build_earlier_pending, None),
+    "delivered": (_build_delivered, None),
+})

@@ -13,11 +13,17 @@ per-call machinery is left out.
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 from sqlalchemy import Connection
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
+
+# A statement's builder is given the dialect's module (for its insert(), with on_conflict_do_*), and the
+# columns an INSERT is given, as Connection.execute would compile it for them (None: all its bindparams).
+Builder = tuple[Callable[[ModuleType], ClauseElement], Sequence[str] | None]
 
 
 class Prepared:
@@ -66,3 +72,22 @@ class Prepared:
     def first(self, conn: Connection, params: dict[str, Any]) -> tuple | None:
         found = self.rows(conn, params)
         return found[0] if found else None
+
+
+class Statements:
+    """A module's named hot-path statements, each built and compiled on first use for each dialect."""
+
+    def __init__(self, builders: dict[str, Builder]):
+        self._builders = builders
+        self._prepared: dict[tuple, Prepared] = {}
+
+    def __call__(self, conn: Connection, name: str) -> Prepared:
+        dialect = conn.dialect
+        # What the compiled SQL depends on: the dialect and driver, its parameter style, the server version.
+        key = (dialect.name, dialect.driver, dialect.paramstyle, dialect.server_version_info, name)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            build, column_keys = self._builders[name]
+            statement = build(postgresql if dialect.name == "postgresql" else sqlite)
+            prepared = self._prepared[key] = Prepared(statement, dialect, column_keys)
+        return prepared

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, bindparam, case, func, select, true, union_al
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .db import held_messages, messages, outbox, send_attempts, windows
-from .prepared import Prepared
+from .prepared import Statements
 
 # Status callbacks can arrive out of order; a status only replaces one of lower rank,
 # so a late "sent" never overwrites "delivered", and nothing overwrites a failure.
@@ -96,21 +96,6 @@ def _extend_window(conn, sender, user, expires_at, received_at, sid, profile_nam
 # The statements on every request's path are built and compiled once per dialect and run on the
 # DBAPI cursor (proxy/prepared.py): building an upsert with case() expressions and its cache key,
 # then SQLAlchemy's per-call execution, cost more CPU than the database's own work.
-_STATEMENTS: dict[tuple, Prepared] = {}
-
-
-def _statement(conn: Connection, name: str) -> Prepared:
-    dialect = conn.dialect
-    # What the compiled SQL depends on: the dialect and driver, its parameter style, the server version.
-    key = (dialect.name, dialect.driver, dialect.paramstyle, dialect.server_version_info, name)
-    prepared = _STATEMENTS.get(key)
-    if prepared is None:
-        builder, column_keys = _BUILDERS[name]
-        statement = builder(postgresql if dialect.name == "postgresql" else sqlite)
-        prepared = _STATEMENTS[key] = Prepared(statement, dialect, column_keys)
-    return prepared
-
-
 def _build_message_insert(dialect):
     return dialect.insert(messages).on_conflict_do_nothing(index_elements=["sid"]).returning(messages.c.sid)
 
@@ -196,6 +181,7 @@ _BUILDERS = {
     "inbound_upsert": (_build_inbound_upsert, None),
     "load_window": (_build_load_window, None),
 }
+_statement = Statements(_BUILDERS)
 
 
 def record_status(

@@ -205,34 +205,48 @@ def _inbound_message() -> Response:
         # committed with other webhooks' (group_commit) in the order of the pair's rows.
         expires_at = _write_alone(rt, lambda conn: store.record_inbound(conn, **record), (user, sender))
         return _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
-    forward_id, pairs, kept = None, list(form.items(multi=True)), {}
-    lease = now + timedelta(seconds=settings.forward_timeout_seconds + LEASE_MARGIN_SECONDS)
-    # One transaction: the message, its window and its forward are stored together or not at all.
-    with writing(rt.engine) as conn:
-        expires_at = store.record_inbound(conn, **record)
-        if expires_at and settings.forward_inbound_url:
-            # Leased for the inline attempt below; if this process dies, the worker takes over.
-            kept = _kept_headers(expires_at)
-            forward_id = outbox.enqueue(
-                conn, kind="inbound", ordering_key=f"inbound:{sender}|{user}", target=settings.forward_inbound_url,
-                headers=kept, body=pairs, now=now, lease_until=lease)
+    target, pairs = settings.forward_inbound_url, list(form.items(multi=True))
+    kept = _kept_headers()
+    key = f"inbound:{sender}|{user}"
+
+    def store_and_enqueue(conn):
+        # One transaction: the message, its window and its forward are stored together or not at all. It may
+        # run in another request's thread (group_commit): `conn` and the values above only, never `request`.
+        expires_at, forward = store.record_inbound(conn, **record), None
+        if expires_at and target:
+            # Leased for the inline attempt, counted from now (this may have waited for its turn to write); if
+            # this process dies, the worker takes over once it runs out.
+            leased_at = utcnow()
+            lease = leased_at + timedelta(seconds=settings.forward_timeout_seconds + LEASE_MARGIN_SECONDS)
+            kept["X-Proxy-Window-Expires-At"] = expires_at.isoformat().replace("+00:00", "Z")
+            item_id = outbox.enqueue(conn, kind="inbound", ordering_key=key, target=target, headers=kept, body=pairs,
+                                     now=now, lease_until=lease)
+            # Whose turn it is, in the same transaction: the window's row, upserted above, is locked until the
+            # commit, so an earlier webhook of the pair has committed its item by now (or is in this batch).
+            forward = item_id, lease, outbox.earlier_pending(conn, key, item_id, leased_at)
         if expires_at and settings.hold_on_reroute:
-            for key in filter(None, (sender, service_sid)):
-                holds.release_if_held(conn, key, user, now)
+            for held_key in filter(None, (sender, service_sid)):
+                holds.release_if_held(conn, held_key, user, now)
+        return expires_at, forward
+
+    # Committed with other webhooks' writes (group_commit), one transaction of its own when alone.
+    expires_at, forward = _write_alone(rt, store_and_enqueue, (user, sender), several=True)
     response = _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
-    if forward_id is not None:
-        return _forward_inline(forward_id, lease, started, sender, user, pairs, kept)
+    if forward is not None:
+        item_id, lease, earlier = forward
+        return _forward_inline(item_id, lease, earlier, started, sender, user, pairs, kept)
     return response
 
 
-def _write_alone(rt, work, order: tuple):
-    """`work(conn)`: a request's single write statement, when nothing else is written with it.
+def _write_alone(rt, work, order: tuple, *, several: bool = False):
+    """`work(conn)`: a request's write, when it needs nothing from the database before it.
 
-    Committed in one transaction with the other requests' single writes that queued while the
-    previous one ran (proxy/group_commit.py; alone, on PostgreSQL, in autocommit); `work` may run twice.
-    `order`: the keys of the rows it writes (a batch runs sorted by them; stable, so arrival order within one).
+    Committed in one transaction with the other requests' writes that queued while the previous one ran
+    (proxy/group_commit.py; alone, a single statement on PostgreSQL in autocommit, `several` in its own
+    transaction); `work` may run twice. `order`: the keys of the rows it writes (a batch runs sorted by them;
+    stable, so arrival order within one).
     """
-    return rt.shared_writes.run(work, order)
+    return rt.shared_writes.run(work, order, several=several)
 
 
 def _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at) -> Response:
@@ -252,20 +266,22 @@ def _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at) -> 
     return _twiml()
 
 
-def _forward_inline(item_id: int, lease: datetime, arrived: float, sender: str, user: str, pairs: list,
-                    kept: dict) -> Response:
+def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived: float, sender: str, user: str,
+                    pairs: list, kept: dict) -> Response:
     """Hand the webhook to the app now and relay its TwiML; if it cannot answer, the outbox retries."""
     rt = runtime()
-    lease = _take_turn(rt, item_id, lease, arrived, f"inbound:{sender}|{user}")
+    lease = _take_turn(rt, item_id, lease, earlier, arrived, f"inbound:{sender}|{user}")
     if lease is None:
         return _twiml()
     started = time.perf_counter()
     reply = rt.forwarder.post(rt.settings.forward_inbound_url, pairs, kept)
     try:
-        with writing(rt.engine) as conn:
-            if reply.ok:
-                outbox.delivered(conn, item_id, utcnow())
-            else:
+        if reply.ok:
+            at = utcnow()
+            # One statement, committed with other webhooks' writes; sorted right after the pair's window row.
+            _write_alone(rt, lambda conn: outbox.delivered(conn, item_id, at), (user, sender, item_id))
+        else:
+            with writing(rt.engine) as conn:
                 outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule, lease=lease)
     except SQLAlchemyError as exc:
         # The message is stored and the app has had its turn: a 503 now would throw the app's TwiML away. The
@@ -285,34 +301,36 @@ def _forward_inline(item_id: int, lease: datetime, arrived: float, sender: str, 
     return Response(reply.body, status=reply.status, content_type=reply.content_type or "text/xml")
 
 
-def _take_turn(rt, item_id: int, lease: datetime, arrived: float, key: str) -> datetime | None:
+def _take_turn(rt, item_id: int, lease: datetime, earlier: str | None, arrived: float, key: str) -> datetime | None:
     """The inline attempt's lease once this webhook's turn in its conversation has come; None when it is
     left to the worker (Twilio then gets empty TwiML, and the app's reply to that delivery goes nowhere).
 
-    An earlier webhook of the conversation being delivered inline now is waited for, so the app still
-    sees them in order and this one's reply still reaches Twilio — as long as this one's own attempt
-    can then finish inside Twilio's 15 s. One waiting for a retry (the app was down) is not.
+    `earlier`: what outbox.earlier_pending found when the item was stored. An earlier webhook of the
+    conversation being delivered inline now is waited for, so the app still sees them in order and this
+    one's reply still reaches Twilio — as long as this one's own attempt can then finish inside Twilio's
+    15 s. One waiting for a retry (the app was down) is not.
     """
     timeout = rt.settings.forward_timeout_seconds
-    while True:
+    while earlier is not None:
+        elapsed = time.perf_counter() - arrived
+        deadline = TWILIO_WEBHOOK_TIMEOUT_SECONDS - WEBHOOK_DEADLINE_MARGIN_SECONDS
+        if earlier == "queued" or elapsed + INLINE_POLL_SECONDS + timeout >= deadline:
+            with writing(rt.engine) as conn:
+                outbox.release_lease(conn, item_id, lease)  # keep the order: the worker delivers it after
+            return None
+        time.sleep(INLINE_POLL_SECONDS)  # cooperative under gevent
         with writing(rt.engine) as conn:
             earlier = outbox.earlier_pending(conn, key, item_id, utcnow())
             if earlier is None:
-                # The lease was counted from the webhook's arrival; a wait since (here, a lock, the pool) must
-                # not let it run out mid-delivery, where a worker would deliver a second copy alongside.
+                # The lease was counted from when the item was stored; the wait since must not let it run out
+                # mid-delivery, where a worker would deliver a second copy alongside.
                 return outbox.keep_lease(conn, item_id, lease, utcnow(), timeout + LEASE_MARGIN_SECONDS)
-            elapsed = time.perf_counter() - arrived
-            deadline = TWILIO_WEBHOOK_TIMEOUT_SECONDS - WEBHOOK_DEADLINE_MARGIN_SECONDS
-            if earlier == "queued" or elapsed + INLINE_POLL_SECONDS + timeout >= deadline:
-                outbox.release_lease(conn, item_id, lease)  # keep the order: the worker delivers it after
-                return None
-        time.sleep(INLINE_POLL_SECONDS)  # cooperative under gevent
+    return lease
 
 
-def _kept_headers(expires_at) -> dict:
-    kept = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
-    kept["X-Proxy-Window-Expires-At"] = expires_at.isoformat().replace("+00:00", "Z")
-    return kept
+def _kept_headers() -> dict:
+    """Twilio's request headers a forward carries on (forwarding.KEPT_HEADERS)."""
+    return {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
 
 
 def _status_callback() -> Response:
@@ -342,9 +360,8 @@ def _status_callback() -> Response:
             if late_window_failure:
                 late_failures.on_callback(rt, conn, sid=sid, callback_sender=sender, now=now)
             if settings.forward_status_url:
-                kept = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
                 outbox.enqueue(conn, kind="status", ordering_key=f"status:{sender}|{user}",
-                               target=settings.forward_status_url, headers=kept, body=list(form.items(multi=True)),
+                               target=settings.forward_status_url, headers=_kept_headers(), body=list(form.items(multi=True)),
                                now=now)
     WEBHOOKS.labels("status", "recorded" if changed else "stale").inc()
     logs.event(

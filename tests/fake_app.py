@@ -11,6 +11,9 @@ from flask import Flask, Response, request
 from twilio.request_validator import RequestValidator
 
 
+REPLY = '<?xml version="1.0" encoding="UTF-8"?><Response><Message>Thanks!</Message></Response>'
+
+
 @dataclass
 class FakeApp:
     auth_token: str
@@ -18,6 +21,7 @@ class FakeApp:
     received: list = field(default_factory=list)  # (path, form pairs, headers) of accepted requests
     rejected: int = 0
     started: int = 0  # requests that arrived, whether or not they finished
+    last_headers: dict = field(default_factory=dict)  # of the latest request, accepted or not
     # Requests being handled right now, and the most there ever were at once: overall, and per
     # conversation (the pair of From and To, whichever way round).
     in_flight: int = 0
@@ -27,7 +31,7 @@ class FakeApp:
     delay: float = 0.0
     fail_status: int | None = None
     headers: list = field(default_factory=list)  # (name, value) pairs the answer carries instead of its own
-    reply: str = '<?xml version="1.0" encoding="UTF-8"?><Response><Message>Thanks!</Message></Response>'
+    reply: str | bytes = REPLY
     # A broken app's answer (a debug page, a runaway loop): this many bytes instead of `reply`, streamed in
     # 64 KiB pieces, chunked unless `declare_length`; `streamed` counts the bytes that went out before the
     # proxy hung up (or the answer ended), and `stream_ended` is set then.
@@ -43,7 +47,7 @@ class FakeApp:
         self.rejected, self.delay, self.fail_status, self.started = 0, 0.0, None, 0
         self.in_flight, self.max_in_flight = 0, 0
         self.in_flight_by_pair, self.max_in_flight_by_pair = {}, {}
-        self.headers = []
+        self.headers, self.last_headers, self.reply = [], {}, REPLY
         self.huge_reply, self.declare_length, self.streamed, self.stream_ended = 0, False, 0, threading.Event()
 
     def bodies(self, path: str | None = None) -> list[str]:
@@ -58,6 +62,7 @@ class FakeApp:
             pair = tuple(sorted((request.form.get("From", ""), request.form.get("To", ""))))
             with self.lock:
                 self.started += 1
+                self.last_headers = dict(request.headers)
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 self.in_flight_by_pair[pair] = self.in_flight_by_pair.get(pair, 0) + 1

@@ -1,5 +1,7 @@
 """Webhook middleware: forwarding to the app, the durable outbox and its worker, late 63016, hold and release."""
 
+import base64
+import gzip
 import json
 import threading
 import time
@@ -98,6 +100,28 @@ def test_a_forward_still_waiting_for_a_thread_at_its_deadline_never_goes_out(fak
     forwarder.pool.submit(lambda: None).result(timeout=10)  # one thread, in order: whatever was queued has run
     assert fake_app.started == 0
     assert not reply.ok and reply.error.startswith("not sent")
+
+
+def test_credentials_in_the_forward_url_reach_the_app_as_basic_auth(fake_app):
+    """user:password@ in FORWARD_INBOUND_URL, as Twilio takes them in a webhook URL: an app behind Basic
+    auth gets an Authorization header (%-escapes decoded), and the credentials are not sent in the URL."""
+    host = fake_app.url.removeprefix("http://")
+    forwarder = Forwarder(AUTH_TOKEN, timeout=5)
+    forwarder.post(f"http://app%40user:p%3Ass@{host}/app/inbound", [("MessageSid", "SM" + "f" * 32)], {})
+    assert fake_app.started == 1
+    assert fake_app.last_headers["Authorization"] == "Basic " + base64.b64encode(b"app@user:p:ss").decode()
+    assert fake_app.last_headers["Host"] == host
+    forwarder.post(f"{fake_app.url}/app/inbound", [("MessageSid", "SM" + "e" * 32)], {})
+    assert "Authorization" not in fake_app.last_headers
+
+
+def test_an_answer_the_app_compressed_is_relayed_decoded(forwarding, fake_app):
+    fake_app.reply = gzip.compress(fake_app.reply.encode())
+    fake_app.headers = [("Content-Encoding", "gzip")]
+    response = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "d" * 31 + "e"))
+    assert fake_app.last_headers["Accept-Encoding"] == "gzip, deflate"
+    assert response.get_data(as_text=True).endswith("<Response><Message>Thanks!</Message></Response>")
+    assert "Content-Encoding" not in response.headers
 
 
 def test_every_copy_of_a_forward_carries_its_outbox_id(forwarding, fake_app, db_engine):
