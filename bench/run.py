@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import time
 
-from bench import gateway, growth, inbound
+from bench import forwarding, gateway, growth, inbound
 from bench.common import machine, table, write_result
 
 
-def memory_table(inbound_results: list[dict], gateway_results: list[dict]) -> str:
+def memory_table(inbound_results: list[dict], gateway_results: list[dict], forwarding_results: list[dict]) -> str:
     rows = []
     for label, results, key in (("inbound bare Flask", inbound_results, "bare"),
                                 ("inbound floor", inbound_results, "floor"),
                                 ("inbound proxy", inbound_results, "proxy"),
                                 ("gateway floor", gateway_results[:1], "floor"),
-                                ("gateway proxy", gateway_results, "proxy")):
+                                ("gateway proxy", gateway_results, "proxy"),
+                                ("forwarding floor", forwarding_results[:1], "floor"),
+                                ("forwarding proxy", forwarding_results, "proxy")):
         for r in results:
             mem = r[key]["memory_mib"]
             workers = mem["workers"]
-            name = label if label == "gateway floor" else f"{label} ({r['database']})"  # it has no database
+            name = label if label.endswith("floor") and not label.startswith("inbound") \
+                else f"{label} ({r['database']})"  # the gateway's and forwarding's floors have no database
             rows.append([name, mem["master"].get("VmRSS"),
                          " / ".join(str(w.get("VmRSS")) for w in workers),
                          " / ".join(str(w.get("VmHWM")) for w in workers),
@@ -37,15 +40,18 @@ def main() -> None:
     print(f"machine: {machine()}")
     inbound_results = inbound.main()
     gateway_results = gateway.main()
+    forwarding_results = forwarding.main()
     growth_results = growth.main()
     summary = [inbound.report(inbound_results)]
     if gateway_results:
         first = gateway_results[0]
         summary.append(gateway.report(gateway_results, first["direct"], first["floor"]))
         summary.append(gateway.report_at_rate(gateway_results, first["direct_at_rate"], first["floor_at_rate"]))
-    summary += [growth.report(growth_results), memory_table(inbound_results, gateway_results)]
-    write_result("summary", {"inbound": inbound_results, "gateway": gateway_results, "growth": growth_results,
-                             "seconds": round(time.monotonic() - started)})
+    if forwarding_results:
+        summary.append(forwarding.report(forwarding_results))
+    summary += [growth.report(growth_results), memory_table(inbound_results, gateway_results, forwarding_results)]
+    write_result("summary", {"inbound": inbound_results, "gateway": gateway_results, "forwarding": forwarding_results,
+                             "growth": growth_results, "seconds": round(time.monotonic() - started)})
     print("\n\n## Summary (one run)\n" + "\n".join(summary))
     print(f"\n{round(time.monotonic() - started)}s; JSON in bench/results/")
 

@@ -3,7 +3,7 @@
 Measured here (bench/README.md): SQLAlchemy's `Connection.execute` of an already-cached statement
 costs 65–125 µs of CPU (execution context, parameter and result objects), while SQLite answers a
 window lookup in ~7 µs. The statements on every request's path (window lookup, inbound upsert,
-status upsert) skip that layer: SQLAlchemy still writes the SQL for the dialect, supplies the type
+status upsert, a forwarded webhook's outbox item) skip that layer: SQLAlchemy still writes the SQL for the dialect, supplies the type
 conversions (`bind_processor` / `result_processor`, so values are stored exactly as its own
 execution stores them), owns the pool and the transaction, and handles every error — a failure
 goes through the same handler `Connection.execute` uses (SQLAlchemy's exception classes, parameters

@@ -32,7 +32,7 @@ class Runtime:
     schema: HeadCheck  # a send is refused while the database is behind this code's migrations
     forwarder: Forwarder
     attempts: AttemptWriter
-    shared_writes: GroupCommit  # concurrent webhooks' single writes committed together
+    shared_writes: GroupCommit  # concurrent webhooks' writes committed together
 
 
 def runtime() -> Runtime:

@@ -350,19 +350,24 @@ def _status_callback() -> Response:
         # process's may still be on their way: then the worker checks again (late_failures.on_callback).
         rt.attempts.flush()
     status_row = dict(sid=sid, status=status, error_code=error_code, sender=sender, user=user, at=now)
-    if not (late_window_failure or settings.forward_status_url):
-        # Only the status is written — most callbacks (sent, delivered, read: several per message sent).
-        changed = _write_alone(rt, lambda conn: store.record_status(conn, **status_row), (sid,))
+    forward_status = settings.forward_status_url
+    kept, pairs = (_kept_headers(), list(form.items(multi=True))) if forward_status else ({}, [])
+
+    def record(conn):  # `conn` and the values above only: it may run in another request's thread (group_commit)
+        changed = store.record_status(conn, **status_row)
+        if forward_status:
+            outbox.enqueue(conn, kind="status", ordering_key=f"status:{sender}|{user}", target=forward_status,
+                           headers=kept, body=pairs, now=now)
+        return changed
+
+    if not late_window_failure:
+        # Most callbacks (sent, delivered, read: several per message sent): committed with other webhooks' writes.
+        changed = _write_alone(rt, record, (sid,), several=bool(forward_status))
     else:
         with writing(rt.engine) as conn:
-            changed = store.record_status(conn, **status_row)
+            changed = record(conn)
             # Only `failed` with 63016 proves the window was closed; `undelivered` can have other causes.
-            if late_window_failure:
-                late_failures.on_callback(rt, conn, sid=sid, callback_sender=sender, now=now)
-            if settings.forward_status_url:
-                outbox.enqueue(conn, kind="status", ordering_key=f"status:{sender}|{user}",
-                               target=settings.forward_status_url, headers=_kept_headers(), body=list(form.items(multi=True)),
-                               now=now)
+            late_failures.on_callback(rt, conn, sid=sid, callback_sender=sender, now=now)
     WEBHOOKS.labels("status", "recorded" if changed else "stale").inc()
     logs.event(
         "status",

@@ -197,6 +197,21 @@ def test_a_refused_value_fails_only_its_own_request(engine):
     assert stored(engine) == {f"SM{i:032d}" for i in range(9)} | {"SM" + "9" * 32}
 
 
+def test_a_request_of_several_statements_alone_commits_all_of_them_or_none(engine):
+    """A forwarded webhook writes its message, window and outbox item: alone, it still runs in a transaction
+    of its own, never in PostgreSQL's autocommit, where the first statement would stay without the rest."""
+    with writing(engine) as conn:
+        row("SM" + "9" * 32)(conn)
+
+    def two(conn):
+        row("SM" + "1" * 32)(conn)
+        return row("SM" + "9" * 32)(conn)  # refused: already stored
+
+    with pytest.raises(IntegrityError):
+        GroupCommit(engine).run(two, several=True)
+    assert stored(engine) == {"SM" + "9" * 32}
+
+
 def test_a_value_that_cannot_be_bound_fails_only_its_own_request(engine):
     """A lone surrogate (a JSON webhook's \\ud83d) fails in the driver, before the database sees it: that is
     the request's own value, not an outage, so the others in its batch must still land."""
