@@ -55,7 +55,7 @@ $(VENV)/.bench-installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install -q -e '.[bench]'
 	touch $@ $(VENV)/.run-installed
 
-# Benchmarks (about 4 minutes). PostgreSQL: BENCH_POSTGRES_URL, else a throw-away cluster started on
+# Benchmarks (about 7 minutes). PostgreSQL: BENCH_POSTGRES_URL, else a throw-away cluster started on
 # 127.0.0.1:$(BENCH_PGPORT) (needs root; without it only SQLite runs). wrk is installed with apt-get
 # when possible, else the aiohttp client generates the load.
 BENCH_PGPORT ?= 25440
