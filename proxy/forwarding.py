@@ -93,7 +93,9 @@ class Forwarder:
         if remaining <= 0:  # the caller gave up just as a thread took this post, too late to cancel it
             return _not_sent(self.timeout)
         target, authorization = _target(url)
-        headers = {**_DEFAULT_HEADERS, **self.headers_for(url, pairs, kept), **authorization}
+        # Signed for the URL the app sees: credentials in it go as a header, never in the request line, so the
+        # app's own RequestValidator over its request URL would reject a signature computed with them.
+        headers = {**_DEFAULT_HEADERS, **self.headers_for(target, pairs, kept), **authorization}
         response, read_whole = None, False
         try:
             # Streamed: the answer is read here, at most MAX_ANSWER_BYTES of it.

@@ -48,8 +48,10 @@ def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, head
     The item's id is also put into `headers` as X-Proxy-Outbox-Id (`with_id` does it for the worker's
     attempts), so the inline attempt made with them carries the same id as every retry.
     """
+    # Without an id an earlier run put in (a request's write may run twice, proxy/group_commit.py).
+    stored = {name: value for name, value in headers.items() if name != OUTBOX_ID_HEADER}
     (item_id,) = _statement(conn, "enqueue").first(conn, {
-        "kind": kind, "ordering_key": ordering_key[:300], "target": target, "headers": json.dumps(headers),
+        "kind": kind, "ordering_key": ordering_key[:300], "target": target, "headers": json.dumps(stored),
         "body": json.dumps(body), "status": PENDING, "attempts": 0, "next_attempt_at": due or now,
         "lease_until": lease_until, "created_at": now, "updated_at": now})
     headers[OUTBOX_ID_HEADER] = str(item_id)

@@ -31,6 +31,9 @@ TWILIO_WEBHOOK_TIMEOUT_SECONDS = 15  # Twilio gives up on a webhook's answer aft
 # before its handler (the network, gunicorn's queue) is not on its clock.
 WEBHOOK_DEADLINE_MARGIN_SECONDS = 1
 INLINE_POLL_SECONDS = 0.05  # how often a webhook looks whether the one before it was delivered
+# How much of an inline attempt's lease, taken when its webhook was stored, may be gone when the attempt starts
+# before it is renewed (a write transaction): normally milliseconds, the rest of the webhook's batch.
+LEASE_SLACK_SECONDS = 1.0
 # Whole values only (fullmatch: `$` would also accept a trailing newline). A message sid is exactly what
 # Twilio issues (SM, or MM for media; its OpenAPI pattern): the signature covers the fields' names and
 # values with no separators, so a looser pattern let a replay fold the next field into the sid
@@ -203,7 +206,7 @@ def _inbound_message() -> Response:
     if not (settings.forward_inbound_url or settings.hold_on_reroute):
         # Nothing else is written with the message: one statement on PostgreSQL (store.record_inbound),
         # committed with other webhooks' (group_commit) in the order of the pair's rows.
-        expires_at = _write_alone(rt, lambda conn: store.record_inbound(conn, **record), (user, sender))
+        expires_at = _write_alone(rt, lambda conn: store.record_inbound(conn, **record), _pair_order(user, sender, 1))
         return _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     target, pairs = settings.forward_inbound_url, list(form.items(multi=True))
     kept = _kept_headers()
@@ -230,7 +233,7 @@ def _inbound_message() -> Response:
         return expires_at, forward
 
     # Committed with other webhooks' writes (group_commit), one transaction of its own when alone.
-    expires_at, forward = _write_alone(rt, store_and_enqueue, (user, sender), several=True)
+    expires_at, forward = _write_alone(rt, store_and_enqueue, _pair_order(user, sender, 1), several=True)
     response = _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     if forward is not None:
         item_id, lease, earlier = forward
@@ -247,6 +250,12 @@ def _write_alone(rt, work, order: tuple, *, several: bool = False):
     stable, so arrival order within one).
     """
     return rt.shared_writes.run(work, order, several=several)
+
+
+def _pair_order(user: str, sender: str, *then) -> tuple:
+    """A batch's order for a write keyed by its conversation: by user, then sender (the window rows' lock
+    order), then `then` — 0 for a forward's `delivered`, 1 for an inbound message, 2 for a forwarded status."""
+    return (user, sender, *then)
 
 
 def _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at) -> Response:
@@ -278,8 +287,9 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
     try:
         if reply.ok:
             at = utcnow()
-            # One statement, committed with other webhooks' writes; sorted right after the pair's window row.
-            _write_alone(rt, lambda conn: outbox.delivered(conn, item_id, at), (user, sender, item_id))
+            # One statement, committed with other webhooks' writes. Ahead of the pair's new webhooks in the batch
+            # (their turn checks then see this one done), like them in the order of the pairs (user, then sender).
+            _write_alone(rt, lambda conn: outbox.delivered(conn, item_id, at), _pair_order(user, sender, 0, item_id))
         else:
             with writing(rt.engine) as conn:
                 outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule, lease=lease)
@@ -325,6 +335,11 @@ def _take_turn(rt, item_id: int, lease: datetime, earlier: str | None, arrived: 
                 # The lease was counted from when the item was stored; the wait since must not let it run out
                 # mid-delivery, where a worker would deliver a second copy alongside.
                 return outbox.keep_lease(conn, item_id, lease, utcnow(), timeout + LEASE_MARGIN_SECONDS)
+    if (lease - utcnow()).total_seconds() < timeout + LEASE_MARGIN_SECONDS - LEASE_SLACK_SECONDS:
+        # The rest of its batch and the commit took long (a held row): renew it, or a worker could take the item
+        # over during the attempt and deliver a second copy alongside. None: one already has.
+        with writing(rt.engine) as conn:
+            return outbox.keep_lease(conn, item_id, lease, utcnow(), timeout + LEASE_MARGIN_SECONDS)
     return lease
 
 
@@ -362,7 +377,10 @@ def _status_callback() -> Response:
 
     if not late_window_failure:
         # Most callbacks (sent, delivered, read: several per message sent): committed with other webhooks' writes.
-        changed = _write_alone(rt, record, (sid,), several=bool(forward_status))
+        # Forwarded: in the order of the conversation's rows, so its callbacks' outbox items keep their arrival
+        # order within a batch (the worker delivers each conversation's in the order of their ids).
+        order = _pair_order(user or "", sender or "", 2) if forward_status else (sid,)
+        changed = _write_alone(rt, record, order, several=bool(forward_status))
     else:
         with writing(rt.engine) as conn:
             changed = record(conn)

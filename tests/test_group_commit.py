@@ -200,6 +200,8 @@ def test_a_refused_value_fails_only_its_own_request(engine):
 def test_a_request_of_several_statements_alone_commits_all_of_them_or_none(engine):
     """A forwarded webhook writes its message, window and outbox item: alone, it still runs in a transaction
     of its own, never in PostgreSQL's autocommit, where the first statement would stay without the rest."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite runs a lone write in a transaction of its own anyway (db.writing): no autocommit")
     with writing(engine) as conn:
         row("SM" + "9" * 32)(conn)
 

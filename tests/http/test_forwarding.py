@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
-from proxy import create_app, holds
+from proxy import create_app, holds, outbox as outbox_items, webhooks
 from proxy.db import held_messages, late_failures, outbox, send_attempts, utcnow, windows
 from proxy.forwarding import Forwarder
 from proxy.policy import Policy
@@ -107,8 +107,9 @@ def test_credentials_in_the_forward_url_reach_the_app_as_basic_auth(fake_app):
     auth gets an Authorization header (%-escapes decoded), and the credentials are not sent in the URL."""
     host = fake_app.url.removeprefix("http://")
     forwarder = Forwarder(AUTH_TOKEN, timeout=5)
-    forwarder.post(f"http://app%40user:p%3Ass@{host}/app/inbound", [("MessageSid", "SM" + "f" * 32)], {})
-    assert fake_app.started == 1
+    reply = forwarder.post(f"http://app%40user:p%3Ass@{host}/app/inbound", [("MessageSid", "SM" + "f" * 32)], {})
+    # Signed for the URL the app sees, as Twilio signs one with credentials: its RequestValidator accepts it.
+    assert (reply.status, fake_app.rejected, len(fake_app.received)) == (200, 0, 1)
     assert fake_app.last_headers["Authorization"] == "Basic " + base64.b64encode(b"app@user:p:ss").decode()
     assert fake_app.last_headers["Host"] == host
     forwarder.post(f"{fake_app.url}/app/inbound", [("MessageSid", "SM" + "e" * 32)], {})
@@ -122,6 +123,70 @@ def test_an_answer_the_app_compressed_is_relayed_decoded(forwarding, fake_app):
     assert fake_app.last_headers["Accept-Encoding"] == "gzip, deflate"
     assert response.get_data(as_text=True).endswith("<Response><Message>Thanks!</Message></Response>")
     assert "Content-Encoding" not in response.headers
+
+
+def test_a_write_run_twice_stores_no_outbox_id_from_its_first_run(db_engine):
+    """A request's write may run twice (a batch rerun, proxy/group_commit.py); the headers it passes to
+    enqueue carry the first run's item id by then, and that id is not the second item's."""
+    headers = {"User-Agent": "TwilioProxy/1.1"}
+    with db_engine.begin() as conn:
+        first = outbox_items.enqueue(conn, kind="inbound", ordering_key="k", target="http://127.0.0.1:9/app", headers=headers,
+                               body=[], now=utcnow())
+        second = outbox_items.enqueue(conn, kind="inbound", ordering_key="k", target="http://127.0.0.1:9/app",
+                                headers=headers, body=[], now=utcnow())
+    stored = {item["id"]: json.loads(item["headers"]) for item in items(db_engine)}
+    assert stored == {first: {"User-Agent": "TwilioProxy/1.1"}, second: {"User-Agent": "TwilioProxy/1.1"}}
+    assert headers["X-Proxy-Outbox-Id"] == str(second)  # the inline attempt's copy carries its own id
+
+
+def test_a_forwarded_webhooks_batch_order_puts_the_conversations_delivery_first_and_keeps_its_callbacks_order(
+        forwarding, fake_app, monkeypatch):
+    """A batch runs sorted by its writes' order keys: a forward's `delivered` ahead of its conversation's next
+    webhook (whose turn check would otherwise see the first still pending, and wait), and a conversation's
+    forwarded status callbacks in the order they came (their outbox items are delivered in id order)."""
+    seen = []
+    write = webhooks._write_alone
+    monkeypatch.setattr(webhooks, "_write_alone",
+                        lambda rt, work, order, **kw: seen.append(order) or write(rt, work, order, **kw))
+    client = forwarding.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 32))
+    inbound, delivered = seen
+    assert delivered < inbound
+    seen.clear()
+    for sid in ("SM" + "f" * 32, "SM" + "0" * 32):  # the later one is the first by its sid
+        signed_post(client, "/twilio/status", {"MessageSid": sid, "MessageStatus": "delivered", "From": BUSINESS,
+                                               "To": USER})
+    assert len(seen) == 2 and sorted(seen) == seen
+
+
+def test_a_lease_the_batch_ate_into_is_renewed_before_the_attempt(forwarding, fake_app, db_engine, monkeypatch):
+    """The inline attempt's lease is taken when its webhook is stored; if the rest of the batch and its commit
+    took long (a held row), it is renewed before the post, or a worker could deliver a second copy alongside."""
+    write = webhooks._write_alone
+
+    def slow_batch(rt, work, order, **kw):
+        result = write(rt, work, order, **kw)
+        if kw.get("several"):
+            time.sleep(1.5)
+        return result
+
+    monkeypatch.setattr(webhooks, "_write_alone", slow_batch)
+    fake_app.delay = 0.3
+    leases = {}
+
+    def watch(deadline=time.monotonic() + 10):
+        while fake_app.started < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        leases["during"] = items(db_engine)[0]["lease_until"]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "5" * 32))
+    watcher.join(10)
+    stored_at = items(db_engine)[0]["created_at"]
+    timeout = forwarding.extensions["proxy"].settings.forward_timeout_seconds
+    from proxy.settings import LEASE_MARGIN_SECONDS
+    assert leases["during"] - stored_at >= timedelta(seconds=timeout + LEASE_MARGIN_SECONDS + 1.2)
 
 
 def test_every_copy_of_a_forward_carries_its_outbox_id(forwarding, fake_app, db_engine):
