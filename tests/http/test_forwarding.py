@@ -172,21 +172,29 @@ def test_a_lease_the_batch_ate_into_is_renewed_before_the_attempt(forwarding, fa
 
     monkeypatch.setattr(webhooks, "_write_alone", slow_batch)
     fake_app.delay = 0.3
-    leases = {}
+    lease, stored_at = lease_at_the_app(forwarding, fake_app, db_engine, "SM" + "5" * 32)
+    assert lease - stored_at >= timedelta(seconds=inline_lease_seconds(forwarding) + 1.2)
 
-    def watch(deadline=time.monotonic() + 10):
-        while fake_app.started < 1 and time.monotonic() < deadline:
+
+def lease_at_the_app(forwarding, fake_app, db_engine, sid):
+    """Post an inbound webhook: its outbox item's lease while the app has it, and when the item was stored."""
+    n, leases, deadline = fake_app.started + 1, {}, time.monotonic() + 10
+
+    def watch():
+        while fake_app.started < n and time.monotonic() < deadline:
             time.sleep(0.01)
-        leases["during"] = items(db_engine)[0]["lease_until"]
+        leases["during"] = items(db_engine)[n - 1]["lease_until"]
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "5" * 32))
+    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params(sid))
     watcher.join(10)
-    stored_at = items(db_engine)[0]["created_at"]
-    timeout = forwarding.extensions["proxy"].settings.forward_timeout_seconds
+    return leases["during"], items(db_engine)[n - 1]["created_at"]
+
+
+def inline_lease_seconds(app) -> float:
     from proxy.settings import LEASE_MARGIN_SECONDS
-    assert leases["during"] - stored_at >= timedelta(seconds=timeout + LEASE_MARGIN_SECONDS + 1.2)
+    return app.extensions["proxy"].settings.forward_timeout_seconds + LEASE_MARGIN_SECONDS
 
 
 def test_every_copy_of_a_forward_carries_its_outbox_id(forwarding, fake_app, db_engine):
@@ -444,22 +452,9 @@ def test_the_inline_attempts_lease_counts_from_its_turn_not_from_the_webhooks_ar
     deadline = time.monotonic() + 10
     while fake_app.started < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    leases = {}
-
-    def watch():  # the second item's lease while it is at the app
-        while fake_app.started < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        leases["during"] = items(db_engine)[1]["lease_until"]
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "d" * 32))
-    watcher.join(10)
-    arrived = items(db_engine)[1]["created_at"]
-    timeout = forwarding.extensions["proxy"].settings.forward_timeout_seconds
-    from proxy.settings import LEASE_MARGIN_SECONDS
+    lease, arrived = lease_at_the_app(forwarding, fake_app, db_engine, "SM" + "d" * 32)
     # It waited about 0.6 s for the first delivery: its lease runs that much past one counted from arrival.
-    assert leases["during"] - arrived >= timedelta(seconds=timeout + LEASE_MARGIN_SECONDS + 0.4)
+    assert lease - arrived >= timedelta(seconds=inline_lease_seconds(forwarding) + 0.4)
 
 
 def test_worker_once_delivers_everything_due_in_each_conversations_order(forwarding, fake_app, db_engine):
