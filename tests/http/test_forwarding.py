@@ -282,6 +282,20 @@ def test_an_answer_longer_than_twilio_takes_is_not_relayed_nor_read_whole_nor_re
     assert response.get_data(as_text=True) == fake_app.reply
 
 
+def test_a_compressed_answer_that_decodes_past_64_kib_is_not_relayed(forwarding, fake_app, db_engine, log_lines):
+    """The cap is on the answer as decoded: a few kB of gzip can decode to megabytes (a bomb, or a runaway page
+    served compressed), and it is what would be relayed."""
+    fake_app.reply = gzip.compress(b"<Response>" + b" " * 8_000_000)
+    fake_app.headers = [("Content-Encoding", "gzip")]
+    assert len(fake_app.reply) < 64 * 1024
+    response = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "3" * 30 + "ab"))
+    assert response.status_code == 200 and response.get_data(as_text=True).endswith("<Response />")
+    [item] = items(db_engine)
+    assert (item["status"], item["attempts"]) == ("delivered", 1)
+    [line] = [line for line in log_lines() if line["event"] == "app_answer_too_large"]
+    assert line["content_length"] == len(fake_app.reply)  # what it declared: the compressed length
+
+
 @pytest.mark.parametrize("size, relayed", [(64 * 1024, True), (64 * 1024 + 1, False)])
 def test_an_answer_of_up_to_64_kib_is_relayed_whole(forwarding, fake_app, db_engine, size, relayed):
     fake_app.huge_reply = size
