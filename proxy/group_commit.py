@@ -2,14 +2,15 @@
 
 Each inbound webhook or status callback writes one statement (a forwarded one a few: its message,
 window and outbox item). Alone, each paid its own transaction: on SQLite a turn on the proxy's write
-lock with its BEGIN and COMMIT, on PostgreSQL a pooled connection and a commit in the server. Here the
-first request to arrive leads: it lets the requests that are ready reach their own write, then runs,
-in one transaction, every request's work queued by then (a batch of one alone: a single statement on
-PostgreSQL in autocommit, one round trip); the others wait for their own result. A batch that fails on one request's values is rerun one request at a time, each in its
-own thread, so a refused value costs only its own request; so is a PostgreSQL batch that deadlocked
-with another worker's or waited over a second for a row (each request alone is what it would have
-been without batching). Any other failure (the database locked or gone) is every request's answer,
-as it would have been alone.
+lock with its BEGIN and COMMIT, on PostgreSQL a pooled connection and a commit in the server. Here
+the first request to arrive leads: it lets the requests that are ready reach their own write, then
+runs, in one transaction, every request's work queued by then (a batch of one alone: a single
+statement on PostgreSQL in autocommit, one round trip); the others wait for their own result. A
+batch that fails on one request's values is rerun one request at a time, each in its own thread, so
+a refused value costs only its own request; so is a PostgreSQL batch that deadlocked with another
+worker's or waited over a second for a row (each request alone is what it would have been without
+batching). Any other failure (the database locked or gone) is every request's answer, as it would
+have been alone.
 """
 
 from __future__ import annotations
