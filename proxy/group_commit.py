@@ -6,11 +6,11 @@ lock with its BEGIN and COMMIT, on PostgreSQL a pooled connection and a commit i
 the first request to arrive leads: it lets the requests that are ready reach their own write, then
 runs, in one transaction, every request's work queued by then (a batch of one alone: a single
 statement on PostgreSQL in autocommit, one round trip); the others wait for their own result. A
-batch that fails on one request's values is rerun one request at a time, each in its own thread, so
-a refused value costs only its own request; so is a PostgreSQL batch that deadlocked with another
-worker's or waited over a second for a row (each request alone is what it would have been without
-batching). Any other failure (the database locked or gone) is every request's answer, as it would
-have been alone.
+batch that fails on one request's values, or on an error its own code raised, is rerun one request
+at a time, each in its own thread, so the failure costs only its own request; so is a PostgreSQL batch
+that deadlocked with another worker's or waited over a second for a row (each request alone is what it
+would have been without batching). A failure of the database itself (locked, gone, out of connections)
+is every request's answer, as it would have been alone.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 
 from .db import writing
 
@@ -42,6 +42,12 @@ def values_refused(exc: BaseException) -> bool:
     if isinstance(exc, (IntegrityError, DataError)):
         return True
     return isinstance(exc, (StatementError, UnicodeError)) and not isinstance(exc, DBAPIError)
+
+
+def one_requests_own(exc: BaseException) -> bool:
+    """The error is one request's alone: its values refused, or raised by its own code rather than by
+    SQLAlchemy or the database (a bug in one kind of write must not fail every webhook batched with it)."""
+    return values_refused(exc) or not isinstance(exc, SQLAlchemyError)
 
 
 def lock_conflict(exc: BaseException) -> bool:
@@ -147,11 +153,11 @@ class GroupCommit:
                     if conn.dialect.name == "postgresql":
                         conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{BATCH_LOCK_TIMEOUT}'")
                     results = [job.work(conn) for job in batch]
-            except Exception as error:  # noqa: BLE001 — sorted below: this batch's values, or the database
-                if not (values_refused(error) or lock_conflict(error)):
+            except Exception as error:  # noqa: BLE001 — sorted below: one request's, or the database's
+                if not (one_requests_own(error) or lock_conflict(error)):
                     raise
-                # One request's values were refused, or the batch crossed another transaction: each
-                # request runs alone, in its own thread, and gets its own answer.
+                # One request's values were refused or its code failed, or the batch crossed another
+                # transaction: each request runs alone, in its own thread, and gets its own answer.
                 for job in batch:
                     job.alone = True
                 return

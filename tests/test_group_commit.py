@@ -225,6 +225,20 @@ def test_a_value_that_cannot_be_bound_fails_only_its_own_request(engine):
     assert stored(engine) == {f"SM{i:032d}" for i in range(8)}
 
 
+def test_an_error_raised_by_one_requests_own_code_fails_only_that_request(engine):
+    """Not the database's answer (a bug in one kind of write): the others in its batch still land."""
+    group = GroupCommit(engine)
+
+    def buggy(conn):
+        raise KeyError("a bug in building its values")
+
+    works = [row(f"SM{i:032d}") for i in range(3)] + [buggy] + [row(f"SM{i:032d}") for i in range(3, 6)]
+    results = run_together(group, works)
+    assert isinstance(results[3], KeyError)
+    assert [r for i, r in enumerate(results) if i != 3] == [f"SM{i:032d}" for i in range(6)]
+    assert stored(engine) == {f"SM{i:032d}" for i in range(6)}
+
+
 def test_a_database_failure_is_every_waiting_requests_answer(engine):
     group = GroupCommit(engine)
 
