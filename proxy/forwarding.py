@@ -6,6 +6,8 @@ import base64
 import concurrent.futures
 import functools
 import logging
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlencode
@@ -13,7 +15,9 @@ from urllib.parse import unquote, urlencode
 import certifi
 import urllib3
 from twilio.request_validator import RequestValidator
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, ReadTimeoutError
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, ReadTimeoutError
 from werkzeug.datastructures import MultiDict
 
 from . import logs
@@ -60,6 +64,7 @@ class Forwarder:
         # redirects followed, no retries (the outbox retries, and counts each attempt).
         self.http = urllib3.PoolManager(num_pools=8, maxsize=pool_size, block=False, retries=False,
                                         ca_certs=certifi.where())
+        self.http.pool_classes_by_scheme = _WATCHED_POOLS
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="forward")
 
     def headers_for(self, url: str, pairs: list[tuple[str, str]], kept: dict) -> dict:
@@ -73,22 +78,27 @@ class Forwarder:
     def post(self, url: str, pairs: list[tuple[str, str]], kept: dict) -> Reply:
         """POST within one overall deadline, counted from this call: a socket timeout is per read, an app
         that drip-feeds its answer must not hold Twilio's webhook past its 15 s limit, and the inline
-        attempt's lease (FORWARD_TIMEOUT_SECONDS + 5) must outlast it.
+        attempt's lease (FORWARD_TIMEOUT_SECONDS + 5) must outlast it. At the deadline the connection is
+        hung up on, so the thread is free again too.
 
         A post still waiting for a thread at the deadline is cancelled: it is reported failed and
         retried by the outbox, so it must never go out afterwards. One that went out and was not
         answered in time may still reach the app: that copy and the retry are the same webhook.
         """
         deadline = time.monotonic() + self.timeout
-        future = self.pool.submit(self._post, url, pairs, kept, deadline)
+        line = _Line()
+        future = self.pool.submit(self._post, url, pairs, kept, deadline, line)
         try:
             return future.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError:
             if future.cancel():
                 return _not_sent(self.timeout)
+            # The socket timeout is per read: an app dripping its answer a byte at a time would keep this
+            # thread until it finished, and sixteen such answers every forwarding thread.
+            line.hang_up()
             return Reply(False, None, b"", None, f"no answer within {self.timeout:g}s")
 
-    def _post(self, url: str, pairs: list[tuple[str, str]], kept: dict, deadline: float) -> Reply:
+    def _post(self, url: str, pairs: list[tuple[str, str]], kept: dict, deadline: float, line: _Line) -> Reply:
         remaining = deadline - time.monotonic()
         if remaining <= 0:  # the caller gave up just as a thread took this post, too late to cancel it
             return _not_sent(self.timeout)
@@ -97,6 +107,7 @@ class Forwarder:
         # app's own RequestValidator over its request URL would reject a signature computed with them.
         headers = {**_DEFAULT_HEADERS, **self.headers_for(target, pairs, kept), **authorization}
         response, read_whole = None, False
+        _this_thread.line = line
         try:
             # Streamed: the answer is read here, at most MAX_ANSWER_BYTES of it.
             response = self.http.request("POST", target, body=urlencode(pairs), headers=headers,
@@ -108,8 +119,10 @@ class Forwarder:
         except HTTPError as exc:  # refused, reset, cut off, an answer that does not decode
             return Reply(False, None, b"", None, f"unreachable ({type(exc).__name__})")
         finally:
+            _this_thread.line = None
+            hung_up = line.done()  # before the connection goes back to the pool, where another post may take it
             if response is not None:
-                if not read_whole:  # a connection whose answer was not read to its end cannot be reused
+                if hung_up or not read_whole:  # a connection whose answer was not read to its end cannot be reused
                     response.close()
                 response.release_conn()
         return reply
@@ -132,6 +145,74 @@ class Forwarder:
             if len(body) > MAX_ANSWER_BYTES:
                 return Reply(True, status, b"", None, too_large=True, content_length=length), False
         return Reply(True, status, bytes(body), _content_type(response)), True
+
+
+class _Line:
+    """The connection one post is using, for its caller to hang up at the deadline from its own thread."""
+
+    __slots__ = ("lock", "connection", "over", "hung_up")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.connection: HTTPConnection | None = None
+        self.over = False  # hung up, or the post is done: nothing more goes out on this line
+        self.hung_up = False
+
+    def attach(self, connection: HTTPConnection) -> None:
+        with self.lock:
+            if self.over:  # the deadline passed before the request was written: it never goes out
+                raise ProtocolError("hung up at the deadline before sending")
+            self.connection = connection
+
+    def hang_up(self) -> None:
+        with self.lock:
+            if self.over:
+                return
+            self.over = self.hung_up = True
+            sock = self.connection.sock if self.connection is not None else None
+            if sock is not None:
+                try:  # the blocked read sees the end of the stream now; the connection is then discarded
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def done(self) -> bool:
+        """The post is over: later hang-ups are no-ops. Whether it was hung up on."""
+        with self.lock:
+            self.over, self.connection = True, None
+            return self.hung_up
+
+
+_this_thread = threading.local()
+
+
+class _Watched:
+    """Puts each request's connection on its post's _Line, when a Forwarder thread sends it."""
+
+    def request(self, *args, **kwargs):
+        line = getattr(_this_thread, "line", None)
+        if line is not None:
+            line.attach(self)
+        return super().request(*args, **kwargs)
+
+
+class _WatchedHTTP(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTP
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPS
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
 
 
 # As requests sent them: an app may answer compressed (the answer is decoded before it is relayed).

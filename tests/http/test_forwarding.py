@@ -102,6 +102,65 @@ def test_a_forward_still_waiting_for_a_thread_at_its_deadline_never_goes_out(fak
     assert not reply.ok and reply.error.startswith("not sent")
 
 
+def drip_server(first: bytes):
+    """An app on 127.0.0.1 that sends `first`, then one byte of a header every 50 ms, each well within
+    any read timeout, until the proxy hangs up. Returns its URL and the event set when it saw the hang-up."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    hung_up = threading.Event()
+
+    def drip():
+        conn, _ = listener.accept()
+        listener.close()
+        conn.recv(65536)
+        try:
+            conn.sendall(first)
+            for _ in range(2000):  # 100 s at most
+                conn.sendall(b"x")
+                time.sleep(0.05)
+        except OSError:  # reset, or a broken pipe: the proxy hung up
+            hung_up.set()
+        finally:
+            conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/app/inbound", hung_up
+
+
+@pytest.mark.parametrize("phase", ["status line", "headers", "body"])
+def test_an_app_dripping_its_answer_is_hung_up_on_at_the_deadline_and_frees_its_thread(fake_app, phase):
+    """A socket timeout is per read: without a hang-up the one forwarding thread would stay with this app
+    for as long as it dripped, and every later forward would find no thread free."""
+    first = {"status line": b"HTTP/1.1 2",
+             "headers": b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nX-Slow: ",
+             "body": b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 60000\r\n\r\n<Response>"}[phase]
+    url, hung_up = drip_server(first)
+    forwarder = Forwarder(AUTH_TOKEN, timeout=0.5, pool_size=1)
+    reply = forwarder.post(url, [("MessageSid", "SM" + "d" * 32)], {})
+    assert not reply.ok and reply.error == "no answer within 0.5s"
+    assert hung_up.wait(10)
+    after = forwarder.post(fake_app.url + "/app/inbound", [("MessageSid", "SM" + "e" * 32)], {})
+    assert (after.ok, after.status, len(fake_app.received)) == (True, 200, 1)
+
+
+def test_a_post_past_its_deadline_before_its_request_was_written_never_goes_out(fake_app):
+    """The hang-up came while the thread was still preparing the post: nothing is sent afterwards."""
+    from proxy import forwarding
+
+    forwarder = Forwarder(AUTH_TOKEN, timeout=5, pool_size=1)
+    line = forwarding._Line()
+    line.hang_up()
+    reply = forwarder._post(fake_app.url + "/app/inbound", [("MessageSid", "SM" + "f" * 31 + "1")], {},
+                            time.monotonic() + 5, line)
+    assert not reply.ok and reply.error.startswith("unreachable")
+    assert fake_app.started == 0
+    again = forwarder.post(fake_app.url + "/app/inbound", [("MessageSid", "SM" + "f" * 31 + "2")], {})
+    assert again.ok and fake_app.started == 1
+
+
 def test_credentials_in_the_forward_url_reach_the_app_as_basic_auth(fake_app):
     """user:password@ in FORWARD_INBOUND_URL, as Twilio takes them in a webhook URL: an app behind Basic
     auth gets an Authorization header (%-escapes decoded), and the credentials are not sent in the URL."""
