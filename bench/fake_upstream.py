@@ -1,8 +1,9 @@
 """A fake Twilio Messages API for load: answers each create after a fixed delay (250 ms by default).
 
 It is also the business's app for forwarded webhooks: POST /app/inbound answers TwiML with a reply
-after --app-delay (20 ms by default). An asyncio (aiohttp) server on 127.0.0.1, so thousands of
-requests can wait at once in one process.
+after --app-delay (20 ms by default); POST /app/tail does too, but every --tail-every-th request after
+--tail-delay instead, as a real app's slowest answers (bench/drain.py). An asyncio (aiohttp) server on
+127.0.0.1, so thousands of requests can wait at once in one process.
 Run: python -m bench.fake_upstream --port 8099 --delay 0.25 --app-delay 0.02
 """
 
@@ -19,10 +20,13 @@ from aiohttp import web
 
 
 APP_PATH = "/app/inbound"
+TAIL_PATH = "/app/tail"
 APP_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response><Message>Thanks, we got it.</Message></Response>'
 
 
-def make_app(delay: float, app_delay: float = 0.02) -> web.Application:
+def make_app(delay: float, app_delay: float = 0.02, tail_every: int = 20, tail_delay: float = 0.5) -> web.Application:
+    answered = 0
+
     async def create(request: web.Request) -> web.Response:
         form = await request.post()
         await asyncio.sleep(delay)
@@ -46,9 +50,17 @@ def make_app(delay: float, app_delay: float = 0.02) -> web.Application:
         await asyncio.sleep(app_delay)
         return web.Response(text=APP_TWIML, content_type="text/xml")
 
+    async def business_app_with_a_tail(request: web.Request) -> web.Response:
+        nonlocal answered
+        await request.post()
+        answered += 1
+        await asyncio.sleep(tail_delay if answered % tail_every == 0 else app_delay)
+        return web.Response(text=APP_TWIML, content_type="text/xml")
+
     app = web.Application()
     app.router.add_post("/2010-04-01/Accounts/{account}/Messages.json", create)
     app.router.add_post(APP_PATH, business_app)
+    app.router.add_post(TAIL_PATH, business_app_with_a_tail)
     return app
 
 
@@ -57,8 +69,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay", type=float, default=0.25)
     parser.add_argument("--app-delay", type=float, default=0.02)
+    parser.add_argument("--tail-every", type=int, default=20)
+    parser.add_argument("--tail-delay", type=float, default=0.5)
     args = parser.parse_args()
-    web.run_app(make_app(args.delay, args.app_delay), host="127.0.0.1", port=args.port, access_log=None, backlog=4096,
+    web.run_app(make_app(args.delay, args.app_delay, args.tail_every, args.tail_delay), host="127.0.0.1", port=args.port, access_log=None, backlog=4096,
                 print=None)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from bench import forwarding, gateway, growth, inbound
+from bench import drain, forwarding, gateway, growth, inbound
 from bench.common import machine, table, write_result
 
 
@@ -41,6 +41,7 @@ def main() -> None:
     inbound_results = inbound.main()
     gateway_results = gateway.main()
     forwarding_results = forwarding.main()
+    drain_results = drain.main()
     growth_results = growth.main()
     summary = [inbound.report(inbound_results)]
     if gateway_results:
@@ -49,9 +50,12 @@ def main() -> None:
         summary.append(gateway.report_at_rate(gateway_results, first["direct_at_rate"], first["floor_at_rate"]))
     if forwarding_results:
         summary.append(forwarding.report(forwarding_results))
+    if drain_results:
+        summary.append(drain.report(drain_results))
     summary += [growth.report(growth_results), memory_table(inbound_results, gateway_results, forwarding_results)]
     write_result("summary", {"inbound": inbound_results, "gateway": gateway_results, "forwarding": forwarding_results,
-                             "growth": growth_results, "seconds": round(time.monotonic() - started)})
+                             "drain": drain_results, "growth": growth_results,
+                             "seconds": round(time.monotonic() - started)})
     print("\n\n## Summary (one run)\n" + "\n".join(summary))
     print(f"\n{round(time.monotonic() - started)}s; JSON in bench/results/")
 

@@ -191,9 +191,10 @@ def row(judgement: Judgement, *, account_sid: str, request_id: str, params: list
         sender=storable(judgement.sender, 128),
         user=storable(judgement.user, 128),
         channel=storable(judgement.channel, 32),
-        content_type=content_type(judgement),
+        # The Content API names them: a type or an approval status this release does not know may be longer.
+        content_type=storable(content_type(judgement), 64),
         content_sid=storable(judgement.content_sid, 34),
-        approval_status=judgement.send.approval,
+        approval_status=storable(judgement.send.approval, 32),
         decision=decision,
         reason=judgement.decision.reason,
         error_code=judgement.decision.code,

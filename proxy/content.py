@@ -84,7 +84,8 @@ def approval_status(approval: Mapping[str, Any] | None) -> str:
     if isinstance(channel, str) and channel.strip() and channel.strip().lower() != "whatsapp":
         return "unsubmitted"  # another channel's approval (flat shape, or misfiled) is not WhatsApp's
     status = inner.get("status")
-    return str(status).strip().lower() if status else "unsubmitted"
+    # Cut to its column (content_cache, send_attempts): a status this release does not know is not approval.
+    return (storable(str(status).strip().lower(), 32) or "unsubmitted") if status else "unsubmitted"
 
 
 def content_of(item: Any, approval: str, sid: str | None = None) -> Content:

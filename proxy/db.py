@@ -162,7 +162,9 @@ outbox = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("delivered_at", UTCDateTime(), nullable=True),
-    Index(None, "status", "next_attempt_at"),
+    # `claim` and `oldest_due` walk this in their order (the longest due first) and stop at their limit,
+    # rather than read and sort every pending item: a backlog after an outage is when it matters.
+    Index(None, "status", "next_attempt_at", "id"),
     Index(None, "ordering_key", "id"),
     sqlite_autoincrement=True,
 )

@@ -23,10 +23,13 @@ from werkzeug.datastructures import MultiDict
 from . import logs
 from .headers import sendable
 
-# Twilio's request headers worth passing on, and the proxy's own. The signature is recomputed
-# for the app's URL with the auth token, so Twilio's SharedKey signature-settings header is not kept.
-KEPT_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent", "X-Proxy-Window-Expires-At",
-                "X-Proxy-Outbox-Id")
+# Twilio's request headers worth passing on. The signature is recomputed for the app's URL with the auth
+# token, so Twilio's SharedKey signature-settings header is not kept.
+TWILIO_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent")
+# The proxy's own, which only it sets: the same names in a request (the signature does not cover headers)
+# are never passed on, or a replayed callback could tell the app what it likes under a valid signature.
+PROXY_HEADERS = ("X-Proxy-Window-Expires-At", "X-Proxy-Outbox-Id")
+KEPT_HEADERS = TWILIO_HEADERS + PROXY_HEADERS
 
 
 # The app's "not now" (Request Timeout, Too Many Requests): retried like a 5xx. Any other 4xx is its answer.

@@ -170,7 +170,9 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
         send = Send(channel, None, template=True)
     decision = decide(send, window, rt.settings.policy)
 
-    fallback = rt.settings.fallback_for(sender)
+    # Only WhatsApp has templates to fall back to (policy.reroute): a blocked Messenger send is not worth a
+    # Content API lookup, whose outage would turn its 63016 into a 503 about a template it never named.
+    fallback = rt.settings.fallback_for(sender) if channel == "whatsapp" else None
     if decision.action is Action.BLOCKED and fallback and rt.settings.policy.action_for(send.content_type) == "reroute":
         try:
             fallback_send = resolve(rt, fallback.content_sid, channel)

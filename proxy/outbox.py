@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, bindparam, case, exists, func, literal, select, update
+from sqlalchemy import Connection, Integer, and_, bindparam, case, exists, func, literal, select, update
 from sqlalchemy.orm import aliased
 
 from .db import outbox
@@ -101,12 +101,11 @@ def keep(conn: Connection, item: Item, now: datetime, lease_seconds: float) -> d
 def keep_lease(conn: Connection, item_id: int, held: datetime | None, now: datetime,
                lease_seconds: float) -> datetime | None:
     """`keep` by the lease the caller holds: the new lease, or None when the item is no longer under it."""
-    return conn.execute(
-        update(outbox)
-        .where(outbox.c.id == item_id, outbox.c.status == PENDING, outbox.c.lease_until == held)
-        .values(lease_until=now + timedelta(seconds=lease_seconds), updated_at=now)
-        .returning(outbox.c.lease_until)
-    ).scalar()
+    if held is None:  # `= NULL` is never true: a lease must be held to be kept
+        return None
+    found = _statement(conn, "keep_lease").first(
+        conn, {"item_id": item_id, "held": held, "lease": now + timedelta(seconds=lease_seconds), "now": now})
+    return found[0] if found else None
 
 
 def unclaim(conn: Connection, item: Item, now: datetime) -> None:
@@ -142,42 +141,37 @@ def abandoned(conn: Connection, now: datetime) -> list:
 
 
 def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10) -> list[Item]:
-    """Lease up to `limit` due items, each the oldest pending one of its ordering key.
+    """Lease up to `limit` due items, each the oldest pending one of its ordering key, the longest due first.
 
     On PostgreSQL the candidate rows are locked FOR UPDATE SKIP LOCKED, so concurrent workers
     pass over each other's rows; the conditional UPDATE then makes the lease exclusive on every
     backend (SQLite has no row locks).
     """
-    earlier = aliased(outbox)
-    candidates = (
-        select(outbox.c.id)
+    rows = _statement(conn, "claim").rows(conn, {"now": now, "limit": limit,
+                                                 "lease": now + timedelta(seconds=lease_seconds)})
+    # One statement (the ids chosen and leased together, on PostgreSQL under the rows' locks); RETURNING
+    # keeps no order, so the claim's own is restored: the longest due first.
+    rows.sort(key=lambda row: (row[-1], row[0]))
+    return [Item(item_id, kind, key, target, json.loads(headers), json.loads(body), attempts, lease_until)
+            for item_id, kind, key, target, headers, body, attempts, lease_until, _due in rows]
+
+
+def claim_query(now, limit):
+    """The ids of up to `limit` items `claim` may take, in the order it takes them."""
+    candidate, earlier = aliased(outbox, name="candidate"), aliased(outbox, name="earlier")
+    return (
+        select(candidate.c.id)
         .where(
-            outbox.c.status == PENDING,
-            outbox.c.next_attempt_at <= now,
-            (outbox.c.lease_until.is_(None)) | (outbox.c.lease_until < now),
-            ~exists().where(and_(earlier.c.ordering_key == outbox.c.ordering_key, earlier.c.status == PENDING,
-                                 earlier.c.id < outbox.c.id)),
+            candidate.c.status == literal(PENDING),
+            candidate.c.next_attempt_at <= now,
+            (candidate.c.lease_until.is_(None)) | (candidate.c.lease_until < now),
+            ~exists().where(and_(earlier.c.ordering_key == candidate.c.ordering_key,
+                                 earlier.c.status == literal(PENDING), earlier.c.id < candidate.c.id)),
         )
-        .order_by(outbox.c.id)
+        .order_by(candidate.c.next_attempt_at, candidate.c.id)  # the index's order: it stops at `limit`
         .limit(limit)
-        .with_for_update(skip_locked=True, of=outbox)
+        .with_for_update(skip_locked=True, of=candidate)
     )
-    ids = conn.execute(candidates).scalars().all()
-    claimed = []
-    lease = now + timedelta(seconds=lease_seconds)
-    for item_id in ids:
-        row = conn.execute(
-            update(outbox)
-            .where(outbox.c.id == item_id, outbox.c.status == PENDING,
-                   (outbox.c.lease_until.is_(None)) | (outbox.c.lease_until < now))
-            .values(lease_until=lease, updated_at=now)
-            .returning(outbox.c.id, outbox.c.kind, outbox.c.ordering_key, outbox.c.target, outbox.c.headers,
-                       outbox.c.body, outbox.c.attempts, outbox.c.lease_until)
-        ).first()
-        if row is not None:
-            claimed.append(Item(row.id, row.kind, row.ordering_key, row.target, json.loads(row.headers),
-                                json.loads(row.body), row.attempts, row.lease_until))
-    return claimed
 
 
 def delivered(conn: Connection, item_id: int, now: datetime) -> None:
@@ -251,10 +245,13 @@ def oldest_due(conn: Connection, now: datetime) -> datetime | None:
     retry is in order, not neglected.
     """
     earlier = aliased(outbox)
-    return conn.execute(select(func.min(outbox.c.next_attempt_at))
+    # The first in the index's order rather than min(): PostgreSQL then stops at it instead of reading every
+    # pending item (seconds per scrape on a backlog of tens of thousands).
+    return conn.execute(select(outbox.c.next_attempt_at)
                         .where(outbox.c.status == PENDING, outbox.c.next_attempt_at <= now,
                                ~exists().where(and_(earlier.c.ordering_key == outbox.c.ordering_key,
                                                     earlier.c.status == PENDING, earlier.c.id < outbox.c.id)))
+                        .order_by(outbox.c.next_attempt_at, outbox.c.id).limit(1)
                         ).scalar()
 
 
@@ -263,7 +260,7 @@ def depth(conn: Connection) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
-# The statements every forwarded webhook runs, compiled once per dialect (proxy/prepared.py).
+# The statements every forwarded webhook and every delivery runs, compiled once per dialect (proxy/prepared.py).
 def _build_enqueue(_dialect):
     return outbox.insert().returning(outbox.c.id)
 
@@ -281,7 +278,31 @@ def _build_delivered(_dialect):
                     updated_at=now, last_error=None))
 
 
+def _build_claim(_dialect):
+    now = bindparam("now", type_=outbox.c.next_attempt_at.type)
+    # A CTE, evaluated once: PostgreSQL may run a plain IN (subquery) of an UPDATE more than once, and with
+    # SKIP LOCKED each run can choose other rows (a claim of 2 leased 3).
+    chosen = claim_query(now, bindparam("limit", type_=Integer())).cte("chosen")
+    return (update(outbox)
+            .where(outbox.c.id.in_(select(chosen.c.id)), outbox.c.status == literal(PENDING),
+                   (outbox.c.lease_until.is_(None)) | (outbox.c.lease_until < now))
+            .values(lease_until=bindparam("lease", type_=outbox.c.lease_until.type), updated_at=now)
+            .returning(outbox.c.id, outbox.c.kind, outbox.c.ordering_key, outbox.c.target, outbox.c.headers,
+                       outbox.c.body, outbox.c.attempts, outbox.c.lease_until, outbox.c.next_attempt_at))
+
+
+def _build_keep_lease(_dialect):
+    return (update(outbox)
+            .where(outbox.c.id == bindparam("item_id"), outbox.c.status == literal(PENDING),
+                   outbox.c.lease_until == bindparam("held", type_=outbox.c.lease_until.type))
+            .values(lease_until=bindparam("lease", type_=outbox.c.lease_until.type),
+                    updated_at=bindparam("now", type_=outbox.c.updated_at.type))
+            .returning(outbox.c.lease_until))
+
+
 _statement = Statements({
+    "claim": (_build_claim, None),
+    "keep_lease": (_build_keep_lease, None),
     "enqueue": (_build_enqueue, ("kind", "ordering_key", "target", "headers", "body", "status", "attempts",
                                  "next_attempt_at", "lease_until", "created_at", "updated_at")),
     "earlier_pending": (_build_earlier_pending, None),

@@ -18,6 +18,7 @@ CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}\Z")  # \Z: `$` also accepts a trai
 # reroute) or blank: Twilio refuses a "" variable with 21656, so it is never left empty.
 DEFAULT_PROFILE_NAME = "there"
 FALLBACK_KEYS = ("content_sid", "variables", "profile_name_default")
+_REFUSED_SPACING = re.compile(r"[\n\t]| {5}")
 
 
 class PolicyFileError(ValueError):
@@ -36,14 +37,23 @@ class Fallback:
         # Checked here, not only when a file is read: no fallback may ever render an empty variable.
         if not isinstance(self.profile_name_default, str) or not self.profile_name_default.strip():
             raise PolicyFileError("profile_name_default must be a non-empty string")
+        if _REFUSED_SPACING.search(self.profile_name_default):
+            raise PolicyFileError("profile_name_default must not hold a newline, a tab or more than four spaces in "
+                                  "a row (Twilio refuses such a variable with 21656)")
         blank = sorted(k for k, v in self.variables.items() if not v.strip())
         if blank:
             raise PolicyFileError(f"variables must not be empty (Twilio refuses them with 21656): {blank[0]!r}")
+        spaced = sorted(k for k, v in self.variables.items() if _REFUSED_SPACING.search(v.replace("{profile_name}", "")))
+        if spaced:
+            raise PolicyFileError(f"variables must not hold a newline, a tab or more than four spaces in a row "
+                                  f"(Twilio refuses them with 21656): {spaced[0]!r}")
 
     def render(self, profile_name: str | None) -> str | None:
         if not self.variables:
             return None
-        name = (profile_name or "").strip() or self.profile_name_default
+        # A user's name may hold what Twilio refuses in a variable (21656: a newline, a tab, more than four
+        # spaces in a row): every run of whitespace becomes one space.
+        name = " ".join((profile_name or "").split()) or self.profile_name_default
         return json.dumps({k: v.replace("{profile_name}", name) for k, v in self.variables.items()})
 
 
@@ -109,6 +119,10 @@ def load(path: str) -> PolicyFile:
             key = sender if sender.startswith("MG") else normalise(sender)
         except InvalidAddress as exc:
             raise PolicyFileError(f"{where}: {exc}") from None
+        if not key.startswith(("MG", "whatsapp:")):  # a plain number is an SMS sender: it never matched a send
+            raise PolicyFileError(f"{where}: fallback sender {sender!r} must be a WhatsApp sender "
+                                  f"(\"whatsapp:+14155550100\") or a Messaging Service (MG...): templates are "
+                                  f"sent instead of blocked WhatsApp messages only")
         fallbacks[key] = parse_fallback(spec.get("content_sid"), spec.get("variables"), where,
                                         spec.get("profile_name_default"))
     return PolicyFile(actions, fallbacks)

@@ -153,8 +153,8 @@ class Settings:
             webhook_shared_keys=_pairs(env, "TWILIO_WEBHOOK_SHARED_KEYS", "key-id:secret"),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 256 * 1024, minimum=1024,
                                     maximum=MAX_REQUEST_BYTES, unit="bytes"),
-            forward_inbound_url=_url(env, "FORWARD_INBOUND_URL", None),
-            forward_status_url=_url(env, "FORWARD_STATUS_URL", None),
+            forward_inbound_url=_url(env, "FORWARD_INBOUND_URL", None, exact=True),
+            forward_status_url=_url(env, "FORWARD_STATUS_URL", None, exact=True),
             forward_timeout_seconds=forward_timeout,
             retry_schedule=_schedule(env),
             hold_on_reroute=_bool(env, "HOLD_ON_REROUTE", False),
@@ -323,14 +323,17 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}.")
 
 
-def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+def _url(env: Mapping[str, str], name: str, default: str | None, *, exact: bool = False) -> str | None:
+    """An http(s) URL. A base URL (paths are appended to it) loses a trailing slash; an `exact` one is
+    posted to as written: /twilio/ and /twilio are two routes to most web frameworks (one redirects to the
+    other, which the forwarder does not follow), and the signature covers the slash."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{name} must be an http(s) URL, got {without_credentials(raw)!r}.")
-    return raw.rstrip("/")
+    return raw if exact else raw.rstrip("/")
 
 
 _SCHEME_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:?//")

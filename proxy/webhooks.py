@@ -14,8 +14,8 @@ from werkzeug.datastructures import MultiDict
 from twilio.twiml.messaging_response import MessagingResponse
 
 from . import holds, late_failures, logs, outbox, signatures, store
-from .forwarding import KEPT_HEADERS, too_large
-from .addresses import InvalidAddress, normalise
+from .forwarding import TWILIO_HEADERS, too_large
+from .addresses import InvalidAddress, is_windowed, normalise
 from .db import storable, unavailable_reason, utcnow, writing
 from .errors import twilio_error
 from .forms import Fields, form_of
@@ -188,12 +188,15 @@ def _inbound_message() -> Response:
     sid = _message_sid(form)
     if sid is None:
         return _malformed("inbound", "MessageSid", _BAD_SID)
+    # Windows are kept for WhatsApp and Messenger; an SMS to or from a short code (12345) is no E.164 number
+    # but still a message for the app: refused, Twilio would not send it again, and the app would never see it.
+    windowed = is_windowed(form.get("From", "")) or is_windowed(form.get("To", ""))
     try:
-        user = normalise(form.get("From", ""))
+        user = _address(form.get("From", ""), windowed)
     except InvalidAddress as exc:
         return _malformed("inbound", "From", exc)
     try:
-        sender = normalise(form.get("To", ""))
+        sender = _address(form.get("To", ""), windowed)
     except InvalidAddress as exc:
         return _malformed("inbound", "To", exc)
     service_sid = form.get("MessagingServiceSid") or None
@@ -344,8 +347,8 @@ def _take_turn(rt, item_id: int, lease: datetime, earlier: str | None, arrived: 
 
 
 def _kept_headers() -> dict:
-    """Twilio's request headers a forward carries on (forwarding.KEPT_HEADERS)."""
-    return {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
+    """Twilio's request headers a forward carries on (forwarding.TWILIO_HEADERS); never the proxy's own."""
+    return {name: request.headers[name] for name in TWILIO_HEADERS if name in request.headers}
 
 
 def _status_callback() -> Response:
@@ -414,6 +417,17 @@ def _int_or_none(value: str | None) -> int | None:
     except ValueError:
         return None
     return number if number is not None and 0 <= number < 2**31 else None
+
+
+def _address(value: str, windowed: bool) -> str:
+    """The address normalised; on a channel without windows (SMS) one that cannot be is kept as sent."""
+    try:
+        return normalise(value)
+    except InvalidAddress:
+        kept = storable(value.strip(), 128)
+        if windowed or not kept:
+            raise
+        return kept
 
 
 def _normalised_or_raw(value: str | None) -> str | None:

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -56,15 +56,29 @@ class Skip(Exception):
 class Worker:
     def __init__(self, rt: Runtime):
         self.rt = rt
+        self._maintained = 0.0  # time.monotonic() of the last expiry of old holds and abandoned sends
 
-    def run_once(self, now: datetime | None = None, stop: threading.Event | None = None) -> int:
+    def run_once(self, now: datetime | None = None, stop: threading.Event | None = None, *,
+                 refill: bool = False) -> int:
         """Expire old holds, then claim and deliver the due items; returns how many were claimed.
 
         A batch holds one item per ordering key (each the oldest pending one of its conversation), so its
         items are delivered at once, WORKER_CONCURRENCY at most, without changing any conversation's order.
         Once `stop` is set (SIGTERM) the deliveries under way end and the items not started are handed
-        back, claimable at once: a batch of deliveries one after another took longer than a platform's grace."""
+        back, claimable at once: a batch of deliveries one after another took longer than a platform's grace.
+
+        `refill` (run_forever): as deliveries end, the slots they free take the next due items, a
+        conversation's next one included, until nothing is due and none is under way; otherwise every
+        batch waited for its slowest delivery, and one slow answer in ten held back the other nine slots."""
         now, started = now or utcnow(), time.monotonic()
+        self._maintain(now)
+        with writing(self.rt.engine) as conn:
+            # A claimed item is this worker's for the lease; a crashed worker's items come back after it.
+            items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds, limit=self.batch_size)
+        return self._deliver(items, lambda: now + timedelta(seconds=time.monotonic() - started), stop,
+                             more=self._more if refill else None)
+
+    def _maintain(self, now: datetime) -> None:
         with writing(self.rt.engine) as conn:
             for row in holds.expire(conn, now):
                 logs.event("hold_expired", redact=self.rt.settings.log_redact_numbers, decision="dropped",
@@ -73,54 +87,76 @@ class Worker:
                 logs.event("delivery", redact=True, level=logging.ERROR, decision="failed", kind=row.kind,
                            outbox_id=row.id, attempt=row.attempts + 1, outcome=outbox.UNCERTAIN,
                            error=outbox.ABANDONED)
+        self._maintained = time.monotonic()
+
+    def _more(self, limit: int) -> list[outbox.Item]:
+        """Up to `limit` due items, claimed now; old holds expired as often as a poll would."""
+        now = utcnow()
+        if time.monotonic() - self._maintained >= self.rt.settings.worker_poll_seconds:
+            self._maintain(now)
         with writing(self.rt.engine) as conn:
-            # A claimed item is this worker's for the lease; a crashed worker's items come back after it.
-            items = outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds, limit=self.batch_size)
-        self._deliver(items, lambda: now + timedelta(seconds=time.monotonic() - started), stop)
-        return len(items)
+            return outbox.claim(conn, now, self.rt.settings.outbox_lease_seconds, limit=limit)
 
     @property
     def batch_size(self) -> int:
         """Items claimed at once: every delivery slot filled, and at least the CLAIM_BATCH of old."""
         return max(CLAIM_BATCH, self.rt.settings.worker_concurrency)
 
-    def _deliver(self, items: list[outbox.Item], clock, stop: threading.Event | None) -> None:
-        """`process` each item in a thread of its own, WORKER_CONCURRENCY at once, the next as one ends.
+    def _deliver(self, items: list[outbox.Item], clock, stop: threading.Event | None, more=None) -> int:
+        """`process` each item in a thread of its own, WORKER_CONCURRENCY at once, the next as one ends;
+        with `more`, a slot free with none waiting takes the next batch `more(n)` claims. Returns how many
+        items were claimed.
 
         Each thread takes its own connections (`writing`, per write): none is shared between threads.
         On `stop`, or a delivery's error (the database gone: raised once the others have ended, as before),
         no other starts; on `stop` the ones not started are handed back."""
-        if not items:
-            return
         concurrency, waiting = self.rt.settings.worker_concurrency, deque(items)
-        running: set[Future] = set()
+        count, running = len(items), set()
         error: BaseException | None = None
-        with ThreadPoolExecutor(max_workers=min(concurrency, len(items)), thread_name_prefix="delivery") as pool:
+        # Asked again as soon as a delivery ends, or a poll's time after nothing (more) was due.
+        ask_at = time.monotonic() + self.rt.settings.worker_poll_seconds
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="delivery") as pool:
             while waiting or running:
-                if waiting and stop is not None and stop.is_set() and error is None:
+                stopping = stop is not None and stop.is_set()
+                if waiting and stopping and error is None:
                     with writing(self.rt.engine) as conn:
                         for rest in waiting:
                             outbox.unclaim(conn, rest, utcnow())
                     waiting.clear()
                 while waiting and error is None and len(running) < concurrency:
                     running.add(pool.submit(self.process, waiting.popleft(), clock()))
+                if (more is not None and not waiting and len(running) < concurrency and not stopping and error is None
+                        and time.monotonic() >= ask_at):
+                    # A batch at a time, not a slot at a time: one claim statement per batch, not per delivery.
+                    try:
+                        claimed = more(self.batch_size)
+                    except Exception as exc:  # noqa: BLE001 — the database gone: as a delivery's error
+                        claimed, error = [], exc
+                    count += len(claimed)
+                    waiting.extend(claimed)
+                    while waiting and len(running) < concurrency:
+                        running.add(pool.submit(self.process, waiting.popleft(), clock()))
+                    ask_at = time.monotonic() + (0 if claimed else self.rt.settings.worker_poll_seconds)
                 if not running:
                     break
                 # In slices while `stop` may come: what is still waiting goes back as soon as it does.
                 done, running = wait(running, timeout=STOP_CHECK_SECONDS if stop is not None else None,
                                      return_when=FIRST_COMPLETED)
+                if done:
+                    ask_at = time.monotonic()
                 for future in done:
                     if future.exception() is not None and error is None:
                         error = future.exception()
         if error is not None:
             raise error
+        return count
 
     def run_forever(self, stop: threading.Event) -> None:
         # Said once, not with a traceback every poll, until the migrations are applied or the database is back.
         unmigrated = unavailable = False
         while not stop.is_set():
             try:
-                busy = self.run_once(stop=stop)
+                busy = self.run_once(stop=stop, refill=True)
                 unmigrated = False
                 if unavailable:
                     logs.log.info("database_available")

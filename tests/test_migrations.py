@@ -98,7 +98,7 @@ def test_0004_keeps_every_outbox_and_hold_row_with_its_id(empty_database):
     assert [row.id for row in before["outbox"]] == [1, 3, 4, 5] and [row.id for row in before["held_messages"]] == [2, 3, 4]
     engine.dispose()
 
-    upgrade(url)
+    upgrade(url, "0004")
     assert rows() == before
     inspector = inspect(engine)
     assert {table.name: inspector.get_indexes(table.name) for table in tables} == indexes

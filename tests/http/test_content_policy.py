@@ -264,6 +264,32 @@ def test_a_cold_reroute_never_sends_an_empty_variable(reroute_app, fake_twilio, 
     assert dict(received.form)["ContentVariables"] == json.dumps({"1": "there", "2": "order"})
 
 
+@pytest.mark.parametrize("profile_name, rendered", [("Ada\tLovelace", "Ada Lovelace"), ("Ada      Lovelace", "Ada Lovelace"),
+                                                    ("Ada\nLovelace ", "AdaLovelace"),  # stored without it
+                                                    ("\t \t", "there")])
+def test_a_profile_name_is_rendered_as_twilio_takes_a_variable(reroute_app, fake_twilio, db_engine, profile_name,
+                                                               rendered):
+    """Twilio refuses a variable holding a newline, a tab or more than four spaces in a row (21656): every
+    reroute to a user whose WhatsApp name held one failed."""
+    client = reroute_app.test_client()
+    open_window(client, ProfileName=profile_name)
+    with db_engine.begin() as conn:
+        conn.execute(update(windows).values(expires_at=utcnow() - timedelta(hours=1)))
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "rerouted"
+    assert dict(fake_twilio.creates[0].form)["ContentVariables"] == json.dumps({"1": rendered, "2": "order"})
+
+
+@pytest.mark.parametrize("content_down", [False, True])
+def test_a_blocked_messenger_send_is_63016_without_asking_about_the_fallback(reroute_app, fake_twilio, content_down):
+    """Only WhatsApp has templates to fall back to: no Content API lookup for a Messenger send, so its outage
+    cannot turn the 63016 into a 503 about a template the caller never named."""
+    fake_twilio.content_down = content_down
+    response = send(reroute_app.test_client(), {"To": "messenger:1234567", "From": "messenger:999", "Body": "hi"})
+    assert response.status_code == 400 and response.get_json()["code"] == 63016
+    assert fake_twilio.content_requests() == [] and fake_twilio.creates == []
+
+
 def test_a_fallback_names_its_own_default_for_an_unknown_profile_name(settings, db_engine, fake_twilio):
     sid = fake_twilio.add_content({"twilio/text": {"body": "Hola {{1}}"}}, "approved")
     app = create_app(replace(settings, policy=Policy(default_action="reroute"),
@@ -365,3 +391,19 @@ def test_a_type_the_table_does_not_know_is_judged_as_needing_approval(client, fa
     assert response.status_code == status
     if status == 400:
         assert response.get_json()["code"] == 63005 and "twilio/brand-new" in response.get_json()["message"]
+
+
+def test_a_content_type_or_approval_status_longer_than_its_column_is_stored_cut_short(client, fake_twilio, db_engine):
+    """The Content API names both; one this release does not know may be longer than the column, and
+    PostgreSQL refused the whole attempt row: a send that went out left no record."""
+    open_window(client)
+    long_type = "twilio/" + "x" * 80
+    sent = template_send(client, fake_twilio.add_content({long_type: {"body": "hi"}}, "approved"))
+    unknown = template_send(client, fake_twilio.add_content({"twilio/text": {"body": "hi"}}, "a" * 40 + "_review"))
+    assert sent.status_code == 201 and unknown.status_code == 201  # text in the window needs no approval
+    assert flush_all()
+    with db_engine.connect() as conn:
+        rows = conn.execute(select(send_attempts.c.content_type, send_attempts.c.approval_status)
+                            .order_by(send_attempts.c.id)).all()
+    assert [(r.content_type, r.approval_status) for r in rows] == [(long_type[:64], "approved"),
+                                                                    ("twilio/text", "a" * 32)]

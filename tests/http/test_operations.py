@@ -419,7 +419,7 @@ def test_worker_with_the_database_down_says_so_once_then_says_when_it_is_back(se
                     OperationalError("SELECT", {}, Exception("connection refused")), 0, 0,
                     OperationalError("SELECT", {}, Exception("server closed the connection"))])
 
-    def run_once(now=None, stop=None):
+    def run_once(now=None, stop=None, refill=False):
         answer = next(answers)
         if isinstance(answer, Exception):
             raise answer

@@ -148,6 +148,14 @@ def test_public_base_url_trailing_slash_dropped():
         "https://p.example.com"
 
 
+@pytest.mark.parametrize("name", ["FORWARD_INBOUND_URL", "FORWARD_STATUS_URL"])
+@pytest.mark.parametrize("url", ["https://app.example.com/twilio/", "http://127.0.0.1:5000/", "https://app.example.com/t"])
+def test_a_forward_url_is_kept_as_written_trailing_slash_and_all(name, url):
+    """Posted to and signed for as the app's route is written: /twilio/ is not /twilio to Flask or Django."""
+    settings = Settings.from_env({**BASE, name: url})
+    assert (settings.forward_inbound_url if name == "FORWARD_INBOUND_URL" else settings.forward_status_url) == url
+
+
 def test_create_app_exits_with_a_message_naming_the_variables(monkeypatch, capsys):
     from proxy import create_app
     monkeypatch.delenv("TWILIO_ACCOUNT_SID", raising=False)
@@ -240,6 +248,13 @@ profile_name_default = "cliente"
         (f'\n[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nprofile_name_default = ""\n', 2),
         (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nprofile_name_default = 3\n', 1),
         (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nprofile_default = "x"\n', 1),
+        # A plain number is an SMS sender: a fallback keyed by it never matched a WhatsApp send.
+        (f'\n[fallbacks."+14155550100"]\ncontent_sid = "{HX}"\n', 2),
+        (f'[fallbacks."messenger:1234567"]\ncontent_sid = "{HX}"\n', 1),
+        # What Twilio refuses in a variable (21656): a tab, a newline, more than four spaces in a row.
+        (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nvariables = {{ "1" = "a\\tb" }}\n', 1),
+        (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nvariables = {{ "1" = "a     b" }}\n', 1),
+        (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nprofile_name_default = "a\\nb"\n', 1),
     ],
 )
 def test_invalid_policy_file_names_the_line(tmp_path, text, line):
