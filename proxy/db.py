@@ -165,7 +165,10 @@ outbox = Table(
     # `claim` and `oldest_due` walk this in their order (the longest due first) and stop at their limit,
     # rather than read and sort every pending item: a backlog after an outage is when it matters.
     Index(None, "status", "next_attempt_at", "id"),
-    Index(None, "ordering_key", "id"),
+    # Whether an earlier item of a conversation is pending (for each claim candidate, and each forwarded
+    # webhook's turn): one range of this. On (ordering_key, id) PostgreSQL, without statistics of the
+    # table, combined it with the status index and read every pending item for each candidate.
+    Index(None, "ordering_key", "status", "id"),
     sqlite_autoincrement=True,
 )
 

@@ -123,7 +123,7 @@ class Forwarder:
             return Reply(False, None, b"", None, f"unreachable ({type(exc).__name__})")
         finally:
             _this_thread.line = None
-            hung_up = line.done()  # before the connection goes back to the pool, where another post may take it
+            hung_up = line.done()
             if response is not None:
                 if hung_up or not read_whole:  # a connection whose answer was not read to its end cannot be reused
                     response.close()
@@ -185,6 +185,15 @@ class _Line:
             self.over, self.connection = True, None
             return self.hung_up
 
+    def let_go(self, connection: HTTPConnection) -> None:
+        """`connection` goes back to the pool (urllib3 puts it back as soon as the answer is read to its
+        end, inside the read): from now on it may be another post's, which a hang-up must never cut."""
+        with self.lock:
+            if self.connection is connection:
+                self.connection = None
+            if self.hung_up:  # shut down: closed, so the pool opens a new one instead of reusing it
+                connection.close()
+
 
 _this_thread = threading.local()
 
@@ -207,11 +216,21 @@ class _WatchedHTTPS(_Watched, HTTPSConnection):
     pass
 
 
-class _WatchedHTTPPool(HTTPConnectionPool):
+class _WatchedPool:
+    """Takes a connection off its post's _Line as the connection goes back to the pool."""
+
+    def _put_conn(self, conn):
+        line = getattr(_this_thread, "line", None)
+        if line is not None and conn is not None:
+            line.let_go(conn)
+        super()._put_conn(conn)
+
+
+class _WatchedHTTPPool(_WatchedPool, HTTPConnectionPool):
     ConnectionCls = _WatchedHTTP
 
 
-class _WatchedHTTPSPool(HTTPSConnectionPool):
+class _WatchedHTTPSPool(_WatchedPool, HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPS
 
 

@@ -143,9 +143,9 @@ def abandoned(conn: Connection, now: datetime) -> list:
 def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10) -> list[Item]:
     """Lease up to `limit` due items, each the oldest pending one of its ordering key, the longest due first.
 
-    On PostgreSQL the candidate rows are locked FOR UPDATE SKIP LOCKED, so concurrent workers
-    pass over each other's rows; the conditional UPDATE then makes the lease exclusive on every
-    backend (SQLite has no row locks).
+    On PostgreSQL the candidate rows are locked FOR UPDATE SKIP LOCKED, so concurrent workers pass over
+    each other's rows, and leased in the same statement; SQLite has no row locks, but its writes take
+    turns, so no other claim runs between the choice and the lease.
     """
     rows = _statement(conn, "claim").rows(conn, {"now": now, "limit": limit,
                                                  "lease": now + timedelta(seconds=lease_seconds)})
@@ -156,7 +156,7 @@ def claim(conn: Connection, now: datetime, lease_seconds: float, limit: int = 10
             for item_id, kind, key, target, headers, body, attempts, lease_until, _due in rows]
 
 
-def claim_query(now, limit):
+def _chosen(now, limit):
     """The ids of up to `limit` items `claim` may take, in the order it takes them."""
     candidate, earlier = aliased(outbox, name="candidate"), aliased(outbox, name="earlier")
     return (
@@ -281,11 +281,12 @@ def _build_delivered(_dialect):
 def _build_claim(_dialect):
     now = bindparam("now", type_=outbox.c.next_attempt_at.type)
     # A CTE, evaluated once: PostgreSQL may run a plain IN (subquery) of an UPDATE more than once, and with
-    # SKIP LOCKED each run can choose other rows (a claim of 2 leased 3).
-    chosen = claim_query(now, bindparam("limit", type_=Integer())).cte("chosen")
+    # SKIP LOCKED each run can choose other rows (a claim of 2 leased 3). The chosen rows' conditions are not
+    # checked again: PostgreSQL rechecks them as it locks each row (FOR UPDATE), and on SQLite the statement
+    # runs under the write lock. Checked again, SQLite walked every pending item to find the ten.
+    chosen = _chosen(now, bindparam("limit", type_=Integer())).cte("chosen")
     return (update(outbox)
-            .where(outbox.c.id.in_(select(chosen.c.id)), outbox.c.status == literal(PENDING),
-                   (outbox.c.lease_until.is_(None)) | (outbox.c.lease_until < now))
+            .where(outbox.c.id.in_(select(chosen.c.id)))
             .values(lease_until=bindparam("lease", type_=outbox.c.lease_until.type), updated_at=now)
             .returning(outbox.c.id, outbox.c.kind, outbox.c.ordering_key, outbox.c.target, outbox.c.headers,
                        outbox.c.body, outbox.c.attempts, outbox.c.lease_until, outbox.c.next_attempt_at))

@@ -37,13 +37,11 @@ class Fallback:
         # Checked here, not only when a file is read: no fallback may ever render an empty variable.
         if not isinstance(self.profile_name_default, str) or not self.profile_name_default.strip():
             raise PolicyFileError("profile_name_default must be a non-empty string")
-        if _REFUSED_SPACING.search(self.profile_name_default):
-            raise PolicyFileError("profile_name_default must not hold a newline, a tab or more than four spaces in "
-                                  "a row (Twilio refuses such a variable with 21656)")
         blank = sorted(k for k, v in self.variables.items() if not v.strip())
         if blank:
             raise PolicyFileError(f"variables must not be empty (Twilio refuses them with 21656): {blank[0]!r}")
-        spaced = sorted(k for k, v in self.variables.items() if _REFUSED_SPACING.search(v.replace("{profile_name}", "")))
+        # A name is rendered without spaces at its ends (render), so "x" stands for any.
+        spaced = sorted(k for k, v in self.variables.items() if _REFUSED_SPACING.search(v.replace("{profile_name}", "x")))
         if spaced:
             raise PolicyFileError(f"variables must not hold a newline, a tab or more than four spaces in a row "
                                   f"(Twilio refuses them with 21656): {spaced[0]!r}")
@@ -53,7 +51,7 @@ class Fallback:
             return None
         # A user's name may hold what Twilio refuses in a variable (21656: a newline, a tab, more than four
         # spaces in a row): every run of whitespace becomes one space.
-        name = " ".join((profile_name or "").split()) or self.profile_name_default
+        name = " ".join((profile_name or "").split()) or " ".join(self.profile_name_default.split())
         return json.dumps({k: v.replace("{profile_name}", name) for k, v in self.variables.items()})
 
 
