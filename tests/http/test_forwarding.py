@@ -1097,35 +1097,13 @@ def test_a_hold_the_database_refuses_after_twilio_took_the_fallback_still_answer
 
 
 def test_a_drip_feeding_app_cannot_hold_twilios_webhook(settings, db_engine):
-    """The inline forward has one overall deadline, not a per-read timeout."""
-    import socket
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    stop = threading.Event()
-
-    def drip():
-        conn, _ = listener.accept()
-        conn.recv(65536)
-        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nX-Slow: " + b"x" * 40:
-            if stop.is_set():
-                break
-            conn.sendall(bytes([byte]))
-            time.sleep(0.2)  # every read returns well within the 1 s timeout
-        conn.close()
-
-    thread = threading.Thread(target=drip, daemon=True)
-    thread.start()
-    port = listener.getsockname()[1]
-    app = create_app(replace(settings, forward_inbound_url=f"http://127.0.0.1:{port}/app",
-                             forward_timeout_seconds=1.0, retry_schedule=SCHEDULE))
+    """The inline forward has one overall deadline, not a per-read timeout: Twilio gets its answer at the
+    deadline, the app is hung up on, and the outbox takes over."""
+    url, hung_up = drip_server(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nX-Slow: ")
+    app = create_app(replace(settings, forward_inbound_url=url, forward_timeout_seconds=1.0, retry_schedule=SCHEDULE))
     response = signed_post(app.test_client(), "/twilio/inbound", inbound_params("SM" + "7" * 31 + "a"))
-    still_dripping = thread.is_alive()  # the answer came while the app was still dripping its 18 s reply
-    stop.set()
-    listener.close()
     assert response.status_code == 200 and response.get_data(as_text=True).endswith("<Response />")
-    assert still_dripping
+    assert hung_up.wait(10)
     assert items(db_engine)[0]["status"] == "pending"  # the outbox takes over
     app.extensions["proxy"].engine.dispose()
 
