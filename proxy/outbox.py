@@ -58,6 +58,28 @@ def enqueue(conn: Connection, *, kind: str, ordering_key: str, target: str, head
     return item_id
 
 
+def enqueue_in_turn(conn: Connection, *, kind: str, ordering_key: str, target: str, headers: dict, body: list,
+                    now: datetime, lease_until: datetime, checked_at: datetime) -> tuple[int, str | None]:
+    """`enqueue` an item leased for an inline attempt, and whether an earlier one of its key is still pending
+    (as `earlier_pending` at `checked_at`): its id and that answer.
+
+    On PostgreSQL one statement, one round trip per forwarded webhook less: the insert in a CTE, the earlier
+    items read beside it (the snapshot before the insert, which is all the check needs: they have smaller ids).
+    """
+    stored = {name: value for name, value in headers.items() if name != OUTBOX_ID_HEADER}
+    row = {"kind": kind, "ordering_key": ordering_key[:300], "target": target, "headers": json.dumps(stored),
+           "body": json.dumps(body), "status": PENDING, "attempts": 0, "next_attempt_at": now,
+           "lease_until": lease_until, "created_at": now, "updated_at": now}
+    if conn.dialect.name != "postgresql":  # in-process SQLite: a second statement costs no round trip
+        item_id = enqueue(conn, kind=kind, ordering_key=ordering_key, target=target, headers=headers, body=body,
+                          now=now, lease_until=lease_until)
+        return item_id, earlier_pending(conn, ordering_key, item_id, checked_at)
+    rows = _statement(conn, "enqueue_in_turn").rows(conn, row)
+    item_id = rows[0][0]
+    headers[OUTBOX_ID_HEADER] = str(item_id)
+    return item_id, _turn([lease for _, earlier_id, lease in rows if earlier_id is not None], checked_at)
+
+
 def with_id(item: Item) -> dict:
     """The item's forwarding headers with its id: delivery is at-least-once, and the id is how the app
     recognises a second copy of one forward."""
@@ -67,8 +89,11 @@ def with_id(item: Item) -> dict:
 def earlier_pending(conn: Connection, ordering_key: str, item_id: int, now: datetime) -> str | None:
     """Whether an earlier item of the key is still pending: "in_flight" while one is leased (being
     delivered), "queued" when one waits for a retry, None when none is left."""
-    leases = [lease for (lease,) in _statement(conn, "earlier_pending").rows(
-        conn, {"ordering_key": ordering_key[:300], "item_id": item_id})]
+    return _turn([lease for (lease,) in _statement(conn, "earlier_pending").rows(
+        conn, {"ordering_key": ordering_key[:300], "item_id": item_id})], now)
+
+
+def _turn(leases: list, now: datetime) -> str | None:
     if not leases:
         return None
     return "in_flight" if all(lease is not None and lease > now for lease in leases) else "queued"
@@ -260,9 +285,24 @@ def depth(conn: Connection) -> dict[str, int]:
     return {status: count for status, count in rows}
 
 
+_ENQUEUED = ("kind", "ordering_key", "target", "headers", "body", "status", "attempts", "next_attempt_at",
+             "lease_until", "created_at", "updated_at")
+
+
 # The statements every forwarded webhook and every delivery runs, compiled once per dialect (proxy/prepared.py).
 def _build_enqueue(_dialect):
     return outbox.insert().returning(outbox.c.id)
+
+
+def _build_enqueue_in_turn(_dialect):
+    # PostgreSQL only (a data-modifying CTE): the new item's id, and each earlier pending item of its key
+    # (id and lease; one row with a NULL id when there is none).
+    values = {name: bindparam(name, type_=outbox.c[name].type) for name in _ENQUEUED}
+    new = outbox.insert().values(values).returning(outbox.c.id).cte("new")
+    earlier = aliased(outbox, name="earlier")
+    return select(new.c.id, earlier.c.id, earlier.c.lease_until).select_from(new.outerjoin(earlier, and_(
+        earlier.c.ordering_key == bindparam("ordering_key", type_=outbox.c.ordering_key.type),
+        earlier.c.status == literal(PENDING), earlier.c.id < new.c.id)))
 
 
 def _build_earlier_pending(_dialect):
@@ -304,8 +344,8 @@ def _build_keep_lease(_dialect):
 _statement = Statements({
     "claim": (_build_claim, None),
     "keep_lease": (_build_keep_lease, None),
-    "enqueue": (_build_enqueue, ("kind", "ordering_key", "target", "headers", "body", "status", "attempts",
-                                 "next_attempt_at", "lease_until", "created_at", "updated_at")),
+    "enqueue": (_build_enqueue, _ENQUEUED),
+    "enqueue_in_turn": (_build_enqueue_in_turn, None),
     "earlier_pending": (_build_earlier_pending, None),
     "delivered": (_build_delivered, None),
 })

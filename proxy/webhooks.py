@@ -225,11 +225,12 @@ def _inbound_message() -> Response:
             leased_at = utcnow()
             lease = leased_at + timedelta(seconds=settings.forward_timeout_seconds + LEASE_MARGIN_SECONDS)
             kept["X-Proxy-Window-Expires-At"] = expires_at.isoformat().replace("+00:00", "Z")
-            item_id = outbox.enqueue(conn, kind="inbound", ordering_key=key, target=target, headers=kept, body=pairs,
-                                     now=now, lease_until=lease)
             # Whose turn it is, in the same transaction: the window's row, upserted above, is locked until the
             # commit, so an earlier webhook of the pair has committed its item by now (or is in this batch).
-            forward = item_id, lease, outbox.earlier_pending(conn, key, item_id, leased_at)
+            item_id, earlier = outbox.enqueue_in_turn(conn, kind="inbound", ordering_key=key, target=target,
+                                                      headers=kept, body=pairs, now=now, lease_until=lease,
+                                                      checked_at=leased_at)
+            forward = item_id, lease, earlier
         if expires_at and settings.hold_on_reroute:
             for held_key in filter(None, (sender, service_sid)):
                 holds.release_if_held(conn, held_key, user, now)

@@ -1189,6 +1189,40 @@ def test_a_claim_takes_the_longest_due_first_one_per_conversation_in_the_indexs_
             assert not any("TEMP B-TREE" in p for p in plan), plan
 
 
+@pytest.mark.parametrize("earlier, expected", [
+    ([], None),                                           # the conversation's first
+    ([("pending", 30)], "in_flight"),                     # one being delivered (leased) right now
+    ([("pending", None)], "queued"),                      # one waiting for a retry
+    ([("pending", -5)], "queued"),                        # one whose lease ran out: the worker's now
+    ([("pending", 30), ("pending", None)], "queued"),     # any one waiting: the worker keeps the order
+    ([("delivered", None)], None),
+    ([("exhausted", None)], None),
+])
+def test_a_forwarded_webhooks_item_is_stored_with_whose_turn_it_is(db_engine, earlier, expected):
+    """enqueue_in_turn answers as enqueue then earlier_pending would (on PostgreSQL in one statement): only
+    earlier pending items of the same conversation count, and its id goes into the forward's headers."""
+    now, key = utcnow(), f"inbound:{BUSINESS}|{USER}"
+    with db_engine.begin() as conn:
+        for status, lease_in in earlier:
+            item_id = outbox_items.enqueue(conn, kind="inbound", ordering_key=key, target="http://127.0.0.1:9/app",
+                                           headers={}, body=[], now=now)
+            lease = now + timedelta(seconds=lease_in) if lease_in is not None else None
+            conn.execute(update(outbox).where(outbox.c.id == item_id).values(status=status, lease_until=lease))
+        # Another conversation's pending item, and a later one of this conversation, never count.
+        outbox_items.enqueue(conn, kind="inbound", ordering_key=key + "0", target="x", headers={}, body=[], now=now)
+        headers = {"X-Twilio-Signature": "s", outbox_items.OUTBOX_ID_HEADER: "stale"}
+        lease = now + timedelta(seconds=20)
+        item_id, turn = outbox_items.enqueue_in_turn(conn, kind="inbound", ordering_key=key,
+                                                     target="http://127.0.0.1:9/app", headers=headers,
+                                                     body=[["Body", "hi"]], now=now, lease_until=lease, checked_at=now)
+        assert turn == expected
+        assert headers[outbox_items.OUTBOX_ID_HEADER] == str(item_id)
+        assert outbox_items.earlier_pending(conn, key, item_id, now) == expected
+        row = conn.execute(select(outbox).where(outbox.c.id == item_id)).one()._mapping
+        assert (row["status"], row["lease_until"], row["attempts"], json.loads(row["headers"]), json.loads(row["body"])) \
+            == ("pending", lease, 0, {"X-Twilio-Signature": "s"}, [["Body", "hi"]])
+
+
 def test_a_failure_reported_after_another_worker_claimed_the_item_leaves_it_to_that_worker(
         forwarding, fake_app, db_engine):
     """The inline attempt overran its lease and a worker claimed the item: the stale failure must not
