@@ -91,6 +91,11 @@ class Settings:
     fallback: Fallback | None = None  # FALLBACK_CONTENT_SID, for every sender without its own
     fallbacks: Mapping[str, Fallback] = field(default_factory=dict)  # per sender, from POLICY_FILE
 
+    @property
+    def longest_delivery_seconds(self) -> float:
+        """The longest one outbox delivery may take (see OUTBOX_LEASE_SECONDS in `from_env`)."""
+        return longest_delivery(self.forward_timeout_seconds, self.twilio_timeout_seconds)
+
     def fallback_for(self, sender: str | None) -> Fallback | None:
         return self.fallbacks.get(sender or "", self.fallback)
 
@@ -140,7 +145,7 @@ class Settings:
         # to TWILIO_TIMEOUT_SECONDS), then the wait for its attempt row. Its lease must outlast it: a send
         # still `sending` when the lease ends is taken for one whose worker died during the create, and is
         # never sent again.
-        longest = max(forward_timeout, 3 * twilio_timeout + ATTEMPT_FLUSH_SECONDS)
+        longest = longest_delivery(forward_timeout, twilio_timeout)
         if lease < longest + LEASE_MARGIN_SECONDS:
             raise ConfigError(
                 f"OUTBOX_LEASE_SECONDS must be at least {math.ceil(longest + LEASE_MARGIN_SECONDS)} "
@@ -185,6 +190,10 @@ class Settings:
             fallback=fallback,
             fallbacks=fallbacks,
         )
+
+
+def longest_delivery(forward_timeout: float, twilio_timeout: float) -> float:
+    return max(forward_timeout, 3 * twilio_timeout + ATTEMPT_FLUSH_SECONDS)
 
 
 def normalise_database_url(raw: str) -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -23,7 +23,7 @@ from .judge import Judgement, judge
 from .migrate import schema_hint, schema_missing
 from .policy import Action
 from .runtime import Runtime
-from .settings import ATTEMPT_FLUSH_SECONDS
+from .settings import ATTEMPT_FLUSH_SECONDS, LEASE_MARGIN_SECONDS
 from .upstream import UpstreamError
 
 
@@ -109,13 +109,36 @@ class Worker:
 
         Each thread takes its own connections (`writing`, per write): none is shared between threads.
         On `stop`, or a delivery's error (the database gone: raised once the others have ended, as before),
-        no other starts; on `stop` the ones not started are handed back."""
+        no other starts; on `stop` the ones not started are handed back.
+
+        The threads take their items from one queue and report on another: a future and a `wait` per
+        delivery (concurrent.futures) were a fifth of the worker's CPU, the main thread's mostly."""
         concurrency, waiting = self.rt.settings.worker_concurrency, deque(items)
-        count, running = len(items), set()
+        count, running, threads = len(items), 0, []
+        todo, finished = queue.SimpleQueue(), queue.SimpleQueue()
         error: BaseException | None = None
+
+        def slot():
+            while (job := todo.get()) is not None:
+                try:
+                    self.process(*job)
+                except BaseException as exc:  # noqa: BLE001 — reported to the loop below, raised there
+                    finished.put(exc)
+                else:
+                    finished.put(None)
+
+        def start(item: outbox.Item) -> None:
+            nonlocal running
+            if running == len(threads):  # every thread has a delivery: one more, WORKER_CONCURRENCY at most
+                thread = threading.Thread(target=slot, name=f"delivery_{len(threads)}", daemon=True)
+                thread.start()
+                threads.append(thread)
+            todo.put((item, clock()))
+            running += 1
+
         # Asked again as soon as a delivery ends, or a poll's time after nothing (more) was due.
         ask_at = time.monotonic() + self.rt.settings.worker_poll_seconds
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="delivery") as pool:
+        try:
             while waiting or running:
                 stopping = stop is not None and stop.is_set()
                 if waiting and stopping and error is None:
@@ -123,9 +146,9 @@ class Worker:
                         for rest in waiting:
                             outbox.unclaim(conn, rest, utcnow())
                     waiting.clear()
-                while waiting and error is None and len(running) < concurrency:
-                    running.add(pool.submit(self.process, waiting.popleft(), clock()))
-                if (more is not None and not waiting and len(running) < concurrency and not stopping and error is None
+                while waiting and error is None and running < concurrency:
+                    start(waiting.popleft())
+                if (more is not None and not waiting and running < concurrency and not stopping and error is None
                         and time.monotonic() >= ask_at):
                     # A batch at a time, not a slot at a time: one claim statement per batch, not per delivery.
                     try:
@@ -134,19 +157,30 @@ class Worker:
                         claimed, error = [], exc
                     count += len(claimed)
                     waiting.extend(claimed)
-                    while waiting and len(running) < concurrency:
-                        running.add(pool.submit(self.process, waiting.popleft(), clock()))
+                    while waiting and running < concurrency:
+                        start(waiting.popleft())
                     ask_at = time.monotonic() + (0 if claimed else self.rt.settings.worker_poll_seconds)
                 if not running:
                     break
                 # In slices while `stop` may come: what is still waiting goes back as soon as it does.
-                done, running = wait(running, timeout=STOP_CHECK_SECONDS if stop is not None else None,
-                                     return_when=FIRST_COMPLETED)
-                if done:
-                    ask_at = time.monotonic()
-                for future in done:
-                    if future.exception() is not None and error is None:
-                        error = future.exception()
+                try:
+                    outcome = finished.get(timeout=STOP_CHECK_SECONDS if stop is not None else None)
+                except queue.Empty:
+                    continue
+                while True:  # every delivery that has ended by now
+                    running -= 1
+                    if outcome is not None and error is None:
+                        error = outcome
+                    try:
+                        outcome = finished.get_nowait()
+                    except queue.Empty:
+                        break
+                ask_at = time.monotonic()
+        finally:
+            for _ in threads:  # each ends after the delivery it has, if any
+                todo.put(None)
+            for thread in threads:
+                thread.join()
         if error is not None:
             raise error
         return count
@@ -179,15 +213,22 @@ class Worker:
                 stop.wait(self.rt.settings.worker_poll_seconds)
 
     def process(self, item: outbox.Item, now: datetime | None = None) -> None:
-        started, settings = time.perf_counter(), self.rt.settings
-        # The claim's lease covers the batch only so long: each delivery renews it, so an item is this
-        # worker's for a whole OUTBOX_LEASE_SECONDS (more than one delivery takes, settings.py checks).
-        with writing(self.rt.engine) as conn:
-            lease = outbox.keep(conn, item, now or utcnow(), settings.outbox_lease_seconds)
-        if lease is None:
-            self._skipped(item)
-            return
-        item = replace(item, lease_until=lease)
+        started, settings, now = time.perf_counter(), self.rt.settings, now or utcnow()
+        if item.lease_until is not None and (item.lease_until - now).total_seconds() >= \
+                settings.longest_delivery_seconds + LEASE_MARGIN_SECONDS:
+            # The claim's lease still outlasts this whole delivery, with the margin for other instances'
+            # clocks: no one else can have claimed it, and it stays this worker's to the end. Renewing it
+            # anyway was one more write transaction per delivery.
+            lease = item.lease_until
+        else:
+            # Waited in its batch long enough that the claim's lease could run out during the delivery (or
+            # has): renewed for a whole OUTBOX_LEASE_SECONDS, unless another worker has claimed it since.
+            with writing(self.rt.engine) as conn:
+                lease = outbox.keep(conn, item, now, settings.outbox_lease_seconds)
+            if lease is None:
+                self._skipped(item)
+                return
+            item = replace(item, lease_until=lease)
         handler = {"inbound": self._forward, "status": self._forward, "send": self._send,
                    "release": self._release, late_failures.KIND: self._late_failure}[item.kind]
         try:

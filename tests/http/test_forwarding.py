@@ -694,12 +694,14 @@ def test_a_worker_delivers_only_the_items_it_still_holds(forwarding, fake_app, d
     other = create_app(forwarding.extensions["proxy"].settings)
     took_over, turn = [], threading.Lock()
 
+    stalled_until = due + timedelta(seconds=LEASE_SECONDS + 1)
+
     class Stalled(Worker):
-        def process(self, item, *args):
+        def process(self, item, now):
             with turn:  # the batch's deliveries start at once: the first stalls them all
                 if not took_over:  # stalls after claiming, past its lease: another worker claims the batch
-                    took_over.append(run_worker(other, due + timedelta(seconds=LEASE_SECONDS + 1)))
-            super().process(item, *args)
+                    took_over.append(run_worker(other, stalled_until))
+            super().process(item, max(now, stalled_until))  # the stall as this worker's clock saw it pass
 
     assert Stalled(forwarding.extensions["proxy"]).run_once(due) == 3
     assert took_over == [3]
@@ -707,6 +709,32 @@ def test_a_worker_delivers_only_the_items_it_still_holds(forwarding, fake_app, d
     assert sorted(sids) == [f"SM{i:032x}" for i in range(3)]  # each exactly once
     assert all(i["status"] == "delivered" and i["attempts"] == 1 for i in items(db_engine))
     other.extensions["proxy"].engine.dispose()
+
+
+def test_a_delivery_renews_its_lease_only_when_the_claims_could_run_out_during_it(forwarding, fake_app, db_engine,
+                                                                                   monkeypatch):
+    """Started soon after its claim, a delivery is covered by the claim's lease to its end: no write to renew
+    it. One that waited in its batch until less than the longest delivery (and the clocks' margin) is left
+    renews it first, as any whose lease may have run out must."""
+    from proxy.settings import LEASE_MARGIN_SECONDS
+
+    client = forwarding.test_client()
+    for i in range(3):  # three conversations, each with a status callback queued
+        signed_post(client, "/twilio/status", {"MessageSid": f"SM{i:032x}", "MessageStatus": "delivered",
+                                               "From": BUSINESS, "To": f"whatsapp:+1415555{i:04d}"})
+    rt, due = forwarding.extensions["proxy"], utcnow()
+    with db_engine.begin() as conn:
+        soon, last_safe, late = outbox_items.claim(conn, due, LEASE_SECONDS)
+    renewed, keep = [], outbox_items.keep
+    monkeypatch.setattr(outbox_items, "keep", lambda conn, item, *args: renewed.append(item.id) or keep(conn, item, *args))
+    covered = LEASE_SECONDS - rt.settings.longest_delivery_seconds - LEASE_MARGIN_SECONDS  # 74 s here
+    worker = Worker(rt)
+    worker.process(soon, due + timedelta(seconds=1))
+    worker.process(last_safe, due + timedelta(seconds=covered))
+    worker.process(late, due + timedelta(seconds=covered + 1))
+    assert renewed == [late.id]
+    assert [(i["status"], i["attempts"]) for i in items(db_engine)] == [("delivered", 1)] * 3
+    assert len(fake_app.received) == 3
 
 
 def test_a_running_worker_fills_a_slot_as_soon_as_a_delivery_ends(settings, db_engine, fake_app):
