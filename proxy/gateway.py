@@ -171,7 +171,7 @@ def rerouted_form(form: MultiDict, judgement: Judgement) -> list[tuple[str, str]
     return pairs
 
 
-@bp.route("/<path:rest>", methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
+@bp.route("/<path:rest>", methods=["GET", "POST", "DELETE"])
 def passthrough(rest: str):
     """Every other 2010-04-01 call goes to Twilio unchanged, so the whole client keeps working."""
     if not _safe_passthrough_path(request.path, request.method):
@@ -199,6 +199,15 @@ def _safe_passthrough_path(path: str, method: str) -> bool:
     return not (method == "POST" and _CREATE_LIKE.search(path))
 
 
+_STRAY_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def _wire_query(raw: bytes) -> str:
+    """The query as the caller sent it, in a form urllib3 passes on untouched: raw non-ASCII bytes and a
+    stray '%' escaped (urllib3 re-escapes every '%' of a query holding one that starts no escape)."""
+    return quote(_STRAY_PERCENT.sub(b"%25", raw), safe="!#$%&'()*+,/:;=?@[]~")
+
+
 def _forward(body) -> tuple[Response, str, int | None, str | None]:
     rt, req = runtime(), request._get_current_object()  # one context lookup, not one per attribute
     received = req.headers
@@ -211,24 +220,30 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
         upstream = rt.upstream.request(
             req.method,
             quote(req.path, safe="/:@!$&'()*+,;=-._~"),  # re-encoded: the path Twilio sees is the one judged
-            query=req.query_string.decode("latin-1"),
+            query=_wire_query(req.query_string) if req.query_string else "",
             data=body or None,
             headers=headers,
         )
     except UpstreamError as exc:
         UPSTREAM_SECONDS.labels(operation, exc.kind).observe(time.perf_counter() - started)
         status = 504 if exc.kind == "timeout" else 502
+        # Only a create leaves a message that may have been accepted; a read changes nothing, anything else may have.
+        unknown = ("the message may or may not have been accepted (check the Messages list before retrying)"
+                   if operation == "create" else "nothing was changed" if req.method in ("GET", "HEAD")
+                   else "the request may or may not have been carried out")
         if exc.kind == "timeout":
-            text = (f"Twilio did not answer within {rt.settings.twilio_timeout_seconds:g}s; the message may or may "
-                    "not have been accepted (check the Messages list before retrying).")
+            text = f"Twilio did not answer within {rt.settings.twilio_timeout_seconds:g}s; {unknown}."
         elif exc.kind == "broken":
-            text = (f"The connection to Twilio broke after the request was sent ({exc.detail}); the message may or "
-                    "may not have been accepted (check the Messages list before retrying).")
+            text = f"The connection to Twilio broke after the request was sent ({exc.detail}); {unknown}."
         else:
             text = f"Twilio's API could not be reached ({exc.detail}); nothing was sent."
         return twilio_error(status, status, text), f"upstream_{exc.kind}", None, None
     UPSTREAM_SECONDS.labels(operation, str(upstream.status_code)).observe(time.perf_counter() - started)
     response = Response(upstream.content, status=upstream.status_code, headers=_relayed(upstream.headers))
+    if "content-type" not in upstream.headers:
+        del response.headers["Content-Type"]  # werkzeug's default text/html is not Twilio's
+    if req.method == "HEAD" and "content-length" in upstream.headers:
+        response.headers["Content-Length"] = upstream.headers["content-length"]
     sid = None
     if 200 <= upstream.status_code < 300:
         try:

@@ -306,9 +306,69 @@ def test_a_connection_cut_after_the_request_is_502_may_have_been_sent_and_not_re
         assert "may or may not have been accepted" in response.get_json()["message"]
         assert attempts(db_engine)[0]["outcome"] == "upstream_broken"
         assert len(requests_seen) == 1 and requests_seen[0].startswith(b"POST ")
+        # A read cut off the same way changed nothing: it is not told a message may have been accepted.
+        read = app.test_client().get(f"{MESSAGES}?PageSize=1", headers=basic_auth())
+        assert read.status_code == 502 and read.get_json()["message"].endswith("; nothing was changed.")
     finally:
         server.close()
         app.extensions["proxy"].engine.dispose()
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+def test_put_or_patch_is_refused_twilio_shaped_and_never_reaches_twilio(client, fake_twilio, method):
+    """Twilio's 2010 API once took PUT like POST for a create ("Creating or updating a resource involves
+    performing an HTTP PUT or HTTP POST"): a PUT to Messages.json must not go out unjudged. twilio-python
+    uses only GET, POST and DELETE, so nothing is lost by refusing both everywhere."""
+    body = urlencode({"To": USER, "From": BUSINESS, "Body": "outside the window"})
+    for path in (MESSAGES, f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/SM{'1' * 32}.json"):
+        response = client.open(path, method=method, data=body, content_type="application/x-www-form-urlencoded",
+                               headers=basic_auth())
+        assert response.status_code == 405 and set(response.get_json()) == SHAPE
+    assert fake_twilio.requests == []
+
+
+def test_a_passthrough_query_reaches_twilio_as_sent(client, fake_twilio):
+    """One stray '%' made urllib3 escape every '%' of the query (the To filter arrived as whatsapp%253A…),
+    and a raw non-ASCII byte arrived as two characters."""
+    client.get(f"{MESSAGES}?To=whatsapp%3A%2B14155550111&Body=100%", headers=basic_auth())
+    # Raw UTF-8 bytes on the wire (WSGI hands them over as latin-1 text).
+    client.get(MESSAGES, headers=basic_auth(), environ_overrides={"QUERY_STRING": "Body=caf\u00e9".encode().decode("latin-1")})
+    first, second = fake_twilio.requests
+    assert "To=whatsapp%3A%2B14155550111&Body=100%25" in first.query, first.query
+    assert "Body=caf%C3%A9" in second.query, second.query
+
+
+def test_a_bodiless_answer_is_relayed_without_an_invented_content_type(settings, db_engine):
+    """Twilio answers a DELETE 204 with no Content-Type; werkzeug's default text/html is not Twilio's."""
+    import socketserver
+    import threading
+
+    class NoContent(socketserver.BaseRequestHandler):
+        def handle(self):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += self.request.recv(4096)
+            self.request.sendall(b"HTTP/1.1 204 No Content\r\nTwilio-Request-Id: RQ1\r\nConnection: close\r\n\r\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), NoContent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    app = create_app(replace(settings, twilio_api_base_url=f"http://127.0.0.1:{server.server_address[1]}"))
+    try:
+        response = app.test_client().delete(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/SM{'1' * 32}.json",
+                                            headers=basic_auth())
+        assert response.status_code == 204 and response.headers["Twilio-Request-Id"] == "RQ1"
+        assert "Content-Type" not in response.headers, response.headers["Content-Type"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        app.extensions["proxy"].engine.dispose()
+
+
+def test_head_keeps_twilios_content_length(client, fake_twilio):
+    path = f"{MESSAGES}?PageSize=1"
+    got, head = client.get(path, headers=basic_auth()), client.head(path, headers=basic_auth())
+    assert got.status_code == head.status_code == 200 and head.data == b""
+    assert head.headers["Content-Length"] == str(len(got.data)) != "0"
 
 
 def test_other_api_calls_pass_through(client, fake_twilio):
