@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, exists, select, text, update
+from sqlalchemy import Connection, and_, exists, literal, select, text, update
 
 from . import outbox, store
-from .db import held_messages
+from .db import held_messages, outbox as outbox_rows, windows
 
 HELD, SENDING, RELEASED, EXPIRED, FAILED = "held", "sending", "released", "expired", "failed"
 STATUSES = (HELD, SENDING, RELEASED, EXPIRED, FAILED)
@@ -46,6 +46,27 @@ def release_if_held(conn: Connection, sender: str, user: str, now: datetime) -> 
         return False
     queue_release(conn, sender, user, now)
     return True
+
+
+def release_where_written(conn: Connection, now: datetime) -> list[tuple[str, str]]:
+    """Queue the release of each pair whose user wrote after its messages were held, when no webhook did:
+    HOLD_ON_REROUTE was turned off with messages still held (webhooks then queue no release). The pairs.
+
+    The worker's sweep, run only while the setting is off, so an inbound webhook's write stays one statement.
+    """
+    pending_release = exists().where(
+        outbox_rows.c.ordering_key == literal("release:") + held_messages.c.sender + literal("|")
+        + held_messages.c.user,
+        outbox_rows.c.status == outbox.PENDING)
+    pairs = conn.execute(
+        select(held_messages.c.sender, held_messages.c.user).distinct()
+        .join(windows, and_(windows.c.sender == held_messages.c.sender, windows.c.user == held_messages.c.user))
+        .where(held_messages.c.status == HELD, held_messages.c.expires_at > now, windows.c.expires_at > now,
+               windows.c.last_inbound_at > held_messages.c.created_at, ~pending_release)
+    ).all()
+    for sender, user in pairs:
+        release_if_held(conn, sender, user, now)
+    return [(sender, user) for sender, user in pairs]
 
 
 def queue_release(conn: Connection, sender: str, user: str, now: datetime) -> int:

@@ -110,10 +110,6 @@ def release_lease(conn: Connection, item_id: int, held: datetime) -> None:
     conn.execute(update(outbox).where(outbox.c.id == item_id, outbox.c.lease_until == held).values(lease_until=None))
 
 
-def renew_lease(conn: Connection, item_id: int, until: datetime) -> None:
-    conn.execute(update(outbox).where(outbox.c.id == item_id).values(lease_until=until))
-
-
 def keep(conn: Connection, item: Item, now: datetime, lease_seconds: float) -> datetime | None:
     """Lease a claimed item afresh for its delivery: the new lease, or None if another worker has claimed it since.
 

@@ -22,6 +22,7 @@ from .forwarding import too_large
 from .judge import Judgement, judge
 from .migrate import schema_hint, schema_missing
 from .policy import Action
+from .rules import OUTSIDE_WINDOW
 from .runtime import Runtime
 from .settings import ATTEMPT_FLUSH_SECONDS, LEASE_MARGIN_SECONDS
 from .upstream import UpstreamError
@@ -80,6 +81,10 @@ class Worker:
 
     def _maintain(self, now: datetime) -> None:
         with writing(self.rt.engine) as conn:
+            if not self.rt.settings.hold_on_reroute:  # turned off with messages still held: still released
+                for sender, user in holds.release_where_written(conn, now):
+                    logs.event("release", redact=self.rt.settings.log_redact_numbers, decision="queued",
+                               reason="hold_on_reroute_off", sender=sender, user=user)
             for row in holds.expire(conn, now):
                 logs.event("hold_expired", redact=self.rt.settings.log_redact_numbers, decision="dropped",
                            held_id=row.id, sender=row.sender, user=row.user, request_id=row.request_id)
@@ -229,8 +234,9 @@ class Worker:
                 self._skipped(item)
                 return
             item = replace(item, lease_until=lease)
+        leases = [lease]  # a release renews its lease as it goes: the failure below is recorded under the last one
         handler = {"inbound": self._forward, "status": self._forward, "send": self._send,
-                   "release": self._release, late_failures.KIND: self._late_failure}[item.kind]
+                   "release": lambda it: self._release(it, leases), late_failures.KIND: self._late_failure}[item.kind]
         try:
             try:
                 handler(item)
@@ -248,7 +254,7 @@ class Worker:
             schedule = late_failures.RECHECK_SECONDS if item.kind == late_failures.KIND else settings.retry_schedule
             with writing(self.rt.engine) as conn:
                 status = outbox.failed(conn, item.id, str(exc), utcnow(), schedule, retry=isinstance(exc, Retry),
-                                       lease=lease, uncertain=isinstance(exc, MaybeSent))
+                                       lease=leases[-1], uncertain=isinstance(exc, MaybeSent))
             deferred = isinstance(exc, NotYet) and status == outbox.PENDING
             level = logging.ERROR if status == outbox.UNCERTAIN else logging.INFO if deferred else logging.WARNING
             logs.event("delivery", redact=settings.log_redact_numbers, level=level,
@@ -304,8 +310,14 @@ class Worker:
             raise NotYet("no send of the proxy's recorded with this sid yet")
         late_failures.not_a_proxy_send(self.rt, sid=sid, callback_sender=sender, checks=checks)
 
-    def _release(self, item: outbox.Item) -> None:
-        """Send the pair's held messages in their original order, each judged again now."""
+    def _release(self, item: outbox.Item, leases: list[datetime]) -> None:
+        """Send the pair's held messages in their original order, each judged again now.
+
+        One the window still keeps out (it closed again before the release ran) stays held, and so do the
+        ones after it: the next message of the user releases them in order. One refused for what it is (a
+        template not approved for use in the window, a paused one) is marked failed and the next goes on:
+        no message of the user would change that, and it held back every later one until they expired.
+        `leases`: the item's lease, renewed after each message sent, the current one last."""
         sender, user = item.target.split("\n", 1)
         settings = self.rt.settings
         with self.rt.engine.connect() as conn:
@@ -321,8 +333,11 @@ class Worker:
                     raise Retry(f"{exc.code}: {exc.message}") from None
                 self._mark(row, holds.FAILED, error=f"{exc.code}: {exc.message}")
                 continue
+            if decision.action is not Action.ALLOWED and decision.code != OUTSIDE_WINDOW:
+                self._mark(row, holds.FAILED, error=f"{decision.code}: {decision.reason}, even inside the window")
+                continue
             if decision.action is not Action.ALLOWED:
-                # Still not sendable (window closed again, template not approved): keep it, and keep the order.
+                # The window closed again: keep it, and keep the order.
                 logs.event("release", redact=settings.log_redact_numbers, decision="still_held", held_id=row["id"],
                            reason=decision.reason, sender=sender, user=user, request_id=row["request_id"])
                 return
@@ -340,8 +355,11 @@ class Worker:
                 self._mark(row, holds.FAILED, error=str(exc))
                 continue
             self._mark(row, holds.RELEASED, message_sid=sid)
-            with writing(self.rt.engine) as conn:  # a long release keeps its lease
-                outbox.renew_lease(conn, item.id, utcnow() + timedelta(seconds=settings.outbox_lease_seconds))
+            with writing(self.rt.engine) as conn:  # a long release keeps its lease, while it is still this worker's
+                lease = outbox.keep_lease(conn, item.id, leases[-1], utcnow(), settings.outbox_lease_seconds)
+            if lease is None:
+                raise Skip()  # another worker took the item over: it releases the rest (holds.take: never twice)
+            leases.append(lease)
 
     def _mark(self, row, status: str, *, message_sid: str | None = None, error: str | None = None) -> None:
         with writing(self.rt.engine) as conn:

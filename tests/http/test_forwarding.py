@@ -1027,17 +1027,100 @@ def test_hold_then_release_in_order_when_the_user_writes(settings, db_engine, fa
     assert len(fake_twilio.creates) == 3  # nothing is released twice
 
 
-def test_released_messages_are_judged_again(settings, db_engine, fake_twilio):
+def test_a_held_message_refused_for_what_it_is_fails_and_the_next_goes_on(settings, db_engine, fake_twilio, log_lines):
+    """Judged again on release: an unapproved carousel needs its approval inside the window too. No message
+    of the user changes that, so it is marked failed and the text held after it goes out; kept, it held
+    back every later message of the pair until they all expired."""
     app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
     client = app.test_client()
     carousel = fake_twilio.add_content({"twilio/carousel": {"body": "c", "cards": []}}, "pending")
-    send(client, {"To": USER, "From": BUSINESS, "ContentSid": carousel})  # rerouted and held
+    for form in ({"ContentSid": carousel}, {"Body": "your code is 1234"}):
+        assert send(client, {"To": USER, "From": BUSINESS, **form}).headers["X-Proxy-Decision"] == "rerouted"
     fake_twilio.requests.clear()
     signed_post(client, "/twilio/inbound", inbound_params("SM" + "2" * 31 + "1"))
     run_worker(app)
-    assert fake_twilio.creates == []  # still needs an approval in session: kept, not sent
+    assert [dict(r.form).get("Body") for r in fake_twilio.creates] == ["your code is 1234"]
     with db_engine.connect() as conn:
-        assert conn.execute(select(held_messages.c.status)).scalar_one() == "held"
+        rows = conn.execute(select(held_messages.c.status, held_messages.c.last_error)
+                            .order_by(held_messages.c.id)).all()
+    assert [status for status, _ in rows] == ["failed", "released"]
+    assert rows[0][1] == "63005: needs_approval, even inside the window"
+    assert [line["decision"] for line in log_lines() if line["event"] == "release"] == ["failed", "released"]
+
+
+def test_held_messages_wait_in_order_when_the_window_closed_again_before_their_release(settings, db_engine,
+                                                                                      fake_twilio, log_lines):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    for body in ("first", "second"):
+        assert send(client, {"To": USER, "From": BUSINESS, "Body": body}).headers["X-Proxy-Decision"] == "rerouted"
+    fake_twilio.requests.clear()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "2" * 31 + "2"))  # the release is queued
+    with db_engine.begin() as conn:  # the worker was away for a day: the window closed again
+        conn.execute(update(windows).values(expires_at=utcnow() - timedelta(seconds=1)))
+    run_worker(app)
+    assert fake_twilio.creates == []
+    [line] = [line for line in log_lines() if line["event"] == "release"]
+    assert (line["decision"], line["reason"]) == ("still_held", "window_closed")
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "2" * 31 + "3"))
+    run_worker(app)
+    assert [dict(r.form)["Body"] for r in fake_twilio.creates] == ["first", "second"]
+
+
+def test_a_release_that_fails_after_sending_one_message_records_its_attempt_and_lets_go(settings, db_engine,
+                                                                                       fake_twilio, monkeypatch):
+    """A release renews its lease after each message it sends; a failure after that was checked against the
+    first lease and not recorded: no attempt counted, the item leased for OUTBOX_LEASE_SECONDS rather than
+    retried on the schedule, and never exhausted however often it failed."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    for body in ("first", "second"):
+        assert send(client, {"To": USER, "From": BUSINESS, "Body": body}).headers["X-Proxy-Decision"] == "rerouted"
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "9" * 31 + "1"))
+    fake_twilio.requests.clear()
+    upstream = app.extensions["proxy"].upstream
+    real, calls = upstream.request, []
+
+    class RateLimited:  # Twilio answers the second create 429: never taken
+        status_code, text, headers = 429, '{"code": 20429, "message": "Too Many Requests"}', {}
+
+    def second_is_rate_limited(method, path, **kw):
+        calls.append(path)
+        return RateLimited() if len(calls) == 2 else real(method, path, **kw)
+
+    monkeypatch.setattr(upstream, "request", second_is_rate_limited)
+    assert run_worker(app) == 1
+    with db_engine.connect() as conn:
+        item = conn.execute(select(outbox).where(outbox.c.kind == "release")).mappings().one()
+        statuses = conn.execute(select(held_messages.c.status).order_by(held_messages.c.id)).scalars().all()
+    assert statuses == ["released", "held"]
+    assert (item["status"], item["attempts"], item["lease_until"]) == ("pending", 1, None)
+    assert "429" in item["last_error"]
+    monkeypatch.setattr(upstream, "request", real)
+    assert run_worker(app, utcnow() + timedelta(seconds=SCHEDULE[1] + 1)) == 1  # retried on the schedule
+    assert [dict(r.form)["Body"] for r in fake_twilio.creates] == ["first", "second"]
+
+
+def test_messages_held_before_hold_on_reroute_was_turned_off_are_still_released(settings, db_engine, fake_twilio,
+                                                                               log_lines):
+    """Turned off, webhooks queue no release (their write stays one statement): the worker's sweep releases
+    the pairs whose user has written since, once each; a pair whose user has not stays held."""
+    on = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    other = "whatsapp:+14155550199"
+    for to in (USER, other):
+        assert send(on.test_client(), {"To": to, "From": BUSINESS, "Body": "order shipped"}).headers["X-Proxy-Held-Id"]
+    off = create_app(replace(on.extensions["proxy"].settings, hold_on_reroute=False))  # redeployed without holds
+    fake_twilio.requests.clear()
+    signed_post(off.test_client(), "/twilio/inbound", inbound_params("SM" + "d" * 32))
+    assert run_worker(off) == 1
+    assert [(dict(r.form)["To"], dict(r.form)["Body"]) for r in fake_twilio.creates] == [(USER, "order shipped")]
+    assert run_worker(off) == 0 and len(fake_twilio.creates) == 1  # queued once
+    with db_engine.connect() as conn:
+        assert dict(conn.execute(select(held_messages.c.user, held_messages.c.status)).all()) == {
+            USER: "released", other: "held"}
+    assert [(l["decision"], l.get("reason")) for l in log_lines() if l["event"] == "release"] == [
+        ("queued", "hold_on_reroute_off"), ("released", None)]
+    off.extensions["proxy"].engine.dispose()
 
 
 def test_expired_holds_are_dropped_with_a_log_line(settings, db_engine, fake_twilio, log_lines):
