@@ -32,8 +32,12 @@ PROXY_HEADERS = ("X-Proxy-Window-Expires-At", "X-Proxy-Outbox-Id")
 KEPT_HEADERS = TWILIO_HEADERS + PROXY_HEADERS
 
 
-# The app's "not now" (Request Timeout, Too Many Requests): retried like a 5xx. Any other 4xx is its answer.
-RETRYABLE_4XX = frozenset({408, 429})
+# The app's "not now" (Request Timeout, Too Many Requests): retried like a 5xx. So are the answers of a URL
+# that does not reach the app's handler (a wrong path, credentials, method) or a signature check refusing the
+# forward (an app behind its own TLS terminator checking another URL): the webhook waits in the outbox
+# until the URL is fixed, rather than counted as delivered and gone. Any other 4xx is the app's answer.
+NOT_TAKEN_4XX = frozenset({401, 403, 404, 405})
+RETRYABLE_4XX = frozenset({408, 429}) | NOT_TAKEN_4XX
 
 # The most of the app's answer read. Twilio refuses TwiML over 64 kB (error 11750), so a longer answer is
 # nothing Twilio would act on, most likely a debug page or a runaway loop; read whole, it could take a
@@ -132,6 +136,9 @@ class Forwarder:
 
     def _reply(self, response: urllib3.BaseHTTPResponse) -> tuple[Reply, bool]:
         status = response.status
+        if status in NOT_TAKEN_4XX:
+            return Reply(False, status, b"", None, f"answered {status}: check the forward URL, its credentials and "
+                                                   "the app's signature check (it signs the URL it is posted to)"), False
         if status >= 500 or status in RETRYABLE_4XX:
             return Reply(False, status, b"", None, f"answered {status}"), False
         if 300 <= status < 400:

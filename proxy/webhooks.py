@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from datetime import datetime, timedelta
@@ -306,7 +307,8 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
     if reply.too_large:
         too_large(reply, redact=rt.settings.log_redact_numbers, kind="inbound", outbox_id=item_id, sender=sender,
                   user=user, request_id=g.request_id)
-    logs.event("delivery", redact=rt.settings.log_redact_numbers, level=20 if reply.ok else 30, kind="inbound",
+    logs.event("delivery", redact=rt.settings.log_redact_numbers, kind="inbound",
+               level=logging.INFO if reply.ok and reply.status < 400 else logging.WARNING,
                decision="delivered" if reply.ok else "queued", outbox_id=item_id, attempt=1,
                app_status=reply.status, error=reply.error, sender=sender, user=user,
                duration_ms=round((time.perf_counter() - started) * 1000, 2), request_id=g.request_id)

@@ -239,7 +239,7 @@ class Worker:
                    "release": lambda it: self._release(it, leases), late_failures.KIND: self._late_failure}[item.kind]
         try:
             try:
-                handler(item)
+                app_status = handler(item)
             except (Retry, GiveUp, Skip):
                 raise
             except ApiError as exc:  # a judgement that could not be made now (e.g. Content API down)
@@ -263,19 +263,28 @@ class Worker:
             return
         with writing(self.rt.engine) as conn:
             outbox.delivered(conn, item.id, utcnow())
+        # The app's own refusal (a 4xx other than NOT_TAKEN_4XX) is its answer, delivered: said louder all the same.
         logs.event("delivery", redact=settings.log_redact_numbers, decision="delivered", kind=item.kind,
-                   outbox_id=item.id, attempt=item.attempts + 1, duration_ms=_ms(started))
+                   level=logging.WARNING if app_status and app_status >= 400 else logging.INFO,
+                   outbox_id=item.id, attempt=item.attempts + 1, app_status=app_status, duration_ms=_ms(started))
 
     def _skipped(self, item: outbox.Item) -> None:
         logs.event("delivery", redact=self.rt.settings.log_redact_numbers, decision="skipped", kind=item.kind,
                    outbox_id=item.id, reason="claimed_by_another_worker")
 
-    def _forward(self, item: outbox.Item) -> None:
-        reply = self.rt.forwarder.post(item.target, [tuple(p) for p in item.body], outbox.with_id(item))
+    def _forward(self, item: outbox.Item) -> int:
+        """Post a queued webhook to the app; the app's status."""
+        # To the URL configured now: an operator who fixed a wrong or moved FORWARD_*_URL (or its credentials)
+        # and replays the backlog means the new one. The URL it was queued for only when none is set any more.
+        settings = self.rt.settings
+        target = (settings.forward_inbound_url if item.kind == "inbound" else settings.forward_status_url) \
+            or item.target
+        reply = self.rt.forwarder.post(target, [tuple(p) for p in item.body], outbox.with_id(item))
         if not reply.ok:
             raise Retry(reply.error or "failed")
         if reply.too_large:  # delivered all the same: the app had the webhook
             too_large(reply, redact=self.rt.settings.log_redact_numbers, kind=item.kind, outbox_id=item.id)
+        return reply.status
 
     def _send(self, item: outbox.Item) -> None:
         """A fallback template after a late 63016: judged like any send, then sent with the account's auth,

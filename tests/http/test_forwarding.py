@@ -367,19 +367,44 @@ def test_every_copy_of_a_forward_carries_its_outbox_id(forwarding, fake_app, db_
     assert fake_app.received[-1][2]["X-Proxy-Outbox-Id"] == str(items(db_engine)[-1]["id"])
 
 
-def test_app_4xx_is_the_apps_answer_and_is_relayed(forwarding, fake_app, db_engine):
-    fake_app.fail_status = 404
+@pytest.mark.parametrize("status", [400, 422])
+def test_app_4xx_is_the_apps_answer_and_is_relayed(forwarding, fake_app, db_engine, log_lines, status):
+    fake_app.fail_status = status
     response = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "3" * 32))
-    assert response.status_code == 404
+    assert response.status_code == status
     assert items(db_engine)[0]["status"] == "delivered"
+    [line] = [line for line in log_lines() if line["event"] == "delivery"]
+    assert (line["level"], line["decision"], line["app_status"]) == ("WARNING", "delivered", status)
 
 
-@pytest.mark.parametrize("status", [301, 302, 307, 308, 408, 429])
+def test_a_queued_webhook_goes_to_the_forward_url_configured_when_it_is_delivered(settings, db_engine, fake_app):
+    """A typo in FORWARD_INBOUND_URL's path: the app answers 404 (its handler never saw the webhook), the
+    webhook waits in the outbox; the operator fixes the URL and replays, and the backlog goes to the new one.
+    It went to the URL it was queued for, and a 404 counted as delivered: every webhook lost."""
+    wrong = replace(settings, forward_inbound_url=fake_app.url + "/typo/inbound", forward_timeout_seconds=1.0,
+                    retry_schedule=SCHEDULE)
+    fake_app.fail_status = 404  # no such route in the app
+    signed_post(create_app(wrong).test_client(), "/twilio/inbound", inbound_params("SM" + "a" * 31 + "1"))
+    fake_app.fail_status = None
+    [item] = items(db_engine)
+    assert item["status"] == "pending" and "answered 404: check the forward URL" in item["last_error"]
+    fixed = create_app(replace(wrong, forward_inbound_url=fake_app.url + "/app/inbound"))  # redeployed, fixed
+    assert run_worker(fixed) == 0  # waiting for its next attempt...
+    with db_engine.begin() as conn:
+        assert outbox_items.hurry(conn, item["id"], utcnow())  # ...which `outbox replay ID` makes due now
+    assert run_worker(fixed) == 1
+    assert [path for path, _, _ in fake_app.received] == ["/app/inbound"] and fake_app.rejected == 0
+    assert items(db_engine)[0]["status"] == "delivered"
+    fixed.extensions["proxy"].engine.dispose()
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308, 401, 403, 404, 405, 408, 429])
 def test_an_app_answering_a_redirect_did_not_take_the_webhook_and_the_outbox_retries(forwarding, fake_app,
                                                                                      db_engine, status):
     """Redirects are not followed (forward targets come from configuration only), so the app's handler never
     saw the webhook: the item was marked delivered (lost), and Twilio got a 3xx without its Location.
-    408 and 429 are the app's "not now" (HTTP's retryable 4xx), not its answer: retried like a 5xx."""
+    408 and 429 are the app's "not now" (HTTP's retryable 4xx), not its answer: retried like a 5xx. So are
+    401, 403, 404 and 405: a wrong URL, credentials or signature check, not the handler's answer."""
     fake_app.fail_status = status
     response = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "3" * 31 + "a"))
     assert response.status_code == 200 and response.get_data(as_text=True).endswith("<Response />")
