@@ -137,11 +137,12 @@ MAX_LOGGED_URL = 512  # the host part is the caller's Host header, unless PUBLIC
 def masked_url(url: str) -> str:
     """A URL as logged (the one a webhook's signature was checked against): scheme, host and port as they are,
     so a PUBLIC_BASE_URL mistake shows; phone numbers in the path masked; of the query only its names (a value
-    may be a token or a number); never a user:password@."""
+    may be a token or a number), an item without a name masked whole; never a user:password@."""
     parts = urlsplit(url)
     shown = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{_masked_as_sent(parts.path)}"
     if parts.query:
-        shown += "?" + "&".join(_masked_as_sent(name) + ("=…" if sep else "")
+        # An item without `=` may be a bare token (`?s3cr3t`): masked too.
+        shown += "?" + "&".join(_masked_as_sent(name) + "=…" if sep else "…" if name else ""
                                 for name, sep, _ in (item.partition("=") for item in parts.query.split("&")))
     return shown[:MAX_LOGGED_URL]
 

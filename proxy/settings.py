@@ -34,6 +34,7 @@ MAX_TWILIO_TIMEOUT_SECONDS = 60  # the Procfile's gunicorn --timeout; callers an
 MAX_HOLD_TTL_SECONDS = 365 * DAY
 MAX_CONTENT_CACHE_SECONDS = DAY  # an approval Meta withdraws is noticed within this
 MAX_RETRY_DELAY_SECONDS = 7 * DAY  # per attempt; the default schedule's longest wait is 10 h
+MAX_FORWARD_URL_LENGTH = 2048  # the outbox's target column
 MAX_OUTBOX_LEASE_SECONDS = 3600  # a crashed worker's items wait this long to come back
 MAX_WORKER_POLL_SECONDS = 300
 # Each delivery at once is a thread, a forwarding thread and, while it writes, a database connection of the
@@ -250,6 +251,11 @@ def _schedule(env: Mapping[str, str]) -> tuple[int, ...]:
     if any(not 0 <= d <= MAX_RETRY_DELAY_SECONDS for d in delays):
         raise ConfigError(f"OUTBOX_RETRY_SCHEDULE must be comma-separated seconds, each at least 0 and at most "
                           f"{_seconds(MAX_RETRY_DELAY_SECONDS)}, got {raw!r}.")
+    if delays[0] != 0:
+        # The first value is the first attempt's, made at once (inline, or as soon as a worker sees it): a
+        # schedule of 60,120 meant 60 s before the first retry to its writer, and ran 120 s then gave up.
+        raise ConfigError(f"OUTBOX_RETRY_SCHEDULE starts with the first attempt, which is made at once: start it "
+                          f"with 0 (the retries' delays after it), got {raw!r}.")
     return delays
 
 
@@ -342,6 +348,10 @@ def _url(env: Mapping[str, str], name: str, default: str | None, *, exact: bool 
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{name} must be an http(s) URL, got {without_credentials(raw)!r}.")
+    if exact and len(raw) > MAX_FORWARD_URL_LENGTH:
+        # Stored with each queued webhook (outbox.target): PostgreSQL refused a longer one, and with it the
+        # webhook's whole transaction, the message and its window included, so every inbound got a 400.
+        raise ConfigError(f"{name} must be at most {MAX_FORWARD_URL_LENGTH} characters, got {len(raw)}.")
     return raw if exact else raw.rstrip("/")
 
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 from sqlalchemy import Connection, bindparam, case, func, select, true, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .db import held_messages, messages, outbox, send_attempts, windows
+from .db import held_messages, late_failures, messages, outbox, send_attempts, windows
 from .prepared import Statements
 
 # Status callbacks can arrive out of order; a status only replaces one of lower rank,
@@ -246,7 +246,8 @@ _FINISHED_HOLDS = ("released", "expired", "failed")  # holds.FINISHED; holds imp
 
 
 def purge(conn: Connection, cutoff: datetime) -> dict[str, int]:
-    """Delete message and attempt records older than `cutoff`, and windows that closed before it.
+    """Delete message and attempt records (and the late failures acted on) older than `cutoff`, and windows
+    that closed before it.
 
     Open windows are never touched: their expiry is in the future, so never before a past cutoff.
     Pending outbox items and live holds are never touched either: only finished holds go (holds.FINISHED),
@@ -260,4 +261,6 @@ def purge(conn: Connection, cutoff: datetime) -> dict[str, int]:
         "messages": conn.execute(messages.delete().where(messages.c.updated_at < cutoff)).rowcount,
         "send_attempts": conn.execute(send_attempts.delete().where(send_attempts.c.created_at < cutoff)).rowcount,
         "windows": conn.execute(windows.delete().where(windows.c.expires_at < cutoff)).rowcount,
+        # Which late 63016s were acted on: the sends they were about go at the same age.
+        "late_failures": conn.execute(late_failures.delete().where(late_failures.c.created_at < cutoff)).rowcount,
     }

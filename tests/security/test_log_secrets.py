@@ -126,7 +126,7 @@ def test_webhook_rejected_shows_the_url_checked_with_the_querys_names_only(setti
     text, lines = logged()
     line = only(lines, "webhook_rejected")
     assert line["reason"] == "invalid_signature"
-    assert line["signed_url"] == "https://Proxy.example.com/twilio/inbound?token=…&to=…&flag"
+    assert line["signed_url"] == "https://Proxy.example.com/twilio/inbound?token=…&to=…&…"
     assert_leaks_nothing(text, signature, URL_TOKEN, "%2B1415")
 
 
@@ -136,6 +136,9 @@ def test_webhook_rejected_shows_the_url_checked_with_the_querys_names_only(setti
     ("https://user:pass@h.example:8443/twilio/inbound?bodySHA256=abc", "https://h.example:8443/twilio/inbound?bodySHA256=…"),
     ("http://127.0.0.1:8000/twilio/status", "http://127.0.0.1:8000/twilio/status"),
     ("https://h.example/twilio/inbound?%2B14155550111=1", "https://h.example/twilio/inbound?+1415*****11=…"),
+    # A bare item may be the secret itself; an empty one (`&&`) stays empty.
+    ("https://h.example/twilio/inbound?s3cr3t", "https://h.example/twilio/inbound?…"),
+    ("https://h.example/twilio/inbound?a=1&&s3cr3t", "https://h.example/twilio/inbound?a=…&&…"),
 ])
 def test_a_logged_url_keeps_no_number_credentials_or_query_value(url, logged_url):
     assert proxy_logs.masked_url(url) == logged_url

@@ -304,3 +304,20 @@ def test_the_previous_auth_token_is_optional_and_never_shown():
     assert Settings.from_env(BASE).previous_auth_token is None
     rotating = Settings.from_env({**BASE, "TWILIO_AUTH_TOKEN_PREVIOUS": "old-token"})
     assert rotating.previous_auth_token == "old-token" and "old-token" not in repr(rotating)
+
+
+def test_a_retry_schedule_not_starting_with_the_immediate_first_attempt_is_refused():
+    """Its first value is the first attempt's, always made at once: `60,120` ran one retry after 120 s."""
+    with pytest.raises(ConfigError, match=r"OUTBOX_RETRY_SCHEDULE starts with the first attempt.*start it with 0"):
+        Settings.from_env({**BASE, "OUTBOX_RETRY_SCHEDULE": "60,120"})
+    assert Settings.from_env({**BASE, "OUTBOX_RETRY_SCHEDULE": "0,60,120"}).retry_schedule == (0, 60, 120)
+
+
+@pytest.mark.parametrize("variable", ["FORWARD_INBOUND_URL", "FORWARD_STATUS_URL"])
+def test_a_forward_url_longer_than_the_outbox_stores_is_refused(variable):
+    """Stored with every queued webhook: PostgreSQL refused a longer one, and the webhook's whole transaction
+    with it (message and window included), so every inbound message was answered 400 and no window opened."""
+    url = "https://app.example/twilio?token=" + "e" * 2100
+    with pytest.raises(ConfigError, match=rf"{variable} must be at most 2048 characters, got 2133"):
+        Settings.from_env({**BASE, variable: url})
+    assert getattr(Settings.from_env({**BASE, variable: url[:2048]}), variable.lower()) == url[:2048]
