@@ -107,7 +107,8 @@ def register(app: Flask) -> None:
         try:
             count = app.extensions["proxy"].content.refresh_all()
         except ContentUnavailable as exc:
-            raise click.ClickException(str(exc)) from None
+            base = without_credentials(app.extensions["proxy"].settings.twilio_content_base_url)
+            raise click.ClickException(f"{exc} at {base} (TWILIO_CONTENT_BASE_URL)") from None
         click.echo(f"cached {count} content templates")
 
     app.cli.add_command(content)
@@ -254,7 +255,7 @@ def register(app: Flask) -> None:
         # Deleting is not undone: a bare number (seconds elsewhere) must not stand for days here, and an age
         # of minutes takes the audit trail of today's conversations with it.
         if not re.search(r"[smhdw]\s*$", older_than):
-            raise click.BadParameter(f"{older_than!r} has no unit: give one, e.g. 30d, 12h or 2w",
+            raise click.BadParameter(f"{older_than!r} has no unit it knows (s, m, h, d, w): e.g. 30d, 12h or 2w",
                                      param_hint="'--older-than'")
         age = parse_duration(older_than)
         if age < PURGE_WITHOUT_YES and not yes:

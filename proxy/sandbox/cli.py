@@ -285,7 +285,9 @@ def say(user, text, business, sim_url, profile_name, button_payload, latitude, l
     try:
         reply = requests.post(f"{sim_url}/sandbox/say", data=form, timeout=30)
     except requests.RequestException:
-        raise click.ClickException(f"no simulator at {sim_url}: start it with `flask --app proxy sandbox`") from None
+        raise click.ClickException(
+            f"no simulator at {sim_url}: pass the --sim-url that `make run` printed (the simulator is on the proxy's "
+            "port + 1, or SANDBOX_PORT), or start the sandbox with `make run`") from None
     body = reply.json()
     if reply.status_code != 200:
         raise click.ClickException(body.get("message", reply.text))

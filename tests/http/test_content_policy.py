@@ -168,6 +168,20 @@ def test_a_paused_template_is_blocked_inside_the_window_too(client, fake_twilio,
     assert fake_twilio.creates == []
 
 
+def test_content_refresh_with_the_content_api_unreachable_names_the_url_it_tried(settings, db_engine):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed: connection refused
+    app = create_app(replace(settings, twilio_content_base_url=f"http://user:secret@127.0.0.1:{port}"))
+    result = app.test_cli_runner().invoke(args=["content", "refresh"])
+    assert result.exit_code == 1
+    assert f"Content API unreachable (ConnectionError) at http://…@127.0.0.1:{port} (TWILIO_CONTENT_BASE_URL)" \
+        in result.output and "secret" not in result.output, result.output
+    app.extensions["proxy"].engine.dispose()
+
+
 def test_content_refresh_command_lists_content_and_approvals(settings, db_engine, fake_twilio):
     sids = [fake_twilio.add_content({"twilio/text": {"body": str(i)}}, "approved" if i % 2 else "rejected")
             for i in range(7)]
