@@ -7,7 +7,7 @@ import re
 from datetime import datetime, timedelta, timezone
 
 from . import store
-from .addresses import InvalidAddress, normalise
+from .addresses import InvalidAddress, channel_of, normalise
 from .db import utcnow
 from .errors import ApiError
 from .runtime import Runtime
@@ -34,6 +34,12 @@ def window_key(sender: str | None, user: str | None) -> tuple[str, str]:
     if not sender_key or not user_key:
         raise ApiError(400, 400, "Both sender and user are required, e.g. sender=whatsapp:+14155550100&"
                                  "user=whatsapp:+14155550111")
+    channels = {channel_of(key) for key in (sender_key, user_key) if not key.startswith("MG")}
+    if len(channels) > 1:
+        # A window is one channel's: whatsapp:+1415… and +1415… are two conversations, and asking for the mixed
+        # pair answered "closed" however open the WhatsApp one was.
+        raise ApiError(400, 400, f"sender and user are on different channels ({sender_key} and {user_key}): "
+                                 "give both with the same prefix, e.g. whatsapp:")
     return sender_key, user_key
 
 

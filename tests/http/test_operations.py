@@ -83,6 +83,9 @@ def test_window_api(client):
     assert client.get(f"/v1/windows?sender={BUSINESS}&user={USER}").status_code == 401
     bad = client.get(f"/v1/windows?sender={BUSINESS}", headers=basic_auth())
     assert bad.status_code == 400 and set(bad.get_json()) == {"code", "message", "more_info", "status"}
+    # The user's number without its channel is another conversation: said so, not answered "closed".
+    mixed = client.get(f"/v1/windows?sender={BUSINESS}&user=%2B14155550111", headers=basic_auth())
+    assert mixed.status_code == 400 and "different channels" in mixed.get_json()["message"]
 
 
 def add_window(engine, user, expires_in, sender=BUSINESS):
