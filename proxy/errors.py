@@ -21,6 +21,7 @@ MESSAGES = {
     21656: "The ContentVariables Parameter is invalid",
     35115: "SendAt must be a valid ISO-8601 date-time",
     21658: "Parameter exceeded character limit: Body can be up to 1,600 characters long.",
+    21623: "Number of media files exceeds allowed limit",
     63016: (
         "Failed to send freeform message because you are outside the allowed window. "
         "If you are using WhatsApp, please use a Message Template."

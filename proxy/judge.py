@@ -61,7 +61,8 @@ def validate(form: MultiDict) -> None:
     refuse_repeated(form)
     media_urls = [u for u in form.getlist("MediaUrl") if u.strip()]
     if len(media_urls) > MAX_MEDIA:
-        raise ApiError(400, 400, f"A message can carry at most {MAX_MEDIA} MediaUrl values, got {len(media_urls)}.")
+        raise ApiError(21623, 400, f"Number of media files exceeds allowed limit: a message can carry at most "
+                                   f"{MAX_MEDIA} MediaUrl values, got {len(media_urls)}.")
     if len(form.get("Body") or "") > MAX_BODY:
         raise ApiError(21658, 400)
     if not form.get("To", "").strip():

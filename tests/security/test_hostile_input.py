@@ -62,10 +62,14 @@ def test_a_whatsapp_value_behind_an_sms_one_is_refused_not_passed_through(client
     assert fake_twilio.requests == []
 
 
-def test_more_than_ten_media_urls_is_400(client, fake_twilio):
+def test_more_than_ten_media_urls_is_21623(client, fake_twilio):
     open_window(client)
     pairs = [("To", USER), ("From", BUSINESS)] + [("MediaUrl", f"https://example.com/{i}.png") for i in range(11)]
-    assert_twilio_error(send(client, pairs), 400)
+    response = send(client, pairs)
+    assert_twilio_error(response, 400)
+    body = response.get_json()
+    assert body["code"] == 21623 and body["more_info"] == "https://www.twilio.com/docs/errors/21623"
+    assert body["message"].startswith("Number of media files exceeds allowed limit")
     assert fake_twilio.requests == []
 
 
