@@ -82,6 +82,8 @@ def validate(form: MultiDict) -> None:
             parsed = json.loads(variables)
         except (ValueError, RecursionError):
             parsed = None
+        # Strings only: Twilio answers a number or a boolean with 21656 too (segmentio/action-destinations#3794,
+        # tested against production, stringifies them for that reason).
         if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
             raise ApiError(21656, 400, "The ContentVariables Parameter is invalid: it must be a JSON object of strings "
                                        "(with twilio-python: content_variables=json.dumps({...})).")
