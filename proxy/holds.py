@@ -48,11 +48,13 @@ def release_if_held(conn: Connection, sender: str, user: str, now: datetime) -> 
     return True
 
 
-def release_where_written(conn: Connection, now: datetime) -> list[tuple[str, str]]:
+def release_where_written(conn: Connection, now: datetime, margin_seconds: int) -> list[tuple[str, str]]:
     """Queue the release of each pair whose user wrote after its messages were held, when no webhook did:
     HOLD_ON_REROUTE was turned off with messages still held (webhooks then queue no release). The pairs.
 
     The worker's sweep, run only while the setting is off, so an inbound webhook's write stays one statement.
+    Only windows the judge still counts open (`margin_seconds`, WINDOW_SAFETY_MARGIN_SECONDS, before they
+    close): in the margin a release would find its messages still held, and the next sweep queue another.
     """
     pending_release = exists().where(
         outbox_rows.c.ordering_key == literal("release:") + held_messages.c.sender + literal("|")
@@ -61,7 +63,8 @@ def release_where_written(conn: Connection, now: datetime) -> list[tuple[str, st
     pairs = conn.execute(
         select(held_messages.c.sender, held_messages.c.user).distinct()
         .join(windows, and_(windows.c.sender == held_messages.c.sender, windows.c.user == held_messages.c.user))
-        .where(held_messages.c.status == HELD, held_messages.c.expires_at > now, windows.c.expires_at > now,
+        .where(held_messages.c.status == HELD, held_messages.c.expires_at > now,
+               windows.c.expires_at > now + timedelta(seconds=margin_seconds),
                windows.c.last_inbound_at > held_messages.c.created_at, ~pending_release)
     ).all()
     for sender, user in pairs:

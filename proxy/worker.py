@@ -82,7 +82,8 @@ class Worker:
     def _maintain(self, now: datetime) -> None:
         with writing(self.rt.engine) as conn:
             if not self.rt.settings.hold_on_reroute:  # turned off with messages still held: still released
-                for sender, user in holds.release_where_written(conn, now):
+                for sender, user in holds.release_where_written(conn, now,
+                                                                self.rt.settings.window_safety_margin_seconds):
                     logs.event("release", redact=self.rt.settings.log_redact_numbers, decision="queued",
                                reason="hold_on_reroute_off", sender=sender, user=user)
             for row in holds.expire(conn, now):

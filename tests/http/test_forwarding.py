@@ -1145,6 +1145,14 @@ def test_messages_held_before_hold_on_reroute_was_turned_off_are_still_released(
             USER: "released", other: "held"}
     assert [(l["decision"], l.get("reason")) for l in log_lines() if l["event"] == "release"] == [
         ("queued", "hold_on_reroute_off"), ("released", None)]
+    # The other user writes as their window is about to close (inside the safety margin, where the judge counts
+    # it closed): nothing is queued, rather than a release finding it still held at every sweep.
+    signed_post(off.test_client(), "/twilio/inbound", inbound_params("SM" + "e" * 32, user=other))
+    margin = off.extensions["proxy"].settings.window_safety_margin_seconds
+    with db_engine.begin() as conn:
+        conn.execute(update(windows).where(windows.c.user == other)
+                     .values(expires_at=utcnow() + timedelta(seconds=margin - 5)))
+    assert run_worker(off) == 0 and run_worker(off) == 0 and len(fake_twilio.creates) == 1
     off.extensions["proxy"].engine.dispose()
 
 
