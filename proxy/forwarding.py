@@ -32,12 +32,15 @@ PROXY_HEADERS = ("X-Proxy-Window-Expires-At", "X-Proxy-Outbox-Id")
 KEPT_HEADERS = TWILIO_HEADERS + PROXY_HEADERS
 
 
-# The app's "not now" (Request Timeout, Too Many Requests): retried like a 5xx. So are the answers of a URL
-# that does not reach the app's handler (a wrong path, credentials, method) or a signature check refusing the
-# forward (an app behind its own TLS terminator checking another URL): the webhook waits in the outbox
-# until the URL is fixed, rather than counted as delivered and gone. Any other 4xx is the app's answer.
+# The app's "not now" (Request Timeout, Too Many Requests): retried like a 5xx. Any other 4xx is its answer.
+RETRYABLE_4XX = frozenset({408, 429})
+# What a URL that does not reach the app's handler answers (a wrong path, credentials or method), and a
+# signature check refusing the forward (an app behind its own TLS terminator checking another URL) — but also
+# what an app may answer on purpose (404 for a message it does not know, 403 for a blocked user). Not retried:
+# a retried item holds back every later webhook of its conversation for the whole retry schedule. Not counted
+# as delivered either: the item is exhausted at once, so a wrong URL's webhooks are kept, counted in /metrics
+# and sent again by `outbox replay --all` once it is fixed.
 NOT_TAKEN_4XX = frozenset({401, 403, 404, 405})
-RETRYABLE_4XX = frozenset({408, 429}) | NOT_TAKEN_4XX
 
 # The most of the app's answer read. Twilio refuses TwiML over 64 kB (error 11750), so a longer answer is
 # nothing Twilio would act on, most likely a debug page or a runaway loop; read whole, it could take a
@@ -47,13 +50,15 @@ MAX_ANSWER_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class Reply:
-    """The app's answer; `ok` False means retry later (down, timed out, 5xx, 408/429, a redirect)."""
+    """The app's answer; `ok` False means retry later (down, timed out, 5xx, 408/429, a redirect), or with
+    `final` not at all (NOT_TAKEN_4XX)."""
 
     ok: bool
     status: int | None
     body: bytes
     content_type: str | None
     error: str | None = None
+    final: bool = False
     # The app answered more than MAX_ANSWER_BYTES: it had the webhook (`ok`), its answer is not relayed
     # (cut short it would be broken TwiML). `content_length`: the length it declared, if it did.
     too_large: bool = False
@@ -137,8 +142,9 @@ class Forwarder:
     def _reply(self, response: urllib3.BaseHTTPResponse) -> tuple[Reply, bool]:
         status = response.status
         if status in NOT_TAKEN_4XX:
-            return Reply(False, status, b"", None, f"answered {status}: check the forward URL, its credentials and "
-                                                   "the app's signature check (it signs the URL it is posted to)"), False
+            return Reply(False, status, b"", None, f"answered {status}: if every webhook gets this, check the forward "
+                                                   "URL, its credentials and the app's signature check (it signs the "
+                                                   "URL it is posted to)", final=True), False
         if status >= 500 or status in RETRYABLE_4XX:
             return Reply(False, status, b"", None, f"answered {status}"), False
         if 300 <= status < 400:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, exists, literal, select, text, update
+from sqlalchemy import Connection, and_, exists, literal, or_, select, text, update
 
 from . import outbox, store
 from .db import held_messages, outbox as outbox_rows, windows
@@ -56,20 +56,26 @@ def release_where_written(conn: Connection, now: datetime, margin_seconds: int) 
     Only windows the judge still counts open (`margin_seconds`, WINDOW_SAFETY_MARGIN_SECONDS, before they
     close): in the margin a release would find its messages still held, and the next sweep queue another.
     """
-    pending_release = exists().where(
+    # One release per message of the user, as the webhook path queues: a release that left its messages held
+    # (a SendAt past the window's end, a paused template) is not queued again until the user writes again.
+    release_since = exists().where(
         outbox_rows.c.ordering_key == literal("release:") + held_messages.c.sender + literal("|")
         + held_messages.c.user,
-        outbox_rows.c.status == outbox.PENDING)
+        or_(outbox_rows.c.status == outbox.PENDING, outbox_rows.c.created_at >= windows.c.last_inbound_at))
     pairs = conn.execute(
         select(held_messages.c.sender, held_messages.c.user).distinct()
         .join(windows, and_(windows.c.sender == held_messages.c.sender, windows.c.user == held_messages.c.user))
         .where(held_messages.c.status == HELD, held_messages.c.expires_at > now,
                windows.c.expires_at > now + timedelta(seconds=margin_seconds),
-               windows.c.last_inbound_at > held_messages.c.created_at, ~pending_release)
+               windows.c.last_inbound_at > held_messages.c.created_at, ~release_since)
     ).all()
+    queued = []
     for sender, user in pairs:
-        release_if_held(conn, sender, user, now)
-    return [(sender, user) for sender, user in pairs]
+        lock_pair(conn, sender, user)
+        # Under the pair's turn, again: another worker's sweep may have queued it since the query above.
+        if not outbox.has_pending(conn, f"release:{sender}|{user}") and release_if_held(conn, sender, user, now):
+            queued.append((sender, user))
+    return queued
 
 
 def queue_release(conn: Connection, sender: str, user: str, now: datetime) -> int:

@@ -297,7 +297,8 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
             _write_alone(rt, lambda conn: outbox.delivered(conn, item_id, at), _pair_order(user, sender, 0, item_id))
         else:
             with writing(rt.engine) as conn:
-                outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule, lease=lease)
+                outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule, lease=lease,
+                              retry=not reply.final)
     except SQLAlchemyError as exc:
         # The message is stored and the app has had its turn: a 503 now would throw the app's TwiML away. The
         # item stays under this attempt's lease, and the worker delivers it (again) after it: at-least-once.
@@ -309,7 +310,7 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
                   user=user, request_id=g.request_id)
     logs.event("delivery", redact=rt.settings.log_redact_numbers, kind="inbound",
                level=logging.INFO if reply.ok and reply.status < 400 else logging.WARNING,
-               decision="delivered" if reply.ok else "queued", outbox_id=item_id, attempt=1,
+               decision="delivered" if reply.ok else "failed" if reply.final else "queued", outbox_id=item_id, attempt=1,
                app_status=reply.status, error=reply.error, sender=sender, user=user,
                duration_ms=round((time.perf_counter() - started) * 1000, 2), request_id=g.request_id)
     if not reply.ok or reply.too_large:

@@ -282,7 +282,7 @@ class Worker:
             or item.target
         reply = self.rt.forwarder.post(target, [tuple(p) for p in item.body], outbox.with_id(item))
         if not reply.ok:
-            raise Retry(reply.error or "failed")
+            raise (GiveUp if reply.final else Retry)(reply.error or "failed")
         if reply.too_large:  # delivered all the same: the app had the webhook
             too_large(reply, redact=self.rt.settings.log_redact_numbers, kind=item.kind, outbox_id=item.id)
         return reply.status
@@ -324,9 +324,10 @@ class Worker:
         """Send the pair's held messages in their original order, each judged again now.
 
         One the window still keeps out (it closed again before the release ran) stays held, and so do the
-        ones after it: the next message of the user releases them in order. One refused for what it is (a
-        template not approved for use in the window, a paused one) is marked failed and the next goes on:
-        no message of the user would change that, and it held back every later one until they expired.
+        ones after it: the next message of the user releases them in order. One refused for what it is stays
+        held too if that may change (a template paused, or not approved yet), and is marked failed if it cannot
+        (rejected, disabled, a type WhatsApp does not take); either way the next one goes on: it held back every
+        later one until they expired.
         `leases`: the item's lease, renewed after each message sent, the current one last."""
         sender, user = item.target.split("\n", 1)
         settings = self.rt.settings
@@ -343,14 +344,18 @@ class Worker:
                     raise Retry(f"{exc.code}: {exc.message}") from None
                 self._mark(row, holds.FAILED, error=f"{exc.code}: {exc.message}")
                 continue
-            if decision.action is not Action.ALLOWED and decision.code != OUTSIDE_WINDOW:
+            if decision.action is not Action.ALLOWED and decision.code != OUTSIDE_WINDOW and (
+                    judgement.send.approval in REFUSED_FOR_GOOD or decision.reason == "type_not_supported_on_whatsapp"):
                 self._mark(row, holds.FAILED, error=f"{decision.code}: {decision.reason}, even inside the window")
                 continue
             if decision.action is not Action.ALLOWED:
-                # The window closed again: keep it, and keep the order.
+                # The window closed again: keep it, and keep the order. A template paused or not approved yet
+                # may be sendable by the user's next message: kept too, but the ones after it go on.
                 logs.event("release", redact=settings.log_redact_numbers, decision="still_held", held_id=row["id"],
                            reason=decision.reason, sender=sender, user=user, request_id=row["request_id"])
-                return
+                if decision.code == OUTSIDE_WINDOW:
+                    return
+                continue
             with writing(self.rt.engine) as conn:
                 if not holds.take(conn, row["id"]):
                     continue  # another worker has it
@@ -435,6 +440,8 @@ class Worker:
         return (logs.mask_numbers(text) if self.rt.settings.log_redact_numbers else text)[:200]
 
 
+# Approval statuses a template does not come back from: a held message refused for one of them is failed.
+REFUSED_FOR_GOOD = frozenset({"rejected", "disabled"})
 # send_attempts decisions of the worker's own creates (the gateway's are its Action values).
 RELEASED, FALLBACK = "released", "fallback"
 

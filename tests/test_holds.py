@@ -109,3 +109,27 @@ def test_a_held_message_is_taken_for_sending_once(db_engine):
         holds.mark(conn, held_id, holds.RELEASED, utcnow(), message_sid="SM" + "6" * 32)
         assert holds.take(conn, held_id) is False
         assert holds.held_for(conn, BUSINESS, USER, utcnow()) == []
+
+
+def test_two_workers_sweeping_at_once_queue_one_release(pg):
+    """HOLD_ON_REROUTE turned off: each worker's sweep looks for pairs to release before it takes the pair's
+    turn; the second, waiting for the first's commit, must then see its release and queue none."""
+    now = utcnow()
+    with pg.begin() as conn:
+        hold(conn, now)
+    with pg.begin() as conn:
+        record_inbound(conn, utcnow())
+    with pg.connect() as first:
+        transaction = first.begin()
+        assert holds.release_where_written(first, utcnow(), 0) == [(BUSINESS, USER)]
+
+        def other_worker():
+            with pg.begin() as conn:
+                return holds.release_where_written(conn, utcnow(), 0)
+
+        thread, result = in_thread(other_worker)
+        wait_until_blocked_or_done(pg, thread)
+        transaction.commit()
+    thread.join()
+    assert result == [[]]
+    assert [kind for kind, _ in releases(pg)] == ["release"]

@@ -379,7 +379,7 @@ def test_app_4xx_is_the_apps_answer_and_is_relayed(forwarding, fake_app, db_engi
 
 def test_a_queued_webhook_goes_to_the_forward_url_configured_when_it_is_delivered(settings, db_engine, fake_app):
     """A typo in FORWARD_INBOUND_URL's path: the app answers 404 (its handler never saw the webhook), the
-    webhook waits in the outbox; the operator fixes the URL and replays, and the backlog goes to the new one.
+    webhook is kept, exhausted; the operator fixes the URL and replays, and the backlog goes to the new one.
     It went to the URL it was queued for, and a 404 counted as delivered: every webhook lost."""
     wrong = replace(settings, forward_inbound_url=fake_app.url + "/typo/inbound", forward_timeout_seconds=1.0,
                     retry_schedule=SCHEDULE)
@@ -387,24 +387,50 @@ def test_a_queued_webhook_goes_to_the_forward_url_configured_when_it_is_delivere
     signed_post(create_app(wrong).test_client(), "/twilio/inbound", inbound_params("SM" + "a" * 31 + "1"))
     fake_app.fail_status = None
     [item] = items(db_engine)
-    assert item["status"] == "pending" and "answered 404: check the forward URL" in item["last_error"]
+    assert item["status"] == "exhausted" and "check the forward URL" in item["last_error"]
     fixed = create_app(replace(wrong, forward_inbound_url=fake_app.url + "/app/inbound"))  # redeployed, fixed
-    assert run_worker(fixed) == 0  # waiting for its next attempt...
-    with db_engine.begin() as conn:
-        assert outbox_items.hurry(conn, item["id"], utcnow())  # ...which `outbox replay ID` makes due now
+    result = fixed.test_cli_runner().invoke(args=["outbox", "replay", "--all"])
+    assert result.exit_code == 0, result.output
     assert run_worker(fixed) == 1
     assert [path for path, _, _ in fake_app.received] == ["/app/inbound"] and fake_app.rejected == 0
     assert items(db_engine)[0]["status"] == "delivered"
     fixed.extensions["proxy"].engine.dispose()
 
 
-@pytest.mark.parametrize("status", [301, 302, 307, 308, 401, 403, 404, 405, 408, 429])
+@pytest.mark.parametrize("status", [401, 403, 404, 405])
+def test_an_app_answering_404_or_403_is_not_counted_delivered_nor_retried_and_holds_back_nothing(
+        forwarding, fake_app, db_engine, status):
+    """A wrong URL, credentials or signature check answer these, but so may an app on purpose (an order it does
+    not know, a blocked user). Retried, one such answer held back every later webhook of the conversation for
+    the whole retry schedule; delivered, a wrong URL lost every webhook. Exhausted at once: kept for a replay."""
+    client = forwarding.test_client()
+    fake_app.fail_status = status
+    first = signed_post(client, "/twilio/inbound", inbound_params("SM" + "1" * 32, Body="ORDER 999"))
+    assert first.status_code == 200 and first.get_data(as_text=True).endswith("<Response />")
+    fake_app.fail_status = None
+    reply = signed_post(client, "/twilio/inbound", inbound_params("SM" + "2" * 32, Body="hi"))
+    assert fake_app.bodies("/app/inbound") == ["hi"] and reply.get_data(as_text=True) == fake_app.reply
+    assert [(i["status"], i["attempts"]) for i in items(db_engine)] == [("exhausted", 1), ("delivered", 1)]
+    assert f"answered {status}" in items(db_engine)[0]["last_error"]
+    # Status callbacks the same way, through the worker.
+    fake_app.fail_status = status
+    signed_post(client, "/twilio/status", {"MessageSid": "SM" + "a" * 32, "MessageStatus": "sent",
+                                           "From": BUSINESS, "To": USER})
+    assert run_worker(forwarding) == 1
+    fake_app.fail_status = None
+    signed_post(client, "/twilio/status", {"MessageSid": "SM" + "b" * 32, "MessageStatus": "delivered",
+                                           "From": BUSINESS, "To": USER})
+    assert run_worker(forwarding) == 1
+    assert [dict(form)["MessageSid"] for path, form, _ in fake_app.received if path == "/app/status"] == ["SM" + "b" * 32]
+    assert [i["status"] for i in items(db_engine)][2:] == ["exhausted", "delivered"]
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308, 408, 429])
 def test_an_app_answering_a_redirect_did_not_take_the_webhook_and_the_outbox_retries(forwarding, fake_app,
                                                                                      db_engine, status):
     """Redirects are not followed (forward targets come from configuration only), so the app's handler never
     saw the webhook: the item was marked delivered (lost), and Twilio got a 3xx without its Location.
-    408 and 429 are the app's "not now" (HTTP's retryable 4xx), not its answer: retried like a 5xx. So are
-    401, 403, 404 and 405: a wrong URL, credentials or signature check, not the handler's answer."""
+    408 and 429 are the app's "not now" (HTTP's retryable 4xx), not its answer: retried like a 5xx."""
     fake_app.fail_status = status
     response = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "3" * 31 + "a"))
     assert response.status_code == 200 and response.get_data(as_text=True).endswith("<Response />")
@@ -1052,13 +1078,18 @@ def test_hold_then_release_in_order_when_the_user_writes(settings, db_engine, fa
     assert len(fake_twilio.creates) == 3  # nothing is released twice
 
 
-def test_a_held_message_refused_for_what_it_is_fails_and_the_next_goes_on(settings, db_engine, fake_twilio, log_lines):
-    """Judged again on release: an unapproved carousel needs its approval inside the window too. No message
-    of the user changes that, so it is marked failed and the text held after it goes out; kept, it held
-    back every later message of the pair until they all expired."""
+@pytest.mark.parametrize("approval, kept, error", [
+    ("rejected", "failed", "63005: needs_approval, even inside the window"),  # it will never be approved
+    ("pending", "held", None),  # it may be approved by the user's next message
+])
+def test_a_held_message_refused_for_what_it_is_lets_the_next_go_on(settings, db_engine, fake_twilio, log_lines,
+                                                                   approval, kept, error):
+    """Judged again on release: an unapproved carousel needs its approval inside the window too. It held back
+    every later message of the pair until they all expired; now the text held after it goes out. One that
+    cannot change is failed; one that may is kept for the user's next message."""
     app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
     client = app.test_client()
-    carousel = fake_twilio.add_content({"twilio/carousel": {"body": "c", "cards": []}}, "pending")
+    carousel = fake_twilio.add_content({"twilio/carousel": {"body": "c", "cards": []}}, approval)
     for form in ({"ContentSid": carousel}, {"Body": "your code is 1234"}):
         assert send(client, {"To": USER, "From": BUSINESS, **form}).headers["X-Proxy-Decision"] == "rerouted"
     fake_twilio.requests.clear()
@@ -1068,9 +1099,27 @@ def test_a_held_message_refused_for_what_it_is_fails_and_the_next_goes_on(settin
     with db_engine.connect() as conn:
         rows = conn.execute(select(held_messages.c.status, held_messages.c.last_error)
                             .order_by(held_messages.c.id)).all()
-    assert [status for status, _ in rows] == ["failed", "released"]
-    assert rows[0][1] == "63005: needs_approval, even inside the window"
-    assert [line["decision"] for line in log_lines() if line["event"] == "release"] == ["failed", "released"]
+    assert rows == [(kept, error), ("released", None)]
+    assert [line["decision"] for line in log_lines() if line["event"] == "release"] == [
+        "failed" if kept == "failed" else "still_held", "released"]
+
+
+def test_a_held_template_paused_for_a_while_goes_out_with_the_users_next_message(settings, db_engine, fake_twilio):
+    """Meta pauses a template for its quality for hours; holds last days: kept, not failed."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True, content_cache_seconds=0)
+    client = app.test_client()
+    template = fake_twilio.add_content({"twilio/text": {"body": "Your order shipped"}}, "paused")
+    assert send(client, {"To": USER, "From": BUSINESS, "ContentSid": template}).headers["X-Proxy-Held-Id"]
+    fake_twilio.requests.clear()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "2" * 31 + "4"))
+    run_worker(app)
+    assert fake_twilio.creates == []
+    fake_twilio.contents[template]["approval"] = "approved"
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "2" * 31 + "5"))
+    run_worker(app)
+    assert [dict(r.form)["ContentSid"] for r in fake_twilio.creates] == [template]
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "released"
 
 
 def test_held_messages_wait_in_order_when_the_window_closed_again_before_their_release(settings, db_engine,
@@ -1153,6 +1202,34 @@ def test_messages_held_before_hold_on_reroute_was_turned_off_are_still_released(
         conn.execute(update(windows).where(windows.c.user == other)
                      .values(expires_at=utcnow() + timedelta(seconds=margin - 5)))
     assert run_worker(off) == 0 and run_worker(off) == 0 and len(fake_twilio.creates) == 1
+    off.extensions["proxy"].engine.dispose()
+
+
+def test_a_release_that_leaves_its_message_held_is_queued_again_only_by_the_users_next_message(
+        settings, db_engine, fake_twilio):
+    """HOLD_ON_REROUTE off: a held message scheduled (SendAt) past the window's end stays held at release. The
+    sweep queued another release at every poll (a day of them); now one per message of the user."""
+    on = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    send_at = (utcnow() + timedelta(hours=30)).isoformat().replace("+00:00", "Z")
+    assert send(on.test_client(), {"To": USER, "From": BUSINESS, "Body": "reminder", "SendAt": send_at,
+                                   "ScheduleType": "fixed", "MessagingServiceSid": "MG" + "1" * 32}
+                ).headers["X-Proxy-Held-Id"]
+    off = create_app(replace(on.extensions["proxy"].settings, hold_on_reroute=False))
+
+    def releases():
+        with db_engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(outbox).where(outbox.c.kind == "release")).scalar()
+
+    signed_post(off.test_client(), "/twilio/inbound", inbound_params("SM" + "d" * 32))
+    for _ in range(4):
+        run_worker(off)
+    assert releases() == 1
+    signed_post(off.test_client(), "/twilio/inbound", inbound_params("SM" + "d" * 31 + "e"))
+    for _ in range(3):
+        run_worker(off)
+    assert releases() == 2
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "held"  # still scheduled too late
     off.extensions["proxy"].engine.dispose()
 
 
