@@ -27,8 +27,25 @@ def credentials_match(username: str | None, password: str | None) -> bool:
     return user_ok & (password_ok | previous_ok)
 
 
+def from_another_site() -> bool:
+    """A browser's request made by another site's page: it would carry Basic credentials the browser cached
+    for the proxy (an operator once opened /metrics or /v1), and a form POST needs no CORS preflight.
+    twilio-python, curl and Twilio's own clients send neither header."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site.strip().lower() not in ("same-origin", "none")
+    origin = request.headers.get("Origin")  # browsers before Sec-Fetch-*: an Origin not this host's
+    return origin is not None and origin.partition("://")[2].rstrip("/").lower() != request.host.lower()
+
+
 def require_basic_auth():
-    """A before_request hook: 401 with Twilio's 20003 body unless the caller holds the credentials."""
+    """A before_request hook: 401 with Twilio's 20003 body unless the caller holds the credentials; 403 for
+    a browser request another site made (from_another_site), whatever credentials it carries."""
+    if from_another_site():
+        logs.event("auth_failed", redact=True, level=30, path=logs.masked_path(request.path), reason="cross_site",
+                   remote_addr=request.remote_addr, request_id=g.request_id)
+        return twilio_error(20403, 403, "Requests from another site's page are refused: the proxy's API is not "
+                                        "for browsers.")
     auth = request.authorization
     if auth is None or auth.type != "basic" or not credentials_match(auth.username, auth.password):
         # remote_addr: the peer (behind a load balancer, the balancer); nothing of what the caller sent.

@@ -96,6 +96,10 @@ def create_form() -> tuple[bytes, MultiDict]:
     # without a Content-Length) would be judged as one thing and reach Twilio as another.
     if raw_body and request.mimetype != URLENCODED:
         raise ApiError(400, 400, "A Messages create must be application/x-www-form-urlencoded, as Twilio's is.")
+    # Judged as UTF-8 and forwarded with the caller's Content-Type: under another declared charset (utf-7) the
+    # same bytes could read as another To, judged as SMS and sent as WhatsApp.
+    if request.mimetype_params.get("charset", "utf-8").strip().lower() not in ("utf-8", "utf8"):
+        raise ApiError(400, 400, "A Messages create must be UTF-8: the proxy judges what Twilio will read.")
     form = strict_form(raw_body)
     if form is None:
         raise ApiError(400, 400, "The request body is not valid UTF-8 form data.")

@@ -43,8 +43,18 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in self._standard and v is not None)
+        # Values as repr() when they hold a control character: a path with %0D in it must not draw a line of its own.
+        extras = " ".join(f"{k}={_shown(v)}" for k, v in vars(record).items()
+                          if k not in self._standard and v is not None)
         return f"{line} {extras}" if extras else line
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _shown(value) -> str:
+    text = str(value)
+    return repr(text) if _CONTROL.search(text) else text
 
 
 class _Lines(logging.StreamHandler):

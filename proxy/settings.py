@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
+from urllib3.util import parse_url
 
 from .policy import Policy
 from .policy_file import Fallback, PolicyFileError, load, parse_fallback
@@ -345,7 +346,15 @@ def _url(env: Mapping[str, str], name: str, default: str | None, *, exact: bool 
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 — raises for a port out of range
+        # What urllib3 connects with: one it cannot read failed every forward with a 500 and a traceback that
+        # quoted the URL, password and all.
+        parse_url(raw)
+    except ValueError:  # LocationParseError is one too
+        raise ConfigError(f"{name} is not a URL that can be used (its host or port), got "
+                          f"{without_credentials(raw)!r}.") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{name} must be an http(s) URL, got {without_credentials(raw)!r}.")
     if exact and len(raw) > MAX_FORWARD_URL_LENGTH:

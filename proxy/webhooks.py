@@ -315,7 +315,31 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
                duration_ms=round((time.perf_counter() - started) * 1000, 2), request_id=g.request_id)
     if not reply.ok or reply.too_large:
         return _twiml()  # Twilio sees success; the user sees nothing broken
+    unjudged = _unjudged_twiml(reply.body, user)
+    if unjudged:
+        logs.event("twiml_not_judged", redact=rt.settings.log_redact_numbers, level=logging.WARNING, reason=unjudged,
+                   outbox_id=item_id, sender=sender, user=user, request_id=g.request_id)
     return Response(reply.body, status=reply.status, content_type=reply.content_type or "text/xml")
+
+
+_MESSAGE_TO = re.compile(rb"""<Message\b[^>]*?\bto\s*=\s*(?:"([^"]*)"|'([^']*)')""")
+_REDIRECT = re.compile(rb"<Redirect\b")
+
+
+def _unjudged_twiml(body: bytes, user: str) -> str | None:
+    """Why the app's TwiML holds a send the proxy did not judge, if it does: a <Message> to someone other than
+    the user who wrote (whose window this message just opened), or a <Redirect> to TwiML the proxy never sees.
+    Relayed all the same, as the app's answer; said at WARNING, so a send outside a window is not a surprise."""
+    if _REDIRECT.search(body):
+        return "redirect"
+    for match in _MESSAGE_TO.finditer(body):
+        to = (match.group(1) or match.group(2) or b"").decode("utf-8", "replace").strip()
+        try:
+            if normalise(to) != user:
+                return "message_to_another_user"
+        except InvalidAddress:
+            return "message_to_another_user"
+    return None
 
 
 def _take_turn(rt, item_id: int, lease: datetime, earlier: str | None, arrived: float, key: str) -> datetime | None:

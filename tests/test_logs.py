@@ -78,3 +78,18 @@ def test_json_time_of_a_logged_line_parses_as_utc():
     assert len(stamp) == len("2026-11-26T17:24:24.123Z") and stamp.endswith("Z")
     logged = datetime.fromisoformat(stamp)  # Python 3.11 reads the Z
     assert logged.tzinfo == timezone.utc and before - timedelta(seconds=1) <= logged <= datetime.now(timezone.utc)
+
+
+def test_a_text_log_line_cannot_be_split_by_a_control_character_in_a_value():
+    """LOG_FORMAT=text: an unauthenticated path with %0D in it landed raw in `auth_failed path=…`, and a
+    terminal showed a forged line."""
+    import logging
+
+    from proxy import logs as proxy_logs
+
+    formatter = proxy_logs.TextFormatter("%(message)s")
+    record = logging.makeLogRecord({"msg": "auth_failed", "levelno": 30, "levelname": "WARNING",
+                                    "path": "/v1/x\r2026-11-27 INFO forged", "reason": "plain"})
+    line = formatter.format(record)
+    assert "\r" not in line and "\n" not in line
+    assert "path='/v1/x\\r2026-11-27 INFO forged'" in line and "reason=plain" in line

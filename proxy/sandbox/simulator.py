@@ -206,7 +206,7 @@ class Simulator:
         signature = RequestValidator(self.auth_token).compute_signature(target, params)
         return requests.post(target, data=params, headers={"X-Twilio-Signature": signature,
                                                            "I-Twilio-Idempotency-Token": uuid.uuid4().hex},
-                             timeout=30)
+                             timeout=30, allow_redirects=False)
 
     # -- the message's lifecycle and its status callbacks ---------------------------------------------
     def _lifecycle(self, message: dict, url: str | None, code: int | None) -> None:
@@ -233,7 +233,9 @@ class Simulator:
             signature = RequestValidator(self.auth_token).compute_signature(url, params)
             self.callbacks.append((url, params))
             try:
-                requests.post(url, data=params, headers={"X-Twilio-Signature": signature}, timeout=15)
+                # Not followed: a redirect could point anywhere, and the sandbox only calls what it was given.
+                requests.post(url, data=params, headers={"X-Twilio-Signature": signature}, timeout=15,
+                              allow_redirects=False)
             except requests.RequestException as exc:
                 log.warning("status callback to %s failed: %s", url, type(exc).__name__)
 

@@ -367,6 +367,25 @@ def test_every_copy_of_a_forward_carries_its_outbox_id(forwarding, fake_app, db_
     assert fake_app.received[-1][2]["X-Proxy-Outbox-Id"] == str(items(db_engine)[-1]["id"])
 
 
+@pytest.mark.parametrize("twiml, warned", [
+    ('<Response><Message>Thanks!</Message></Response>', None),  # a reply to the user: the window just opened
+    (f'<Response><Message to="{USER}">Thanks!</Message></Response>', None),
+    ('<Response><Message to="whatsapp:+14155550999">free-form</Message></Response>', "message_to_another_user"),
+    ("<Response><Message to='+14155550111'>by SMS</Message></Response>", "message_to_another_user"),
+    ('<Response><Redirect>https://app.example/next</Redirect></Response>', "redirect"),
+])
+def test_twiml_holding_a_send_the_proxy_did_not_judge_is_relayed_with_a_warning(forwarding, fake_app, log_lines,
+                                                                                twiml, warned):
+    """The app's answer is Twilio's to act on: a <Message> to another user, or a <Redirect> to more TwiML,
+    can send outside a window without the gateway's judgement. Relayed (it is the app's answer), but said."""
+    fake_app.reply = '<?xml version="1.0" encoding="UTF-8"?>' + twiml
+    response = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "4" * 32))
+    assert response.get_data(as_text=True) == fake_app.reply
+    lines = [line for line in log_lines() if line["event"] == "twiml_not_judged"]
+    assert [(line["level"], line["reason"]) for line in lines] == ([("WARNING", warned)] if warned else [])
+    assert "free-form" not in json.dumps(log_lines())
+
+
 @pytest.mark.parametrize("status", [400, 422])
 def test_app_4xx_is_the_apps_answer_and_is_relayed(forwarding, fake_app, db_engine, log_lines, status):
     fake_app.fail_status = status

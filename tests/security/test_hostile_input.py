@@ -188,3 +188,50 @@ def test_edge_values_in_sends(client, fake_twilio, value):
         assert response.status_code < 500
         if response.status_code >= 400:
             assert_twilio_error(response)
+
+
+def test_a_webhook_of_too_many_fields_is_refused_before_its_signature_is_checked(client, log_lines):
+    """Unsigned, 40,000 empty fields cost ~0.5 s of CPU to refuse: parsed, then the signature's string built
+    over every field for each URL and token tried. Counted before parsing now: a Twilio-shaped 413."""
+    body = "&".join(f"k{i}=" for i in range(40000))
+    response = client.post("/twilio/inbound", data=body, content_type="application/x-www-form-urlencoded",
+                           headers={"X-Twilio-Signature": "forged"})
+    assert response.status_code == 413 and set(response.get_json()) == {"code", "message", "more_info", "status"}
+    assert log_lines() == [] or all(line.get("event") != "webhook_rejected" for line in log_lines())  # never parsed
+    create = client.post(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json", data=body,
+                         content_type="application/x-www-form-urlencoded", headers=basic_auth())
+    assert create.status_code == 413
+
+
+@pytest.mark.parametrize("charset", ["utf-7", "latin-1", "utf-16"])
+def test_a_create_declaring_another_charset_is_refused_not_forwarded(client, fake_twilio, charset):
+    """Judged as UTF-8, these bytes are an SMS send; under UTF-7, which the Content-Type forwarded with them
+    declares, they read To=whatsapp:+1415…: it must not reach Twilio unjudged."""
+    body = "To=whatsapp%2BADo-%2B-14155550177&From=whatsapp%2BADo-%2B-14155550100&Body=hi"
+    response = client.post(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json", data=body, headers=basic_auth(),
+                           content_type=f"application/x-www-form-urlencoded; charset={charset}")
+    assert_twilio_error(response, 400)
+    assert fake_twilio.requests == []
+    ok = client.post(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json", headers=basic_auth(),
+                     data="To=%2B14155550177&From=%2B14155550100&Body=hi",
+                     content_type="application/x-www-form-urlencoded; charset=UTF-8")
+    assert ok.status_code == 201
+
+
+@pytest.mark.parametrize("headers", [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                                     {"Origin": "https://evil.example"}])
+def test_a_browser_request_another_site_made_is_refused_whatever_credentials_it_carries(client, fake_twilio,
+                                                                                        headers):
+    """An operator who once opened /metrics or /v1 in a browser has its Basic credentials cached there: any page
+    could then have it POST a form to the gateway (no CORS preflight for a form), and it was forwarded."""
+    path = f"/2010-04-01/Accounts/{ACCOUNT_SID}/IncomingPhoneNumbers/PN{'1' * 32}.json"
+    response = client.post(path, data={"SmsUrl": "https://evil.example/hook"}, headers={**basic_auth(), **headers})
+    assert_twilio_error(response, 403)
+    assert response.get_json()["code"] == 20403
+    assert client.get("/v1/windows/expiring", headers={**basic_auth(), **headers}).status_code == 403
+    assert fake_twilio.requests == []
+    # The proxy's own page (same origin) or no browser at all: as before.
+    relayed = client.post(path, data={"SmsUrl": "https://app.example/hook"},
+                          headers={**basic_auth(), "Sec-Fetch-Site": "same-origin"})
+    assert relayed.headers["X-Proxy-Decision"] == "passthrough" and len(fake_twilio.requests) == 1
+    assert client.get("/v1/windows/expiring", headers={**basic_auth(), "Origin": "http://localhost"}).status_code == 200

@@ -321,3 +321,13 @@ def test_a_forward_url_longer_than_the_outbox_stores_is_refused(variable):
     with pytest.raises(ConfigError, match=rf"{variable} must be at most 2048 characters, got 2133"):
         Settings.from_env({**BASE, variable: url})
     assert getattr(Settings.from_env({**BASE, variable: url[:2048]}), variable.lower()) == url[:2048]
+
+
+@pytest.mark.parametrize("url", ["https://app:s3cret-pw@app.example.com:99999/hook", "http://[::1/hook",
+                                 "https://app:s3cret-pw@a b.example/hook"])
+def test_a_url_urllib3_cannot_connect_to_is_refused_without_its_credentials(url):
+    """Accepted, every forward failed with a 500 and an `unhandled_error` traceback quoting the URL, password
+    and all."""
+    with pytest.raises(ConfigError, match="FORWARD_INBOUND_URL is not a URL that can be used") as refused:
+        Settings.from_env({**BASE, "FORWARD_INBOUND_URL": url})
+    assert "s3cret" not in str(refused.value)
