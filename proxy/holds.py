@@ -73,13 +73,18 @@ def release_where_written(conn: Connection, now: datetime, margin_seconds: int) 
     for sender, user in pairs:
         lock_pair(conn, sender, user)
         # Under the pair's turn, again: another worker's sweep may have queued it since the query above.
-        if not outbox.has_pending(conn, f"release:{sender}|{user}") and release_if_held(conn, sender, user, now):
+        if not outbox.has_pending(conn, release_key(sender, user)) and release_if_held(conn, sender, user, now):
             queued.append((sender, user))
     return queued
 
 
+def release_key(sender: str, user: str) -> str:
+    """The outbox ordering key of a pair's releases (`release_where_written` builds the same in SQL)."""
+    return f"release:{sender}|{user}"
+
+
 def queue_release(conn: Connection, sender: str, user: str, now: datetime) -> int:
-    return outbox.enqueue(conn, kind="release", ordering_key=f"release:{sender}|{user}", target=f"{sender}\n{user}",
+    return outbox.enqueue(conn, kind="release", ordering_key=release_key(sender, user), target=f"{sender}\n{user}",
                           headers={}, body=[], now=now)
 
 
