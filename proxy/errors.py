@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from flask import Response, json
 
+from .policy import TWILIO_TEXT
+
 MORE_INFO = "https://www.twilio.com/docs/errors/{code}"
 
 # Twilio's own wording, so callers matching on messages keep working.
@@ -22,10 +24,7 @@ MESSAGES = {
     35115: "SendAt must be a valid ISO-8601 date-time",
     21658: "Parameter exceeded character limit: Body can be up to 1,600 characters long.",
     21623: "Number of media files exceeds allowed limit",
-    63016: (
-        "Failed to send freeform message because you are outside the allowed window. "
-        "If you are using WhatsApp, please use a Message Template."
-    ),
+    **TWILIO_TEXT,  # 63016, 63005
 }
 
 

@@ -25,7 +25,7 @@ KIND = "late_failure"
 
 
 def on_callback(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime) -> str:
-    """A `failed` + 63016 callback: act on it now, or check again later if its send is not recorded yet."""
+    """A `failed`/`undelivered` + 63016 callback: act on it now, or check again later if its send is not recorded yet."""
     action = handle(rt, conn, sid=sid, callback_sender=callback_sender, now=now)
     if action is not None:
         return action
@@ -38,7 +38,7 @@ def on_callback(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str
 
 
 def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime) -> str | None:
-    """Act once per message sid on a `failed` + 63016 callback for a send the proxy let through; None when
+    """Act once per message sid on a `failed`/`undelivered` + 63016 callback for a send the proxy let through; None when
     no such send is recorded (yet)."""
     attempt = conn.execute(
         select(send_attempts.c.sender, send_attempts.c.user, send_attempts.c.account_sid, send_attempts.c.params,

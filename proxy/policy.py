@@ -24,6 +24,14 @@ from .windows import WindowState
 TEXT = "twilio/text"
 MEDIA = "twilio/media"
 
+# Twilio's own wording of the two codes a block answers with (reference/twilio-facts.md): every block's message
+# starts with it, so a caller matching on Twilio's text matches the proxy's too; the proxy's reason follows.
+TWILIO_TEXT = {
+    63016: ("Failed to send freeform message because you are outside the allowed window. "
+            "If you are using WhatsApp, please use a Message Template."),
+    63005: "Channel did not accept given content. Please see Channel specific error message for more information",
+}
+
 
 class Action(str, Enum):
     ALLOWED = "allowed"
@@ -153,10 +161,7 @@ def explain(decision: Decision, send: Send, window: WindowState, judged_at: date
                    "(its SendAt, or the proxy's WINDOW_SAFETY_MARGIN_SECONDS before the end)")
         else:
             why = f"the customer-service window closed at {_z(window.expires_at)}"
-        return (
-            "Failed to send freeform message because you are outside the allowed window. "
-            f"If you are using WhatsApp, please use a Message Template. (proxy: {why}.){unsent}"
-        )
+        return f"{TWILIO_TEXT[63016]} (proxy: {why}.){unsent}"
     texts = {
         "template_not_approved": f"Outside the 24-hour window only an approved template may be sent; "
                                  f"this {kind} template's WhatsApp approval is '{send.approval}'.",
@@ -171,7 +176,10 @@ def explain(decision: Decision, send: Send, window: WindowState, judged_at: date
                                  "submit it for approval.",
         "type_not_supported_on_whatsapp": "This content has no type WhatsApp can receive.",
     }
-    return f"{texts.get(base, base)}{unsent} (proxy: rule {base}, code {decision.code}.)"
+    twilio_text = TWILIO_TEXT.get(decision.code)
+    if twilio_text is None:
+        return f"{texts.get(base, base)}{unsent} (proxy: rule {base}, code {decision.code}.)"
+    return f"{twilio_text} (proxy: {texts.get(base, base)}{unsent} Rule {base}.)"
 
 
 def _z(value) -> str:

@@ -389,7 +389,9 @@ def _status_callback() -> Response:
     error_code = _int_or_none(form.get("ErrorCode"))
     settings, now = rt.settings, utcnow()
     sender, user = _normalised_or_raw(form.get("From")), _normalised_or_raw(form.get("To"))
-    late_window_failure = status == "failed" and error_code == late_failures.LATE_WINDOW_FAILURE
+    # The code names the cause, whichever final status carries it (Twilio reports 63016 on `failed` or
+    # `undelivered`); another code on `undelivered` (30008, a handset off) says nothing about the window.
+    late_window_failure = status in ("failed", "undelivered") and error_code == late_failures.LATE_WINDOW_FAILURE
     if late_window_failure:
         # Attempts are stored up to ~50 ms after the send (proxy/attempts.py): make sure this process's are in.
         # (Before the transaction: on SQLite the writer needs the write lock this one would hold.) Another
@@ -415,7 +417,6 @@ def _status_callback() -> Response:
     else:
         with writing(rt.engine) as conn:
             changed = record(conn)
-            # Only `failed` with 63016 proves the window was closed; `undelivered` can have other causes.
             late_failures.on_callback(rt, conn, sid=sid, callback_sender=sender, now=now)
     WEBHOOKS.labels("status", "recorded" if changed else "stale").inc()
     logs.event(

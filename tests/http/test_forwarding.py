@@ -1050,8 +1050,9 @@ def test_late_63016_keeps_a_window_the_user_reopened_after_the_send(settings, db
     assert send(client, {"To": USER, "From": BUSINESS, "Body": "again"}).headers["X-Proxy-Decision"] == "allowed"
 
 
-@pytest.mark.parametrize("callback", [failed_callback("SM" + "c" * 32, status="undelivered"),
-                                      failed_callback("SM" + "c" * 32, code="30008")])
+@pytest.mark.parametrize("callback", [failed_callback("SM" + "c" * 32, status="undelivered", code="30008"),
+                                      failed_callback("SM" + "c" * 32, code="30008"),
+                                      failed_callback("SM" + "c" * 32, status="delivered")])
 def test_other_failures_do_not_close_the_window(settings, db_engine, fake_twilio, callback):
     app = fallback_app(settings, fake_twilio)
     client = app.test_client()
@@ -1060,6 +1061,19 @@ def test_other_failures_do_not_close_the_window(settings, db_engine, fake_twilio
     signed_post(client, "/twilio/status", {**callback, "MessageSid": sid})
     assert client.get(f"/v1/windows?sender={BUSINESS}&user={USER}", headers=basic_auth()).get_json()["open"]
     assert run_worker(app) == 0
+
+
+def test_undelivered_with_63016_closes_the_window_too(settings, db_engine, fake_twilio, log_lines):
+    # Twilio reports 63016 on `failed` or on `undelivered` (reference/twilio-facts.md): the code names the cause.
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "c" * 31 + "1"))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", failed_callback(sid, status="undelivered")).status_code == 200
+    assert not client.get(f"/v1/windows?sender={BUSINESS}&user={USER}", headers=basic_auth()).get_json()["open"]
+    [late] = [line for line in log_lines() if line["event"] == "late_window_failure"]
+    assert late["message_sid"] == sid
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "again"}).headers["X-Proxy-Decision"] == "rerouted"
 
 
 def test_63016_for_a_message_the_proxy_did_not_send_is_only_recorded(settings, db_engine, fake_twilio):

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from proxy.policy import (MEDIA, TEXT, Action, Policy, Send, buttons_allowed_unapproved, content_type_of, decide,
-                          explain, reroute)
+                          TWILIO_TEXT, explain, reroute)
 from proxy.rules import TABLE, UNKNOWN_TYPE, WHATSAPP_COMPLEXITY, Cell
 from proxy.windows import CLOSED, window_state
 
@@ -249,3 +249,24 @@ def test_a_closed_window_whose_fallback_cannot_go_out_keeps_twilios_63016_wordin
     text = explain(d, Send("whatsapp", TEXT), EXPIRED, NOW)
     assert text.startswith("Failed to send freeform message because you are outside the allowed window.")
     assert "closed at" in text and "fallback template is not approved or cannot be sent now" in text
+
+
+# Every way a send is blocked: the message starts with Twilio's own text for its code (callers match on it),
+# the proxy's reason follows in parentheses.
+BLOCKS = [
+    (Send("whatsapp", TEXT), EXPIRED, 63016, "closed at"),
+    (template("twilio/list-picker", "approved"), EXPIRED, 63016, "cannot be sent outside the 24-hour window"),
+    (template("twilio/text", "pending"), EXPIRED, 63016, "approval is 'pending'"),
+    (template("twilio/carousel", "pending"), OPEN, 63005, "needs an approved template even inside"),
+    (template("twilio/text", "paused"), OPEN, 63005, "approval is 'paused'"),
+    (template("twilio/card", "received", ["PHONE_NUMBER"]), OPEN, 63005, "buttons: PHONE_NUMBER"),
+]
+
+
+@pytest.mark.parametrize("send, window, code, reason", BLOCKS)
+def test_every_block_starts_with_twilios_text_for_its_code(send, window, code, reason):
+    decision = decide(send, window, STRICT)
+    assert (decision.action, decision.code) == (Action.BLOCKED, code)
+    text = explain(decision, send, window, NOW)
+    assert text.startswith(TWILIO_TEXT[code] + " (proxy: ")
+    assert reason in text and text.endswith(".)")
