@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import socket
 import sys
 
 import click
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # an HTML redirect before authentication; unmerged, such a path is an unknown one, a Twilio-shaped 404.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_content_length
+    app.config["BODY_READ_SECONDS"] = settings.body_read_seconds  # proxy/forms.py
     if settings.allow_unsigned_webhooks:
         logs.log.critical("unsigned_webhooks_allowed", extra={
             "detail": "ALLOW_UNSIGNED_WEBHOOKS=true: anyone can open windows; for local development only"})
@@ -134,6 +136,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     def http_error(exc: HTTPException):
         if exc.code == 404:
             return twilio_error(20404, 404, path=request.path)
+        if getattr(exc, "close_connection", False):
+            end_of_requests()
         return twilio_error(exc.code, exc.code, exc.description)
 
     @app.errorhandler(DataError)
@@ -164,6 +168,18 @@ def create_app(settings: Settings | None = None) -> Flask:
         return twilio_error(20500, 500, "An internal server error has occurred in the proxy.")
 
     return app
+
+
+def end_of_requests() -> None:
+    """No further request is read from this connection: the rest of a body not read whole would be parsed as
+    one, or waited for (up to the keep-alive's 75 s). gunicorn drops an app's `Connection: close`; a socket
+    shut for reading ends its next read, and it closes the connection once this answer is written."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:  # gone already
+            pass
 
 
 def make_runtime(settings: Settings, *, db_pool_size: int = DB_POOL_SIZE, forward_threads: int = FORWARD_THREADS,

@@ -46,7 +46,10 @@ def require_basic_auth():
                    remote_addr=request.remote_addr, request_id=g.request_id)
         return twilio_error(20403, 403, "Requests from another site's page are refused: the proxy's API is not "
                                         "for browsers.")
-    auth = request.authorization
+    try:
+        auth = request.authorization
+    except ValueError:  # werkzeug lets through the one base64 raises for a header that is not ASCII
+        auth = None
     if auth is None or auth.type != "basic" or not credentials_match(auth.username, auth.password):
         # remote_addr: the peer (behind a load balancer, the balancer); nothing of what the caller sent.
         logs.event("auth_failed", redact=True, level=30, path=logs.masked_path(request.path),

@@ -96,8 +96,8 @@ def create_form() -> tuple[bytes, MultiDict]:
     # without a Content-Length) would be judged as one thing and reach Twilio as another.
     if raw_body and request.mimetype != URLENCODED:
         raise ApiError(400, 400, "A Messages create must be application/x-www-form-urlencoded, as Twilio's is.")
-    # Judged as UTF-8 and forwarded with the caller's Content-Type: under another declared charset (utf-7) the
-    # same bytes could read as another To, judged as SMS and sent as WhatsApp.
+    # Judged as UTF-8 (and forwarded as a plain form, _forward): under another declared charset (utf-7) the same
+    # bytes could read as another To, judged as SMS and sent as WhatsApp.
     if request.mimetype_params.get("charset", "utf-8").strip().lower() not in ("utf-8", "utf8"):
         raise ApiError(400, 400, "A Messages create must be UTF-8: the proxy judges what Twilio will read.")
     form = strict_form(raw_body)
@@ -216,9 +216,11 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
     rt, req = runtime(), request._get_current_object()  # one context lookup, not one per attribute
     received = req.headers
     headers = {name: received[name] for name in _FORWARDED_HEADERS if name in received}
-    if isinstance(body, list):
-        headers["Content-Type"] = "application/x-www-form-urlencoded"
     operation = "create" if req.path.endswith("/Messages.json") and req.method == "POST" else "passthrough"
+    if operation == "create":
+        # A create was judged as a UTF-8 form (create_form): Twilio must read it as one, whatever parameters the
+        # caller's Content-Type carried (werkzeug drops a charset it cannot parse, `charset="utf-7`, unjudged).
+        headers["Content-Type"] = URLENCODED
     started = time.perf_counter()
     try:
         upstream = rt.upstream.request(

@@ -35,7 +35,8 @@ def readyz():
     return {"status": "ok", "database_revision": current}
 
 
-@bp.get("/metrics")
+# No automatic OPTIONS: Flask would answer it 200 before the view checks the credentials.
+@bp.get("/metrics", provide_automatic_options=False)
 def metrics():
     token = runtime().settings.metrics_token
     bearer = request.headers.get("Authorization", "")

@@ -87,6 +87,7 @@ class Settings:
     allow_unsigned_webhooks: bool = False
     webhook_shared_keys: Mapping[str, str] = field(default_factory=dict, repr=False)  # SharedKey id -> secret
     max_content_length: int = 256 * 1024
+    body_read_seconds: float = 15.0
     twilio_content_base_url: str = "https://content.twilio.com"
     content_cache_seconds: int = 300
     policy: Policy = field(default_factory=Policy)
@@ -160,6 +161,7 @@ class Settings:
             webhook_shared_keys=_pairs(env, "TWILIO_WEBHOOK_SHARED_KEYS", "key-id:secret"),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 256 * 1024, minimum=1024,
                                     maximum=MAX_REQUEST_BYTES, unit="bytes"),
+            body_read_seconds=_float(env, "BODY_READ_TIMEOUT_SECONDS", 15.0, maximum=300),
             forward_inbound_url=_url(env, "FORWARD_INBOUND_URL", None, exact=True),
             forward_status_url=_url(env, "FORWARD_STATUS_URL", None, exact=True),
             forward_timeout_seconds=forward_timeout,

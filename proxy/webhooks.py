@@ -19,7 +19,7 @@ from .forwarding import TWILIO_HEADERS, too_large
 from .addresses import InvalidAddress, is_windowed, normalise
 from .db import storable, unavailable_reason, utcnow, writing
 from .errors import twilio_error
-from .forms import Fields, form_of
+from .forms import Fields, body_of, form_of
 from .metrics import WEBHOOKS
 from .runtime import runtime
 from .settings import LEASE_MARGIN_SECONDS
@@ -73,7 +73,7 @@ def webhook_params() -> MultiDict | None:
     if request.mimetype != "application/json":
         return form_of(request)
     try:
-        data = json.loads(request.get_data(as_text=True) or "{}")
+        data = json.loads(body_of(request).decode("utf-8", "replace") or "{}")
     except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):

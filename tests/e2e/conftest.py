@@ -17,6 +17,7 @@ from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 
 API_KEY, API_SECRET = "SK" + "7" * 32, "e2e-api-key-secret"
 METRICS_TOKEN = "e2e-metrics-token"
+BODY_READ_SECONDS = 3  # short, so a test can wait it out
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,7 +92,7 @@ def gunicorn_server(database_url, fake_twilio_server, tmp_path_factory):
          "TWILIO_API_BASE_URL": fake_twilio.url,
          "TWILIO_CONTENT_BASE_URL": fake_twilio.url, "WEB_CONCURRENCY": "2", "TWILIO_TIMEOUT_SECONDS": "5",
          "TWILIO_API_KEYS": f"{API_KEY}:{API_SECRET}", "METRICS_TOKEN": METRICS_TOKEN,
-         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "BODY_READ_TIMEOUT_SECONDS": str(BODY_READ_SECONDS)},
         tmp_path_factory.mktemp("gunicorn") / "gunicorn.log",
     )
     server.metrics_dir = metrics_dir  # each worker's samples, one file per process

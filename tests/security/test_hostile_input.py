@@ -235,3 +235,32 @@ def test_a_browser_request_another_site_made_is_refused_whatever_credentials_it_
                           headers={**basic_auth(), "Sec-Fetch-Site": "same-origin"})
     assert relayed.headers["X-Proxy-Decision"] == "passthrough" and len(fake_twilio.requests) == 1
     assert client.get("/v1/windows/expiring", headers={**basic_auth(), "Origin": "http://localhost"}).status_code == 200
+
+
+@pytest.mark.parametrize("content_type", ['application/x-www-form-urlencoded; charset="utf-7',
+                                          "application/x-www-form-urlencoded; charset = utf-7",
+                                          "application/x-www-form-urlencoded; charset=utf-7; charset=utf-8"])
+def test_a_create_goes_to_twilio_as_the_plain_form_it_was_judged_as(client, fake_twilio, content_type):
+    """werkzeug drops a charset it cannot parse (and takes the last of two): the create is judged as UTF-8, so
+    it is forwarded as a plain form, never under the caller's parameters."""
+    response = client.post(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json", headers=basic_auth(),
+                           data="To=%2B14155550177&From=%2B14155550100&Body=hi", content_type=content_type)
+    if response.status_code == 400:  # refused as another charset: as good, nothing went out
+        assert fake_twilio.requests == []
+        return
+    assert response.status_code == 201
+    [create] = fake_twilio.creates
+    assert create.headers["Content-Type"] == "application/x-www-form-urlencoded"
+
+
+def test_an_authorization_header_that_is_not_ascii_is_a_401_not_a_500(client):
+    for path in ("/metrics", "/v1/windows", f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"):
+        response = client.get(path, headers={"Authorization": "Basic \xe9"})
+        assert_twilio_error(response, 401)
+        assert response.get_json()["code"] == 20003
+
+
+def test_options_on_metrics_asks_for_credentials_too(client):
+    """Flask's automatic OPTIONS answered 200 before the view checked any credentials."""
+    response = client.open("/metrics", method="OPTIONS")
+    assert_twilio_error(response, 405)

@@ -66,6 +66,8 @@ def test_invalid_values_name_the_variable(env, variable):
         ("WORKER_POLL_SECONDS", "1e12"),
         ("WORKER_POLL_SECONDS", "301"),
         ("MAX_CONTENT_LENGTH", "999999999999999"),
+        ("BODY_READ_TIMEOUT_SECONDS", "301"),
+        ("BODY_READ_TIMEOUT_SECONDS", "inf"),
         ("WORKER_CONCURRENCY", "999999999999999"),
         ("WORKER_CONCURRENCY", "65"),
     ],
