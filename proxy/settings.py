@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -155,7 +156,7 @@ class Settings:
                 f"(FORWARD_TIMEOUT_SECONDS, or 3 x TWILIO_TIMEOUT_SECONDS + {ATTEMPT_FLUSH_SECONDS} if more, + {LEASE_MARGIN_SECONDS}), "
                 f"got {lease}: a worker must still hold an item when its delivery ends, or another worker "
                 "delivers it too.")
-        return cls(
+        settings = cls(
             fail_open=_bool(env, "FAIL_OPEN", False),
             allow_unsigned_webhooks=_bool(env, "ALLOW_UNSIGNED_WEBHOOKS", False),
             webhook_shared_keys=_pairs(env, "TWILIO_WEBHOOK_SHARED_KEYS", "key-id:secret"),
@@ -194,6 +195,8 @@ class Settings:
             fallback=fallback,
             fallbacks=fallbacks,
         )
+        check_outbound(env, (settings.twilio_api_base_url, settings.twilio_content_base_url))
+        return settings
 
 
 def longest_delivery(forward_timeout: float, twilio_timeout: float) -> float:
@@ -339,6 +342,42 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}.")
+
+
+# The variables requests (and so the proxy's calls to Twilio, proxy/upstream.py) takes an outbound proxy from,
+# by the scheme of the URL called; ALL_PROXY for any.
+_PROXY_VARIABLES = {"https": ("HTTPS_PROXY", "https_proxy"), "http": ("HTTP_PROXY", "http_proxy")}
+_PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
+
+
+def check_outbound(env: Mapping[str, str], base_urls) -> None:
+    """The outbound proxy and CA bundle variables, as the calls to `base_urls` will use them: one that cannot be
+    used stopped every process with a traceback quoting the proxy's password (urllib3's LocationParseError), and a
+    CA bundle that is not there failed every create as if Twilio might have accepted it."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):  # requests takes the first one set
+        path = env.get(name, "").strip()
+        if path:
+            if not (os.path.isfile(path) or os.path.isdir(path)):
+                raise ConfigError(f"{name} names {path!r}, which is no file or directory of CA certificates.")
+            break
+    schemes = {urlsplit(url).scheme for url in base_urls}
+    names = [name for scheme in sorted(schemes) for name in _PROXY_VARIABLES.get(scheme, ())] + ["ALL_PROXY",
+                                                                                                "all_proxy"]
+    for name in names:
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            parsed = parse_url(raw)
+            usable = bool(parsed.host) and (parsed.scheme or "").lower() in _PROXY_SCHEMES  # urllib3 needs the scheme
+        except ValueError:  # LocationParseError: a port out of range, a password holding an unescaped `/`
+            usable, parsed = False, None
+        if not usable:
+            raise ConfigError(f"{name} is not a proxy URL that can be used, got {without_credentials(raw)!r} (it "
+                              "needs its scheme, http://host:port; a password holding '/', '#', '?' or '@' must be "
+                              "%-escaped).")
+        if parsed.scheme and parsed.scheme.lower().startswith("socks") and importlib.util.find_spec("socks") is None:
+            raise ConfigError(f"{name} is a SOCKS proxy, which needs PySocks: pip install 'requests[socks]'.")
 
 
 def _url(env: Mapping[str, str], name: str, default: str | None, *, exact: bool = False) -> str | None:

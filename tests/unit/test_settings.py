@@ -333,3 +333,31 @@ def test_a_url_urllib3_cannot_connect_to_is_refused_without_its_credentials(url)
     with pytest.raises(ConfigError, match="FORWARD_INBOUND_URL is not a URL that can be used") as refused:
         Settings.from_env({**BASE, "FORWARD_INBOUND_URL": url})
     assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("HTTPS_PROXY", "http://proxyuser:s3cretpw@127.0.0.1:99999"),
+    ("HTTPS_PROXY", "http://user:ab/cd@127.0.0.1:3128"),
+    ("https_proxy", "http://[bad"),
+    ("ALL_PROXY", "notaurl"),
+    ("HTTPS_PROXY", "ftp://127.0.0.1:21"),
+])
+def test_an_outbound_proxy_that_cannot_be_used_names_its_variable_not_its_password(variable, value):
+    """It stopped every process with urllib3's traceback, which quoted the URL, password and all."""
+    with pytest.raises(ConfigError, match=rf"^{variable} is not a proxy URL") as refused:
+        Settings.from_env({**BASE, variable: value})
+    assert "s3cretpw" not in str(refused.value) and "ab/cd" not in str(refused.value)
+
+
+def test_a_usable_outbound_proxy_passes(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    Settings.from_env({**BASE, "HTTPS_PROXY": "http://user:p%2Fw@127.0.0.1:3128", "REQUESTS_CA_BUNDLE": str(bundle)})
+    Settings.from_env({**BASE, "HTTP_PROXY": "not used for https"})  # requests would not use it either
+
+
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_a_ca_bundle_that_is_not_there_names_its_variable(variable):
+    """Accepted, it failed every create with a 502 saying the message may or may not have been accepted."""
+    with pytest.raises(ConfigError, match=rf"^{variable} names '/nonexistent/ca.pem'"):
+        Settings.from_env({**BASE, variable: "/nonexistent/ca.pem"})
