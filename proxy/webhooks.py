@@ -284,7 +284,13 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
                     pairs: list, kept: dict) -> Response:
     """Hand the webhook to the app now and relay its TwiML; if it cannot answer, the outbox retries."""
     rt = runtime()
-    lease = _take_turn(rt, item_id, lease, earlier, arrived, f"inbound:{sender}|{user}")
+    try:
+        lease = _take_turn(rt, item_id, lease, earlier, arrived, f"inbound:{sender}|{user}")
+    except SQLAlchemyError as exc:
+        # Stored and queued already: a 503 saying "nothing was recorded" would be false, and the item's lease hands it
+        # to the worker once it runs out. Twilio gets empty TwiML, as for any webhook left to the worker.
+        _database_failed_after_storing(exc, item_id)
+        return _twiml()
     if lease is None:
         return _twiml()
     started = time.perf_counter()
@@ -302,9 +308,7 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
     except SQLAlchemyError as exc:
         # The message is stored and the app has had its turn: a 503 now would throw the app's TwiML away. The
         # item stays under this attempt's lease, and the worker delivers it (again) after it: at-least-once.
-        logs.log.error("database_unavailable", extra={
-            "error": type(exc).__name__, "path": request.path, "outbox_id": item_id, "request_id": g.request_id,
-            "detail": unavailable_reason(exc) if isinstance(exc, OperationalError) else None})
+        _database_failed_after_storing(exc, item_id)
     if reply.too_large:
         too_large(reply, redact=rt.settings.log_redact_numbers, kind="inbound", outbox_id=item_id, sender=sender,
                   user=user, request_id=g.request_id)
@@ -324,6 +328,12 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
 
 _MESSAGE_TO = re.compile(rb"""<Message\b[^>]*?\bto\s*=\s*(?:"([^"]*)"|'([^']*)')""")
 _REDIRECT = re.compile(rb"<Redirect\b")
+
+
+def _database_failed_after_storing(exc: SQLAlchemyError, item_id: int) -> None:
+    logs.log.error("database_unavailable", extra={
+        "error": type(exc).__name__, "path": request.path, "outbox_id": item_id, "request_id": g.request_id,
+        "detail": unavailable_reason(exc) if isinstance(exc, OperationalError) else None})
 
 
 def _unjudged_twiml(body: bytes, user: str) -> str | None:

@@ -3,6 +3,7 @@
 import base64
 import gzip
 import json
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -673,6 +674,37 @@ def test_a_webhook_behind_one_being_delivered_waits_its_turn_and_relays_the_apps
         assert answers[sid].status_code == 200 and answers[sid].get_data(as_text=True) == fake_app.reply, sid
     assert [dict(form)["MessageSid"] for _, form, _ in fake_app.received] == [first_sid, second_sid]
     assert [(i["status"], i["attempts"]) for i in items(db_engine)] == [("delivered", 1)] * 2
+
+
+def test_a_database_failing_while_a_stored_webhook_waits_its_turn_is_no_503(forwarding, fake_app, db_engine,
+                                                                          monkeypatch, log_lines):
+    """The second webhook is stored and queued, then waits for the first's delivery; the database failing then
+    answered Twilio 503 "nothing was sent or recorded", while the message, its window and its forward were kept."""
+    fake_app.delay = 0.5
+    first = threading.Thread(target=signed_post, args=(forwarding.test_client(), "/twilio/inbound",
+                                                       inbound_params("SM" + "a" * 32)))
+    first.start()
+    deadline = time.monotonic() + 10
+    while fake_app.started < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    stored_with = outbox_items.earlier_pending
+
+    def down_once_stored(*args, **kwargs):
+        if sys._getframe(1).f_code.co_name != "_take_turn":  # the store itself (SQLite's turn check) goes through
+            return stored_with(*args, **kwargs)
+        raise OperationalError("SELECT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(outbox_items, "earlier_pending", down_once_stored)
+    second = signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "b" * 32))
+    first.join(10)
+    assert second.status_code == 200 and second.get_data(as_text=True) == webhooks.EMPTY_TWIML
+    lines = [line for line in log_lines() if line.get("message_sid") == "SM" + "b" * 32 or
+             line["event"] == "database_unavailable"]
+    assert [line["event"] for line in lines] == ["inbound", "database_unavailable"]
+    assert lines[0]["decision"] == "window_opened"
+    # Kept for the worker: pending under the attempt's lease, delivered once it runs out.
+    assert [i["status"] for i in items(db_engine)] == ["delivered", "pending"]
 
 
 def test_the_inline_attempts_lease_counts_from_its_turn_not_from_the_webhooks_arrival(forwarding, fake_app,
