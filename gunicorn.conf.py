@@ -122,9 +122,13 @@ def on_starting(server):
         # without it. Workers are forks that run atexit too: only this process removes it.
         atexit.register(_remove_metrics_dir, path, os.getpid())
     else:
-        os.makedirs(path, exist_ok=True)
-        for stale in glob.glob(os.path.join(path, "*.db")):
-            os.remove(stale)
+        try:
+            os.makedirs(path, exist_ok=True)
+            for stale in glob.glob(os.path.join(path, "*.db")):
+                os.remove(stale)
+        except OSError as exc:
+            _refuse(f"PROMETHEUS_MULTIPROC_DIR must be a directory this process can write, got {path!r} "
+                    f"({exc.strerror or type(exc).__name__}).")
 
 
 def on_exit(server):

@@ -60,6 +60,16 @@ def _loaded_by_flask_cli() -> bool:
     return click.get_current_context(silent=True) is not None
 
 
+# The commands that serve (their log lines are their output, as gunicorn's workers'); any other prints what it was
+# asked for on stdout, which scripts read (`outbox list` a JSON line per item): its log lines go to stderr.
+_SERVING_COMMANDS = ("worker", "run")
+
+
+def _log_stream():
+    context = click.get_current_context(silent=True)
+    return sys.stderr if context is not None and context.info_name not in _SERVING_COMMANDS else sys.stdout
+
+
 class _Unconfigured:
     """The runtime of an app whose settings could not be read: any command that uses it stops there."""
 
@@ -89,7 +99,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             if _asking_flask_for_help():
                 return _commands_only(exc)
             raise SystemExit(_CONFIG_ERROR_EXIT_UNDER_GUNICORN if _in_gunicorn() else 2) from None
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, _log_stream())
 
     app = Flask(__name__)
     # Set before any rule is added (each rule copies it): werkzeug's default answers `//` with a 308 of its own,

@@ -12,7 +12,7 @@ from datetime import timedelta
 import click
 from alembic.util import CommandError
 from flask import Flask
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 
 from . import holds, logs, outbox, store, window_api
 from .db import unavailable_reason, utcnow, writing
@@ -38,6 +38,12 @@ def needs_schema(command_function):
         except SQLAlchemyError as exc:
             if schema_missing(exc):
                 raise click.ClickException(schema_hint(exc)) from None
+            driver_said = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
+            if isinstance(exc, (OperationalError, ProgrammingError)) and "already exists" in driver_said:
+                # SQLite calls it an OperationalError, which read as an outage; PostgreSQL's was a traceback.
+                raise click.ClickException(
+                    f"the database already holds what the migrations create ({driver_said}) but no record of them: "
+                    "tables made by hand or by another application; use an empty database") from None
             if isinstance(exc, OperationalError):  # refused, timed out, locked, disk: the driver's words say which
                 raise click.ClickException(f"the database is unavailable: {unavailable_reason(exc)}") from None
             raise  # anything else keeps its traceback: it is the operator's best clue
@@ -64,7 +70,8 @@ def alembic_errors(app: Flask):
 def newer_release(current: str) -> click.ClickException:
     return click.ClickException(
         f"the database is at revision {current}, which this code (head {head_revision()}) does not "
-        "know: a newer release has migrated it; run that release, or restore a backup")
+        "know: a newer release has migrated it (run that release, or restore a backup), or it is another "
+        "application's database")
 
 
 def register(app: Flask) -> None:
@@ -76,8 +83,15 @@ def register(app: Flask) -> None:
     @alembic_errors(app)
     def db_upgrade(revision: str):
         """Apply migrations up to REVISION (default: head)."""
+        engine = app.extensions["proxy"].engine
         upgrade(app.extensions["proxy"].settings.database_url, revision)
-        click.echo(f"database at {revision}")
+        # What the database is at now, not the argument: an upgrade "to" an older revision changes nothing (there
+        # is no downgrade command; `alembic downgrade` does that), and saying "database at 0003" misled.
+        now = revision_at_start(engine)
+        if revision not in ("head", "heads") and now is not None and now != revision:
+            raise click.ClickException(f"the database is at {now}, past {revision}: `db upgrade` never goes back "
+                                       "(alembic downgrade does; restore a backup otherwise)")
+        click.echo(f"database at {now or 'base'}" + (" (head)" if now == head_revision() else ""))
 
     @db.command("current")
     @needs_schema

@@ -99,12 +99,13 @@ class _Lines(logging.StreamHandler):
             raise
 
 
-def configure(level: str, fmt: str = "json") -> None:
-    """Install the stdout handler once per process (create_app may run many times in tests)."""
+def configure(level: str, fmt: str = "json", stream=None) -> None:
+    """Install the handler writing to `stream` (stdout by default) once per process (create_app may run many
+    times in tests)."""
     global _stream
     handler = next((h for h in log.handlers if getattr(h, "_proxy_handler", False)), None)
     if handler is None:
-        _stream = _Lines(sys.stdout)
+        _stream = _Lines(stream or sys.stdout)
         _stream._proxy_handler = True
         log.addHandler(_stream)
         log.propagate = False

@@ -215,13 +215,17 @@ def normalise_database_url(raw: str) -> str:
     # psycopg 3 is the driver this project installs.
     if scheme in ("postgres", "postgresql", "postgresql+psycopg"):
         url = f"postgresql+psycopg://{rest}"
-    elif not scheme.startswith("sqlite"):
-        raise ConfigError(f"DATABASE_URL scheme {scheme!r} is not supported (use postgresql:// or sqlite://).")
+    elif scheme not in ("sqlite", "sqlite+pysqlite"):  # the drivers installed; aiosqlite & co. failed at import
+        raise ConfigError(f"DATABASE_URL scheme {scheme!r} is not supported (use postgresql:// or sqlite:///path).")
     try:
-        make_url(url)  # here, not in the first worker's traceback (a port that is no number, say)
+        parsed = make_url(url)  # here, not in the first worker's traceback (a port that is no number, say)
     except (ValueError, ArgumentError) as exc:
         raise ConfigError(f"DATABASE_URL cannot be read ({type(exc).__name__}): {without_credentials(raw.strip())!r}.") \
             from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        # Each process (each gunicorn worker, the worker, `db upgrade`) would get an empty database of its own.
+        raise ConfigError("DATABASE_URL must name a SQLite file (sqlite:///path): an in-memory database is one "
+                          "per process, never migrated for the others.")
     return url
 
 

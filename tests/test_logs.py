@@ -93,3 +93,30 @@ def test_a_text_log_line_cannot_be_split_by_a_control_character_in_a_value():
     line = formatter.format(record)
     assert "\r" not in line and "\n" not in line
     assert "path='/v1/x\\r2026-11-27 INFO forged'" in line and "reason=plain" in line
+
+
+def test_a_command_prints_its_output_on_stdout_and_its_log_lines_on_stderr(tmp_path):
+    """`windows show … | jq` broke on the CRITICAL fail_open_enabled line written to stdout before the JSON
+    the command prints; `outbox list` likewise behind a migrations warning. The worker's lines stay on stdout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "FAIL_", "DATABASE_"))},
+           "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "FAIL_OPEN": "true",
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite3'}", "PYTHONPATH": str(root)}
+    flask = [sys.executable, "-m", "flask", "--app", "proxy"]
+
+    def run(*args):
+        return subprocess.run([*flask, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+
+    unmigrated = run("outbox", "list")  # before the migrations: a warning, then the command's own refusal
+    assert "migrations_not_at_head" not in unmigrated.stdout
+    assert run("db", "upgrade").returncode == 0
+    shown = run("windows", "show", "whatsapp:+14155550100", "whatsapp:+14155550111")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["open"] is False  # the whole of stdout is the command's JSON
+    assert "fail_open_enabled" in shown.stderr

@@ -355,6 +355,36 @@ def test_sandbox_say_refuses_another_channel(args):
     assert code == 2 and "WhatsApp" in output and forms == [], output
 
 
+def test_sandbox_say_never_calls_another_machine():
+    """--sim-url http://example.com was posted to: nothing the sandbox does is to leave this machine. The
+    refusal comes before any connection (the test's loopback guard would fail it otherwise)."""
+    from click.testing import CliRunner
+
+    from proxy.sandbox.cli import sandbox
+
+    for url in ("http://example.com", "http://10.0.0.1:8001", "http://127.example.com"):
+        result = CliRunner().invoke(sandbox, ["say", USER, "hi", "--sim-url", url])
+        assert result.exit_code == 2 and "not on this machine" in result.output, result.output
+
+
+def test_sandbox_say_against_something_that_is_not_the_simulator_says_so():
+    """Another local server on that port answered with HTML: a JSONDecodeError traceback."""
+    from click.testing import CliRunner
+    from flask import Flask
+
+    from proxy.sandbox.cli import sandbox
+
+    other = Flask("other")
+    other.add_url_rule("/sandbox/say", "say", lambda: "<html>hello</html>", methods=["POST"])
+    json_but_not_ours = Flask("json")
+    json_but_not_ours.add_url_rule("/sandbox/say", "say", lambda: {"ok": True}, methods=["POST"])
+    for app in (other, json_but_not_ours):
+        with ServerThread(app) as server:
+            result = CliRunner().invoke(sandbox, ["say", USER, "hi", "--sim-url", server.url])
+        assert result.exit_code == 1 and "no simulator at" in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_sandbox_up_stops_on_term_to_its_process_group_however_often_it_comes(tmp_path):
     """As CI and process managers stop it: signals to it and TERM to its whole group. It must stop its web
     and worker processes and exit. (CI once left it hung: its handler took a lock, Event.set, and a second

@@ -282,13 +282,19 @@ def say(user, text, business, sim_url, profile_name, button_payload, latitude, l
         if not MESSAGING_SERVICE_SID.fullmatch(messaging_service):
             raise click.BadParameter("a Messaging Service SID is MG and 32 hex digits", param_hint="'--messaging-service'")
         form["MessagingServiceSid"] = messaging_service
+    where = ("pass the --sim-url that `make run` printed (the simulator is on the proxy's port + 1, or SANDBOX_PORT), "
+             "or start the sandbox with `make run`")
+    if not is_loopback(sim_url):  # nothing the sandbox does leaves this machine
+        raise click.BadParameter(f"{sim_url!r} is not on this machine: the simulator is local (127.0.0.1 or "
+                                 "localhost)", param_hint="'--sim-url'")
     try:
         reply = requests.post(f"{sim_url}/sandbox/say", data=form, timeout=30)
-    except requests.RequestException:
-        raise click.ClickException(
-            f"no simulator at {sim_url}: pass the --sim-url that `make run` printed (the simulator is on the proxy's "
-            "port + 1, or SANDBOX_PORT), or start the sandbox with `make run`") from None
-    body = reply.json()
+        body = reply.json()
+    except requests.RequestException:  # its JSONDecodeError too: something else answers on that port
+        raise click.ClickException(f"no simulator at {sim_url}: {where}") from None
+    expected = {"proxy_status", "proxy_reply"} if reply.status_code == 200 else {"message"}
+    if not isinstance(body, dict) or not expected <= body.keys():  # JSON, but not the simulator's
+        raise click.ClickException(f"no simulator at {sim_url}: {where}")
     if reply.status_code != 200:
         raise click.ClickException(body.get("message", reply.text))
     click.echo(f"proxy answered {body['proxy_status']}: {body['proxy_reply']}")

@@ -12,7 +12,7 @@ from sqlalchemy import func, insert, select
 from proxy import create_app, logs
 from proxy.attempts import flush_all
 from proxy.db import held_messages, late_failures, messages, outbox, send_attempts, utcnow, windows
-from proxy.migrate import upgrade
+from proxy.migrate import head_revision, upgrade
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, signed_post
 from tests.http.test_gateway import SHAPE, open_window, send
 
@@ -456,6 +456,48 @@ def test_cli_db_on_a_database_a_newer_release_migrated_says_so_in_one_line(setti
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert "0099" in line and "newer release" in line and "Traceback" not in result.output
+
+
+def test_cli_db_upgrade_says_where_the_database_is_not_what_it_was_asked(settings, tmp_path):
+    """`db upgrade 0003` on a database at head printed "database at 0003" and exit 0: nothing had changed."""
+    url = f"sqlite:///{tmp_path / 'older.sqlite3'}"
+    runner = create_app(replace(settings, database_url=url)).test_cli_runner()
+    first = runner.invoke(args=["db", "upgrade", "0002"])
+    assert first.exit_code == 0 and first.output.strip() == "database at 0002", first.output
+    to_head = runner.invoke(args=["db", "upgrade"])
+    assert to_head.exit_code == 0 and to_head.output.strip() == f"database at {head_revision()} (head)"
+    for older in ("0003", "base"):
+        back = runner.invoke(args=["db", "upgrade", older])
+        assert back.exit_code == 1, back.output
+        (line,) = [line for line in back.output.splitlines() if line.startswith("Error:")]
+        assert f"the database is at {head_revision()}, past {older}" in line
+    assert runner.invoke(args=["db", "current"]).output.strip() == f"{head_revision()} (head)"
+
+
+def test_cli_db_upgrade_over_tables_made_without_the_migrations_says_so_in_one_line(settings, tmp_path, db_engine):
+    """SQLite said "the database is unavailable: table windows already exists"; PostgreSQL printed a traceback."""
+    from sqlalchemy import create_engine, text
+
+    if db_engine.dialect.name == "postgresql":
+        url = str(db_engine.url.render_as_string(hide_password=False))
+        with db_engine.begin() as conn:  # this run's own database, migrated: forget the migrations, keep the tables
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+            conn.execute(text("DROP TABLE alembic_version"))
+    else:
+        url = f"sqlite:///{tmp_path / 'by-hand.sqlite3'}"
+        with create_engine(url).begin() as conn:
+            conn.execute(text("CREATE TABLE windows (id INTEGER PRIMARY KEY)"))
+    try:
+        result = create_app(replace(settings, database_url=url)).test_cli_runner().invoke(args=["db", "upgrade"])
+    finally:
+        if db_engine.dialect.name == "postgresql":  # back as it was for the next tests (the failed upgrade rolled back)
+            with db_engine.begin() as conn:
+                conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                                  "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"))
+                conn.execute(text("INSERT INTO alembic_version VALUES (:v)"), {"v": version})
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "already holds what the migrations create" in line and "unavailable" not in line
 
 
 def test_cli_db_upgrade_to_an_unknown_revision_says_so_in_one_line(app):

@@ -28,6 +28,10 @@ def test_defaults():
         ({**BASE, "TWILIO_API_BASE_URL": "ftp://x"}, "TWILIO_API_BASE_URL"),
         ({**BASE, "PUBLIC_BASE_URL": "proxy.example.com"}, "PUBLIC_BASE_URL"),
         ({**BASE, "DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
+        # One database per process, never migrated for the others; a driver not installed: tracebacks at start.
+        ({**BASE, "DATABASE_URL": "sqlite://"}, "DATABASE_URL"),
+        ({**BASE, "DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL"),
+        ({**BASE, "DATABASE_URL": "sqlite+aiosqlite:////tmp/a.db"}, "DATABASE_URL"),
         ({**BASE, "TWILIO_TIMEOUT_SECONDS": "0"}, "TWILIO_TIMEOUT_SECONDS"),
         ({**BASE, "LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({**BASE, "LOG_REDACT_NUMBERS": "maybe"}, "LOG_REDACT_NUMBERS"),
