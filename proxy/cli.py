@@ -189,12 +189,23 @@ def register(app: Flask) -> None:
         if (item_id is None) == (not replay_all):
             raise click.UsageError("give one ITEM_ID or --all")
         with writing(app.extensions["proxy"].engine) as conn:
-            count = outbox.replay(conn, utcnow(), item_id)
-            hurried = item_id is not None and not count and outbox.hurry(conn, item_id, utcnow())
-            status = outbox.status_of(conn, item_id) if item_id is not None and not count else None
+            now = utcnow()
+            count = outbox.replay(conn, now, item_id)
+            single = item_id is not None and not count
+            was_due = single and (outbox.due_at(conn, item_id) or now) <= now
+            hurried = single and outbox.hurry(conn, item_id, now)
+            ahead = outbox.ahead_of(conn, item_id) if hurried else None
+            status = outbox.status_of(conn, item_id) if single else None
+        if hurried and ahead is not None:  # the worker keeps each conversation's order: that one goes first
+            ahead_id, ahead_due = ahead
+            click.echo(f"outbox item {item_id} is {'due' if was_due else 'due now'}, behind item {ahead_id} of its "
+                       f"conversation (next attempt {ahead_due.isoformat()}), which a worker delivers first: "
+                       f"`outbox replay {ahead_id}` to hurry that one")
+            return
         if hurried:  # the app is back: its webhooks need not wait out the retry schedule
-            click.echo(f"outbox item {item_id} was waiting for its next attempt: due now (a worker takes it within a "
-                       "poll, after any earlier item of its conversation)")
+            click.echo(f"outbox item {item_id} was already due: a worker takes it within a poll" if was_due else
+                       f"outbox item {item_id} was waiting for its next attempt: due now (a worker takes it within a "
+                       "poll)")
             return
         if item_id is not None and not count:
             # One item asked for and none queued is a mistake (a mistyped id, a live item), not a result: a

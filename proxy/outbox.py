@@ -253,6 +253,20 @@ def hurry(conn: Connection, item_id: int, now: datetime) -> bool:
     ).rowcount == 1
 
 
+def ahead_of(conn: Connection, item_id: int):
+    """The first pending item of `item_id`'s conversation before it (its id and next attempt): the worker delivers
+    that one first, whenever `item_id` is due. None when there is none."""
+    earlier = aliased(outbox)
+    return conn.execute(select(earlier.c.id, earlier.c.next_attempt_at)
+                        .where(outbox.c.id == item_id, earlier.c.ordering_key == outbox.c.ordering_key,
+                               earlier.c.status == PENDING, earlier.c.id < outbox.c.id)
+                        .order_by(earlier.c.id).limit(1)).first()
+
+
+def due_at(conn: Connection, item_id: int) -> datetime | None:
+    return conn.execute(select(outbox.c.next_attempt_at).where(outbox.c.id == item_id)).scalar()
+
+
 def status_of(conn: Connection, item_id: int) -> str | None:
     """An item's status; None when there is no such item."""
     return conn.execute(select(outbox.c.status).where(outbox.c.id == item_id)).scalar()

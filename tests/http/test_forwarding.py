@@ -647,6 +647,21 @@ def test_replaying_a_pending_item_makes_it_due_now(forwarding, fake_app, db_engi
     assert (after["status"], after["attempts"]) == ("delivered", 2)  # the inline attempt still counts
 
 
+def test_replaying_an_item_queued_behind_another_names_that_one(forwarding, fake_app, db_engine):
+    """It said "was waiting for its next attempt: due now" for an item already due that waits only for an
+    earlier webhook of its conversation, which the worker delivers first."""
+    fake_app.fail_status = 503
+    client = forwarding.test_client()
+    for sid in ("SM" + "8" * 31 + "c", "SM" + "8" * 31 + "d"):
+        signed_post(client, "/twilio/inbound", inbound_params(sid))
+    first, second = items(db_engine)
+    assert (first["attempts"], second["attempts"]) == (1, 0)  # the second never had its turn
+    result = forwarding.test_cli_runner().invoke(args=["outbox", "replay", str(second["id"])])
+    assert result.exit_code == 0, result.output
+    assert f"behind item {first['id']} of its conversation" in result.output, result.output
+    assert f"`outbox replay {first['id']}`" in result.output and "waiting for its next attempt" not in result.output
+
+
 def test_replaying_all_with_nothing_exhausted_is_no_error(forwarding, db_engine):
     result = forwarding.test_cli_runner().invoke(args=["outbox", "replay", "--all"])
     assert result.exit_code == 0 and "0 item(s) queued again" in result.output
