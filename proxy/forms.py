@@ -95,8 +95,14 @@ def _in_time(request: Request, read):
     try:
         timeout = _gevent_timeout()
         if timeout is not None:
-            with timeout(seconds, BodyTimeout(seconds)):
-                return read()
+            deadline = timeout(seconds)  # raises itself (no exception built per request unless it fires)
+            try:
+                with deadline:
+                    return read()
+            except timeout as fired:
+                if fired is not deadline:
+                    raise
+                raise BodyTimeout(seconds) from None
         sock = request.environ.get("gunicorn.socket")
         if sock is None:
             return read()
