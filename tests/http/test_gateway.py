@@ -1,6 +1,8 @@
 """The Messages endpoint through the Flask test client, forwarding to the fake Twilio on 127.0.0.1."""
 
+import contextlib
 import json
+import threading
 from dataclasses import replace
 from datetime import timedelta
 from urllib.parse import parse_qsl, urlencode
@@ -164,38 +166,49 @@ def test_database_unavailable_is_503_rejected_and_nothing_sent(settings, fake_tw
     assert line["path"] == MESSAGES and line["level"] == "ERROR"
 
 
+@contextlib.contextmanager
+def windows_locked(db_engine, release_after: float | None = None):
+    """PostgreSQL: another session holds an ACCESS EXCLUSIVE lock on `windows` until the block ends (or for
+    `release_after` seconds); yields the event that releases it and the thread holding it."""
+    from sqlalchemy import text
+
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock():
+        with db_engine.begin() as conn:
+            conn.execute(text("LOCK TABLE windows IN ACCESS EXCLUSIVE MODE"))
+            locked.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        if release_after is not None:
+            threading.Timer(release_after, release.set).start()
+        yield release, holder
+    finally:
+        release.set()
+        holder.join(10)
+
+
 def test_a_stalled_database_refuses_the_send_rather_than_forwarding_it_late(app, client, fake_twilio, db_engine,
                                                                            log_lines, monkeypatch):
     """A window read held up (a lock; a database host that stopped answering mid-query) answered after 39 s and
     the send then went to Twilio, after a caller that gave up could have sent it again: twice to the customer."""
-    import threading
     import time
 
     from proxy import judge, store
 
     open_window(client)
     monkeypatch.setattr(judge, "SLOW_DATABASE_SECONDS", 1)
-    if db_engine.dialect.name == "postgresql":  # the real thing: a lock another session holds
-        from sqlalchemy import text
-
-        locked, release = threading.Event(), threading.Event()
-
-        def hold_lock():
-            with db_engine.begin() as conn:
-                conn.execute(text("LOCK TABLE windows IN ACCESS EXCLUSIVE MODE"))
-                locked.set()
-                release.wait(10)
-
-        holder = threading.Thread(target=hold_lock)
-        holder.start()
-        assert locked.wait(10)
-        threading.Timer(1.5, release.set).start()
-    else:  # SQLite's readers never wait for a writer (WAL): the read is slowed instead
+    postgresql = db_engine.dialect.name == "postgresql"
+    if not postgresql:  # SQLite's readers never wait for a writer (WAL): the read is slowed instead
         real = store.load_window
         monkeypatch.setattr(store, "load_window", lambda *a: (time.sleep(1.5), real(*a))[1])
-    response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
-    if db_engine.dialect.name == "postgresql":
-        holder.join(10)
+    # PostgreSQL: the real thing, a lock another session holds
+    with windows_locked(db_engine, release_after=1.5) if postgresql else contextlib.nullcontext():
+        response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
     assert response.status_code == 503 and set(response.get_json()) == SHAPE, response.get_json()
     assert "nothing was sent" in response.get_json()["message"]
     assert fake_twilio.creates == []
@@ -461,10 +474,6 @@ def test_a_window_read_behind_a_lock_is_refused_at_the_limit_not_after_the_lock(
     """PostgreSQL: the read waited out the whole lock (30 s for a 30 s LOCK TABLE), and only then was refused as
     slow. A serving process's statements now end at judge.SLOW_DATABASE_SECONDS: the 503 comes while the lock is
     still held."""
-    import threading
-
-    from sqlalchemy import text
-
     from proxy import create_app, judge
 
     if db_engine.dialect.name != "postgresql":
@@ -472,23 +481,9 @@ def test_a_window_read_behind_a_lock_is_refused_at_the_limit_not_after_the_lock(
     monkeypatch.setattr(judge, "SLOW_DATABASE_SECONDS", 1)
     client = create_app(settings).test_client()  # as gunicorn's workers load it: serving
     open_window(client)
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_lock():
-        with db_engine.begin() as conn:
-            conn.execute(text("LOCK TABLE windows IN ACCESS EXCLUSIVE MODE"))
-            locked.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    try:
-        assert locked.wait(10)
+    with windows_locked(db_engine) as (release, holder):
         response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
         still_locked = not release.is_set() and holder.is_alive()
-    finally:
-        release.set()
-        holder.join(10)
     assert response.status_code == 503 and set(response.get_json()) == SHAPE, response.get_json()
     assert still_locked  # refused at the limit, not once the lock was gone
     assert fake_twilio.creates == []
