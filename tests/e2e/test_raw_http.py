@@ -11,7 +11,7 @@ import requests
 from sqlalchemy import func, select
 
 from proxy.db import send_attempts
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, inbound_params
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, inbound_params
 from tests.e2e.conftest import BODY_READ_SECONDS, json_lines
 from tests.e2e.test_end_to_end import post_inbound
 
