@@ -17,6 +17,28 @@ STATUSES = (HELD, SENDING, RELEASED, EXPIRED, FAILED)
 FINISHED = (RELEASED, EXPIRED, FAILED)
 
 
+# Twilio schedules a message 5 minutes to 35 days ahead, and refuses any other SendAt with 35115.
+SCHEDULE_MIN_LEAD = timedelta(minutes=5)
+_SCHEDULING = ("SendAt", "ScheduleType")
+
+
+def as_released(params: list[tuple[str, str]], now: datetime) -> list[tuple[str, str]]:
+    """A held send's fields as its release sends them: one scheduled for a time gone by, or too near for Twilio to
+    schedule it, is sent now, as it would have gone had the window been open (released with its SendAt, Twilio
+    refused it with 35115, and the message was lost). One still far enough ahead stays scheduled."""
+    raw = next((value for name, value in params if name == "SendAt"), "").strip()
+    if not raw:
+        return params
+    try:
+        at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        at = at if at.tzinfo else at.replace(tzinfo=now.tzinfo)
+        if at - now >= SCHEDULE_MIN_LEAD:
+            return params
+    except (ValueError, OverflowError):  # refused by the gateway before it could be held: kept as it is
+        return params
+    return [(name, value) for name, value in params if name not in _SCHEDULING]
+
+
 def hold(conn: Connection, *, sender: str, user: str, account_sid: str, params: list, request_id: str,
          now: datetime, ttl_seconds: int, judged_inbound_at: datetime | None) -> tuple[int, bool]:
     """Keep a rerouted send; its id, and whether its release was queued at once.

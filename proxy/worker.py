@@ -335,7 +335,7 @@ class Worker:
             held = holds.held_for(conn, sender, user, utcnow())
         for row in held:
             started = time.perf_counter()
-            pairs = [tuple(p) for p in json.loads(row["params"])]
+            pairs = holds.as_released([tuple(p) for p in json.loads(row["params"])], utcnow())
             try:
                 judgement = judge(self.rt, MultiDict(pairs))
                 decision = judgement.decision

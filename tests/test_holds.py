@@ -1,4 +1,4 @@
-"""proxy/holds.py: a message is taken for sending once; on PostgreSQL, a hold and an inbound message of one pair committing at the same time.
+"""proxy/holds.py: what a release sends; a message is taken for sending once; on PostgreSQL, a hold and an inbound message of one pair committing at the same time.
 
 Under READ COMMITTED each transaction could miss the other's uncommitted row: the hold sees no new
 message, the message sees no hold, and the held message waits in an open window. SQLite's writers
@@ -8,6 +8,7 @@ covers the interleaving through HTTP on both databases.
 
 import threading
 import time
+from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy import select, text
@@ -133,3 +134,22 @@ def test_two_workers_sweeping_at_once_queue_one_release(pg):
     thread.join()
     assert result == [[]]
     assert [kind for kind, _ in releases(pg)] == ["release"]
+
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+SCHEDULED = [("To", "whatsapp:+14155550111"), ("Body", "x"), ("SendAt", "{}"), ("ScheduleType", "fixed")]
+
+
+@pytest.mark.parametrize("send_at, kept", [
+    ("2026-11-27T11:00:00Z", False),           # gone by
+    ("2026-11-27T12:04:59+00:00", False),      # under Twilio's 5 minutes ahead: it would refuse it (35115)
+    ("2026-11-27T12:05:00Z", True),            # still far enough ahead: stays scheduled
+    ("2026-11-29T12:00:00Z", True),
+    ("2026-11-27T12:01:00", False),            # no offset: UTC, as the judge reads it
+    ("not a time", True),                      # refused at the gateway, never held: left as it is
+])
+def test_a_release_sends_now_what_can_no_longer_be_scheduled(send_at, kept):
+    params = [(k, send_at if k == "SendAt" else v) for k, v in SCHEDULED]
+    released = holds.as_released(params, NOW)
+    assert released == (params if kept else [("To", "whatsapp:+14155550111"), ("Body", "x")])
+    assert holds.as_released([("To", "x"), ("Body", "y")], NOW) == [("To", "x"), ("Body", "y")]

@@ -432,10 +432,19 @@ def test_the_simulator_lists_messages_newest_first_like_twilio():
 
 
 def test_the_simulator_schedules_only_through_a_messaging_service_and_leaves_the_message_scheduled():
+    from datetime import datetime, timedelta, timezone
+
     sim = Simulator(callback_delay=0.01)
-    sim.windows[(BUSINESS, USER)] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
-    send_at = "2030-01-01T12:00:00Z"
+    now = datetime.now(timezone.utc)
+    sim.windows[(BUSINESS, USER)] = now
+    send_at = (now + timedelta(days=2)).isoformat()
     with ServerThread(sim.app()) as server:
+        # Twilio: 5 minutes to 35 days ahead, else 35115 (a release that kept a SendAt gone by was refused so).
+        for wrong in ((now + timedelta(minutes=4)).isoformat(), (now - timedelta(hours=1)).isoformat(),
+                      (now + timedelta(days=36)).isoformat(), "2030-01-01T12:00:00"):
+            too = create(server.url, sim, To=USER, MessagingServiceSid="MG" + "a" * 32, Body="x", SendAt=wrong,
+                         ScheduleType="fixed")
+            assert (too.status_code, too.json()["code"]) == (400, 35115), wrong
         sim.status_callback_url = f"{server.url}/status"
         refused = create(server.url, sim, To=USER, From=BUSINESS, Body="later", SendAt=send_at, ScheduleType="fixed")
         scheduled = create(server.url, sim, To=USER, MessagingServiceSid="MG" + "a" * 32, Body="later",

@@ -513,9 +513,20 @@ def _content_variables_refusal(form) -> Response | None:
 
 
 def _schedule_refusal(form) -> Response | None:
-    """Twilio schedules a message only through a Messaging Service: a SendAt without one is 35118."""
-    if form.get("SendAt", "").strip() and not form.get("MessagingServiceSid", "").strip():
+    """Twilio schedules a message only through a Messaging Service (a SendAt without one is 35118), and only 5
+    minutes to 35 days ahead (35115)."""
+    raw = form.get("SendAt", "").strip()
+    if not raw:
+        return None
+    if not form.get("MessagingServiceSid", "").strip():
         return _error(35118, 400, "MessagingServiceSid is required to schedule a message")
+    try:
+        at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        ahead = at - datetime.now(timezone.utc) if at.tzinfo else None
+    except (ValueError, OverflowError):
+        ahead = None
+    if ahead is None or not timedelta(minutes=5) <= ahead <= timedelta(days=35):
+        return _error(35115, 400, "SendAt time must be between 5 minutes and 35 days in the future")
     return None
 
 

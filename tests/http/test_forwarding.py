@@ -1285,6 +1285,30 @@ def test_messages_held_before_hold_on_reroute_was_turned_off_are_still_released(
     off.extensions["proxy"].engine.dispose()
 
 
+def test_a_held_send_whose_time_has_gone_by_is_released_now_not_refused(settings, db_engine, fake_twilio):
+    """Released with its SendAt, gone by (or under Twilio's 5 minutes ahead) by the time the user wrote: Twilio
+    refused it with 35115, the worker gave up, and the message was lost."""
+    service = "MG" + "1" * 32
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    send_at = (utcnow() + timedelta(minutes=10)).isoformat().replace("+00:00", "Z")
+    held = send(client, {"To": USER, "MessagingServiceSid": service, "Body": "reminder", "SendAt": send_at,
+                         "ScheduleType": "fixed", "StatusCallback": "https://app/cb"})
+    assert held.headers["X-Proxy-Decision"] == "rerouted"
+    with db_engine.begin() as conn:  # its time comes and goes before the user writes
+        [(row_id, params)] = conn.execute(select(held_messages.c.id, held_messages.c.params)).all()
+        gone = [(k, (utcnow() - timedelta(minutes=1)).isoformat() if k == "SendAt" else v)
+                for k, v in json.loads(params)]
+        conn.execute(update(held_messages).where(held_messages.c.id == row_id).values(params=json.dumps(gone)))
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 32, MessagingServiceSid=service))
+    run_worker(app)
+    release = fake_twilio.creates[-1]
+    assert dict(release.form)["Body"] == "reminder" and dict(release.form)["StatusCallback"] == "https://app/cb"
+    assert "SendAt" not in dict(release.form) and "ScheduleType" not in dict(release.form)
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "released"
+
+
 def test_a_release_that_leaves_its_message_held_is_queued_again_only_by_the_users_next_message(
         settings, db_engine, fake_twilio):
     """HOLD_ON_REROUTE off: a held message scheduled (SendAt) past the window's end stays held at release. The
