@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import urlencode
 
 from flask import Blueprint, g, request
 
@@ -87,10 +88,18 @@ def held():
         raise ApiError(400, 400, "status must be held, sending, released, expired, failed or all.")
     sender = window_api.address_key(request.args.get("sender"))
     user = window_api.address_key(request.args.get("user"))
+    page_size = _int_arg("PageSize", 100, 1, 1000)
+    after = _int_arg("PageToken", 0, 0, 2**63 - 1)  # the last id of the page before: a keyset, not an offset
     with runtime().engine.connect() as conn:
         rows = holds.listing(conn, sender=sender, user=user, status=None if status == "all" else status,
-                             limit=_int_arg("PageSize", 100, 1, 1000))
-    return {"held": [_held_json(r) for r in rows]}
+                             limit=page_size + 1, after_id=after)
+    # One more than the page asked to tell whether there is a next page: the list was cut off silently at 100.
+    token = str(rows[page_size - 1]["id"]) if len(rows) > page_size else None
+    query = {name: request.args[name] for name in ("status", "sender", "user") if request.args.get(name)}
+    return {"held": [_held_json(r) for r in rows[:page_size]],
+            "meta": {"page_size": page_size, "next_page_token": token,
+                     "next_page_url": f"{request.path}?{urlencode({**query, 'PageSize': page_size, 'PageToken': token})}"
+                     if token else None}}
 
 
 def _held_json(row) -> dict:

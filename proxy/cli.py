@@ -223,14 +223,24 @@ def register(app: Flask) -> None:
     @held.command("list")
     @click.option("--status", type=click.Choice([*holds.STATUSES, "all"]), default=holds.HELD, show_default=True,
                   help="`sending`: being sent now, or left so by a crashed worker.")
+    @click.option("--sender", help="Only this sender's (a whatsapp: number or an MG Messaging Service SID).")
+    @click.option("--user", help="Only this user's.")
     @click.option("--limit", default=100, show_default=True, type=LIMIT)
     @needs_schema
-    def held_list(status: str, limit: int):
-        """Held messages, oldest first (one JSON object per line)."""
+    def held_list(status: str, sender: str | None, user: str | None, limit: int):
+        """Held messages, oldest first (one JSON object per line), as GET /v1/held."""
+        try:
+            sender_key, user_key = window_api.address_key(sender), window_api.address_key(user)
+        except ApiError as exc:
+            raise click.BadParameter(exc.message, param_hint="'--sender' or '--user'") from None
         with app.extensions["proxy"].engine.connect() as conn:
-            rows = holds.listing(conn, status=None if status == "all" else status, limit=limit)
-        for row in rows:
-            click.echo(json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}))
+            rows = holds.listing(conn, sender=sender_key, user=user_key, status=None if status == "all" else status,
+                                 limit=limit + 1)
+        for row in rows[:limit]:
+            click.echo(json.dumps({k: (v.isoformat().replace("+00:00", "Z") if hasattr(v, "isoformat") else v)
+                                   for k, v in row.items()}))
+        if len(rows) > limit:  # cut off silently, an operator took the list for all of them
+            click.echo(f"(more: raise --limit above {limit})", err=True)
 
     app.cli.add_command(held)
 

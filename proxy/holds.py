@@ -163,7 +163,8 @@ def expire(conn: Connection, now: datetime) -> list:
 
 
 def listing(conn: Connection, *, sender: str | None = None, user: str | None = None, status: str | None = HELD,
-            limit: int = 100):
+            limit: int = 100, after_id: int = 0):
+    """Held messages by id (oldest first), those after `after_id`: a page of `limit`."""
     query = select(held_messages.c.id, held_messages.c.sender, held_messages.c.user, held_messages.c.status,
                    held_messages.c.created_at, held_messages.c.expires_at, held_messages.c.released_at,
                    held_messages.c.message_sid, held_messages.c.last_error)
@@ -173,4 +174,6 @@ def listing(conn: Connection, *, sender: str | None = None, user: str | None = N
         query = query.where(held_messages.c.user == user)
     if status:
         query = query.where(held_messages.c.status == status)
+    if after_id:
+        query = query.where(held_messages.c.id > after_id)
     return conn.execute(query.order_by(held_messages.c.id).limit(limit)).mappings().all()

@@ -236,6 +236,37 @@ def test_cli_held_list_takes_the_statuses_the_api_takes(app, client, db_engine):
     assert runner.invoke(args=["held", "list", "--status", "gone"]).exit_code != 0
 
 
+def test_held_messages_come_in_pages_and_the_cli_says_when_it_cut_the_list(app, client, db_engine):
+    """GET /v1/held returned the first 100 (or PageSize) and nothing said there were more; `held list` likewise."""
+    for _ in range(3):
+        add_holds(db_engine, utcnow())  # 15 holds, 3 in each status
+    seen, url = [], "/v1/held?status=all&PageSize=4"
+    while url:
+        page = client.get(url, headers=basic_auth()).get_json()
+        assert len(page["held"]) <= 4 and page["meta"]["page_size"] == 4
+        seen += [h["id"] for h in page["held"]]
+        url = page["meta"]["next_page_url"]
+    everything = client.get("/v1/held?status=all&PageSize=1000", headers=basic_auth()).get_json()
+    assert seen == [h["id"] for h in everything["held"]] and len(seen) == 15
+    assert everything["meta"]["next_page_token"] is None
+    # The filters ride along: the next page is of the same status.
+    released = client.get("/v1/held?status=released&PageSize=2", headers=basic_auth()).get_json()
+    rest = client.get(released["meta"]["next_page_url"], headers=basic_auth()).get_json()
+    assert [h["status"] for h in released["held"] + rest["held"]] == ["released"] * 3
+    bad = client.get("/v1/held?PageToken=-1", headers=basic_auth())
+    assert bad.status_code == 400 and bad.get_json()["code"] == 400
+
+    runner = app.test_cli_runner()
+    cut = runner.invoke(args=["held", "list", "--status", "all", "--limit", "10"])
+    assert cut.exit_code == 0 and len(cut.stdout.splitlines()) == 10
+    assert "more: raise --limit" in cut.stderr
+    whole = runner.invoke(args=["held", "list", "--status", "all", "--limit", "15", "--user", USER])
+    assert len(whole.stdout.splitlines()) == 15 and "more" not in whole.stderr
+    assert json.loads(whole.stdout.splitlines()[0])["created_at"].endswith("Z")
+    assert runner.invoke(args=["held", "list", "--user", "whatsapp:+1415555011199999"]).stdout == ""
+    assert runner.invoke(args=["held", "list", "--sender", "whatsapp:not a number"]).exit_code == 2
+
+
 def test_health_and_readiness(client):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
