@@ -14,7 +14,7 @@ from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError, Stateme
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
-from . import admin, cli, gateway, judge, logs, ops, webhooks
+from . import admin, cli, gateway, logs, ops, webhooks
 from .attempts import AttemptWriter
 from .content import ContentResolver
 from .forwarding import Forwarder
@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             "detail": "FAIL_OPEN=true: if the database is down, sends go to Twilio unjudged"})
     if not _loaded_by_flask_cli():  # a serving process: once per gunicorn worker, as each loads the app
         logs.database_in_use("web", settings)
-    app.extensions["proxy"] = make_runtime(settings, serving=not _loaded_by_flask_cli())
+    app.extensions["proxy"] = make_runtime(settings)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(gateway.bp)
     app.register_blueprint(admin.bp)
@@ -193,15 +193,10 @@ def end_of_requests() -> None:
 
 
 def make_runtime(settings: Settings, *, db_pool_size: int = DB_POOL_SIZE, forward_threads: int = FORWARD_THREADS,
-                 check: bool = True, serving: bool = False) -> Runtime:
+                 check: bool = True) -> Runtime:
     """What a process holds for its lifetime: a database pool of `db_pool_size`, `forward_threads` forwarding
-    threads. `check`: ask the database's revision now, and say if it is behind (else asked at first need).
-    `serving` (a web process): on PostgreSQL no statement runs longer than judge.SLOW_DATABASE_SECONDS. A window
-    read behind a lock (a migration's, a LOCK TABLE) waited out the whole lock, then was refused as slow: the
-    503 came after 30 s for a 30 s lock, past the caller's timeout and Twilio's 15 s. Commands (purge, the
-    worker, migrations) keep no limit."""
-    engine = make_engine(settings.database_url, pool_size=db_pool_size,
-                         statement_timeout=judge.SLOW_DATABASE_SECONDS if serving else None)
+    threads. `check`: ask the database's revision now, and say if it is behind (else asked at first need)."""
+    engine = make_engine(settings.database_url, pool_size=db_pool_size)
     head = head_revision()
     at_start = check_migrations(engine, head) if check else False
     upstream = Upstream(settings.twilio_api_base_url, settings.twilio_timeout_seconds, DEFAULT_POOL_SIZE)

@@ -206,9 +206,8 @@ late_failures = Table(
 )
 
 
-def make_engine(url: str, *, pool_size: int = 10, statement_timeout: float | None = None) -> Engine:
-    """A pool of at most `pool_size` connections, kept open, most recently used first; on PostgreSQL, a
-    `statement_timeout` in seconds for every statement, unless DATABASE_URL sets its own `options`.
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """A pool of at most `pool_size` connections, kept open, most recently used first.
 
     No overflow connections: a gevent worker's bursts opened and closed them by the dozen a second, a
     PostgreSQL backend start each (py-spy; PostgreSQL gateway 323 → 535 sends/s). Last-in-first-out,
@@ -244,16 +243,6 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout: float | Non
 
     event.listen(engine, "checkin", _note_idle)
     event.listen(engine, "checkout", ping_if_idle)
-    if statement_timeout is not None and "options" not in given:
-        # A SET once per connection, not the `options` startup parameter: PgBouncer refuses that one by default.
-        setting = f"SET statement_timeout = {round(statement_timeout * 1000)}"
-
-        def limit_statements(dbapi_connection, _record) -> None:
-            with dbapi_connection.cursor() as cursor:
-                cursor.execute(setting)
-            dbapi_connection.commit()
-
-        event.listen(engine, "connect", limit_statements)
     return engine
 
 

@@ -8,7 +8,6 @@ here (bench/README.md). For an urlencoded body the result is the same MultiDict 
 
 from __future__ import annotations
 
-import sys
 from urllib.parse import parse_qsl
 
 from flask import Request, current_app, has_app_context
@@ -16,6 +15,8 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import BadRequest, ClientDisconnected, RequestEntityTooLarge, RequestTimeout
 
 import werkzeug.urls  # noqa: F401 — registers the "werkzeug.url_quote" codec error handler used below
+
+from .cooperative import gevent_timeout
 
 URLENCODED = "application/x-www-form-urlencoded"
 # Twilio's webhooks carry well under 100 fields, a Messages create a few dozen (MediaUrl at most 10). A body of
@@ -93,7 +94,7 @@ def _in_time(request: Request, read):
     of the socket in a thread."""
     seconds = current_app.config.get("BODY_READ_SECONDS", BODY_READ_SECONDS) if has_app_context() else BODY_READ_SECONDS
     try:
-        timeout = _gevent_timeout()
+        timeout = gevent_timeout()
         if timeout is not None:
             deadline = timeout(seconds)  # raises itself (no exception built per request unless it fires)
             try:
@@ -121,23 +122,6 @@ def _in_time(request: Request, read):
     except _CHUNKING_ERROR:
         # Not the parser's words: they quote the body (numbers, text) into the log.
         raise UnreadableBody("its chunked encoding is malformed") from None
-
-
-_NOT_ASKED = object()
-_timeout = _NOT_ASKED
-
-
-def _gevent_timeout():
-    """gevent's Timeout when this process's sockets are gevent's (patched before the app was loaded), else None."""
-    global _timeout
-    if _timeout is _NOT_ASKED:
-        monkey = sys.modules.get("gevent.monkey")
-        if monkey is not None and monkey.is_module_patched("socket"):
-            from gevent import Timeout
-            _timeout = Timeout
-        else:
-            _timeout = None
-    return _timeout
 
 
 def form_of(request: Request) -> MultiDict:

@@ -13,6 +13,7 @@ from werkzeug.datastructures import MultiDict
 from . import logs, store
 from .addresses import WINDOWED_CHANNELS, InvalidAddress, channel_of, normalise, plain_channel
 from .content import CONTENT_SID, ContentNotFound, ContentUnavailable
+from .cooperative import gevent_timeout
 from .db import utcnow
 from .errors import ApiError
 from .policy import Action, Decision, Send, content_type_of, decide, reroute
@@ -151,17 +152,16 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
 
     at = send_time(form, now)
     asked = time.monotonic()
-    with rt.reader.connect() as conn:
-        row = store.load_window(conn, sender, user)
+    row = _window_in_time(rt, sender, user)
     waited = time.monotonic() - asked
-    if waited > SLOW_DATABASE_SECONDS:
+    if row is _TOO_SLOW or waited > SLOW_DATABASE_SECONDS:
         # A database that stalls (a lock held, a host that stopped answering mid-query) answers late, and a
         # send forwarded after that may reach Twilio after its caller gave up and sent it again; the window
         # was judged at a time long gone too. Nothing goes out: the caller's retry is judged afresh.
         logs.log.error("database_slow", extra={"waited_seconds": round(waited, 1), "limit_seconds": SLOW_DATABASE_SECONDS,
                                                "request_id": g.get("request_id") if has_request_context() else None})
-        raise ApiError(503, 503, f"The proxy's database took {waited:.0f} s to answer; nothing was sent. Retry.",
-                       refusal="database_slow")
+        late = f"did not answer within {SLOW_DATABASE_SECONDS} s" if row is _TOO_SLOW else f"took {waited:.0f} s to answer"
+        raise ApiError(503, 503, f"The proxy's database {late}; nothing was sent. Retry.", refusal="database_slow")
     window = window_state(row.expires_at, row.last_inbound_at, now=at,
                           safety_margin_seconds=rt.settings.window_safety_margin_seconds) if row else CLOSED
     profile_name = row.profile_name if row else None
@@ -186,6 +186,28 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
         decision = reroute(decision, send, fallback_send, window, rt.settings.policy)
     return Judgement(decision, send, window, channel, sender, user, content_sid, now,
                      fallback if decision.action is Action.REROUTED else None, profile_name)
+
+
+_TOO_SLOW = object()
+
+
+def _window_in_time(rt: Runtime, sender: str, user: str):
+    """The pair's window row (None: none), or _TOO_SLOW. Under gevent the read is given up on at
+    SLOW_DATABASE_SECONDS: one behind a lock (a migration's, a LOCK TABLE) waited out the whole lock, and the 503
+    came after 30 s for a 30 s lock, past the caller's timeout. SQLAlchemy drops a connection interrupted so.
+    In a thread (gthread) it is refused once it returns, as slow."""
+    timeout = gevent_timeout()
+    if timeout is None:
+        with rt.reader.connect() as conn:
+            return store.load_window(conn, sender, user)
+    deadline = timeout(SLOW_DATABASE_SECONDS)
+    try:
+        with deadline, rt.reader.connect() as conn:
+            return store.load_window(conn, sender, user)
+    except timeout as fired:
+        if fired is not deadline:
+            raise
+        return _TOO_SLOW
 
 
 def resolve(rt: Runtime, content_sid: str, channel: str) -> Send:

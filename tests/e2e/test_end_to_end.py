@@ -1,6 +1,7 @@
 """gunicorn (the Procfile command) + the real twilio-python client + the fake Twilio on 127.0.0.1."""
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -215,3 +216,29 @@ def test_each_gunicorn_worker_names_its_database_at_start(proxy_server, database
     assert len(said) >= 2 and {line["process_type"] for line in said} == {"web"}, said
     assert {line["database"] for line in said} == {database_shown(database_url)}
     assert {line["database_default"] for line in said} == {False}
+
+
+def test_a_send_whose_window_read_waits_behind_a_lock_is_refused_at_ten_seconds(proxy_server, fake_twilio,
+                                                                               db_engine):
+    """PostgreSQL: the read waited out the whole lock (a migration's, a LOCK TABLE) and was refused as slow only
+    then: 30 s for a 30 s lock, past the caller's timeout. gevent's workers give it up at SLOW_DATABASE_SECONDS,
+    while the lock is still held."""
+    from tests.http.test_gateway import windows_locked
+
+    if db_engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's readers never wait for a writer (WAL)")
+    if os.environ.get("WEB_WORKER_CLASS", "gevent") != "gevent":
+        pytest.skip("a thread's blocked read cannot be given up on from outside: refused once it returns")
+    assert post_inbound(proxy_server, inbound_params("SM" + "5" * 32)).status_code == 200
+    url = f"{proxy_server.url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+    with windows_locked(db_engine) as (release, holder):
+        response = requests.post(url, data={"To": USER, "From": BUSINESS, "Body": "x"}, auth=(ACCOUNT_SID, AUTH_TOKEN),
+                                 timeout=40)
+        still_locked = not release.is_set() and holder.is_alive()
+    assert response.status_code == 503 and "did not answer within 10 s" in response.json()["message"]
+    assert still_locked and fake_twilio.creates == []
+    slow = [json.loads(line) for line in json_lines(proxy_server.log_lines()) if '"database_slow"' in line]
+    assert [line["level"] for line in slow] == ["ERROR"]
+    # The interrupted connection was dropped, not handed to the next request mid-query.
+    ok = requests.post(url, data={"To": USER, "From": BUSINESS, "Body": "y"}, auth=(ACCOUNT_SID, AUTH_TOKEN), timeout=20)
+    assert ok.status_code == 201, ok.text

@@ -467,24 +467,3 @@ def test_a_chunked_create_over_the_size_limit_is_413_never_cut_and_sent(app, cli
     else:
         [create] = fake_twilio.creates
         assert create.body == body
-
-
-def test_a_window_read_behind_a_lock_is_refused_at_the_limit_not_after_the_lock(settings, db_engine, fake_twilio,
-                                                                                monkeypatch):
-    """PostgreSQL: the read waited out the whole lock (30 s for a 30 s LOCK TABLE), and only then was refused as
-    slow. A serving process's statements now end at judge.SLOW_DATABASE_SECONDS: the 503 comes while the lock is
-    still held."""
-    from proxy import create_app, judge
-
-    if db_engine.dialect.name != "postgresql":
-        pytest.skip("SQLite's readers never wait for a writer (WAL)")
-    monkeypatch.setattr(judge, "SLOW_DATABASE_SECONDS", 1)
-    client = create_app(settings).test_client()  # as gunicorn's workers load it: serving
-    open_window(client)
-    with windows_locked(db_engine) as (release, holder):
-        response = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
-        still_locked = not release.is_set() and holder.is_alive()
-    assert response.status_code == 503 and set(response.get_json()) == SHAPE, response.get_json()
-    assert still_locked  # refused at the limit, not once the lock was gone
-    assert fake_twilio.creates == []
-    assert send(client, {"To": USER, "From": BUSINESS, "Body": "x"}).status_code == 201
