@@ -60,14 +60,24 @@ def _loaded_by_flask_cli() -> bool:
     return click.get_current_context(silent=True) is not None
 
 
-# The commands that serve (their log lines are their output, as gunicorn's workers'); any other prints what it was
-# asked for on stdout, which scripts read (`outbox list` a JSON line per item): its log lines go to stderr.
-_SERVING_COMMANDS = ("worker", "run")
+# flask's own options that take a value (`flask --app proxy --env-file .env worker`).
+_FLASK_OPTIONS_WITH_VALUES = ("--app", "-A", "--env-file", "-e")
 
 
 def _log_stream():
-    context = click.get_current_context(silent=True)
-    return sys.stderr if context is not None and context.info_name not in _SERVING_COMMANDS else sys.stdout
+    """stdout for a serving process (gunicorn's workers, `flask run`, the `worker` command): its log lines are its
+    output. Any other command prints what it was asked for on stdout, which scripts read (`outbox list` a JSON
+    line per item): its log lines go to stderr. Read from the command line: flask loads the app while it is still
+    working out which command was asked for, and click has not kept it anywhere yet."""
+    if click.get_current_context(silent=True) is None:
+        return sys.stdout
+    words = iter(sys.argv[1:])
+    for word in words:
+        if word in _FLASK_OPTIONS_WITH_VALUES:
+            next(words, None)
+        elif not word.startswith("-"):
+            return sys.stdout if word in ("run", "worker") else sys.stderr
+    return sys.stderr
 
 
 class _Unconfigured:

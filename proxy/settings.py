@@ -348,40 +348,54 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}.")
 
 
-# The variables requests (and so the proxy's calls to Twilio, proxy/upstream.py) takes an outbound proxy from,
-# by the scheme of the URL called; ALL_PROXY for any.
-_PROXY_VARIABLES = {"https": ("HTTPS_PROXY", "https_proxy"), "http": ("HTTP_PROXY", "http_proxy")}
-_PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
+def _environ_proxies(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """urllib's getproxies_environment, over `env`: scheme (or `no`) -> (the variable, its value). Any case of a
+    `*_proxy` name counts, and the lower-case one wins over the others; an empty one removes its scheme."""
+    proxies: dict[str, tuple[str, str]] = {}
+    for name, value in env.items():
+        if value and name.lower().endswith("_proxy"):
+            proxies[name.lower()[:-6]] = (name, value)
+    for name, value in env.items():
+        if name.endswith("_proxy") and name == name.lower():
+            if value:
+                proxies[name[:-6]] = (name, value)
+            else:
+                proxies.pop(name[:-6], None)
+    return proxies
 
 
 def check_outbound(env: Mapping[str, str], base_urls) -> None:
-    """The outbound proxy and CA bundle variables, as the calls to `base_urls` will use them: one that cannot be
-    used stopped every process with a traceback quoting the proxy's password (urllib3's LocationParseError), and a
-    CA bundle that is not there failed every create as if Twilio might have accepted it."""
-    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):  # requests takes the first one set
-        path = env.get(name, "").strip()
-        if path:
-            if not (os.path.isfile(path) or os.path.isdir(path)):
-                raise ConfigError(f"{name} names {path!r}, which is no file or directory of CA certificates.")
-            break
-    schemes = {urlsplit(url).scheme for url in base_urls}
-    names = [name for scheme in sorted(schemes) for name in _PROXY_VARIABLES.get(scheme, ())] + ["ALL_PROXY",
-                                                                                                "all_proxy"]
-    for name in names:
-        raw = env.get(name, "").strip()
-        if not raw:
+    """The outbound proxy and CA bundle variables, read as the calls to `base_urls` will read them
+    (proxy/upstream.py: requests' own choice of proxy, the values as they are): one that cannot be used stopped
+    every process with a traceback quoting the proxy's password (urllib3's LocationParseError), and a CA bundle
+    that is not there failed every create as if Twilio might have accepted it."""
+    import requests.utils
+    import urllib3
+
+    name = "REQUESTS_CA_BUNDLE" if env.get("REQUESTS_CA_BUNDLE") else "CURL_CA_BUNDLE"
+    path = env.get(name)
+    if path and not (os.path.isfile(path) or os.path.isdir(path)):
+        raise ConfigError(f"{name} names {path!r}, which is no file or directory of CA certificates.")
+    proxies = _environ_proxies(env)
+    no_proxy = proxies.pop("no", (None, None))[1]
+    for url in base_urls:
+        if no_proxy and requests.utils.should_bypass_proxies(url, no_proxy=no_proxy):
             continue
+        chosen = requests.utils.select_proxy(url, {scheme: value for scheme, (_, value) in proxies.items()})
+        if not chosen:
+            continue
+        variable = next(name for name, value in proxies.values() if value == chosen)
         try:
-            parsed = parse_url(raw)
-            usable = bool(parsed.host) and (parsed.scheme or "").lower() in _PROXY_SCHEMES  # urllib3 needs the scheme
-        except ValueError:  # LocationParseError: a port out of range, a password holding an unescaped `/`
-            usable, parsed = False, None
-        if not usable:
-            raise ConfigError(f"{name} is not a proxy URL that can be used, got {without_credentials(raw)!r} (it "
-                              "needs its scheme, http://host:port; a password holding '/', '#', '?' or '@' must be "
-                              "%-escaped).")
-        if parsed.scheme and parsed.scheme.lower().startswith("socks") and importlib.util.find_spec("socks") is None:
-            raise ConfigError(f"{name} is a SOCKS proxy, which needs PySocks: pip install 'requests[socks]'.")
+            scheme = (parse_url(chosen).scheme or "").lower()
+            if scheme.startswith("socks"):
+                if importlib.util.find_spec("socks") is None:
+                    raise ConfigError(f"{variable} is a SOCKS proxy, which needs PySocks: pip install 'requests[socks]'.")
+            else:
+                urllib3.ProxyManager(chosen)  # what proxy/upstream.py builds: it parses and checks the URL, no I/O
+        except (ValueError, urllib3.exceptions.HTTPError):  # LocationParseError, ProxySchemeUnknown
+            raise ConfigError(f"{variable} is not a proxy URL that can be used, got {without_credentials(chosen)!r} (it "
+                              "needs its scheme, http://host:port, and no spaces; a password holding '/', '#', '?' or "
+                              "'@' must be %-escaped).") from None
 
 
 def _url(env: Mapping[str, str], name: str, default: str | None, *, exact: bool = False) -> str | None:

@@ -120,3 +120,14 @@ def test_a_command_prints_its_output_on_stdout_and_its_log_lines_on_stderr(tmp_p
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["open"] is False  # the whole of stdout is the command's JSON
     assert "fail_open_enabled" in shown.stderr
+    # The worker serves: its lines are its output (its app is loaded as any command's, then it takes stdout back).
+    worker = subprocess.Popen([*flask, "worker"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=tmp_path)
+    try:
+        events = [json.loads(line)["event"] for line in iter(worker.stdout.readline, "") if line.startswith("{")
+                  and not (json.loads(line)["event"] == "worker_started" and worker.terminate())]
+    finally:
+        worker.kill()
+        errors = worker.communicate(timeout=30)[1]
+    assert {"database_in_use", "worker_started", "worker_stopped"} <= set(events), (events, errors)
+    assert '"event"' not in errors

@@ -345,6 +345,8 @@ def test_a_url_urllib3_cannot_connect_to_is_refused_without_its_credentials(url)
     ("https_proxy", "http://[bad"),
     ("ALL_PROXY", "notaurl"),
     ("HTTPS_PROXY", "ftp://127.0.0.1:21"),
+    ("HTTPS_PROXY", "http://user:s3cretpw@127.0.0.1:3128 "),  # urllib3 takes the value as it is, space and all
+    ("Https_Proxy", "http://user:ab/cd@127.0.0.1:3128"),  # any case of the name counts for urllib
 ])
 def test_an_outbound_proxy_that_cannot_be_used_names_its_variable_not_its_password(variable, value):
     """It stopped every process with urllib3's traceback, which quoted the URL, password and all."""
@@ -357,11 +359,26 @@ def test_a_usable_outbound_proxy_passes(tmp_path):
     bundle = tmp_path / "ca.pem"
     bundle.write_text("")
     Settings.from_env({**BASE, "HTTPS_PROXY": "http://user:p%2Fw@127.0.0.1:3128", "REQUESTS_CA_BUNDLE": str(bundle)})
-    Settings.from_env({**BASE, "HTTP_PROXY": "not used for https"})  # requests would not use it either
+
+
+@pytest.mark.parametrize("env", [
+    {"HTTP_PROXY": "not used for https"},
+    {"HTTPS_PROXY": "bad", "https_proxy": "http://127.0.0.1:3128"},  # the lower-case one wins
+    {"HTTPS_PROXY": "bad", "NO_PROXY": "api.twilio.com,content.twilio.com"},
+    {"HTTPS_PROXY": "bad", "no_proxy": "*"},
+    {"ALL_PROXY": "bad", "HTTPS_PROXY": "http://127.0.0.1:3128"},  # the scheme's own is chosen first
+])
+def test_a_proxy_variable_requests_would_not_use_stops_nothing(env):
+    """Refused, they stopped a start whose calls to Twilio would never have used them."""
+    Settings.from_env({**BASE, **env})
 
 
 @pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
-def test_a_ca_bundle_that_is_not_there_names_its_variable(variable):
+def test_a_ca_bundle_that_is_not_there_names_its_variable(variable, tmp_path):
     """Accepted, it failed every create with a 502 saying the message may or may not have been accepted."""
     with pytest.raises(ConfigError, match=rf"^{variable} names '/nonexistent/ca.pem'"):
         Settings.from_env({**BASE, variable: "/nonexistent/ca.pem"})
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    with pytest.raises(ConfigError, match=variable):  # used as it is, trailing space and all
+        Settings.from_env({**BASE, variable: f"{bundle} "})
