@@ -126,6 +126,10 @@ def on_starting(server):
             os.makedirs(path, exist_ok=True)
             for stale in glob.glob(os.path.join(path, "*.db")):
                 os.remove(stale)
+            # Written into, not only there: a read-only one let every create reach Twilio, then failed its answer
+            # with a 500 (counting its duration) before its attempt was recorded.
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".writable-"):
+                pass
         except OSError as exc:
             _refuse(f"PROMETHEUS_MULTIPROC_DIR must be a directory this process can write, got {path!r} "
                     f"({exc.strerror or type(exc).__name__}).")

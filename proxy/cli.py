@@ -84,11 +84,14 @@ def register(app: Flask) -> None:
     def db_upgrade(revision: str):
         """Apply migrations up to REVISION (default: head)."""
         engine = app.extensions["proxy"].engine
+        before = revision_at_start(engine)
         upgrade(app.extensions["proxy"].settings.database_url, revision)
         # What the database is at now, not the argument: an upgrade "to" an older revision changes nothing (there
-        # is no downgrade command; `alembic downgrade` does that), and saying "database at 0003" misled.
+        # is no downgrade command; `alembic downgrade` does that), and saying "database at 0003" misled. A
+        # relative one (+1) that moved it is no refusal.
         now = revision_at_start(engine)
-        if revision not in ("head", "heads") and now is not None and now != revision:
+        behind = revision == "base" or known_revision(revision)
+        if now is not None and now == before and now != revision and behind:
             raise click.ClickException(f"the database is at {now}, past {revision}: `db upgrade` never goes back "
                                        "(alembic downgrade does; restore a backup otherwise)")
         click.echo(f"database at {now or 'base'}" + (" (head)" if now == head_revision() else ""))

@@ -222,7 +222,9 @@ def normalise_database_url(raw: str) -> str:
     except (ValueError, ArgumentError) as exc:
         raise ConfigError(f"DATABASE_URL cannot be read ({type(exc).__name__}): {without_credentials(raw.strip())!r}.") \
             from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+    if parsed.get_backend_name() == "sqlite" and (parsed.database in (None, "", ":memory:")
+                                                  or ":memory:" in parsed.database
+                                                  or parsed.query.get("mode") == "memory"):  # file:…?mode=memory&uri=true
         # Each process (each gunicorn worker, the worker, `db upgrade`) would get an empty database of its own.
         raise ConfigError("DATABASE_URL must name a SQLite file (sqlite:///path): an in-memory database is one "
                           "per process, never migrated for the others.")

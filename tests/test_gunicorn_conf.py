@@ -100,6 +100,7 @@ def test_gunicorn_shows_the_refusal_as_it_is(tmp_path):
     ({"SESSION_WINDOW_SECONDS": "abc"}, "SESSION_WINDOW_SECONDS"),
     ({"PROMETHEUS_MULTIPROC_DIR": "/proc/nope"}, "PROMETHEUS_MULTIPROC_DIR"),  # a traceback, not naming it
     ({"PROMETHEUS_MULTIPROC_DIR": "/etc/passwd"}, "PROMETHEUS_MULTIPROC_DIR"),
+    ({"PROMETHEUS_MULTIPROC_DIR": "/proc/self"}, "PROMETHEUS_MULTIPROC_DIR"),  # there, but nothing can be written
 ])
 def test_an_invalid_proxy_setting_stops_gunicorn_rather_than_restarting_its_workers(tmp_path, env, variable):
     """The proxy's own settings are read as each worker loads the app. A worker exiting with a code gunicorn

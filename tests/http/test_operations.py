@@ -495,6 +495,8 @@ def test_cli_db_upgrade_says_where_the_database_is_not_what_it_was_asked(setting
     runner = create_app(replace(settings, database_url=url)).test_cli_runner()
     first = runner.invoke(args=["db", "upgrade", "0002"])
     assert first.exit_code == 0 and first.output.strip() == "database at 0002", first.output
+    relative = runner.invoke(args=["db", "upgrade", "+1"])  # Alembic's relative step: it moved, no refusal
+    assert relative.exit_code == 0 and relative.output.strip() == "database at 0003", relative.output
     to_head = runner.invoke(args=["db", "upgrade"])
     assert to_head.exit_code == 0 and to_head.output.strip() == f"database at {head_revision()} (head)"
     for older in ("0003", "base"):

@@ -31,6 +31,8 @@ def test_defaults():
         # One database per process, never migrated for the others; a driver not installed: tracebacks at start.
         ({**BASE, "DATABASE_URL": "sqlite://"}, "DATABASE_URL"),
         ({**BASE, "DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL"),
+        ({**BASE, "DATABASE_URL": "sqlite:///file:mem1?mode=memory&uri=true"}, "DATABASE_URL"),
+        ({**BASE, "DATABASE_URL": "sqlite:///file::memory:?cache=shared&uri=true"}, "DATABASE_URL"),
         ({**BASE, "DATABASE_URL": "sqlite+aiosqlite:////tmp/a.db"}, "DATABASE_URL"),
         ({**BASE, "TWILIO_TIMEOUT_SECONDS": "0"}, "TWILIO_TIMEOUT_SECONDS"),
         ({**BASE, "LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
