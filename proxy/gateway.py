@@ -60,9 +60,13 @@ def _relayed(headers) -> list[tuple[str, str]]:
     return kept
 
 
-# What a rerouted send keeps of the original request; the content itself is replaced.
+# What a rerouted send keeps of the original request: where and how it is delivered. The content (Body, MediaUrl,
+# ContentSid and ContentVariables, PersistentAction, SmartEncoded, SendAsMms) is replaced; a field not named here
+# is dropped rather than guessed at.
 _KEPT_ON_REROUTE = ("To", "From", "MessagingServiceSid", "StatusCallback", "ApplicationSid", "ValidityPeriod",
-                    "SendAt", "ScheduleType", "MessageIntent", "ContentRetention", "AddressRetention")
+                    "SendAt", "ScheduleType", "MessageIntent", "ContentRetention", "AddressRetention",
+                    "ProvideFeedback", "Attempt", "ShortenUrls", "RiskCheck", "TrafficType", "FallbackFrom",
+                    "ForceDelivery", "MaxPrice")
 
 
 @bp.before_request

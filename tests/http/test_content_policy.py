@@ -255,13 +255,17 @@ def test_a_reroute_keeps_scheduling_validity_and_retention_fields(reroute_app, f
     send_at = (utcnow() + timedelta(days=2)).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     kept = {"To": USER, "MessagingServiceSid": "MG" + "a" * 32, "StatusCallback": "https://app/cb",
             "SendAt": send_at, "ScheduleType": "fixed", "ValidityPeriod": "600", "MessageIntent": "marketing",
-            "ContentRetention": "discard", "AddressRetention": "obfuscate", "ApplicationSid": "AP" + "b" * 32}
-    response = send(reroute_app.test_client(), {**kept, "Body": "free form, cold"})
+            "ContentRetention": "discard", "AddressRetention": "obfuscate", "ApplicationSid": "AP" + "b" * 32,
+            # Delivery options, not content (they were dropped: a caller's ProvideFeedback lost on the fallback).
+            "ProvideFeedback": "true", "Attempt": "2", "ShortenUrls": "true", "RiskCheck": "disable"}
+    response = send(reroute_app.test_client(), {**kept, "Body": "free form, cold", "SmartEncoded": "true",
+                                                "PersistentAction": "geo:37.7,-122.4"})
     assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "rerouted"
     [received] = fake_twilio.creates
     form = dict(received.form)
     assert {k: form.get(k) for k in kept} == kept
     assert form["ContentSid"] == reroute_app.fallback_sid and "Body" not in form
+    assert "SmartEncoded" not in form and "PersistentAction" not in form  # the original's content, replaced
 
 
 @pytest.mark.parametrize("profile_name", [None, "  "])
