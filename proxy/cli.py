@@ -90,7 +90,9 @@ def register(app: Flask) -> None:
         # is no downgrade command; `alembic downgrade` does that), and saying "database at 0003" misled. A
         # relative one (+1) that moved it is no refusal.
         now = revision_at_start(engine)
-        behind = revision == "base" or known_revision(revision)
+        # `head`, `heads`, `0005@head` name where the database should end up, whatever it is at; a revision by its
+        # id (or base) that it did not move from is one it is past.
+        behind = "head" not in revision and (revision == "base" or known_revision(revision))
         if now is not None and now == before and now != revision and behind:
             raise click.ClickException(f"the database is at {now}, past {revision}: `db upgrade` never goes back "
                                        "(alembic downgrade does; restore a backup otherwise)")

@@ -499,6 +499,10 @@ def test_cli_db_upgrade_says_where_the_database_is_not_what_it_was_asked(setting
     assert relative.exit_code == 0 and relative.output.strip() == "database at 0003", relative.output
     to_head = runner.invoke(args=["db", "upgrade"])
     assert to_head.exit_code == 0 and to_head.output.strip() == f"database at {head_revision()} (head)"
+    for again in (["db", "upgrade"], ["db", "upgrade", "heads"], ["db", "upgrade", f"{head_revision()}"]):
+        # Every release phase after the first: already at head is no refusal.
+        rerun = runner.invoke(args=again)
+        assert rerun.exit_code == 0 and rerun.output.strip() == f"database at {head_revision()} (head)", rerun.output
     for older in ("0003", "base"):
         back = runner.invoke(args=["db", "upgrade", older])
         assert back.exit_code == 1, back.output
