@@ -243,7 +243,24 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 
     event.listen(engine, "checkin", _note_idle)
     event.listen(engine, "checkout", ping_if_idle)
+    event.listen(engine, "invalidate", _cancel_what_was_interrupted)
     return engine
+
+
+def _cancel_what_was_interrupted(dbapi_connection, _record, exception) -> None:
+    """Before SQLAlchemy closes a connection a read's deadline interrupted (gevent's Timeout, proxy/judge.py), the
+    server is told to stop that statement: a backend waiting on a lock does not notice its client gone, and one
+    stayed behind per interrupted read for as long as the lock lasted. psycopg cancels by itself only for
+    KeyboardInterrupt and SystemExit."""
+    if exception is None or isinstance(exception, Exception):
+        return
+    try:
+        dbapi_connection.cancel_safe(timeout=CANCEL_TIMEOUT_SECONDS)
+    except Exception:  # noqa: BLE001 — the connection is being dropped anyway; the lock's end frees the backend
+        pass
+
+
+CANCEL_TIMEOUT_SECONDS = 2
 
 
 # A PostgreSQL host that accepts the connection and never answers (or drops its packets) is given up on

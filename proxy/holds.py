@@ -17,15 +17,16 @@ STATUSES = (HELD, SENDING, RELEASED, EXPIRED, FAILED)
 FINISHED = (RELEASED, EXPIRED, FAILED)
 
 
-# Twilio schedules a message 5 minutes to 35 days ahead, and refuses any other SendAt with 35115.
-SCHEDULE_MIN_LEAD = timedelta(minutes=5)
+# Twilio schedules a message 5 minutes to 35 days ahead, and refuses any other SendAt with 35115; a minute more,
+# for the judge, the Content API, the network and the clocks between this check and Twilio's.
+SCHEDULE_MIN_LEAD = timedelta(minutes=6)
 _SCHEDULING = ("SendAt", "ScheduleType")
 
 
 def as_released(params: list[tuple[str, str]], now: datetime) -> list[tuple[str, str]]:
     """A held send's fields as its release sends them: one scheduled for a time gone by, or too near for Twilio to
     schedule it, is sent now, as it would have gone had the window been open (released with its SendAt, Twilio
-    refused it with 35115, and the message was lost). One still far enough ahead stays scheduled."""
+    refused it with 35115, and the message was lost). One still far enough ahead (SCHEDULE_MIN_LEAD) stays scheduled."""
     raw = next((value for name, value in params if name == "SendAt"), "").strip()
     if not raw:
         return params

@@ -350,6 +350,9 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}.")
 
 
+_SOCKS_SCHEMES = ("socks4", "socks4a", "socks5", "socks5h")  # what urllib3's SOCKSProxyManager takes
+
+
 def _environ_proxies(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     """urllib's getproxies_environment, over `env`: scheme (or `no`) -> (the variable, its value). Any case of a
     `*_proxy` name counts, and the lower-case one wins over the others; an empty one removes its scheme."""
@@ -357,12 +360,14 @@ def _environ_proxies(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     for name, value in env.items():
         if value and name.lower().endswith("_proxy"):
             proxies[name.lower()[:-6]] = (name, value)
+    if "REQUEST_METHOD" in env:  # under CGI, HTTP_PROXY could be a request's Proxy header: urllib ignores it
+        proxies.pop("http", None)
     for name, value in env.items():
-        if name.endswith("_proxy") and name == name.lower():
+        if name.endswith("_proxy"):
             if value:
-                proxies[name[:-6]] = (name, value)
+                proxies[name.lower()[:-6]] = (name, value)
             else:
-                proxies.pop(name[:-6], None)
+                proxies.pop(name.lower()[:-6], None)
     return proxies
 
 
@@ -379,7 +384,8 @@ def check_outbound(env: Mapping[str, str], base_urls) -> None:
     if path and not (os.path.isfile(path) or os.path.isdir(path)):
         raise ConfigError(f"{name} names {path!r}, which is no file or directory of CA certificates.")
     proxies = _environ_proxies(env)
-    no_proxy = proxies.pop("no", (None, None))[1]
+    proxies.pop("no", None)
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY")  # as requests reads it: an empty one is no answer
     for url in base_urls:
         if no_proxy and requests.utils.should_bypass_proxies(url, no_proxy=no_proxy):
             continue
@@ -390,14 +396,16 @@ def check_outbound(env: Mapping[str, str], base_urls) -> None:
         try:
             scheme = (parse_url(chosen).scheme or "").lower()
             if scheme.startswith("socks"):
-                if importlib.util.find_spec("socks") is None:
-                    raise ConfigError(f"{variable} is a SOCKS proxy, which needs PySocks: pip install 'requests[socks]'.")
+                if scheme not in _SOCKS_SCHEMES:  # `socks://` (GNOME's): urllib3 cannot tell which version
+                    raise ValueError(scheme)
             else:
                 urllib3.ProxyManager(chosen)  # what proxy/upstream.py builds: it parses and checks the URL, no I/O
         except (ValueError, urllib3.exceptions.HTTPError):  # LocationParseError, ProxySchemeUnknown
             raise ConfigError(f"{variable} is not a proxy URL that can be used, got {without_credentials(chosen)!r} (it "
                               "needs its scheme, http://host:port, and no spaces; a password holding '/', '#', '?' or "
                               "'@' must be %-escaped).") from None
+        if scheme.startswith("socks") and importlib.util.find_spec("socks") is None:
+            raise ConfigError(f"{variable} is a SOCKS proxy, which needs PySocks: pip install 'requests[socks]'.")
 
 
 def _url(env: Mapping[str, str], name: str, default: str | None, *, exact: bool = False) -> str | None:

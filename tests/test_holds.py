@@ -143,7 +143,8 @@ SCHEDULED = [("To", "whatsapp:+14155550111"), ("Body", "x"), ("SendAt", "{}"), (
 @pytest.mark.parametrize("send_at, kept", [
     ("2026-11-27T11:00:00Z", False),           # gone by
     ("2026-11-27T12:04:59+00:00", False),      # under Twilio's 5 minutes ahead: it would refuse it (35115)
-    ("2026-11-27T12:05:00Z", True),            # still far enough ahead: stays scheduled
+    ("2026-11-27T12:05:30Z", False),           # just over, but not once the send has reached Twilio
+    ("2026-11-27T12:06:00Z", True),            # far enough ahead: stays scheduled
     ("2026-11-29T12:00:00Z", True),
     ("2026-11-27T12:01:00", False),            # no offset: UTC, as the judge reads it
     ("not a time", True),                      # refused at the gateway, never held: left as it is

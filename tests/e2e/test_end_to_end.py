@@ -223,6 +223,10 @@ def test_a_send_whose_window_read_waits_behind_a_lock_is_refused_at_ten_seconds(
     """PostgreSQL: the read waited out the whole lock (a migration's, a LOCK TABLE) and was refused as slow only
     then: 30 s for a 30 s lock, past the caller's timeout. gevent's workers give it up at SLOW_DATABASE_SECONDS,
     while the lock is still held."""
+    import time
+
+    from sqlalchemy import text
+
     from tests.http.test_gateway import windows_locked
 
     if db_engine.dialect.name != "postgresql":
@@ -235,8 +239,18 @@ def test_a_send_whose_window_read_waits_behind_a_lock_is_refused_at_ten_seconds(
         response = requests.post(url, data={"To": USER, "From": BUSINESS, "Body": "x"}, auth=(ACCOUNT_SID, AUTH_TOKEN),
                                  timeout=40)
         still_locked = not release.is_set() and holder.is_alive()
+        # The read's statement was cancelled on the server, not left waiting on the lock (one backend per send).
+        waiting = None
+        for _ in range(50):
+            with db_engine.connect() as conn:
+                waiting = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                            "AND query LIKE '%FROM windows%'")).scalar()
+            if not waiting:
+                break
+            time.sleep(0.1)
     assert response.status_code == 503 and "did not answer within 10 s" in response.json()["message"]
     assert still_locked and fake_twilio.creates == []
+    assert waiting == 0
     slow = [json.loads(line) for line in json_lines(proxy_server.log_lines()) if '"database_slow"' in line]
     assert [line["level"] for line in slow] == ["ERROR"]
     # The interrupted connection was dropped, not handed to the next request mid-query.

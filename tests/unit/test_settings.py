@@ -349,6 +349,8 @@ def test_a_url_urllib3_cannot_connect_to_is_refused_without_its_credentials(url)
     ("HTTPS_PROXY", "ftp://127.0.0.1:21"),
     ("HTTPS_PROXY", "http://user:s3cretpw@127.0.0.1:3128 "),  # urllib3 takes the value as it is, space and all
     ("Https_Proxy", "http://user:ab/cd@127.0.0.1:3128"),  # any case of the name counts for urllib
+    ("HTTPS_proxy", "http://user:ab/cd@127.0.0.1:3128"),
+    ("ALL_PROXY", "socks://alice:s3cretpw@127.0.0.1:1080"),  # GNOME's: no SOCKS version urllib3 knows
 ])
 def test_an_outbound_proxy_that_cannot_be_used_names_its_variable_not_its_password(variable, value):
     """It stopped every process with urllib3's traceback, which quoted the URL, password and all."""
@@ -363,12 +365,22 @@ def test_a_usable_outbound_proxy_passes(tmp_path):
     Settings.from_env({**BASE, "HTTPS_PROXY": "http://user:p%2Fw@127.0.0.1:3128", "REQUESTS_CA_BUNDLE": str(bundle)})
 
 
+def test_a_socks_proxy_without_pysocks_says_so():
+    import importlib.util
+
+    if importlib.util.find_spec("socks") is not None:
+        pytest.skip("PySocks is installed here")
+    with pytest.raises(ConfigError, match=r"^ALL_PROXY is a SOCKS proxy, which needs PySocks"):
+        Settings.from_env({**BASE, "ALL_PROXY": "socks5h://user:pw@127.0.0.1:1080"})
+
+
 @pytest.mark.parametrize("env", [
     {"HTTP_PROXY": "not used for https"},
     {"HTTPS_PROXY": "bad", "https_proxy": "http://127.0.0.1:3128"},  # the lower-case one wins
     {"HTTPS_PROXY": "bad", "NO_PROXY": "api.twilio.com,content.twilio.com"},
     {"HTTPS_PROXY": "bad", "no_proxy": "*"},
     {"ALL_PROXY": "bad", "HTTPS_PROXY": "http://127.0.0.1:3128"},  # the scheme's own is chosen first
+    {"HTTPS_PROXY": "bad", "no_proxy": "", "NO_PROXY": "api.twilio.com,content.twilio.com"},  # "" is no answer
 ])
 def test_a_proxy_variable_requests_would_not_use_stops_nothing(env):
     """Refused, they stopped a start whose calls to Twilio would never have used them."""
