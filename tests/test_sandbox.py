@@ -441,7 +441,7 @@ def test_the_simulator_schedules_only_through_a_messaging_service_and_leaves_the
     with ServerThread(sim.app()) as server:
         # Twilio: 5 minutes to 35 days ahead, else 35115 (a release that kept a SendAt gone by was refused so).
         for wrong in ((now + timedelta(minutes=4)).isoformat(), (now - timedelta(hours=1)).isoformat(),
-                      (now + timedelta(days=36)).isoformat(), "2030-01-01T12:00:00"):
+                      (now + timedelta(days=36)).isoformat(), "2030-01-01T12:00:00", "next tuesday"):
             too = create(server.url, sim, To=USER, MessagingServiceSid="MG" + "a" * 32, Body="x", SendAt=wrong,
                          ScheduleType="fixed")
             assert (too.status_code, too.json()["code"]) == (400, 35115), wrong
@@ -449,6 +449,9 @@ def test_the_simulator_schedules_only_through_a_messaging_service_and_leaves_the
         refused = create(server.url, sim, To=USER, From=BUSINESS, Body="later", SendAt=send_at, ScheduleType="fixed")
         scheduled = create(server.url, sim, To=USER, MessagingServiceSid="MG" + "a" * 32, Body="later",
                            SendAt=send_at, ScheduleType="fixed")
+        naive = create(server.url, sim, To=USER, MessagingServiceSid="MG" + "a" * 32, Body="later",
+                       SendAt=(now + timedelta(days=1)).replace(tzinfo=None).isoformat(), ScheduleType="fixed")
+        assert naive.status_code == 201  # no offset: UTC, as the proxy's judge reads it
         sim.wait_for_callbacks()
         fetched = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages/"
                                f"{scheduled.json()['sid']}.json", auth=(sim.account_sid, sim.auth_token),
@@ -458,7 +461,7 @@ def test_the_simulator_schedules_only_through_a_messaging_service_and_leaves_the
         (35118, "MessagingServiceSid is required to schedule a message")
     assert scheduled.status_code == 201 and scheduled.json()["status"] == "scheduled"
     assert fetched["status"] == "scheduled" and sim.callbacks == []  # not sent before its SendAt
-    assert list(sim.messages) == [scheduled.json()["sid"]]
+    assert list(sim.messages) == [scheduled.json()["sid"], naive.json()["sid"]]
 
 
 def test_the_open_windows_of_the_proxys_database_are_what_a_restarted_simulator_remembers(client, settings,

@@ -522,7 +522,8 @@ def _schedule_refusal(form) -> Response | None:
         return _error(35118, 400, "MessagingServiceSid is required to schedule a message")
     try:
         at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        ahead = at - datetime.now(timezone.utc) if at.tzinfo else None
+        # Without an offset: UTC, as the proxy's judge reads it (proxy/judge.py send_time).
+        ahead = (at if at.tzinfo else at.replace(tzinfo=timezone.utc)) - datetime.now(timezone.utc)
     except (ValueError, OverflowError):
         ahead = None
     if ahead is None or not timedelta(minutes=5) <= ahead <= timedelta(days=35):
