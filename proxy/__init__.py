@@ -69,7 +69,7 @@ def _log_stream():
     output. Any other command prints what it was asked for on stdout, which scripts read (`outbox list` a JSON
     line per item): its log lines go to stderr. Read from the command line: flask loads the app while it is still
     working out which command was asked for, and click has not kept it anywhere yet."""
-    if click.get_current_context(silent=True) is None:
+    if not _loaded_by_flask_cli():
         return sys.stdout
     words = iter(sys.argv[1:])
     for word in words:

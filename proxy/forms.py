@@ -50,6 +50,9 @@ class BodyTimeout(RequestTimeout):
         super().__init__(f"The request body did not arrive within {seconds:g} s; nothing was done with it.")
 
 
+_READ = "proxy.body"  # the environ key body_of keeps a body read whole under
+
+
 class Fields(MultiDict):
     """werkzeug's MultiDict, with the `getall` twilio-python's RequestValidator asks for first.
 
@@ -84,9 +87,6 @@ def body_of(request: Request) -> bytes:
                 raise RequestEntityTooLarge()
     request.environ[_READ] = body
     return body
-
-
-_READ = "proxy.body"  # the environ key body_of keeps a body read whole under
 
 
 def _in_time(request: Request, read):

@@ -6,9 +6,12 @@ import json
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, and_, exists, literal, or_, select, text, update
+from werkzeug.datastructures import MultiDict
 
 from . import outbox, store
 from .db import held_messages, outbox as outbox_rows, windows
+from .errors import ApiError
+from .judge import send_time
 
 HELD, SENDING, RELEASED, EXPIRED, FAILED = "held", "sending", "released", "expired", "failed"
 STATUSES = (HELD, SENDING, RELEASED, EXPIRED, FAILED)
@@ -27,15 +30,13 @@ def as_released(params: list[tuple[str, str]], now: datetime) -> list[tuple[str,
     """A held send's fields as its release sends them: one scheduled for a time gone by, or too near for Twilio to
     schedule it, is sent now, as it would have gone had the window been open (released with its SendAt, Twilio
     refused it with 35115, and the message was lost). One still far enough ahead (SCHEDULE_MIN_LEAD) stays scheduled."""
-    raw = next((value for name, value in params if name == "SendAt"), "").strip()
-    if not raw:
+    if not any(name == "SendAt" and value.strip() for name, value in params):
         return params
     try:
-        at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        at = at if at.tzinfo else at.replace(tzinfo=now.tzinfo)
-        if at - now >= SCHEDULE_MIN_LEAD:
-            return params
-    except (ValueError, OverflowError):  # refused by the gateway before it could be held: kept as it is
+        at = send_time(MultiDict(params), now)  # read as the judge reads it: no offset is UTC, a past time is now
+    except ApiError:  # refused at the gateway before it could be held: kept as it is
+        return params
+    if at - now >= SCHEDULE_MIN_LEAD:
         return params
     return [(name, value) for name, value in params if name not in _SCHEDULING]
 

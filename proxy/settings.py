@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
+import requests.utils
+import urllib3
 from sqlalchemy import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from urllib3.util import parse_url
@@ -376,9 +378,6 @@ def check_outbound(env: Mapping[str, str], base_urls) -> None:
     (proxy/upstream.py: requests' own choice of proxy, the values as they are): one that cannot be used stopped
     every process with a traceback quoting the proxy's password (urllib3's LocationParseError), and a CA bundle
     that is not there failed every create as if Twilio might have accepted it."""
-    import requests.utils
-    import urllib3
-
     name = "REQUESTS_CA_BUNDLE" if env.get("REQUESTS_CA_BUNDLE") else "CURL_CA_BUNDLE"
     path = env.get(name)
     if path and not (os.path.isfile(path) or os.path.isdir(path)):
