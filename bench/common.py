@@ -28,6 +28,25 @@ ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "bench-auth-token-0123456789abcdef"
 BUSINESSES = [f"whatsapp:+1415555{n:04d}" for n in range(100, 104)]
 
+# BENCH_SERVER_CPUS=1: the server under test (gunicorn, its workers) runs on those CPUs only, and this process, the
+# load tool and the fake upstream on the others, so a run measures what the server does with cores of its own
+# rather than what is left to it beside the load. Off by default: `make bench` shares the cores as before.
+SERVER_CPUS = os.environ.get("BENCH_SERVER_CPUS", "").strip()
+
+
+def _pin_load_side() -> None:
+    if not SERVER_CPUS:
+        return
+    server = {int(n) for part in SERVER_CPUS.split(",") for n in
+              (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))}
+    load = set(os.sched_getaffinity(0)) - server
+    if not server or not load:
+        raise SystemExit(f"BENCH_SERVER_CPUS={SERVER_CPUS!r} must leave this machine's other CPUs to the load tool")
+    os.sched_setaffinity(0, load)  # inherited by wrk and the fake upstream
+
+
+_pin_load_side()
+
 
 def user_number(n: int) -> str:
     return f"whatsapp:+1650{n:07d}"
@@ -51,7 +70,7 @@ def machine() -> dict:
         pass
     return {"cpus": os.cpu_count(), "cpu_model": model, "mem_gib": round(mem_kb / 2**20, 1),
             "kernel": platform.release(), "python": platform.python_version(),
-            "load_generator": load_generator_name()}
+            "load_generator": load_generator_name(), "server_cpus": SERVER_CPUS or "shared"}
 
 
 def write_result(name: str, data: dict) -> Path:
@@ -126,6 +145,8 @@ class Gunicorn:
         if extra_args:  # e.g. a different --worker-class; placed before the app spec
             head, _, app = self.command.rpartition(" ")
             self.command = f"{head} {extra_args} {app}"
+        if SERVER_CPUS:
+            self.command = f"taskset -c {SERVER_CPUS} {self.command}"
         self.env = base_env(PORT=self.port, **env)
         self.log_path = Path(tempfile.gettempdir()) / f"bench-gunicorn-{label}-{self.port}.log"
         self.process: subprocess.Popen | None = None

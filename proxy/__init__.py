@@ -12,10 +12,11 @@ import click
 from flask import Flask, g, request
 from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError, StatementError
 from twilio.request_validator import RequestValidator
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import admin, cli, gateway, logs, ops, webhooks
 from .attempts import AttemptWriter
+from .auth import require_basic_auth
 from .content import ContentResolver
 from .forwarding import Forwarder
 from .group_commit import GroupCommit, values_refused
@@ -158,7 +159,19 @@ def create_app(settings: Settings | None = None) -> Flask:
             return twilio_error(20404, 404, path=request.path)
         if getattr(exc, "close_connection", False):
             end_of_requests()
-        return twilio_error(exc.code, exc.code, exc.description)
+        if not isinstance(exc, MethodNotAllowed):
+            return twilio_error(exc.code, exc.code, exc.description)
+        response = None
+        if request.path.startswith(gateway.bp.url_prefix + "/"):
+            # Refused by routing, before the gateway's own hooks: a PUT, PATCH or OPTIONS to the Messages API is
+            # answered only to a caller with credentials, and says it was not judged, as the gateway's answers do.
+            response = require_basic_auth()
+        if response is None:
+            response = twilio_error(405, 405, exc.description)
+            response.headers["Allow"] = ", ".join(exc.valid_methods or ())
+        if request.path.startswith(gateway.bp.url_prefix + "/"):
+            response.headers["X-Proxy-Decision"] = "rejected"
+        return response
 
     @app.errorhandler(DataError)
     def unstorable_value(exc: StatementError):

@@ -110,7 +110,8 @@ def create_form() -> tuple[bytes, MultiDict]:
     return raw_body, form
 
 
-@bp.post("/Accounts/<account_sid>/Messages.json")
+# No automatic OPTIONS on the gateway's routes: Flask would answer it 200 before any credentials were checked.
+@bp.post("/Accounts/<account_sid>/Messages.json", provide_automatic_options=False)
 def create_message(account_sid: str):
     rt, started = runtime(), time.perf_counter()
     raw_body, form = create_form()
@@ -179,7 +180,7 @@ def rerouted_form(form: MultiDict, judgement: Judgement) -> list[tuple[str, str]
     return pairs
 
 
-@bp.route("/<path:rest>", methods=["GET", "POST", "DELETE"])
+@bp.route("/<path:rest>", methods=["GET", "POST", "DELETE"], provide_automatic_options=False)
 def passthrough(rest: str):
     """Every other 2010-04-01 call goes to Twilio unchanged, so the whole client keeps working."""
     if not _safe_passthrough_path(request.path, request.method):

@@ -216,7 +216,11 @@ def resolve(rt: Runtime, content_sid: str, channel: str) -> Send:
     except ContentNotFound:
         raise ApiError(21655, 400) from None
     except ContentUnavailable as exc:
-        # Fail closed: without the template's type and approval nothing can be judged.
+        # Fail closed: without the template's type and approval nothing can be judged. Said in a line, as a
+        # database refusal is: the caller's 503 is all the decision there is, and no attempt row is written.
+        logs.log.error("content_unavailable", extra={
+            "content_sid": content_sid if CONTENT_SID.fullmatch(content_sid) else "not_a_content_sid",
+            "detail": str(exc), "request_id": g.get("request_id") if has_request_context() else None})
         raise ApiError(503, 503, f"The Content API could not be asked about {content_sid} ({exc}); "
                                  "nothing was sent. Retry later.", refusal="content_unavailable") from None
     return Send(channel, content.delivered_type, template=True, approval=content.approval, buttons=content.buttons)

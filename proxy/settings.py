@@ -448,9 +448,13 @@ def database_shown(url: str) -> str:
 def without_credentials(raw: str) -> str:
     """A URL the operator mistyped, as a configuration error shows it: whatever stood before an `@` (a
     user and password) and the query (a token) are left out, its scheme, host and path kept."""
-    text, query, _ = raw.partition("?")
-    text = text.partition("#")[0]
+    prefix = _SCHEME_PREFIX.match(raw)
+    scheme, text = (prefix.group(), raw[prefix.end():]) if prefix else ("", raw)
+    # The last `@` anywhere, before the query and fragment are cut: a password with an unescaped `#` or `?`
+    # (`u:pa#ss@host`) would otherwise be cut there, and what stood before it shown. An `@` in the query hides
+    # the host too; that errs on the side of the secret.
     if "@" in text:
-        prefix = _SCHEME_PREFIX.match(text)
-        text = (prefix.group() if prefix else "") + "…@" + text.rpartition("@")[2]
-    return text + ("?…" if query else "")
+        text = "…@" + text.rpartition("@")[2]
+    text, query, _ = text.partition("?")
+    text = text.partition("#")[0]
+    return scheme + text + ("?…" if query else "")

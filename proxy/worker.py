@@ -436,7 +436,9 @@ class Worker:
             body = json.loads(text)
             text = f"{body['code']} {body['message']}"
         except (ValueError, TypeError, KeyError, RecursionError):
-            pass  # not Twilio's JSON: its text as it came
+            # Not Twilio's JSON (a firewall's or a load balancer's page): never its text, which may quote the
+            # request, and so the message's body, into a log line and held_messages.last_error.
+            return f"not Twilio's error body ({len(text)} characters)"
         return (logs.mask_numbers(text) if self.rt.settings.log_redact_numbers else text)[:200]
 
 

@@ -85,7 +85,7 @@ class Simulator:
     window_seconds: int = 86400
     requests: list[Received] = field(default_factory=list)
     delay: float = 0.0
-    fail_with: tuple[int, dict] | None = None
+    fail_with: tuple[int, dict | str] | None = None  # a str is answered as an HTML page (a firewall's, say)
     messages: dict = field(default_factory=dict)
     contents: dict = field(default_factory=dict)
     content_down: bool = False
@@ -271,6 +271,8 @@ class Simulator:
                 return _error(20503, 503, "Service Unavailable")
             if self.fail_with and not request.path.startswith("/v1/"):
                 status, error = self.fail_with
+                if isinstance(error, str):
+                    return Response(error, status=status, mimetype="text/html")
                 return Response(json.dumps(error), status=status, mimetype="application/json")
             return None
 

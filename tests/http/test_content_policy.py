@@ -127,7 +127,7 @@ def test_content_variables_without_content_sid_is_21654(client, fake_twilio):
     assert response.status_code == 400 and response.get_json()["code"] == 21654
 
 
-def test_content_api_down_fails_closed(client, fake_twilio):
+def test_content_api_down_fails_closed(client, fake_twilio, log_lines):
     sid = fake_twilio.add_content({"twilio/text": {"body": "x"}})
     fake_twilio.content_down = True
     open_window(client)
@@ -135,6 +135,10 @@ def test_content_api_down_fails_closed(client, fake_twilio):
     assert response.status_code == 503 and set(response.get_json()) == SHAPE
     assert response.headers["X-Proxy-Decision"] == "rejected"  # nothing was judged, nothing sent
     assert fake_twilio.creates == []
+    # The refusal is said in a line of its own (it had none: no decision line, no attempt row).
+    [line] = [line for line in log_lines() if line["event"] == "content_unavailable"]
+    assert line["content_sid"] == sid and line["detail"] == "Content API answered 503"
+    assert line["request_id"] == response.headers["X-Request-Id"]
 
 
 def test_content_is_cached_in_the_database_with_a_ttl(settings, db_engine, fake_twilio):

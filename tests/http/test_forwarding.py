@@ -1450,6 +1450,22 @@ def test_twilios_error_text_is_logged_and_kept_without_the_number(settings, db_e
     assert "4155550111" not in json.dumps(log_lines()) and "4155550111" not in error
 
 
+def test_a_page_that_is_not_twilios_error_is_never_logged_or_kept(settings, db_engine, fake_twilio, log_lines):
+    """A firewall's 403 page quoting the request put the held message's body into the release line and
+    held_messages.last_error; only its status is kept now."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "held secret 4111"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + "2"))
+    fake_twilio.fail_with = (403, "<html>Request blocked: To=whatsapp%3A%2B1&Body=held+secret+4111</html>")
+    run_worker(app)
+    with db_engine.connect() as conn:
+        status, error = conn.execute(select(held_messages.c.status, held_messages.c.last_error)).one()
+    [failed] = [line for line in log_lines() if line["event"] == "release" and line["decision"] == "failed"]
+    assert status == "failed" and "403" in error and failed["error"] == error
+    assert "secret" not in error and "held+secret" not in json.dumps(log_lines())
+
+
 def test_a_release_twilio_may_have_received_is_marked_failed_and_never_sent_again(settings, db_engine, fake_twilio):
     """A 5xx from Twilio may come after it accepted the message: retrying could send it twice."""
     app = fallback_app(settings, fake_twilio, hold_on_reroute=True)

@@ -230,6 +230,9 @@ URL_PASSWORD, URL_TOKEN = "url-password-marker-3c1d", "url-query-token-marker-8e
     f"https//app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}",  # a colon missing
     f"ftp://app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}",
     f"app:{URL_PASSWORD}@app.example/hook?token={URL_TOKEN}",
+    # An unescaped `#` or `?` in the password: the URL was cut there first, and the password's start shown.
+    f"https://app:{URL_PASSWORD}#4@app.example/hook?token={URL_TOKEN}",
+    f"https://app:{URL_PASSWORD}?4@app.example/hook",
 ])
 def test_an_invalid_url_setting_is_named_without_its_credentials(name, value):
     from proxy.settings import ConfigError, Settings
