@@ -9,8 +9,9 @@ statement on PostgreSQL in autocommit, one round trip); the others wait for thei
 batch that fails on one request's values, or on an error its own code raised, is rerun one request
 at a time, each in its own thread, so the failure costs only its own request; so is a PostgreSQL batch
 that deadlocked with another worker's or waited over a second for a row (each request alone is what it
-would have been without batching). A failure of the database itself (locked, gone, out of connections)
-is every request's answer, as it would have been alone.
+would have been without batching); a request alone that PostgreSQL ended for crossed locks is run again.
+A failure of the database itself (locked, gone, out of connections) is every request's answer, as it would
+have been alone.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _CONFLICT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
 # forwarded webhook's transaction) before its requests are run alone: one held row must not hold up every
 # webhook of the worker. Batches wait on each other for milliseconds; PostgreSQL's deadlock check is at 1 s.
 BATCH_LOCK_TIMEOUT = "1s"
+# Runs of a request alone that PostgreSQL ended for crossed locks, before its error is the caller's answer.
+ALONE_ATTEMPTS = 3
 
 
 def values_refused(exc: BaseException) -> bool:
@@ -175,6 +178,17 @@ class GroupCommit:
                 job.done.set()
 
     def _alone(self, job: _Job) -> Any:
+        # Alone, a request can still cross another worker's batch: PostgreSQL ends one of the two (its statement
+        # rolled back), and the other goes on. Run again, it no longer waits on anyone; a 503 instead lost the
+        # message (Twilio does not send an inbound webhook again).
+        for attempt in range(1, ALONE_ATTEMPTS + 1):
+            try:
+                return self._alone_once(job)
+            except DBAPIError as exc:
+                if attempt == ALONE_ATTEMPTS or not lock_conflict(exc):
+                    raise
+
+    def _alone_once(self, job: _Job) -> Any:
         if self._autocommit is not None and not job.several:
             with self._autocommit.connect() as conn:
                 return job.work(conn)

@@ -210,7 +210,8 @@ def _inbound_message() -> Response:
     if not (settings.forward_inbound_url or settings.hold_on_reroute):
         # Nothing else is written with the message: one statement on PostgreSQL (store.record_inbound),
         # committed with other webhooks' (group_commit) in the order of the pair's rows.
-        expires_at = _write_alone(rt, lambda conn: store.record_inbound(conn, **record), _pair_order(user, sender, 1))
+        expires_at = _write_alone(rt, lambda conn: store.record_inbound(conn, **record),
+                                  _pair_order(user, sender, 1, service_sid=service_sid))
         return _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     target, pairs = settings.forward_inbound_url, list(form.items(multi=True))
     kept = _kept_headers()
@@ -238,7 +239,8 @@ def _inbound_message() -> Response:
         return expires_at, forward
 
     # Committed with other webhooks' writes (group_commit), one transaction of its own when alone.
-    expires_at, forward = _write_alone(rt, store_and_enqueue, _pair_order(user, sender, 1), several=True)
+    expires_at, forward = _write_alone(rt, store_and_enqueue, _pair_order(user, sender, 1, service_sid=service_sid),
+                                   several=True)
     response = _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     if forward is not None:
         item_id, lease, earlier = forward
@@ -257,10 +259,13 @@ def _write_alone(rt, work, order: tuple, *, several: bool = False):
     return rt.shared_writes.run(work, order, several=several)
 
 
-def _pair_order(user: str, sender: str, *then) -> tuple:
-    """A batch's order for a write keyed by its conversation: by user, then sender (the window rows' lock
-    order), then `then` — 0 for a forward's `delivered`, 1 for an inbound message, 2 for a forwarded status."""
-    return (user, sender, *then)
+def _pair_order(user: str, sender: str, *then, service_sid: str | None = None) -> tuple:
+    """A batch's order for a write keyed by its conversation, the window rows' lock order: by user, then the
+    writes that take a Messaging Service's row (an inbound message carrying one takes it before the sender's,
+    store.record_inbound) before those that take the sender's alone, then by their first row and sender, then
+    `then` — 0 for a forward's `delivered`, 1 for an inbound message, 2 for a forwarded status. Sorted by sender
+    alone, a batch took (sender, user) and then (service, user), the other order to a lone inbound's: deadlocks."""
+    return (user, 0, service_sid, sender, *then) if service_sid else (user, 1, sender, sender, *then)
 
 
 def _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at) -> Response:
