@@ -7,9 +7,12 @@ import logging
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, select, update
+from werkzeug.datastructures import MultiDict
 
 from . import logs, outbox
 from .db import late_failures, send_attempts, windows
+from .errors import ApiError
+from .judge import send_time
 from .runtime import Runtime
 from .store import _insert
 
@@ -65,15 +68,19 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
     # The same inbound message may also have opened the pair's Messaging Service row: close it too.
     opened_by = select(windows.c.last_inbound_sid).where(windows.c.user == attempt.user,
                                                          windows.c.sender.in_(senders))
-    # 63016 says the window WhatsApp knew when it tried to deliver was closed: the one the proxy had
-    # when the send arrived. A message the user sent after that opened a new window (callbacks come
-    # late and out of order), which must stay open.
-    send_arrived = attempt.created_at - timedelta(milliseconds=attempt.duration_ms or 0)
-    conn.execute(update(windows)
-                 .where(windows.c.user == attempt.user, windows.c.expires_at > now,
-                        windows.c.sender.in_(senders) | (windows.c.last_inbound_sid.in_(opened_by)),
-                        windows.c.last_inbound_at <= send_arrived)
-                 .values(expires_at=now, updated_at=now))
+    # 63016 says the window WhatsApp knew when it tried to deliver was closed: the one the proxy had when
+    # the send came in, or at its SendAt. A message the user sent after that opened a new window (callbacks
+    # come late and out of order), which must stay open.
+    tried_at = _tried_at(attempt.params, attempt.created_at - timedelta(milliseconds=attempt.duration_ms or 0))
+    open_now = (windows.c.user == attempt.user, windows.c.expires_at > now,
+                windows.c.sender.in_(senders) | (windows.c.last_inbound_sid.in_(opened_by)))
+    closed = conn.execute(update(windows).where(*open_now, windows.c.last_inbound_at <= tried_at)
+                          .values(expires_at=now, updated_at=now))
+    if not closed.rowcount and conn.execute(select(windows.c.sender).where(*open_now).limit(1)).first():
+        # Nothing closed, and a window is open: the user wrote after WhatsApp's try. Said as it is; the message
+        # still failed, so the fallback (if configured) still goes, as README.md promises.
+        action = "kept_open_and_rerouted" if reroute else "kept_open"
+        conn.execute(update(late_failures).where(late_failures.c.message_sid == sid).values(action=action))
     if reroute:
         kept = ("To", "From", "MessagingServiceSid", "StatusCallback")
         pairs = [(k, v) for k, v in json.loads(attempt.params) if k in kept]
@@ -89,6 +96,15 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
                decision=action, message_sid=sid, sender=attempt.sender, user=attempt.user, code=LATE_WINDOW_FAILURE,
                sent_as=attempt.decision, fallback_content_sid=fallback.content_sid if reroute else None)
     return action
+
+
+def _tried_at(params: str, arrived: datetime) -> datetime:
+    """When WhatsApp tried to deliver the send: when it came in, or its SendAt if scheduled, the time the judge
+    judged it at (judge.send_time)."""
+    try:
+        return send_time(MultiDict(json.loads(params)), arrived)
+    except (ApiError, ValueError, TypeError):  # not a recorded form: the time it came in
+        return arrived
 
 
 def not_a_proxy_send(rt: Runtime, *, sid: str, callback_sender: str | None, checks: int) -> None:

@@ -1095,6 +1095,24 @@ def test_late_63016_keeps_a_window_the_user_reopened_after_the_send(settings, db
     window = client.get(f"/v1/windows?sender={BUSINESS}&user={USER}", headers=basic_auth()).get_json()
     assert window["open"] is True
     assert send(client, {"To": USER, "From": BUSINESS, "Body": "again"}).headers["X-Proxy-Decision"] == "allowed"
+    with db_engine.connect() as conn:  # recorded as what happened: it said `closed`
+        assert conn.execute(select(late_failures.c.action)).scalar_one() == "kept_open_and_rerouted"
+
+
+def test_late_63016_on_a_scheduled_send_closes_a_window_the_user_wrote_in_before_its_send_at(
+        settings, db_engine, fake_twilio, log_lines):
+    """WhatsApp tried the message at its SendAt, after the user's latest message: the window it found closed is
+    the one the proxy still had open (it was measured from when the request came in, and kept open)."""
+    client = create_app(settings).test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "b" * 31 + "4"))
+    send_at = (utcnow() + timedelta(hours=2)).isoformat()
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "later", "SendAt": send_at,
+                        "ScheduleType": "fixed", "MessagingServiceSid": "MG" + "1" * 32}).get_json()["sid"]
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "b" * 31 + "5"))  # before the SendAt
+    assert signed_post(client, "/twilio/status", failed_callback(sid)).status_code == 200
+    assert client.get(f"/v1/windows?sender={BUSINESS}&user={USER}", headers=basic_auth()).get_json()["open"] is False
+    [late] = [line for line in log_lines() if line["event"] == "late_window_failure"]
+    assert (late["decision"], late["message_sid"]) == ("closed", sid)
 
 
 @pytest.mark.parametrize("callback", [failed_callback("SM" + "c" * 32, status="undelivered", code="30008"),
@@ -1673,7 +1691,9 @@ def test_a_late_63016_handled_by_another_process_before_the_send_is_recorded_is_
     assert run_worker(b, utcnow() + timedelta(seconds=6)) == 1
     assert window_open(b.test_client()) is user_wrote_since
     [late] = late_lines(log_lines)
-    assert (late["decision"], late["message_sid"]) == ("closed_and_rerouted", sid)
+    # It said `closed` when it had closed nothing.
+    assert (late["decision"], late["message_sid"]) == (
+        "kept_open_and_rerouted" if user_wrote_since else "closed_and_rerouted", sid)
     assert run_worker(b, utcnow() + timedelta(seconds=6)) == 1
     assert len(fallback_creates(a, fake_twilio)) == 1
     b.extensions["proxy"].engine.dispose()
