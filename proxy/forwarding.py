@@ -87,7 +87,7 @@ class Forwarder:
         headers["Content-Type"] = "application/x-www-form-urlencoded"
         return headers
 
-    def post(self, url: str, pairs: list[tuple[str, str]], kept: dict) -> Reply:
+    def post(self, url: str, pairs: list[tuple[str, str]], kept: dict, timeout: float | None = None) -> Reply:
         """POST within one overall deadline, counted from this call: a socket timeout is per read, an app
         that drip-feeds its answer must not hold Twilio's webhook past its 15 s limit, and the inline
         attempt's lease (FORWARD_TIMEOUT_SECONDS + 5) must outlast it. At the deadline the connection is
@@ -96,24 +96,27 @@ class Forwarder:
         A post still waiting for a thread at the deadline is cancelled: it is reported failed and
         retried by the outbox, so it must never go out afterwards. One that went out and was not
         answered in time may still reach the app: that copy and the retry are the same webhook.
+        `timeout`: a shorter deadline than FORWARD_TIMEOUT_SECONDS (what is left of Twilio's 15 s).
         """
-        deadline = time.monotonic() + self.timeout
+        limit = self.timeout if timeout is None else min(timeout, self.timeout)
+        deadline = time.monotonic() + limit
         line = _Line()
-        future = self.pool.submit(self._post, url, pairs, kept, deadline, line)
+        future = self.pool.submit(self._post, url, pairs, kept, deadline, line, limit)
         try:
-            return future.result(timeout=self.timeout)
+            return future.result(timeout=limit)
         except concurrent.futures.TimeoutError:
             if future.cancel():
-                return _not_sent(self.timeout)
+                return _not_sent(limit)
             # The socket timeout is per read: an app dripping its answer a byte at a time would keep this
             # thread until it finished, and sixteen such answers every forwarding thread.
             line.hang_up()
-            return Reply(False, None, b"", None, f"no answer within {self.timeout:g}s")
+            return Reply(False, None, b"", None, f"no answer within {limit:g}s")
 
-    def _post(self, url: str, pairs: list[tuple[str, str]], kept: dict, deadline: float, line: _Line) -> Reply:
+    def _post(self, url: str, pairs: list[tuple[str, str]], kept: dict, deadline: float, line: _Line,
+              limit: float) -> Reply:
         remaining = deadline - time.monotonic()
         if remaining <= 0:  # the caller gave up just as a thread took this post, too late to cancel it
-            return _not_sent(self.timeout)
+            return _not_sent(limit)
         target, authorization = _target(url)
         # Signed for the URL the app sees: credentials in it go as a header, never in the request line, so the
         # app's own RequestValidator over its request URL would reject a signature computed with them.
@@ -127,7 +130,7 @@ class Forwarder:
                                          redirect=False, preload_content=False)
             reply, read_whole = self._reply(response)
         except (ConnectTimeoutError, ReadTimeoutError):
-            return Reply(False, None, b"", None, f"no answer within {self.timeout:g}s")
+            return Reply(False, None, b"", None, f"no answer within {limit:g}s")
         except HTTPError as exc:  # refused, reset, cut off, an answer that does not decode
             return Reply(False, None, b"", None, f"unreachable ({type(exc).__name__})")
         finally:

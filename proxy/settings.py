@@ -425,6 +425,13 @@ def _url(env: Mapping[str, str], name: str, default: str | None, *, exact: bool 
                           f"{without_credentials(raw)!r}.") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{name} must be an http(s) URL, got {without_credentials(raw)!r}.")
+    if "#" in raw:
+        # Never sent, yet a forward's signature covered it: the app's own RequestValidator refused every forward.
+        # Twilio's connection overrides (#rp=…) belong in the webhook URL set at Twilio, not here.
+        raise ConfigError(f"{name} must not have a #fragment: it is never sent, got {without_credentials(raw)!r}.")
+    if not exact and parts.query:  # paths are appended to a base URL, after which a query has no place
+        raise ConfigError(f"{name} is a base URL, to which paths are added: it takes no ?query, got "
+                          f"{without_credentials(raw)!r}.")
     if exact and len(raw) > MAX_FORWARD_URL_LENGTH:
         # Stored with each queued webhook (outbox.target): PostgreSQL refused a longer one, and with it the
         # webhook's whole transaction, the message and its window included, so every inbound got a 400.

@@ -31,6 +31,8 @@ TWILIO_WEBHOOK_TIMEOUT_SECONDS = 15  # Twilio gives up on a webhook's answer aft
 # A waiting webhook's own attempt must end this much before Twilio's limit: the time the request spent
 # before its handler (the network, gunicorn's queue) is not on its clock.
 WEBHOOK_DEADLINE_MARGIN_SECONDS = 1
+# The least of Twilio's 15 s worth an inline attempt; with less left, the webhook is left to the worker.
+MIN_INLINE_SECONDS = 1.0
 INLINE_POLL_SECONDS = 0.05  # how often a webhook looks whether the one before it was delivered
 # How much of an inline attempt's lease, taken when its webhook was stored, may be gone when the attempt starts
 # before it is renewed (a write transaction): normally milliseconds, the rest of the webhook's batch.
@@ -299,7 +301,11 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
     if lease is None:
         return _twiml()
     started = time.perf_counter()
-    reply = rt.forwarder.post(rt.settings.forward_inbound_url, pairs, kept)
+    # What is left of Twilio's 15 s after the write (a stalled database) and the turn: past it Twilio gives up on
+    # the answer (11205) while the app's reply, counted delivered, would go nowhere. _take_turn left at least
+    # MIN_INLINE_SECONDS; an app slower than that is cut off and the outbox delivers again.
+    left = TWILIO_WEBHOOK_TIMEOUT_SECONDS - WEBHOOK_DEADLINE_MARGIN_SECONDS - (started - arrived)
+    reply = rt.forwarder.post(rt.settings.forward_inbound_url, pairs, kept, timeout=left)
     try:
         if reply.ok:
             at = utcnow()
@@ -381,6 +387,11 @@ def _take_turn(rt, item_id: int, lease: datetime, earlier: str | None, arrived: 
                 # The lease was counted from when the item was stored; the wait since must not let it run out
                 # mid-delivery, where a worker would deliver a second copy alongside.
                 return outbox.keep_lease(conn, item_id, lease, utcnow(), timeout + LEASE_MARGIN_SECONDS)
+    if time.perf_counter() - arrived + MIN_INLINE_SECONDS >= TWILIO_WEBHOOK_TIMEOUT_SECONDS - WEBHOOK_DEADLINE_MARGIN_SECONDS:
+        # Its write waited (a database stalled, a row held) until too little of Twilio's 15 s is left for the app.
+        with writing(rt.engine) as conn:
+            outbox.release_lease(conn, item_id, lease)
+        return None
     if (lease - utcnow()).total_seconds() < timeout + LEASE_MARGIN_SECONDS - LEASE_SLACK_SECONDS:
         # The rest of its batch and the commit took long (a held row): renew it, or a worker could take the item
         # over during the attempt and deliver a second copy alongside. None: one already has.

@@ -331,6 +331,22 @@ def test_a_forward_url_longer_than_the_outbox_stores_is_refused(variable):
     assert getattr(Settings.from_env({**BASE, variable: url[:2048]}), variable.lower()) == url[:2048]
 
 
+@pytest.mark.parametrize("variable", ["FORWARD_INBOUND_URL", "FORWARD_STATUS_URL", "PUBLIC_BASE_URL",
+                                      "TWILIO_API_BASE_URL"])
+def test_a_url_with_a_fragment_is_refused(variable):
+    """`#rp=5xx` (Twilio's connection overrides) copied into a forward URL: never sent, yet signed for, so the
+    app's own RequestValidator refused every forward and the outbox exhausted them."""
+    with pytest.raises(ConfigError, match=rf"{variable} must not have a #fragment"):
+        Settings.from_env({**BASE, variable: "https://app.example/twilio#rp=5xx"})
+
+
+@pytest.mark.parametrize("variable", ["PUBLIC_BASE_URL", "TWILIO_API_BASE_URL", "TWILIO_CONTENT_BASE_URL"])
+def test_a_base_url_with_a_query_is_refused(variable):
+    with pytest.raises(ConfigError, match=rf"{variable} is a base URL, to which paths are added: it takes no"):
+        Settings.from_env({**BASE, variable: "https://proxy.example/base?x=1"})
+    assert Settings.from_env({**BASE, "FORWARD_INBOUND_URL": "https://app.example/t?token=1"}).forward_inbound_url
+
+
 @pytest.mark.parametrize("url", ["https://app:s3cret-pw@app.example.com:99999/hook", "http://[::1/hook",
                                  "https://app:s3cret-pw@a b.example/hook"])
 def test_a_url_urllib3_cannot_connect_to_is_refused_without_its_credentials(url):
