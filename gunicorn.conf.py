@@ -50,21 +50,23 @@ def _worker_class(environ=os.environ) -> str:
 
 
 def _workers(environ=os.environ) -> int:
-    """WEB_CONCURRENCY, else one worker per core (at least two, so one restarting worker never leaves
-    none), and on PostgreSQL at most 4. SQLite: writes take turns on one file, and on 2 cores 2 gevent
-    workers did 10-20% more sends/s and 20-30% more inbound webhooks/s than 4 at ~15% less CPU per
-    request, A/B alternating (bench/README.md). PostgreSQL had 4 until its webhooks' writes were
-    committed together (session 10): since then 2 did ~20% more inbound webhooks/s than 4 on 2 cores
-    (p99 101-112 vs 123-160 ms) and as many sends/s. The cap: each worker pools up to 10 connections,
-    and 4 x 10 stays under PostgreSQL's default max_connections of 100 with room for a worker process
-    and a second instance, however many cores a container sees (sched_getaffinity ignores CPU quotas)."""
+    """WEB_CONCURRENCY, else one worker per core, and on PostgreSQL at most 4. SQLite: writes take turns on one
+    file, and on 2 cores 2 gevent workers did 10-20% more sends/s and 20-30% more inbound webhooks/s than 4 at
+    ~15% less CPU per request, A/B alternating (bench/README.md). PostgreSQL had 4 until its webhooks' writes were
+    committed together (session 10): since then 2 did ~20% more inbound webhooks/s than 4 on 2 cores (p99
+    101-112 vs 123-160 ms) and as many sends/s. Not two on one core, as it was ("so one restarting worker never
+    leaves none": gunicorn's listening socket keeps a restarting worker's connections waiting, it refuses none):
+    on one dedicated core (BENCH_SERVER_CPUS=1) two workers did 332-357 sends/s at a p99 of 5.7-6.2 s and one
+    did 444 at 0.87 s; inbound 744 vs 863 webhooks/s. The cap: each worker pools up to 10 connections, and
+    4 x 10 stays under PostgreSQL's default max_connections of 100 with room for a worker process and a second
+    instance, however many cores a container sees (sched_getaffinity ignores CPU quotas)."""
     configured = _positive_int(environ, "WEB_CONCURRENCY")  # 0 would leave a master with no worker
     if configured:
         return configured
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if environ.get("DATABASE_URL", "").strip().lower().startswith("postgres"):
-        return min(max(2, cores), 4)
-    return max(2, cores)
+        return min(max(1, cores), 4)
+    return max(1, cores)
 
 
 worker_class = _worker_class()
