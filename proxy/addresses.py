@@ -11,6 +11,8 @@ MAX_LENGTH = 128  # what the database keeps of an address
 _E164_DIGITS = re.compile(r"^\+?[1-9][0-9]{6,14}\Z")  # ASCII: `\d` also reads other scripts' digits as a key
 _PUNCTUATION = re.compile(r"[\s\-().]")
 _PLAIN_CHANNEL = re.compile(r"[A-Za-z]+")
+# A Messaging Service's SID: a window is keyed by it as by a sender (the inbound's MessagingServiceSid).
+SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
 _ASCII_SPACE = " \t\n\r\f\v"
 _CONTROL = re.compile(r"[\x00-\x1f]")
 # Digits (any script), maybe punctuated as phone numbers are: each such run is masked as one.

@@ -11,7 +11,7 @@ from flask import g, has_request_context
 from werkzeug.datastructures import MultiDict
 
 from . import logs, store
-from .addresses import WINDOWED_CHANNELS, InvalidAddress, channel_of, normalise, plain_channel
+from .addresses import SERVICE_SID, WINDOWED_CHANNELS, InvalidAddress, channel_of, normalise, plain_channel
 from .content import CONTENT_SID, ContentNotFound, ContentUnavailable
 from .cooperative import gevent_timeout
 from .db import utcnow
@@ -142,7 +142,11 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
     except InvalidAddress:
         raise ApiError(21211, 400, to=to_raw) from None
     sender = service_sid
-    if from_raw:
+    if SERVICE_SID.fullmatch(from_raw):
+        # A Messaging Service SID in From sends through that service, as MessagingServiceSid does (Twilio's 21603:
+        # "You can provide any of the above sender types in your From parameter"): judged by its window.
+        sender = from_raw
+    elif from_raw:
         try:
             sender = normalise(from_raw)
         except InvalidAddress:

@@ -16,7 +16,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 
 from . import holds, late_failures, logs, outbox, signatures, store
 from .forwarding import TWILIO_HEADERS, too_large
-from .addresses import InvalidAddress, is_windowed, normalise
+from .addresses import SERVICE_SID, InvalidAddress, is_windowed, normalise
 from .db import storable, unavailable_reason, utcnow, writing
 from .errors import twilio_error
 from .forms import Fields, body_of, form_of
@@ -42,7 +42,6 @@ LEASE_SLACK_SECONDS = 1.0
 # values with no separators, so a looser pattern let a replay fold the next field into the sid
 # (`SM…MessageTypetext`) and pass under the captured signature as a new message.
 _SID = re.compile(r"(?:SM|MM)[0-9a-fA-F]{32}")
-_SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
 _SID_COPIES = ("MessageSid", "SmsSid", "SmsMessageSid")
 _BAD_SID = "missing, not a message sid, or not the same as SmsSid/SmsMessageSid"
 
@@ -203,7 +202,7 @@ def _inbound_message() -> Response:
     except InvalidAddress as exc:
         return _malformed("inbound", "To", exc)
     service_sid = form.get("MessagingServiceSid") or None
-    if service_sid and not _SERVICE_SID.fullmatch(service_sid):
+    if service_sid and not SERVICE_SID.fullmatch(service_sid):
         service_sid = None  # never key a window by something that cannot be a Messaging Service
     settings, now = rt.settings, utcnow()
     record = dict(sid=sid, sender=sender, user=user, messaging_service_sid=service_sid,

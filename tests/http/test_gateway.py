@@ -113,6 +113,19 @@ def test_messaging_service_sends_are_judged_by_the_service_window(client, fake_t
     assert send(client, {"To": USER, "MessagingServiceSid": "MG" + "c" * 32, "Body": "x"}).status_code == 400
 
 
+def test_a_messaging_service_sid_in_from_is_judged_by_the_service_window(client, fake_twilio):
+    """Twilio takes a Messaging Service SID in From ("You can provide any of the above sender types in your From
+    parameter", error 21603's page); the proxy refused it as an invalid phone number (21212)."""
+    service = "MG" + "d" * 32
+    blocked = send(client, {"To": USER, "From": service, "Body": "x"})
+    assert blocked.status_code == 400 and blocked.get_json()["code"] == 63016
+    open_window(client, MessagingServiceSid=service)
+    response = send(client, {"To": USER, "From": service, "Body": "x"})
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "allowed"
+    assert dict(fake_twilio.creates[-1].form)["From"] == service  # forwarded as it was sent
+    assert send(client, {"To": USER, "From": "MG" + "e" * 32, "Body": "x"}).status_code == 400  # another service
+
+
 def test_messenger_is_windowed_too(client, fake_twilio):
     assert send(client, {"To": "messenger:24680", "From": "messenger:13579", "Body": "x"}).status_code == 400
     open_window(client, user="messenger:24680", business="messenger:13579")
