@@ -474,7 +474,14 @@ def server_settings(env: dict) -> dict:
     conf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conf)
     worker_class = conf._worker_class(env)
-    workers = str(conf._workers(env))
+    if SERVER_CPUS:  # counted on the server's CPUs (taskset), not on this process's, which are the load's
+        workers = subprocess.run(
+            ["taskset", "-c", SERVER_CPUS, sys.executable, "-c",
+             "import importlib.util as u; s = u.spec_from_file_location('c', 'gunicorn.conf.py'); "
+             "c = u.module_from_spec(s); s.loader.exec_module(c); print(c.workers)"],
+            cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+    else:
+        workers = str(conf._workers(env))
     threads = env.get("WEB_THREADS") or defaults["WEB_THREADS"]
     label = f"{workers}x{threads} gthread" if worker_class == "gthread" else f"{workers} {worker_class}"
     return {"worker_class": worker_class, "web_concurrency": workers, "web_threads": threads, "workers": label}

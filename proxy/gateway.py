@@ -110,7 +110,8 @@ def create_form() -> tuple[bytes, MultiDict]:
     return raw_body, form
 
 
-# No automatic OPTIONS on the gateway's routes: Flask would answer it 200 before any credentials were checked.
+# No automatic OPTIONS on the gateway's routes: Flask answered it with an empty 200 (after the credentials), as
+# if the proxy served it; a method twilio-python never uses is a Twilio-shaped 405 (proxy/__init__.py).
 @bp.post("/Accounts/<account_sid>/Messages.json", provide_automatic_options=False)
 def create_message(account_sid: str):
     rt, started = runtime(), time.perf_counter()

@@ -457,11 +457,13 @@ def without_credentials(raw: str) -> str:
     user and password) and the query (a token) are left out, its scheme, host and path kept."""
     prefix = _SCHEME_PREFIX.match(raw)
     scheme, text = (prefix.group(), raw[prefix.end():]) if prefix else ("", raw)
-    # The last `@` anywhere, before the query and fragment are cut: a password with an unescaped `#` or `?`
-    # (`u:pa#ss@host`) would otherwise be cut there, and what stood before it shown. An `@` in the query hides
-    # the host too; that errs on the side of the secret.
-    if "@" in text:
-        text = "…@" + text.rpartition("@")[2]
+    at, cut = text.rfind("@"), min((i for i in (text.find("?"), text.find("#")) if i >= 0), default=len(text))
+    if at > cut:
+        # An `@` after a `?` or `#`: a password holding one unescaped (`u:pa#ss@host`), or a query or fragment
+        # holding an `@` (`?sig=a@b`). Either way what stands on either side may be a secret: none of it shown.
+        return scheme + "…"
+    if at >= 0:
+        text = "…@" + text[at + 1:]
     text, query, _ = text.partition("?")
     text = text.partition("#")[0]
     return scheme + text + ("?…" if query else "")

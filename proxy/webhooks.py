@@ -245,7 +245,7 @@ def _inbound_message() -> Response:
     response = _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at)
     if forward is not None:
         item_id, lease, earlier = forward
-        return _forward_inline(item_id, lease, earlier, started, sender, user, pairs, kept)
+        return _forward_inline(item_id, lease, earlier, started, sender, user, service_sid, pairs, kept)
     return response
 
 
@@ -287,7 +287,7 @@ def _inbound_answer(rt, started, sender, user, service_sid, sid, expires_at) -> 
 
 
 def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived: float, sender: str, user: str,
-                    pairs: list, kept: dict) -> Response:
+                    service_sid: str | None, pairs: list, kept: dict) -> Response:
     """Hand the webhook to the app now and relay its TwiML; if it cannot answer, the outbox retries."""
     rt = runtime()
     try:
@@ -310,7 +310,8 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
             at = utcnow()
             # One statement, committed with other webhooks' writes. Ahead of the pair's new webhooks in the batch
             # (their turn checks then see this one done), like them in the order of the pairs (user, then sender).
-            _write_alone(rt, lambda conn: outbox.delivered(conn, item_id, at), _pair_order(user, sender, 0, item_id))
+            _write_alone(rt, lambda conn: outbox.delivered(conn, item_id, at),
+                         _pair_order(user, sender, 0, item_id, service_sid=service_sid))
         else:
             with writing(rt.engine) as conn:
                 outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule, lease=lease,
@@ -372,9 +373,10 @@ def _take_turn(rt, item_id: int, lease: datetime, earlier: str | None, arrived: 
     15 s. One waiting for a retry (the app was down) is not.
     """
     timeout = rt.settings.forward_timeout_seconds
+    deadline = TWILIO_WEBHOOK_TIMEOUT_SECONDS - WEBHOOK_DEADLINE_MARGIN_SECONDS
+    renewed = False
     while earlier is not None:
         elapsed = time.perf_counter() - arrived
-        deadline = TWILIO_WEBHOOK_TIMEOUT_SECONDS - WEBHOOK_DEADLINE_MARGIN_SECONDS
         if earlier == "queued" or elapsed + INLINE_POLL_SECONDS + timeout >= deadline:
             with writing(rt.engine) as conn:
                 outbox.release_lease(conn, item_id, lease)  # keep the order: the worker delivers it after
@@ -384,14 +386,17 @@ def _take_turn(rt, item_id: int, lease: datetime, earlier: str | None, arrived: 
             earlier = outbox.earlier_pending(conn, key, item_id, utcnow())
             if earlier is None:
                 # The lease was counted from when the item was stored; the wait since must not let it run out
-                # mid-delivery, where a worker would deliver a second copy alongside.
-                return outbox.keep_lease(conn, item_id, lease, utcnow(), timeout + LEASE_MARGIN_SECONDS)
-    if time.perf_counter() - arrived + MIN_INLINE_SECONDS >= TWILIO_WEBHOOK_TIMEOUT_SECONDS - WEBHOOK_DEADLINE_MARGIN_SECONDS:
-        # Its write waited (a database stalled, a row held) until too little of Twilio's 15 s is left for the app.
+                # mid-delivery, where a worker would deliver a second copy alongside. None: one already has.
+                lease, renewed = outbox.keep_lease(conn, item_id, lease, utcnow(), timeout + LEASE_MARGIN_SECONDS), True
+                if lease is None:
+                    return None
+    if time.perf_counter() - arrived + MIN_INLINE_SECONDS >= deadline:
+        # Its write or its turn took so long (a database stalled, a row held) that too little of Twilio's 15 s is
+        # left for the app: the worker delivers it.
         with writing(rt.engine) as conn:
             outbox.release_lease(conn, item_id, lease)
         return None
-    if (lease - utcnow()).total_seconds() < timeout + LEASE_MARGIN_SECONDS - LEASE_SLACK_SECONDS:
+    if not renewed and (lease - utcnow()).total_seconds() < timeout + LEASE_MARGIN_SECONDS - LEASE_SLACK_SECONDS:
         # The rest of its batch and the commit took long (a held row): renew it, or a worker could take the item
         # over during the attempt and deliver a second copy alongside. None: one already has.
         with writing(rt.engine) as conn:

@@ -303,6 +303,12 @@ def test_a_forwarded_webhooks_batch_order_puts_the_conversations_delivery_first_
     inbound, delivered = seen
     assert delivered < inbound
     seen.clear()
+    # A number in a Messaging Service: every inbound carries its SID, and sorts first (its window row is taken
+    # first); the delivery of one must still sort ahead of the next.
+    signed_post(client, "/twilio/inbound", {**inbound_params("SM" + "4" * 31 + "1"), "MessagingServiceSid": "MG" + "2" * 32})
+    inbound, delivered = seen
+    assert delivered < inbound
+    seen.clear()
     for sid in ("SM" + "f" * 32, "SM" + "0" * 32):  # the later one is the first by its sid
         signed_post(client, "/twilio/status", {"MessageSid": sid, "MessageStatus": "delivered", "From": BUSINESS,
                                                "To": USER})
@@ -716,6 +722,34 @@ def test_an_inline_attempt_gets_only_what_is_left_of_twilios_deadline(settings, 
     deadline = time.monotonic() + 5
     while posted and not fake_app.received and time.monotonic() < deadline:  # its late answer, before the next test
         time.sleep(0.05)
+
+
+def test_a_turn_that_came_too_late_for_twilios_deadline_is_left_to_the_worker(settings, db_engine, fake_app,
+                                                                               monkeypatch):
+    """The earlier webhook's delivery ended, but its check took so long that under a second of Twilio's limit was
+    left: posted anyway (0.34 s), it was cut off and counted a failed attempt. Twilio's limit here is 3 s."""
+    from proxy import outbox, webhooks
+
+    monkeypatch.setattr(webhooks, "TWILIO_WEBHOOK_TIMEOUT_SECONDS", 3)
+    app = create_app(replace(settings, forward_inbound_url=fake_app.url + "/app/inbound", forward_timeout_seconds=1,
+                             retry_schedule=SCHEDULE))
+    checks, earlier_pending = [], outbox.earlier_pending
+
+    def slow_check(conn, key, item_id, now):
+        checks.append(item_id)
+        if len(checks) == 1:
+            return "in_flight"  # the earlier one is at the app
+        time.sleep(1.6)  # ... and this check stalls (a held row)
+        return earlier_pending(conn, key, item_id, now)
+
+    monkeypatch.setattr(outbox, "earlier_pending", slow_check)
+    monkeypatch.setattr(outbox, "enqueue_in_turn", lambda conn, **kw: (outbox.enqueue(
+        conn, **{k: v for k, v in kw.items() if k != "checked_at"}), "in_flight"))
+    response = signed_post(app.test_client(), "/twilio/inbound", inbound_params("SM" + "e" * 31 + "3"))
+    app.extensions["proxy"].engine.dispose()
+    assert response.status_code == 200 and response.get_data(as_text=True).endswith("<Response />")
+    [item] = items(db_engine)
+    assert (item["status"], item["attempts"]) == ("pending", 0) and fake_app.started == 0
 
 
 def test_a_database_failing_while_a_stored_webhook_waits_its_turn_is_no_503(forwarding, fake_app, db_engine,

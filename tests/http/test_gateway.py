@@ -356,8 +356,8 @@ def test_put_or_patch_is_refused_twilio_shaped_and_never_reaches_twilio(client, 
 
 @pytest.mark.parametrize("method", ["PUT", "PATCH", "OPTIONS", "TRACE"])
 def test_a_method_twilio_python_never_uses_asks_for_credentials_first(client, fake_twilio, method):
-    """Refused by routing, these were answered (405, or Flask's 200 to OPTIONS) before any credentials were
-    checked, and without the X-Proxy-Decision every Messages API answer carries."""
+    """Refused by routing, PUT, PATCH and TRACE were answered 405 before any credentials were checked, and
+    OPTIONS with Flask's empty 200; none with the X-Proxy-Decision every Messages API answer carries."""
     for path in (MESSAGES, f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/SM{'1' * 32}.json"):
         response = client.open(path, method=method)
         assert response.status_code == 401 and response.get_json()["code"] == 20003
