@@ -29,6 +29,10 @@ def _refuse(message: str):
     raise SystemExit(2)
 
 
+# Far above any useful value, and below what forks a machine to a halt by a typo (WEB_CONCURRENCY=1000000).
+MAXIMUM = {"WEB_CONCURRENCY": 128, "WEB_THREADS": 4096}
+
+
 def _positive_int(environ, name: str) -> int | None:
     raw = environ.get(name, "").strip()
     if not raw:
@@ -37,8 +41,8 @@ def _positive_int(environ, name: str) -> int | None:
         value = int(raw)
     except ValueError:
         value = 0
-    if value < 1:
-        _refuse(f"{name} must be a whole number of at least 1, got {raw!r}.")
+    if not 1 <= value <= MAXIMUM[name]:
+        _refuse(f"{name} must be a whole number from 1 to {MAXIMUM[name]}, got {raw!r}.")
     return value
 
 

@@ -121,6 +121,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     if settings.allow_unsigned_webhooks:
         logs.log.critical("unsigned_webhooks_allowed", extra={
             "detail": "ALLOW_UNSIGNED_WEBHOOKS=true: anyone can open windows; for local development only"})
+    unused = settings.unused_reroute_settings()
+    if unused:
+        logs.log.warning("reroute_settings_unused", extra={
+            "detail": f"{unused} set, but every out-of-window action is block (OUT_OF_WINDOW_ACTION, POLICY_FILE): "
+                      "nothing is rerouted or held"})
     if settings.fail_open:
         logs.log.critical("fail_open_enabled", extra={
             "detail": "FAIL_OPEN=true: if the database is down, sends go to Twilio unjudged"})

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from .addresses import InvalidAddress, normalise
+from .addresses import SERVICE_SID, InvalidAddress, normalise
 from .rules import TABLE
 
 ACTIONS = ("block", "reroute")
@@ -79,17 +79,27 @@ def parse_fallback(content_sid: object, variables: object, where: str, profile_n
 
 def load(path: str) -> PolicyFile:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # utf-8-sig: a file an editor saved with a byte-order mark is still TOML.
+        text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise PolicyFileError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = Path(path).read_bytes()[:exc.start].count(b"\n") + 1
+        raise PolicyFileError(f"{path} line {line}: not UTF-8 text (TOML files are UTF-8)") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyFileError(f"{path}: {exc}") from None  # tomllib names the line and column
 
     def at(key: str) -> str:
+        # The line that sets the key: it starts the line (bare, quoted, or a [fallbacks."…"] header), and a comment
+        # that mentions the key is not it.
         for number, line in enumerate(text.splitlines(), start=1):
-            if key in line:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                continue
+            if stripped.startswith((key, f'"{key}"', f"'{key}'", f"[{key}]", f"[{key}.")) or \
+                    f'.{key}]' in stripped or f'."{key}"]' in stripped or f".'{key}']" in stripped:
                 return f"{path} line {number}"
         return path
 
@@ -97,6 +107,9 @@ def load(path: str) -> PolicyFile:
     if unknown:
         first = sorted(unknown)[0]
         raise PolicyFileError(f"{at(first)}: unknown section {first!r} (expected [actions] and [fallbacks])")
+    for section in ("actions", "fallbacks"):
+        if not isinstance(data.get(section, {}), Mapping):
+            raise PolicyFileError(f"{at(section)}: {section} must be a table ([{section}])")
     actions = {}
     for content_type, action in (data.get("actions") or {}).items():
         if content_type not in TABLE:
@@ -113,10 +126,15 @@ def load(path: str) -> PolicyFile:
         if unknown:  # a misspelt profile_name_default would otherwise be ignored without a word
             raise PolicyFileError(f"{where}: unknown key {unknown[0]!r} in the fallback for {sender!r} "
                                   f"(expected {', '.join(FALLBACK_KEYS)})")
+        if sender.startswith("MG") and not SERVICE_SID.fullmatch(sender):
+            # It would never match a send, and still counted as the fallback OUT_OF_WINDOW_ACTION=reroute needs.
+            raise PolicyFileError(f"{where}: {sender!r} is not a Messaging Service SID (MG and 32 hex digits)")
         try:
             key = sender if sender.startswith("MG") else normalise(sender)
         except InvalidAddress as exc:
             raise PolicyFileError(f"{where}: {exc}") from None
+        if key in fallbacks:  # two spellings of one sender: the later replaced the earlier without a word
+            raise PolicyFileError(f"{where}: the fallback for {sender!r} is a second one for {key!r}")
         if not key.startswith(("MG", "whatsapp:")):  # a plain number is an SMS sender: it never matched a send
             raise PolicyFileError(f"{where}: fallback sender {sender!r} must be a WhatsApp sender "
                                   f"(\"whatsapp:+14155550100\") or a Messaging Service (MG...): templates are "

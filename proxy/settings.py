@@ -105,6 +105,16 @@ class Settings:
     def fallback_for(self, sender: str | None) -> Fallback | None:
         return self.fallbacks.get(sender or "", self.fallback)
 
+    def unused_reroute_settings(self) -> str | None:
+        """What is set for reroutes although no send can be rerouted (every action is block), if anything: a
+        start-up warning, not a refusal, as held messages are still released."""
+        if "reroute" in {self.policy.default_action, *self.policy.actions.values()}:
+            return None
+        unused = [name for name, set_ in (("HOLD_ON_REROUTE", self.hold_on_reroute),
+                                          ("FALLBACK_CONTENT_SID", self.fallback),
+                                          ("POLICY_FILE's [fallbacks]", self.fallbacks)) if set_]
+        return ", ".join(unused) or None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
@@ -425,6 +435,8 @@ def _url(env: Mapping[str, str], name: str, default: str | None, *, exact: bool 
                           f"{without_credentials(raw)!r}.") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{name} must be an http(s) URL, got {without_credentials(raw)!r}.")
+    if not parts.hostname or parts.port == 0:  # `https://:443`, `https://user@`: every call would fail, or crash
+        raise ConfigError(f"{name} is not a URL that can be used (its host or port), got {without_credentials(raw)!r}.")
     if "#" in raw:
         # Never sent, yet a forward's signature covered it: the app's own RequestValidator refused every forward.
         # Twilio's connection overrides (#rp=…) belong in the webhook URL set at Twilio, not here.

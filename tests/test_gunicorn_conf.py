@@ -78,6 +78,9 @@ def _refused(env: dict, *command: str) -> str:
     ({"WEB_CONCURRENCY": "2.5"}, "WEB_CONCURRENCY"),
     ({"WEB_THREADS": "0"}, "WEB_THREADS"),  # a gthread worker with no thread fails to boot
     ({"WEB_THREADS": "many"}, "WEB_THREADS"),
+    # A typo's million workers were forked (review, session 15).
+    ({"WEB_CONCURRENCY": "1000000"}, "WEB_CONCURRENCY"),
+    ({"WEB_THREADS": "100000"}, "WEB_THREADS"),
     ({"WEB_WORKER_CLASS": "gevnet"}, "WEB_WORKER_CLASS"),
 ])
 def test_a_bad_worker_setting_stops_the_start_with_one_line_naming_it(env, variable):

@@ -729,6 +729,19 @@ def test_sandbox_up_refuses_one_port_for_both(tmp_path):
     assert "--sandbox-port" in result.stderr and "--port" in result.stderr
 
 
+def test_sandbox_up_with_a_bad_policy_file_stops_with_its_one_line(tmp_path):
+    """The migrations' process said what was wrong in one line, then `sandbox up` added a CalledProcessError
+    traceback of its own."""
+    from tests.e2e.conftest import free_port
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[actions]\n"twilio/txt" = "block"\n')
+    result = sandbox_up_refused(sandbox_env(tmp_path), "--port", str(free_port()), "--sandbox-port",
+                                str(free_port()), "--policy-file", str(policy))
+    assert result.returncode == 2, result.stderr
+    assert "unknown content type 'twilio/txt'" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_the_simulator_alone_names_its_port_in_use_in_one_line():
     import socket
 

@@ -344,7 +344,9 @@ def up(port: int, sandbox_port: int | None, database_url: str | None, policy_fil
     env.setdefault("WORKER_POLL_SECONDS", "0.5")
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = f"{bin_dir}:{env.get('PATH', '')}"
-    subprocess.run([f"{bin_dir}/flask", "--app", "proxy", "db", "upgrade"], env=env, check=True, cwd=ROOT)
+    upgraded = subprocess.run([f"{bin_dir}/flask", "--app", "proxy", "db", "upgrade"], env=env, cwd=ROOT)
+    if upgraded.returncode:  # it said why in one line (a configuration error, the database): not a traceback too
+        raise SystemExit(upgraded.returncode)
     # The database outlives a restart, the simulator's memory does not: it serves only once it knows the
     # windows the proxy will judge by.
     sim.windows.update(open_windows(env["DATABASE_URL"]))

@@ -263,6 +263,16 @@ profile_name_default = "cliente"
         # What Twilio refuses in a variable (21656): a tab, a newline, more than four spaces in a row.
         (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nvariables = {{ "1" = "a\\tb" }}\n', 1),
         (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nvariables = {{ "1" = "a     b" }}\n', 1),
+        # Review (session 15): a section that is no table was an AttributeError traceback.
+        ('# policy\nactions = "x"\n', 2),
+        ('\n\nfallbacks = 5\n', 3),
+        # An MG key that is no Messaging Service SID never matched a send, yet counted as reroute's fallback.
+        (f'[fallbacks.MG123]\ncontent_sid = "{HX}"\n', 1),
+        # Two spellings of one sender: the second replaced the first without a word.
+        (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\n\n'
+         f'[fallbacks."whatsapp:+1 (415) 555-0100"]\ncontent_sid = "{HX}"\n', 4),
+        # A comment naming the key came first, and was named as the line.
+        ('# "twilio/text" used to be rerouted\n[actions]\n"twilio/card" = "block"\n"twilio/text" = "rerout"\n', 4),
     ],
 )
 def test_invalid_policy_file_names_the_line(tmp_path, text, line):
@@ -270,6 +280,16 @@ def test_invalid_policy_file_names_the_line(tmp_path, text, line):
     path.write_text(text)
     with pytest.raises(ConfigError, match=rf"POLICY_FILE.*line {line}"):
         Settings.from_env({**BASE, "POLICY_FILE": str(path)})
+
+
+def test_a_policy_file_that_is_not_utf8_is_one_line_and_one_with_a_bom_is_read(tmp_path):
+    """Latin-1 text was a UnicodeDecodeError traceback; a byte-order mark, a cryptic "Invalid statement"."""
+    path = tmp_path / "policy.toml"
+    path.write_bytes(b'[actions]\n"twilio/text" = "block" # caf\xe9\n')
+    with pytest.raises(ConfigError, match=r"POLICY_FILE.*line 2: not UTF-8"):
+        Settings.from_env({**BASE, "POLICY_FILE": str(path)})
+    path.write_bytes(b'\xef\xbb\xbf[actions]\n"twilio/text" = "block"\n')
+    assert Settings.from_env({**BASE, "POLICY_FILE": str(path)}).policy.action_for("twilio/text") == "block"
 
 
 def test_fallback_variables_are_checked_as_they_render():
@@ -348,7 +368,9 @@ def test_a_base_url_with_a_query_is_refused(variable):
 
 
 @pytest.mark.parametrize("url", ["https://app:s3cret-pw@app.example.com:99999/hook", "http://[::1/hook",
-                                 "https://app:s3cret-pw@a b.example/hook"])
+                                 "https://app:s3cret-pw@a b.example/hook",
+                                 # No host, or port 0: accepted, every forward failed (or the start crashed).
+                                 "http://app:s3cret-pw@:25599/in", "https://:443/in", "https://app.example:0/in"])
 def test_a_url_urllib3_cannot_connect_to_is_refused_without_its_credentials(url):
     """Accepted, every forward failed with a 500 and an `unhandled_error` traceback quoting the URL, password
     and all."""
@@ -412,3 +434,14 @@ def test_a_ca_bundle_that_is_not_there_names_its_variable(variable, tmp_path):
     bundle.write_text("")
     with pytest.raises(ConfigError, match=variable):  # used as it is, trailing space and all
         Settings.from_env({**BASE, variable: f"{bundle} "})
+
+
+def test_reroute_settings_that_can_never_take_effect_are_named():
+    """HOLD_ON_REROUTE=true or a fallback with every action `block` started without a word, and nothing was ever
+    held or rerouted; create_app now warns with what is unused."""
+    assert Settings.from_env({**BASE, "HOLD_ON_REROUTE": "true"}).unused_reroute_settings() == "HOLD_ON_REROUTE"
+    assert Settings.from_env({**BASE, "OUT_OF_WINDOW_ACTION": "block", "FALLBACK_CONTENT_SID": HX}
+                             ).unused_reroute_settings() == "FALLBACK_CONTENT_SID"
+    assert Settings.from_env({**BASE, "HOLD_ON_REROUTE": "true", "FALLBACK_CONTENT_SID": HX}
+                             ).unused_reroute_settings() is None  # reroute is then the default action
+    assert Settings.from_env(BASE).unused_reroute_settings() is None
