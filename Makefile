@@ -74,5 +74,6 @@ DB ?= sqlite
 bench-profile: $(VENV)/.bench-installed
 	PYTHONPATH="$(CURDIR)" $(BIN)/python -m bench.profile $(SCENARIO) --db $(DB) $(PROFILE_ARGS)
 
+# Not instance/: it holds the default database (windows, held messages, the outbox), and the sandbox's.
 clean:
-	rm -rf $(VENV) instance build *.egg-info
+	rm -rf $(VENV) build *.egg-info

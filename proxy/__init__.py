@@ -105,10 +105,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         try:
             settings = Settings.from_env()
         except ConfigError as exc:
+            if _asking_flask_for_help():
+                # The help is what was asked for, and is given: the settings are a note, not an error.
+                sys.stderr.write(f"whatsapp-window-proxy: note: {exc} Until then the commands below stop with this "
+                                 "(`sandbox` needs no settings).\n")
+                return _commands_only(exc)
             # A clean message, not a traceback, for whoever starts the proxy.
             sys.stderr.write(f"whatsapp-window-proxy: configuration error: {exc}\n")
-            if _asking_flask_for_help():
-                return _commands_only(exc)
             raise SystemExit(_CONFIG_ERROR_EXIT_UNDER_GUNICORN if _in_gunicorn() else 2) from None
     logs.configure(settings.log_level, settings.log_format, _log_stream())
 

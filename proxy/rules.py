@@ -1,5 +1,5 @@
 """WhatsApp approval requirements per Twilio content type, transcribed cell by cell from
-`shared/seed/whatsapp-session-definitions.txt` (Twilio's "Session Definitions" page)."""
+Twilio's "Session Definitions" page (https://www.twilio.com/docs/content/session-definitions)."""
 
 from __future__ import annotations
 

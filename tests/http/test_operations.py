@@ -640,6 +640,8 @@ def test_help_lists_the_commands_before_any_credentials_are_set(tmp_path, args, 
     assert done.returncode == 0, done.stderr
     assert all(f"  {name} " in done.stdout for name in listed), done.stdout
     assert "TWILIO_ACCOUNT_SID" in done.stderr and "Traceback" not in done.stderr  # and why commands will stop
+    # ... as a note: "configuration error" read as if the help itself had failed.
+    assert "note:" in done.stderr and "configuration error" not in done.stderr
 
 
 def test_a_command_without_credentials_still_stops_with_the_configuration_error(tmp_path):

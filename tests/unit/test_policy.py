@@ -14,8 +14,9 @@ OPEN = window_state(NOW + timedelta(hours=1), NOW - timedelta(hours=23), now=NOW
 EXPIRED = window_state(NOW - timedelta(hours=1), NOW - timedelta(hours=25), now=NOW, safety_margin_seconds=60)
 STRICT, LENIENT = Policy(button_rule="strict"), Policy(button_rule="lenient")
 
-# The seed table, re-typed from shared/seed/whatsapp-session-definitions.txt (not imported from
-# proxy.rules), so a transcription slip in the code fails here.
+# The seed table, re-typed from Twilio's Session Definitions page
+# (https://www.twilio.com/docs/content/session-definitions; not imported from proxy.rules), so a transcription
+# slip in the code fails here.
 SEED = {
     "twilio/text": ("✅", "⚠️"),
     "twilio/media": ("✅", "⚠️"),
