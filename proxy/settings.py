@@ -208,7 +208,23 @@ class Settings:
             fallbacks=fallbacks,
         )
         check_outbound(env, (settings.twilio_api_base_url, settings.twilio_content_base_url))
+        _not_the_sandboxs_database(settings.database_url, settings.account_sid)
         return settings
+
+
+def _not_the_sandboxs_database(database_url: str, account_sid: str) -> None:
+    """The real account's proxy never on the sandbox's database (`sandbox up` refuses the real mode's the same way):
+    a shell that exported the sandbox's DATABASE_URL (its banner says to, for the commands) and then the real
+    credentials would judge real sends by simulated windows."""
+    from .sandbox.simulator import SANDBOX_ACCOUNT_SID
+
+    url = make_url(database_url)
+    if account_sid == SANDBOX_ACCOUNT_SID or url.get_backend_name() != "sqlite" or not url.database:
+        return
+    sandbox_file = Path(__file__).resolve().parents[1] / "instance" / "sandbox.sqlite3"
+    if os.path.realpath(url.database) == os.path.realpath(sandbox_file):
+        raise ConfigError(f"DATABASE_URL is the sandbox's database ({sandbox_file}), and TWILIO_ACCOUNT_SID a real "
+                          "account: unset DATABASE_URL (or name the real mode's) before serving a real account.")
 
 
 def longest_delivery(forward_timeout: float, twilio_timeout: float) -> float:

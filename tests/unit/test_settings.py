@@ -445,3 +445,19 @@ def test_reroute_settings_that_can_never_take_effect_are_named():
     assert Settings.from_env({**BASE, "HOLD_ON_REROUTE": "true", "FALLBACK_CONTENT_SID": HX}
                              ).unused_reroute_settings() is None  # reroute is then the default action
     assert Settings.from_env(BASE).unused_reroute_settings() is None
+
+
+def test_a_real_account_never_uses_the_sandboxs_database():
+    """`sandbox up` refuses the real mode's database; the real mode took the sandbox's, exported in a shell for the
+    sandbox's commands, and would have judged real sends by simulated windows."""
+    from pathlib import Path
+
+    import proxy
+    from proxy.sandbox.simulator import SANDBOX_ACCOUNT_SID, SANDBOX_AUTH_TOKEN
+
+    sandbox = f"sqlite:///{Path(proxy.__file__).resolve().parents[1] / 'instance' / 'sandbox.sqlite3'}"
+    with pytest.raises(ConfigError, match="DATABASE_URL is the sandbox's database"):
+        Settings.from_env({**BASE, "DATABASE_URL": sandbox})
+    sandboxed = Settings.from_env({"TWILIO_ACCOUNT_SID": SANDBOX_ACCOUNT_SID, "TWILIO_AUTH_TOKEN": SANDBOX_AUTH_TOKEN,
+                                   "DATABASE_URL": sandbox})
+    assert sandboxed.database_url.endswith("sandbox.sqlite3")  # the sandbox's own commands still use it
