@@ -6,6 +6,7 @@ import json
 import re
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator, Mapping
@@ -16,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from twilio.http.http_client import TwilioHttpClient
 
 from . import logs
+from .cooperative import within
 from .db import content_cache, storable, utcnow, writing
 from .rules import NOT_ON_WHATSAPP, TABLE, WHATSAPP_COMPLEXITY
 from .store import _insert
@@ -230,8 +232,14 @@ class ContentResolver:
         return self._get_json_url(self.base_url + path)
 
     def _get_json_url(self, url: str) -> dict | None:
+        limit = getattr(self.http, "timeout", None) or 0
         try:
-            response = self.http.request("GET", url, auth=self.auth, headers={"Accept": "application/json"})
+            # The client's timeout bounds each read: the whole call is bounded too, as a create's (proxy/upstream.py).
+            with within(limit, lambda: ContentUnavailable(f"Content API did not answer within {limit:g}s")) \
+                    if limit else nullcontext():
+                response = self.http.request("GET", url, auth=self.auth, headers={"Accept": "application/json"})
+        except ContentUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 — any transport failure means "cannot know"
             raise ContentUnavailable(f"Content API unreachable ({type(exc).__name__})") from exc
         if response.status_code == 404:

@@ -22,6 +22,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (ConnectTimeoutError, HTTPError, NewConnectionError, ProxyError, ReadTimeoutError,
                                 SSLError)
 
+from .cooperative import within
+
 
 @dataclass
 class UpstreamError(Exception):
@@ -129,12 +131,15 @@ class Upstream:
         if isinstance(data, list):
             data = urlencode(data).encode()
         try:
-            if self._host_pool is not None:
-                answer = self._host_pool.urlopen(method, self._prefix + target, body=data, headers=headers,
-                                                 redirect=False, assert_same_host=False, preload_content=True)
-            else:
-                answer = self.pool.urlopen(method, self.base_url + target, body=data, headers=headers,
-                                           redirect=False, preload_content=True)
+            # TWILIO_TIMEOUT_SECONDS for the whole call, not for each read (the pool's timeout): a caller told to
+            # give up after it must not see its send go out later.
+            with within(self.timeout, lambda: UpstreamError("timeout", f"no answer within {self.timeout:g}s")):
+                if self._host_pool is not None:
+                    answer = self._host_pool.urlopen(method, self._prefix + target, body=data, headers=headers,
+                                                     redirect=False, assert_same_host=False, preload_content=True)
+                else:
+                    answer = self.pool.urlopen(method, self.base_url + target, body=data, headers=headers,
+                                               redirect=False, preload_content=True)
         except ReadTimeoutError as exc:
             raise UpstreamError("timeout", f"no answer within {self.timeout:g}s") from exc
         except (ConnectTimeoutError, NewConnectionError, ProxyError) as exc:
