@@ -26,6 +26,7 @@ from .metrics import DECISIONS, WEBHOOKS
 from .migrate import (UPGRADE_COMMAND, HeadCheck, head_revision, known_revision, revision_at_start, schema_hint,
                       schema_missing)
 from .runtime import Runtime
+from .sandbox.simulator import SANDBOX_ACCOUNT_SID
 from .settings import ConfigError, Settings
 from .upstream import Upstream
 
@@ -125,7 +126,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         logs.log.critical("unsigned_webhooks_allowed", extra={
             "detail": "ALLOW_UNSIGNED_WEBHOOKS=true: anyone can open windows; for local development only"})
     unused = settings.unused_reroute_settings()
-    if unused:
+    if unused and settings.account_sid != SANDBOX_ACCOUNT_SID:  # `sandbox up` sets a fallback and holds itself
         logs.log.warning("reroute_settings_unused", extra={
             "detail": f"{unused} set, but every out-of-window action is block (OUT_OF_WINDOW_ACTION, POLICY_FILE): "
                       "nothing is rerouted or held"})

@@ -92,14 +92,16 @@ def load(path: str) -> PolicyFile:
         raise PolicyFileError(f"{path}: {exc}") from None  # tomllib names the line and column
 
     def at(key: str) -> str:
-        # The line that sets the key: it starts the line (bare, quoted, or a [fallbacks."…"] header), and a comment
-        # that mentions the key is not it.
-        for number, line in enumerate(text.splitlines(), start=1):
-            stripped = line.strip()
-            if stripped.startswith("#"):
-                continue
-            if stripped.startswith((key, f'"{key}"', f"'{key}'", f"[{key}]", f"[{key}.")) or \
-                    f'.{key}]' in stripped or f'."{key}"]' in stripped or f".'{key}']" in stripped:
+        """The line that sets `key`: as a whole key (bare, quoted; dotted, `actions."twilio/text" = …`; in a table
+        header, spaced or not), not a comment that mentions it nor a longer key that starts with it."""
+        compact = "".join(key.split())
+        whole = re.compile(r"(?:^|[\[.])(?:%s|\"%s\"|'%s')(?=[=.\]])" % ((re.escape(compact),) * 3))
+        lines = text.splitlines()
+        for number, line in enumerate(lines, start=1):
+            if whole.search("".join(line.split())):
+                return f"{path} line {number}"
+        for number, line in enumerate(lines, start=1):  # a spelling the pattern does not know: the first mention
+            if key in line and not line.lstrip().startswith("#"):
                 return f"{path} line {number}"
         return path
 

@@ -273,6 +273,12 @@ profile_name_default = "cliente"
          f'[fallbacks."whatsapp:+1 (415) 555-0100"]\ncontent_sid = "{HX}"\n', 4),
         # A comment naming the key came first, and was named as the line.
         ('# "twilio/text" used to be rerouted\n[actions]\n"twilio/card" = "block"\n"twilio/text" = "rerout"\n', 4),
+        # Dotted keys, spaced headers, an array of tables, a longer key starting with the one at fault.
+        ('\nactions."twilio/text" = "allow"\n', 2),
+        ('\n\nfallbacks."whatsapp:+14155550100".content_sid = "bad"\n', 3),
+        ('\n[ fallbacks . "whatsapp:+14155550100" ]\ncontent_sid = "bad"\n', 2),
+        ('\n[[actions]]\n', 2),
+        (f'[fallbacks.MG{"0" * 32}]\ncontent_sid = "{HX}"\n[fallbacks.MG00000]\ncontent_sid = "{HX}"\n', 3),
     ],
 )
 def test_invalid_policy_file_names_the_line(tmp_path, text, line):
