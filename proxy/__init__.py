@@ -170,15 +170,14 @@ def create_app(settings: Settings | None = None) -> Flask:
             end_of_requests()
         if not isinstance(exc, MethodNotAllowed):
             return twilio_error(exc.code, exc.code, exc.description)
-        response = None
-        if request.path.startswith(gateway.bp.url_prefix + "/"):
-            # Refused by routing, before the gateway's own hooks: a PUT, PATCH or OPTIONS to the Messages API is
-            # answered only to a caller with credentials, and says it was not judged, as the gateway's answers do.
-            response = require_basic_auth()
+        # Refused by routing, before the gateway's own hooks: a PUT, PATCH or OPTIONS to the Messages API is
+        # answered only to a caller with credentials, and says it was not judged, as the gateway's answers do.
+        on_gateway = request.path.startswith(gateway.bp.url_prefix + "/")
+        response = require_basic_auth() if on_gateway else None
         if response is None:
             response = twilio_error(405, 405, exc.description)
             response.headers["Allow"] = ", ".join(exc.valid_methods or ())
-        if request.path.startswith(gateway.bp.url_prefix + "/"):
+        if on_gateway:
             response.headers["X-Proxy-Decision"] = "rejected"
         return response
 
