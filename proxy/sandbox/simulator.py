@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
-import re
 import threading
 import time
 import uuid
@@ -26,7 +25,7 @@ from flask import Flask, Response, json, request
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
-from ..addresses import InvalidAddress, channel_of, normalise
+from ..addresses import SERVICE_SID, InvalidAddress, channel_of, normalise
 from ..rules import TABLE, UNSENDABLE_APPROVALS, WHATSAPP_COMPLEXITY, Cell
 from .templates import SAMPLE_TEMPLATES
 
@@ -35,7 +34,7 @@ SANDBOX_AUTH_TOKEN = "sandbox-auth-token-not-a-secret"
 # One API key, for code that builds its client as Client(api_key, api_secret, account_sid).
 SANDBOX_API_KEY_SID = "SK" + "5a" * 16
 SANDBOX_API_KEY_SECRET = "sandbox-api-key-secret-not-a-secret"
-MESSAGING_SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
+MESSAGING_SERVICE_SID = SERVICE_SID  # the proxy's own pattern: one definition of what a service SID is
 BUSINESS = "whatsapp:+14155238886"  # Twilio's WhatsApp sandbox number, the usual first sender
 
 log = logging.getLogger("proxy.sandbox")
