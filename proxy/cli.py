@@ -227,7 +227,7 @@ def register(app: Flask) -> None:
 
     @held.command("list")
     @click.option("--status", type=click.Choice([*holds.STATUSES, "all"]), default=holds.HELD, show_default=True,
-                  help="`sending`: being sent now, or left so by a crashed worker.")
+                  help="`sending`: being sent now; `uncertain`: Twilio may have taken it (check its Messages list).")
     @click.option("--sender", help="Only this sender's (a whatsapp: number or an MG Messaging Service SID).")
     @click.option("--user", help="Only this user's.")
     @click.option("--limit", default=100, show_default=True, type=LIMIT)

@@ -9,14 +9,14 @@ from sqlalchemy import Connection, and_, exists, literal, or_, select, text, upd
 from werkzeug.datastructures import MultiDict
 
 from . import outbox, store
-from .db import held_messages, outbox as outbox_rows, windows
+from .db import held_messages, outbox as outbox_rows, send_attempts, windows
 from .errors import ApiError
 from .judge import send_time
 
-HELD, SENDING, RELEASED, EXPIRED, FAILED = "held", "sending", "released", "expired", "failed"
-STATUSES = (HELD, SENDING, RELEASED, EXPIRED, FAILED)
-# What purge may delete (proxy/store.py spells them out: it cannot import this module). `sending` is live:
-# a hold being sent right now, or one a crashed worker left, which an operator must still find.
+HELD, SENDING, RELEASED, EXPIRED, FAILED, UNCERTAIN = "held", "sending", "released", "expired", "failed", "uncertain"
+STATUSES = (HELD, SENDING, RELEASED, EXPIRED, FAILED, UNCERTAIN)
+# What purge may delete (proxy/store.py spells them out: it cannot import this module). `sending` is live: a
+# hold being sent right now. `uncertain` (Twilio may have taken it) waits for an operator, as the outbox's does.
 FINISHED = (RELEASED, EXPIRED, FAILED)
 
 
@@ -141,10 +141,56 @@ def held_for(conn: Connection, sender: str, user: str, now: datetime):
     ).mappings().all()
 
 
-def take(conn: Connection, held_id: int) -> bool:
-    """Move one held message to `sending`; only one worker ever wins it, and it is never sent twice."""
+def take(conn: Connection, held_id: int, now: datetime) -> bool:
+    """Move one held message to `sending` (its `released_at` then says since when); only one worker ever wins
+    it, and it is never sent twice."""
     return conn.execute(update(held_messages).where(held_messages.c.id == held_id, held_messages.c.status == HELD)
-                        .values(status=SENDING).returning(held_messages.c.id)).first() is not None
+                        .values(status=SENDING, released_at=now).returning(held_messages.c.id)).first() is not None
+
+
+def abandoned(conn: Connection, now: datetime, lease_seconds: float) -> list[dict]:
+    """Settle held messages still `sending` a whole lease after their send began: the worker stopped during the
+    create, or could not record its outcome (the database went away just after Twilio answered). The attempt
+    row the create left, if stored, says what came of it: `released` with its sid, or `failed` for a refusal;
+    without one, `uncertain` (Twilio may have taken it). Returns the settled rows, for one log line each."""
+    stuck = conn.execute(
+        select(held_messages.c.id, held_messages.c.sender, held_messages.c.user, held_messages.c.request_id,
+               held_messages.c.released_at)
+        .where(held_messages.c.status == SENDING,
+               # None: taken before `take` said when (an upgrade from 0005's code); as old as can be.
+               or_(held_messages.c.released_at.is_(None),
+                   held_messages.c.released_at < now - timedelta(seconds=lease_seconds)))
+        .order_by(held_messages.c.id)
+    ).mappings().all()
+    settled = []
+    for row in stuck:
+        attempt = conn.execute(
+            select(send_attempts.c.outcome, send_attempts.c.upstream_status, send_attempts.c.message_sid)
+            .where(send_attempts.c.request_id == row["request_id"], send_attempts.c.decision == RELEASE_DECISION,
+                   send_attempts.c.sender == row["sender"], send_attempts.c.user == row["user"],
+                   *((send_attempts.c.created_at >= row["released_at"],) if row["released_at"] else ()))
+            .order_by(send_attempts.c.id.desc()).limit(1)
+        ).first()
+        if attempt is not None and attempt.outcome == "sent":
+            status, sid, error = RELEASED, attempt.message_sid, None
+        elif attempt is not None and (attempt.outcome == "upstream_unreachable" or attempt.upstream_status == 429):
+            status, sid, error = HELD, None, "Twilio did not take it; held again"  # as the worker does (Retry)
+        elif attempt is not None and attempt.upstream_status is not None and 400 <= attempt.upstream_status < 500:
+            status, sid, error = FAILED, None, f"Twilio answered {attempt.upstream_status}"
+        else:
+            status, sid, error = UNCERTAIN, None, ABANDONED
+        done = conn.execute(update(held_messages)
+                            .where(held_messages.c.id == row["id"], held_messages.c.status == SENDING)
+                            .values(status=status, released_at=None if status == HELD else now, message_sid=sid,
+                                    last_error=error))
+        if done.rowcount:  # not settled meanwhile by its worker, late
+            settled.append({**row, "status": status, "message_sid": sid, "error": error})
+    return settled
+
+
+# The send_attempts decision of a release's create (worker.RELEASED, which imports this module).
+RELEASE_DECISION = "released"
+ABANDONED = "its send began and no outcome was recorded: Twilio may have taken it; not sent again"
 
 
 def mark(conn: Connection, held_id: int, status: str, now: datetime, *, message_sid: str | None = None,

@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, select, update
 from werkzeug.datastructures import MultiDict
 
-from . import logs, outbox
-from .db import late_failures, send_attempts, windows
+from . import holds, logs, outbox, store
+from .db import held_messages, late_failures, send_attempts, windows
 from .errors import ApiError
 from .judge import send_time
 from .runtime import Runtime
@@ -46,7 +46,7 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
     attempt = conn.execute(
         select(send_attempts.c.sender, send_attempts.c.user, send_attempts.c.account_sid, send_attempts.c.params,
                send_attempts.c.content_type, send_attempts.c.created_at, send_attempts.c.duration_ms,
-               send_attempts.c.decision)
+               send_attempts.c.decision, send_attempts.c.request_id)
         .where(send_attempts.c.message_sid == sid, send_attempts.c.decision.in_(SENT))
         .order_by(send_attempts.c.id.desc()).limit(1)
     ).first()
@@ -92,10 +92,40 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
             pairs.append(("ContentVariables", variables))
         outbox.enqueue(conn, kind="send", ordering_key=f"send:{sid}", target=attempt.account_sid, headers={},
                        body=pairs, now=now)
+    held_id = _hold_again(rt, conn, attempt, sid, now) if reroute and rt.settings.hold_on_reroute else None
     logs.event("late_window_failure", redact=rt.settings.log_redact_numbers, level=logging.WARNING,
                decision=action, message_sid=sid, sender=attempt.sender, user=attempt.user, code=LATE_WINDOW_FAILURE,
-               sent_as=attempt.decision, fallback_content_sid=fallback.content_sid if reroute else None)
+               sent_as=attempt.decision, fallback_content_sid=fallback.content_sid if reroute else None,
+               held_id=held_id)
     return action
+
+
+def _hold_again(rt: Runtime, conn: Connection, attempt, sid: str, now: datetime) -> int:
+    """HOLD_ON_REROUTE: the message that failed is kept for the user's next message, as a rerouted send is at the
+    gateway. A released hold goes back to `held` under its own id (the one its caller was given); an allowed send
+    becomes a new hold. Released at once when the user has written since WhatsApp's try (the window kept open)."""
+    window = store.load_window(conn, attempt.sender, attempt.user)
+    open_now = window is not None and window.expires_at > now
+    held_id = None
+    if attempt.decision == holds.RELEASE_DECISION:
+        holds.lock_pair(conn, attempt.sender, attempt.user)
+        held_id = conn.execute(
+            update(held_messages)
+            .where(held_messages.c.message_sid == sid, held_messages.c.status == holds.RELEASED)
+            .values(status=holds.HELD, message_sid=None, released_at=None, expires_at=now + timedelta(
+                seconds=rt.settings.hold_ttl_seconds), last_error=f"{LATE_WINDOW_FAILURE} after its release: held again")
+            .returning(held_messages.c.id)
+        ).scalar()
+        if held_id is not None and open_now and not outbox.has_pending(conn, holds.release_key(attempt.sender,
+                                                                                                 attempt.user)):
+            holds.queue_release(conn, attempt.sender, attempt.user, now)
+    if held_id is None:
+        held_id, _ = holds.hold(conn, sender=attempt.sender, user=attempt.user, account_sid=attempt.account_sid,
+                                params=json.loads(attempt.params), request_id=attempt.request_id, now=now,
+                                ttl_seconds=rt.settings.hold_ttl_seconds,
+                                # The window as it is now: a release is queued only if it is open.
+                                judged_inbound_at=None if open_now else window.last_inbound_at if window else None)
+    return held_id
 
 
 def _tried_at(params: str, arrived: datetime) -> datetime:

@@ -251,7 +251,7 @@ def purge(conn: Connection, cutoff: datetime) -> dict[str, int]:
 
     Open windows are never touched: their expiry is in the future, so never before a past cutoff.
     Pending outbox items and live holds are never touched either: only finished holds go (holds.FINISHED),
-    never `held` nor `sending` (being sent now, or stuck after a worker crash, for the operator to see).
+    never `held`, `sending` (being sent now) nor `uncertain` (Twilio may have taken it: for the operator to check).
     """
     return {
         "outbox": conn.execute(outbox.delete().where(outbox.c.status == "delivered",

@@ -89,6 +89,11 @@ class Worker:
             for row in holds.expire(conn, now):
                 logs.event("hold_expired", redact=self.rt.settings.log_redact_numbers, decision="dropped",
                            held_id=row.id, sender=row.sender, user=row.user, request_id=row.request_id)
+            for row in holds.abandoned(conn, now, self.rt.settings.outbox_lease_seconds):
+                level = {holds.UNCERTAIN: logging.ERROR, holds.FAILED: logging.WARNING}.get(row["status"], logging.INFO)
+                logs.event("release", redact=self.rt.settings.log_redact_numbers, level=level, decision=row["status"],
+                           reason="abandoned", held_id=row["id"], message_sid=row["message_sid"], error=row["error"],
+                           sender=row["sender"], user=row["user"], request_id=row["request_id"])
             for row in outbox.abandoned(conn, now):
                 logs.event("delivery", redact=True, level=logging.ERROR, decision="failed", kind=row.kind,
                            outbox_id=row.id, attempt=row.attempts + 1, outcome=outbox.UNCERTAIN,
@@ -342,11 +347,12 @@ class Worker:
             except ApiError as exc:
                 if exc.status >= 500:  # the Content API or the database is away: try again later
                     raise Retry(f"{exc.code}: {exc.message}") from None
-                self._mark(row, holds.FAILED, error=f"{exc.code}: {exc.message}")
+                self._mark(row, holds.FAILED, error=f"{exc.code}: {exc.message}", level=logging.WARNING)
                 continue
             if decision.action is not Action.ALLOWED and decision.code != OUTSIDE_WINDOW and (
                     judgement.send.approval in REFUSED_FOR_GOOD or decision.reason == "type_not_supported_on_whatsapp"):
-                self._mark(row, holds.FAILED, error=f"{decision.code}: {decision.reason}, even inside the window")
+                self._mark(row, holds.FAILED, error=f"{decision.code}: {decision.reason}, even inside the window",
+                           level=logging.WARNING)
                 continue
             if decision.action is not Action.ALLOWED:
                 # The window closed again: keep it, and keep the order. A template paused or not approved yet
@@ -357,7 +363,7 @@ class Worker:
                     return
                 continue
             with writing(self.rt.engine) as conn:
-                if not holds.take(conn, row["id"]):
+                if not holds.take(conn, row["id"], utcnow()):
                     continue  # another worker has it
             try:
                 sid = self.create(row["account_sid"], pairs, judgement, decision=RELEASED,
@@ -366,8 +372,11 @@ class Worker:
                 with writing(self.rt.engine) as conn:
                     holds.mark(conn, row["id"], holds.HELD, utcnow(), error=str(exc))
                 raise
+            except MaybeSent as exc:  # never sent again: an operator checks Twilio's Messages list
+                self._mark(row, holds.UNCERTAIN, error=str(exc), level=logging.ERROR)
+                continue
             except GiveUp as exc:
-                self._mark(row, holds.FAILED, error=str(exc))
+                self._mark(row, holds.FAILED, error=str(exc), level=logging.WARNING)
                 continue
             self._mark(row, holds.RELEASED, message_sid=sid)
             with writing(self.rt.engine) as conn:  # a long release keeps its lease, while it is still this worker's
@@ -376,10 +385,11 @@ class Worker:
                 raise Skip()  # another worker took the item over: it releases the rest (holds.take: never twice)
             leases.append(lease)
 
-    def _mark(self, row, status: str, *, message_sid: str | None = None, error: str | None = None) -> None:
+    def _mark(self, row, status: str, *, message_sid: str | None = None, error: str | None = None,
+              level: int = logging.INFO) -> None:
         with writing(self.rt.engine) as conn:
             holds.mark(conn, row["id"], status, utcnow(), message_sid=message_sid, error=error)
-        logs.event("release", redact=self.rt.settings.log_redact_numbers, decision=status, held_id=row["id"],
+        logs.event("release", redact=self.rt.settings.log_redact_numbers, level=level, decision=status, held_id=row["id"],
                    message_sid=message_sid, error=error, sender=row["sender"], user=row["user"],
                    request_id=row["request_id"])
 
@@ -445,7 +455,7 @@ class Worker:
 # Approval statuses a template does not come back from: a held message refused for one of them is failed.
 REFUSED_FOR_GOOD = frozenset({"rejected", "disabled"})
 # send_attempts decisions of the worker's own creates (the gateway's are its Action values).
-RELEASED, FALLBACK = "released", "fallback"
+RELEASED, FALLBACK = holds.RELEASE_DECISION, "fallback"
 
 
 def _ms(started: float) -> float:

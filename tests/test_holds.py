@@ -104,11 +104,11 @@ def test_a_held_message_is_taken_for_sending_once(db_engine):
     with db_engine.begin() as conn:
         held_id, _ = hold(conn, now)
     with db_engine.begin() as conn:
-        assert holds.take(conn, held_id) is True
+        assert holds.take(conn, held_id, utcnow()) is True
     with db_engine.begin() as conn:
-        assert holds.take(conn, held_id) is False
+        assert holds.take(conn, held_id, utcnow()) is False
         holds.mark(conn, held_id, holds.RELEASED, utcnow(), message_sid="SM" + "6" * 32)
-        assert holds.take(conn, held_id) is False
+        assert holds.take(conn, held_id, utcnow()) is False
         assert holds.held_for(conn, BUSINESS, USER, utcnow()) == []
 
 

@@ -1545,8 +1545,10 @@ def test_a_page_that_is_not_twilios_error_is_never_logged_or_kept(settings, db_e
     assert "secret" not in error and "held+secret" not in json.dumps(log_lines())
 
 
-def test_a_release_twilio_may_have_received_is_marked_failed_and_never_sent_again(settings, db_engine, fake_twilio):
-    """A 5xx from Twilio may come after it accepted the message: retrying could send it twice."""
+def test_a_release_twilio_may_have_received_is_left_uncertain_and_never_sent_again(settings, db_engine, fake_twilio,
+                                                                                   log_lines):
+    """A 5xx from Twilio may come after it accepted the message: retrying could send it twice. `uncertain`, said at
+    ERROR, as a fallback's is: not `failed`, which says Twilio refused it."""
     app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
     client = app.test_client()
     send(client, {"To": USER, "From": BUSINESS, "Body": "held"})
@@ -1564,8 +1566,81 @@ def test_a_release_twilio_may_have_received_is_marked_failed_and_never_sent_agai
         run_worker(app, utcnow() + timedelta(days=1))  # long after any retry would have been due
     with db_engine.connect() as conn:
         status, error = conn.execute(select(held_messages.c.status, held_messages.c.last_error)).one()
-    assert status == "failed" and "500" in error
+    assert status == "uncertain" and "500" in error and "may have been accepted" in error
     assert len(releases()) == 1
+    [line] = [line for line in log_lines() if line["event"] == "release" and line["decision"] == "uncertain"]
+    assert line["level"] == "ERROR"
+    assert client.get("/v1/held?status=uncertain", headers=basic_auth()).get_json()["held"][0]["status"] == "uncertain"
+
+
+def test_a_release_twilio_refused_is_failed_at_warning(settings, db_engine, fake_twilio, log_lines):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "held"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + "3"))
+    fake_twilio.fail_with = (400, {"code": 21610, "message": "Attempt to send to unsubscribed recipient",
+                                   "more_info": "https://www.twilio.com/docs/errors/21610", "status": 400})
+    run_worker(app)
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "failed"
+    [line] = [line for line in log_lines() if line["event"] == "release" and line["decision"] == "failed"]
+    assert line["level"] == "WARNING" and "21610" in line["error"]
+
+
+def stuck_release(app, client, db_engine, fake_twilio, monkeypatch, *, sid_suffix):
+    """A release whose create Twilio answered, but whose outcome could not be stored (the database went away
+    right then): the held row is left `sending`."""
+    send(client, {"To": USER, "From": BUSINESS, "Body": "held"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + sid_suffix))
+    real_mark = holds.mark
+
+    def database_gone(conn, held_id, status, now, **kwargs):
+        if status == holds.RELEASED:
+            raise OperationalError("UPDATE held_messages", {}, Exception("server closed the connection"))
+        return real_mark(conn, held_id, status, now, **kwargs)
+
+    monkeypatch.setattr(holds, "mark", database_gone)
+    run_worker(app)
+    monkeypatch.setattr(holds, "mark", real_mark)
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "sending"
+
+
+def test_a_held_message_left_sending_is_settled_from_its_attempt_after_a_lease(settings, db_engine, fake_twilio,
+                                                                                log_lines, monkeypatch):
+    """It stayed `sending` for good, with no line, and its sid was never recorded (the review's repro B)."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    stuck_release(app, client, db_engine, fake_twilio, monkeypatch, sid_suffix="4")
+    [create] = [r for r in fake_twilio.creates if dict(r.form).get("Body") == "held"]
+    [sid] = [m["sid"] for m in fake_twilio.messages.values() if m["body"] == "held"]
+    run_worker(app, utcnow() + timedelta(seconds=settings.outbox_lease_seconds - 5))  # its worker may still be at it
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "sending"
+    run_worker(app, utcnow() + timedelta(seconds=settings.outbox_lease_seconds + 1))
+    with db_engine.connect() as conn:
+        status, message_sid = conn.execute(select(held_messages.c.status, held_messages.c.message_sid)).one()
+    assert (status, message_sid) == ("released", sid)
+    [line] = [line for line in log_lines() if line["event"] == "release" and line.get("reason") == "abandoned"]
+    assert (line["decision"], line["message_sid"], line["level"]) == ("released", sid, "INFO")
+    assert [r for r in fake_twilio.creates if dict(r.form).get("Body") == "held"] == [create]  # never sent twice
+
+
+def test_a_held_message_whose_worker_died_during_the_create_becomes_uncertain(settings, db_engine, fake_twilio,
+                                                                                log_lines):
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    held_id = int(send(client, {"To": USER, "From": BUSINESS, "Body": "held"}).headers["X-Proxy-Held-Id"])
+    with db_engine.begin() as conn:  # taken for sending by a worker that was then killed: no attempt row
+        assert holds.take(conn, held_id, utcnow())
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + "5"))
+    run_worker(app, utcnow() + timedelta(seconds=settings.outbox_lease_seconds + 1))
+    with db_engine.connect() as conn:
+        status, error = conn.execute(select(held_messages.c.status, held_messages.c.last_error)).one()
+    assert status == "uncertain" and "Twilio may have taken it" in error
+    [line] = [line for line in log_lines() if line["event"] == "release" and line.get("reason") == "abandoned"]
+    assert (line["decision"], line["level"], line["held_id"]) == ("uncertain", "ERROR", held_id)
+    assert not [r for r in fake_twilio.creates if dict(r.form).get("Body") == "held"]
 
 
 def test_a_late_failure_never_reopens_an_item_delivered_meanwhile(forwarding, fake_app, db_engine):
@@ -1825,6 +1900,35 @@ def test_a_late_63016_on_a_released_message_closes_the_window_like_any_send(
     assert (late["decision"], late["message_sid"]) == ("closed_and_rerouted", released["message_sid"])
     assert run_worker(app) == 1
     assert len(fallback_creates(app, fake_twilio)) == 2  # the reroute's, then the late failure's
+    # HOLD_ON_REROUTE: the message itself is held again, under the id its caller was given, for the user's next one.
+    [again] = client.get("/v1/held", headers=basic_auth()).get_json()["held"]
+    assert (again["id"], again["status"], again["message_sid"]) == (released["id"], "held", None)
+    assert late["held_id"] == released["id"] and "63016 after its release" in again["last_error"]
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 31 + "d"))
+    assert run_worker(app) == 1
+    assert [dict(r.form)["Body"] for r in fake_twilio.creates if "Body" in dict(r.form)] == ["held then released"] * 2
+
+
+@pytest.mark.parametrize("user_wrote_since", [False, True])
+def test_a_late_63016_on_an_allowed_send_holds_it_when_hold_on_reroute_is_on(
+        settings, db_engine, fake_twilio, log_lines, user_wrote_since):
+    """The fallback went out for it, as for a send rerouted at once; and, as for one, the message is kept."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 31 + "e"))
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "allowed then failed",
+                        "StatusCallback": "https://app/cb"}).get_json()["sid"]
+    if user_wrote_since:  # after WhatsApp's try: the window stays open, and the message goes out again at once
+        signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 31 + "f"))
+    signed_post(client, "/twilio/status", failed_callback(sid))
+    [late] = late_lines(log_lines)
+    [held] = client.get("/v1/held?status=all", headers=basic_auth()).get_json()["held"]
+    assert late["held_id"] == held["id"]
+    run_worker(app)
+    bodies = [dict(r.form) for r in fake_twilio.creates if dict(r.form).get("Body") == "allowed then failed"]
+    assert len(bodies) == (2 if user_wrote_since else 1) and bodies[-1]["StatusCallback"] == "https://app/cb"
+    [held] = client.get("/v1/held?status=all", headers=basic_auth()).get_json()["held"]
+    assert held["status"] == ("released" if user_wrote_since else "held")
 
 
 @pytest.mark.parametrize("sent_by", ["worker", "gateway"])
