@@ -10,7 +10,7 @@ import sys
 
 import click
 from flask import Flask, g, request
-from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import DataError, DBAPIError, SQLAlchemyError, StatementError
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -195,7 +195,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         missing = schema_missing(exc)  # no outage: the migrations were not applied, and no retry will help
         if missing:
             extra["detail"] = schema_hint(exc)
-        elif isinstance(exc, OperationalError):  # refused, timed out, password refused: the driver's words say which
+        elif isinstance(exc, DBAPIError):  # refused, timed out, read-only, not a database: the driver's words say which
             extra["detail"] = unavailable_reason(exc)
         reason = "migrations_not_at_head" if missing else "database_unavailable"
         logs.log.error(reason, extra=extra)
@@ -280,7 +280,7 @@ def check_migrations(engine, head: str) -> str | None | bool:
     try:
         current = revision_at_start(engine)
     except SQLAlchemyError as exc:
-        reason = f" ({unavailable_reason(exc)})" if isinstance(exc, OperationalError) else ""
+        reason = f" ({unavailable_reason(exc)})" if isinstance(exc, DBAPIError) else ""
         logs.log.warning("database_unavailable", extra={
             "error": type(exc).__name__,
             "detail": f"at start-up{reason}; starting anyway: what needs the database answers 503 until it is back"})

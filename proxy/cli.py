@@ -12,7 +12,7 @@ from datetime import timedelta
 import click
 from alembic.util import CommandError
 from flask import Flask
-from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from . import holds, logs, outbox, store, window_api
 from .db import unavailable_reason, utcnow, writing
@@ -44,7 +44,15 @@ def needs_schema(command_function):
                 raise click.ClickException(
                     f"the database already holds what the migrations create ({driver_said}) but no record of them: "
                     "tables made by hand or by another application; use an empty database") from None
-            if isinstance(exc, OperationalError):  # refused, timed out, locked, disk: the driver's words say which
+            state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+            if state == "25006":  # a hot standby, or a role or database set read-only: InternalError, no outage
+                raise click.ClickException(f"the database is read-only: {unavailable_reason(exc)}") from None
+            if state in ("40P01", "55P03"):  # deadlock, lock_not_available: the running app held what it needed
+                raise click.ClickException(f"the database ended this command on a lock conflict with the running "
+                                           f"app ({unavailable_reason(exc)}); run it again") from None
+            # OperationalError: refused, timed out, locked, disk; a bare DatabaseError: a file that is no SQLite
+            # database. The driver's words say which.
+            if isinstance(exc, OperationalError) or type(exc) is DatabaseError:
                 raise click.ClickException(f"the database is unavailable: {unavailable_reason(exc)}") from None
             raise  # anything else keeps its traceback: it is the operator's best clue
     return run

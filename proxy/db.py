@@ -35,7 +35,7 @@ from sqlalchemy import (
     event,
     make_url,
 )
-from sqlalchemy.exc import InvalidatePoolError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError, SQLAlchemyError
 
 
 class UTCDateTime(TypeDecorator):
@@ -408,7 +408,7 @@ def writing(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-def unavailable_reason(exc: OperationalError) -> str:
+def unavailable_reason(exc: DBAPIError) -> str:
     """The first line of the driver's words for an unreachable or locked database (refused, timed out, locked,
     disk): what an operator needs, without SQLAlchemy's traceback."""
     text = str(exc.orig).strip()

@@ -8,7 +8,7 @@ from flask import Blueprint, Response, request
 from sqlalchemy.exc import SQLAlchemyError
 
 from .auth import require_basic_auth
-from .migrate import current_revision
+from .migrate import current_revision, known_revision
 from .metrics import exposition
 from .runtime import runtime
 
@@ -29,10 +29,15 @@ def readyz():
             current = current_revision(conn)
     except SQLAlchemyError as exc:
         return {"status": "unavailable", "reason": "database_unreachable", "error": type(exc).__name__}, 503
-    if current != rt.migrations_head:
-        return {"status": "unavailable", "reason": "migrations_not_at_head", "database_revision": current,
-                "code_revision": rt.migrations_head}, 503
-    return {"status": "ok", "database_revision": current}
+    if current == rt.migrations_head:
+        return {"status": "ok", "database_revision": current}
+    if current is not None and not known_revision(current):
+        # A newer release's migrations ran first (its release phase, before its instances are up): this one serves
+        # on, as the gateway does (migrate.HeadCheck). Unready, every old instance left the load balancer at once.
+        return {"status": "ok", "database_revision": current, "code_revision": rt.migrations_head,
+                "detail": "the database is ahead of this code: a newer release has migrated it"}
+    return {"status": "unavailable", "reason": "migrations_not_at_head", "database_revision": current,
+            "code_revision": rt.migrations_head}, 503
 
 
 # No automatic OPTIONS: Flask would answer it 200 before the view checks the credentials.

@@ -202,3 +202,45 @@ def test_concurrent_upgrades_on_postgresql_take_turns(database_url):
         with engine.begin() as conn:
             conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         engine.dispose()
+
+
+@pytest.mark.parametrize("direction", ["upgrade", "downgrade"])
+def test_0005_under_live_traffic_waits_for_the_app_instead_of_deadlocking(empty_database, direction):
+    """The release phase runs while the old instances serve. 0005 took a SHARE lock on the outbox (its CREATE
+    INDEX), then waited for ACCESS EXCLUSIVE (its DROP INDEX) behind an app transaction that had read the outbox,
+    and that transaction's INSERT then waited behind the SHARE lock: `deadlock detected`, the upgrade failed."""
+    import subprocess
+    import sys
+    import time
+
+    url = empty_database
+    if not url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite's migrations take the proxy's write lock")
+    upgrade(url, "0004" if direction == "upgrade" else "0005")
+    engine = create_engine(url)
+    at = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    script = ("from alembic import command; from proxy.migrate import alembic_config; "
+              f"command.{direction}(alembic_config({url!r}), {'head' if direction == 'upgrade' else '0004'!r})")
+    try:
+        with engine.connect() as app:
+            with app.begin():  # an app transaction that has read the outbox, as an inbound webhook's does
+                app.execute(select(outbox.c.id).limit(1)).all()
+                run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True)
+                for _ in range(200):  # until the migration waits on the app's lock
+                    app.execute(text("SELECT pg_stat_clear_snapshot()"))
+                    if app.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                        "AND datname = current_database()")).scalar():
+                        break
+                    time.sleep(0.05)
+                else:
+                    pytest.fail("the migration never waited for the app's transaction")
+                app.execute(insert(outbox).values(kind="inbound", ordering_key="k", target="http://app", headers="{}",
+                                                  body="[]", status="pending", attempts=0, next_attempt_at=at,
+                                                  created_at=at, updated_at=at))
+            output = run.communicate(timeout=60)[0]
+        assert run.returncode == 0, output
+        with engine.connect() as conn:
+            assert conn.execute(select(outbox.c.id)).scalars().all() == [1]
+    finally:
+        engine.dispose()

@@ -24,7 +24,17 @@ branch_labels = None
 depends_on = None
 
 
+def _lock_outbox() -> None:
+    """PostgreSQL: the table's strongest lock first, taken once. A CREATE INDEX takes a SHARE lock and the DROP
+    INDEX after it ACCESS EXCLUSIVE: an app's insert waiting between the two (it queues behind the SHARE lock,
+    and the DROP behind it) was a deadlock, and the release phase failed under live traffic. Waiting for the
+    lock up front, the migration runs once the transactions before it end, and the app's wait after it."""
+    if op.get_context().dialect.name == "postgresql":
+        op.execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+
+
 def upgrade() -> None:
+    _lock_outbox()
     op.create_index("ix_outbox_status_next_attempt_at_id", "outbox", ["status", "next_attempt_at", "id"])
     op.drop_index("ix_outbox_status_next_attempt_at", table_name="outbox")
     op.create_index("ix_outbox_ordering_key_status_id", "outbox", ["ordering_key", "status", "id"])
@@ -32,6 +42,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    _lock_outbox()
     op.create_index("ix_outbox_ordering_key_id", "outbox", ["ordering_key", "id"])
     op.drop_index("ix_outbox_ordering_key_status_id", table_name="outbox")
     op.create_index("ix_outbox_status_next_attempt_at", "outbox", ["status", "next_attempt_at"])

@@ -296,6 +296,23 @@ def test_not_ready_when_a_migration_is_missing(settings, tmp_path):
     assert app.test_client().get("/readyz").status_code == 200
 
 
+def test_ready_when_a_newer_release_has_migrated_the_database(settings, tmp_path):
+    """A release phase runs its migrations before its instances are up: every old instance answered 503 at once
+    and left the load balancer, although each serves on (as the gateway does past its head)."""
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'ahead.sqlite3'}"
+    upgrade(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    response = create_app(replace(settings, database_url=url)).test_client().get("/readyz")
+    body = response.get_json()
+    assert response.status_code == 200 and body["status"] == "ok" and body["database_revision"] == "0099"
+    assert "ahead of this code" in body["detail"]
+
+
 UPGRADE = "flask --app proxy db upgrade"
 
 
@@ -804,3 +821,33 @@ def test_metrics_say_whether_the_database_answered_the_scrape(settings, db_engin
     down = _samples(app.test_client())
     app.extensions["proxy"].engine.dispose()
     assert down[("proxy_database_up", ())] == 0.0 and ("proxy_outbox_oldest_due_seconds", ()) not in down
+
+
+@pytest.mark.parametrize("args", [["purge", "--older-than", "30d"], ["outbox", "replay", "--all"], ["worker", "--once"]])
+def test_cli_on_a_read_only_postgresql_says_so_in_one_line(settings, db_engine, args):
+    """A hot standby or a read-only role: psycopg's ReadOnlySqlTransaction (an InternalError) was a traceback."""
+    url = settings.database_url
+    if not url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: a read-only SQLite file is an OperationalError, said in one line already")
+    read_only = f"{url}{'&' if '?' in url else '?'}options=-cdefault_transaction_read_only%3Don"
+    app = create_app(replace(settings, database_url=read_only))
+    if args[0] == "outbox":  # something to replay, so the command writes
+        with db_engine.begin() as conn:
+            conn.execute(insert(outbox).values(kind="inbound", ordering_key="k", target="http://app", headers="{}",
+                                               body="[]", status="exhausted", attempts=5, next_attempt_at=utcnow(),
+                                               created_at=utcnow(), updated_at=utcnow()))
+    result = app.test_cli_runner().invoke(args=args + (["--yes"] if args[0] == "purge" else []))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "the database is read-only: cannot execute" in line and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args", [["db", "current"], ["outbox", "list"], ["worker", "--once"]])
+def test_cli_on_a_file_that_is_no_sqlite_database_says_so_in_one_line(settings, tmp_path, args):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database\n" * 100)
+    app = create_app(replace(settings, database_url=f"sqlite:///{path}"))
+    result = app.test_cli_runner().invoke(args=args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "the database is unavailable: file is not a database" in line and "Traceback" not in result.output
