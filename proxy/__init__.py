@@ -170,10 +170,12 @@ def create_app(settings: Settings | None = None) -> Flask:
             end_of_requests()
         if not isinstance(exc, MethodNotAllowed):
             return twilio_error(exc.code, exc.code, exc.description)
-        # Refused by routing, before the gateway's own hooks: a PUT, PATCH or OPTIONS to the Messages API is
-        # answered only to a caller with credentials, and says it was not judged, as the gateway's answers do.
+        # Refused by routing, before the blueprints' own hooks: a PUT, PATCH or OPTIONS to the Messages API or the
+        # admin API is answered only to a caller with credentials (its Allow says which methods exist), and the
+        # gateway's says it was not judged, as its other answers do.
         on_gateway = request.path.startswith(gateway.bp.url_prefix + "/")
-        response = require_basic_auth() if on_gateway else None
+        authenticated = on_gateway or request.path.startswith(admin.bp.url_prefix + "/")
+        response = require_basic_auth() if authenticated else None
         if response is None:
             response = twilio_error(405, 405, exc.description)
             response.headers["Allow"] = ", ".join(exc.valid_methods or ())

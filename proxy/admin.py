@@ -16,12 +16,14 @@ from .policy import Action, explain
 from .runtime import runtime
 
 bp = Blueprint("admin", __name__, url_prefix="/v1")
+# No automatic OPTIONS on its routes: Flask answered it with an empty HTML 200; it is a Twilio-shaped 405 after the
+# credentials (proxy/__init__.py), as on the gateway.
 bp.before_request(require_basic_auth)
 
-_DIGITS = re.compile(r"[0-9]{1,12}")  # no bound has more than 6 digits; int() refuses past 4300
+_DIGITS = re.compile(r"[0-9]{1,19}")  # PageToken's bound, 2**63 - 1, has 19; int() refuses past 4300
 
 
-@bp.post("/preflight")
+@bp.post("/preflight", provide_automatic_options=False)
 def preflight():
     """Judge a Messages create form without sending anything; a block is an answer here, not an error."""
     rt = runtime()
@@ -50,13 +52,13 @@ def preflight():
     }
 
 
-@bp.get("/windows")
+@bp.get("/windows", provide_automatic_options=False)
 def window():
     """One pair's window: GET /v1/windows?sender=whatsapp:+1415…&user=whatsapp:+1415…"""
     return window_api.show(runtime(), request.args.get("sender"), request.args.get("user"))
 
 
-@bp.get("/windows/expiring")
+@bp.get("/windows/expiring", provide_automatic_options=False)
 def expiring():
     """Windows that close within `within` seconds, soonest first, so an app can nudge the user in time."""
     within = _int_arg("within", 3600, 1, 7 * 86400)
@@ -80,13 +82,13 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     return value
 
 
-@bp.get("/held")
+@bp.get("/held", provide_automatic_options=False)
 def held():
     """Held messages (default: still held), optionally for one sender and/or user."""
     status = request.args.get("status", holds.HELD)
     if status not in (*holds.STATUSES, "all"):
-        raise ApiError(400, 400, "status must be held, sending, released, expired, failed or all.")
-    sender = window_api.address_key(request.args.get("sender"))
+        raise ApiError(400, 400, "status must be held, sending, released, expired, failed, uncertain or all.")
+    sender = window_api.address_key(request.args.get("sender"), sender=True)
     user = window_api.address_key(request.args.get("user"))
     page_size = _int_arg("PageSize", 100, 1, 1000)
     after = _int_arg("PageToken", 0, 0, 2**63 - 1)  # the last id of the page before: a keyset, not an offset

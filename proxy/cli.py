@@ -91,6 +91,8 @@ def register(app: Flask) -> None:
     @alembic_errors(app)
     def db_upgrade(revision: str):
         """Apply migrations up to REVISION (default: head)."""
+        if not revision.strip():  # a script's unset $REV: Alembic's own answer was an AssertionError's traceback
+            raise click.BadParameter("give a revision (or none, for head)", param_hint="REVISION")
         engine = app.extensions["proxy"].engine
         before = revision_at_start(engine)
         upgrade(app.extensions["proxy"].settings.database_url, revision)
@@ -243,7 +245,7 @@ def register(app: Flask) -> None:
     def held_list(status: str, sender: str | None, user: str | None, limit: int):
         """Held messages, oldest first (one JSON object per line), as GET /v1/held."""
         try:
-            sender_key, user_key = window_api.address_key(sender), window_api.address_key(user)
+            sender_key, user_key = window_api.address_key(sender, sender=True), window_api.address_key(user)
         except ApiError as exc:
             raise click.BadParameter(exc.message, param_hint="'--sender' or '--user'") from None
         with app.extensions["proxy"].engine.connect() as conn:
@@ -336,7 +338,8 @@ def _days(age: timedelta) -> str:
 
 
 def parse_duration(text: str) -> timedelta:
-    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text)
+    # ASCII digits, at most 12: int() reads other scripts' digits too (the API refuses them), and refuses past 4300.
+    match = re.fullmatch(r"\s*([0-9]{1,12})\s*([smhdw]?)\s*", text)
     if not match:
         raise click.BadParameter(f"{text!r} is not a duration such as 3600, 90m, 12h, 30d or 2w")
     seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]

@@ -7,7 +7,7 @@ import re
 from datetime import datetime, timedelta, timezone
 
 from . import store
-from .addresses import InvalidAddress, channel_of, normalise
+from .addresses import SERVICE_SID, InvalidAddress, channel_of, normalise
 from .db import utcnow
 from .errors import ApiError
 from .runtime import Runtime
@@ -17,11 +17,11 @@ _ROW_ID = re.compile(r"[0-9]{1,19}")
 _MAX_ROW_ID = 2**63 - 1  # BIGINT; a larger id cannot even be bound as a parameter on SQLite
 
 
-def address_key(value: str | None) -> str | None:
-    """An address as windows are keyed: normalised, or a Messaging Service SID as given."""
+def address_key(value: str | None, *, sender: bool = False) -> str | None:
+    """An address as windows are keyed: normalised, or (a `sender` only) a Messaging Service SID."""
     if not value or not value.strip():
         return None
-    if value.strip().startswith("MG"):
+    if sender and SERVICE_SID.fullmatch(value.strip()):  # not any "MG…": that passed unchecked, control bytes too
         return value.strip()
     try:
         return normalise(value)
@@ -30,11 +30,11 @@ def address_key(value: str | None) -> str | None:
 
 
 def window_key(sender: str | None, user: str | None) -> tuple[str, str]:
-    sender_key, user_key = address_key(sender), address_key(user)
+    sender_key, user_key = address_key(sender, sender=True), address_key(user)
     if not sender_key or not user_key:
         raise ApiError(400, 400, "Both sender and user are required, e.g. sender=whatsapp:+14155550100&"
                                  "user=whatsapp:+14155550111")
-    channels = {channel_of(key) for key in (sender_key, user_key) if not key.startswith("MG")}
+    channels = {channel_of(key) for key in (sender_key, user_key) if not SERVICE_SID.fullmatch(key)}
     if len(channels) > 1:
         # A window is one channel's: whatsapp:+1415… and +1415… are two conversations, and asking for the mixed
         # pair answered "closed" however open the WhatsApp one was.

@@ -630,9 +630,12 @@ def test_the_sandbox_stays_on_this_machine_behind_an_http_proxy(tmp_path):
         said = subprocess.run([flask, "--app", "proxy", "sandbox", "say", USER, "hi", "--sim-url", up.sim_url],
                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert said.returncode == 0 and "proxy answered 200" in said.stdout, said.stdout + said.stderr
-    demo = subprocess.run([flask, "--app", "proxy", "sandbox", "demo"], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    demo = subprocess.run([flask, "--app", "proxy", "sandbox", "demo"], env={**env, "TMPDIR": str(scratch)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    assert list(scratch.iterdir()) == []  # its database went with it: each run left a proxy-demo-* behind
 
 
 def test_a_proxy_url_ending_in_a_slash_gets_no_doubled_slash():
@@ -806,7 +809,12 @@ def test_the_sandbox_database_is_its_own_whatever_database_url_says(tmp_path):
     for named, environ in (("sqlite:///instance/proxy.sqlite3", {}),  # the real mode's default
                            (f"sqlite:///{CODE_ROOT / 'instance' / 'proxy.sqlite3'}", {}),
                            ("postgresql://proxy@127.0.0.1/proxy", {"DATABASE_URL": "postgres://proxy@127.0.0.1/proxy"}),
-                           (f"sqlite:///{tmp_path / 'real.sqlite3'}", {"DATABASE_URL": f"sqlite:///{tmp_path / 'real.sqlite3'}"})):
+                           (f"sqlite:///{tmp_path / 'real.sqlite3'}", {"DATABASE_URL": f"sqlite:///{tmp_path / 'real.sqlite3'}"}),
+                           # The same database spelt another way (the review found each let through).
+                           ("postgresql://u:p@db.internal:5432/proxy", {"DATABASE_URL": "postgresql://u:p@db.internal/proxy"}),
+                           ("postgresql://u@DB.internal/proxy", {"DATABASE_URL": "postgresql://u@db.internal/proxy"}),
+                           (f"sqlite:///{tmp_path / 'x' / '..' / 'real.sqlite3'}",
+                            {"DATABASE_URL": f"sqlite:///{tmp_path / 'real.sqlite3'}"})):
         with pytest.raises(click.ClickException, match="real"):
             sandbox_database_url(named, environ)
 
@@ -863,3 +871,14 @@ def test_sandbox_up_refuses_to_forward_beyond_this_machine(tmp_path, name):
     assert "SANDBOX MODE" not in result.stdout and not (tmp_path / "sandbox.sqlite3").exists()
     [line] = result.stderr.strip().splitlines()
     assert name in line and "app.example.com" in line and "127.0.0.1" in line
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "0"])
+def test_a_simulator_port_out_of_range_is_refused_in_one_line(port):
+    """bind() raised OverflowError, a traceback."""
+    from click.testing import CliRunner
+
+    from proxy.sandbox.cli import sandbox
+
+    result = CliRunner().invoke(sandbox, ["--port", port, "say", USER, "hi"])
+    assert result.exit_code == 2 and "Invalid value for '--port'" in result.output, result.output

@@ -131,9 +131,15 @@ def _rooted(raw: str) -> str:
 
 
 def _same_database(url: str) -> tuple:
-    """What tells two URLs of one database apart from two databases (not the driver, user or password)."""
+    """What tells two URLs of one database apart from two databases (not the driver, user or password), each
+    spelt one way: a host in any case, PostgreSQL's port left out or given (5432), a SQLite path through `..`
+    or a link."""
     parsed = make_url(url)
-    return (parsed.get_backend_name(), parsed.host, parsed.port, parsed.database)
+    backend, database = parsed.get_backend_name(), parsed.database
+    if backend == "sqlite" and database not in (None, "", ":memory:"):
+        database = str(Path(database).resolve())
+    port = parsed.port or (5432 if backend == "postgresql" else None)
+    return (backend, (parsed.host or "").lower() or None, port, database)
 
 
 def open_windows(url: str) -> dict:
@@ -200,7 +206,8 @@ def template_lines(samples: dict) -> list[str]:
 
 
 @click.group("sandbox", invoke_without_command=True)
-@click.option("--port", default=8001, show_default=True, help="Port of the simulator on 127.0.0.1.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8001, show_default=True,
+              help="Port of the simulator on 127.0.0.1.")
 @click.option("--proxy-url", default="http://127.0.0.1:8000", show_default=True,
               help="The proxy the simulated users write to and status callbacks go to.")
 @click.pass_context

@@ -46,6 +46,12 @@ class DecisionLog(logging.Handler):
 
 
 def run(echo: Callable[[str], None]) -> bool:
+    # Removed afterwards, database and all: every `make demo` left a /tmp/proxy-demo-* behind.
+    with tempfile.TemporaryDirectory(prefix="proxy-demo-") as workdir:
+        return _run(echo, Path(workdir))
+
+
+def _run(echo: Callable[[str], None], workdir: Path) -> bool:
     results: list[tuple[str, bool]] = []
 
     def step(title: str, ok: bool, *details: str) -> None:
@@ -54,7 +60,6 @@ def run(echo: Callable[[str], None]) -> bool:
         for line in details:
             echo(f"    {line}")
 
-    workdir = Path(tempfile.mkdtemp(prefix="proxy-demo-"))
     database_url = f"sqlite:///{workdir / 'demo.sqlite3'}"
     upgrade(database_url)
     sim = Simulator(callback_delay=0.02)

@@ -78,6 +78,12 @@ def test_window_api(client):
     assert body["last_inbound_at"] and body["profile_name"] == "Ada"
     by_service = client.get(f"/v1/windows?sender=MG{'a' * 32}&user={USER}", headers=basic_auth()).get_json()
     assert by_service["open"] is True and by_service["expires_at"] == body["expires_at"]
+    # Only a real Messaging Service SID, and only as the sender: any "MG…" passed unchecked, control bytes too.
+    for query in (f"sender=MG%0a%1b&user={USER}", f"sender=MG{'a' * 5000}&user={USER}",
+                  f"sender={BUSINESS}&user=MG{'a' * 32}"):
+        for path in ("/v1/windows", "/v1/held"):
+            refused = client.get(f"{path}?{query}", headers=basic_auth())
+            assert refused.status_code == 400 and refused.get_json()["code"] == 21211, (path, query)
     unknown = client.get(f"/v1/windows?sender={BUSINESS}&user=whatsapp:+14155550999", headers=basic_auth())
     assert unknown.status_code == 200 and unknown.get_json()["open"] is False
     assert client.get(f"/v1/windows?sender={BUSINESS}&user={USER}").status_code == 401
@@ -255,6 +261,10 @@ def test_held_messages_come_in_pages_and_the_cli_says_when_it_cut_the_list(app, 
     assert [h["status"] for h in released["held"] + rest["held"]] == ["released"] * 3
     bad = client.get("/v1/held?PageToken=-1", headers=basic_auth())
     assert bad.status_code == 400 and bad.get_json()["code"] == 400
+    # Its largest value is a page token like any other (it was refused, "must be … from 0 to" itself).
+    last = client.get(f"/v1/held?PageToken={2**63 - 1}", headers=basic_auth())
+    assert last.status_code == 200 and last.get_json()["held"] == []
+    assert client.get(f"/v1/held?PageToken={2**63}", headers=basic_auth()).status_code == 400
 
     runner = app.test_cli_runner()
     cut = runner.invoke(args=["held", "list", "--status", "all", "--limit", "10"])
@@ -851,3 +861,18 @@ def test_cli_on_a_file_that_is_no_sqlite_database_says_so_in_one_line(settings, 
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert "the database is unavailable: file is not a database" in line and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args", [["windows", "expiring", "--within", "9" * 5000],
+                                  ["purge", "--older-than", "9" * 5000 + "d"],
+                                  ["windows", "expiring", "--within", "\u0661\u0662"]])
+def test_a_duration_of_too_many_or_foreign_digits_is_refused_in_one_line(client, args):
+    """5,000 digits were int()'s ValueError traceback; Arabic-Indic digits were read as 12 s."""
+    result = client.application.test_cli_runner().invoke(args=args)
+    assert result.exit_code == 2 and "is not a duration" in result.output and "Traceback" not in result.output
+
+
+def test_db_upgrade_to_a_blank_revision_is_refused_in_one_line(client):
+    """A script's unset $REV: Alembic asserted, and the release phase printed a traceback."""
+    result = client.application.test_cli_runner().invoke(args=["db", "upgrade", ""])
+    assert result.exit_code == 2 and "give a revision" in result.output and "Traceback" not in result.output

@@ -264,3 +264,15 @@ def test_options_on_metrics_asks_for_credentials_too(client):
     """Flask's automatic OPTIONS answered 200 before the view checked any credentials."""
     response = client.open("/metrics", method="OPTIONS")
     assert_twilio_error(response, 405)
+
+
+@pytest.mark.parametrize("path, method", [("/v1/preflight", "GET"), ("/v1/held", "OPTIONS"), ("/v1/windows", "POST"),
+                                          ("/v1/windows/expiring", "PUT")])
+def test_the_admin_api_says_which_methods_exist_only_to_a_caller_with_credentials(client, path, method):
+    """A 405 with its Allow header went to anyone, and OPTIONS was Flask's empty HTML 200."""
+    response = client.open(path, method=method)
+    assert_twilio_error(response, 401)
+    assert "Allow" not in response.headers
+    response = client.open(path, method=method, headers=basic_auth())
+    assert_twilio_error(response, 405)
+    assert "OPTIONS" not in response.headers["Allow"]
