@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, exists, literal, or_, select, text, update
+from sqlalchemy import Connection, and_, exists, func, literal, or_, select, text, update
 from werkzeug.datastructures import MultiDict
 
 from . import outbox, store
@@ -208,6 +208,11 @@ def expire(conn: Connection, now: datetime) -> list:
         .returning(held_messages.c.id, held_messages.c.sender, held_messages.c.user, held_messages.c.request_id)
     ).all()
     return rows
+
+
+def counts(conn: Connection) -> dict[str, int]:
+    """Held messages by status (the metrics' gauge)."""
+    return dict(conn.execute(select(held_messages.c.status, func.count()).group_by(held_messages.c.status)).all())
 
 
 def listing(conn: Connection, *, sender: str | None = None, user: str | None = None, status: str | None = HELD,

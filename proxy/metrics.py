@@ -28,14 +28,16 @@ class OutboxDepth:
         self.engine = engine
 
     def collect(self):
-        from . import outbox
+        from . import holds, outbox
         from .db import utcnow
 
         family = GaugeMetricFamily("proxy_outbox_items", "Outbox items by status.", labels=["status"])
+        held = GaugeMetricFamily("proxy_held_messages", "Held messages (HOLD_ON_REROUTE) by status.", labels=["status"])
         now = utcnow()
         try:
             with self.engine.connect() as conn:
                 counts, oldest = outbox.depth(conn), outbox.oldest_due(conn, now)
+                held_counts = holds.counts(conn)
         except Exception:  # noqa: BLE001 — a scrape must not fail because the database is away
             yield _database_up(0)
             return
@@ -43,6 +45,9 @@ class OutboxDepth:
         for status in outbox.STATUSES:  # every one, so a stuck `sending` or `uncertain` item can be alerted on
             family.add_metric([status], counts.get(status, 0))
         yield family
+        for status in holds.STATUSES:  # `uncertain`: a release Twilio may have taken, for an operator to check
+            held.add_metric([status], held_counts.get(status, 0))
+        yield held
         # Alert when it stays above a minute: no worker is running, or it is far behind.
         yield GaugeMetricFamily("proxy_outbox_oldest_due_seconds",
                                 "How long the longest-waiting due outbox item has waited for a worker.",

@@ -882,3 +882,35 @@ def test_a_simulator_port_out_of_range_is_refused_in_one_line(port):
 
     result = CliRunner().invoke(sandbox, ["--port", port, "say", USER, "hi"])
     assert result.exit_code == 2 and "Invalid value for '--port'" in result.output, result.output
+
+
+@pytest.mark.parametrize("fields, code", [
+    ({"From": None}, 21603),  # no sender at all
+    ({"Body": None}, 21619),  # nothing to send
+    ({"Body": None, "ContentSid": "HXbad"}, 21655),
+])
+def test_simulator_refuses_creates_twilio_refuses(fields, code):
+    """The review found each answered 201: tests using the simulator as Twilio would pass sends Twilio refuses."""
+    sim = Simulator()
+    form = {"To": USER, "From": BUSINESS, "Body": "hi", **fields}
+    with ServerThread(sim.app()) as server:
+        response = requests.post(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                                 auth=(sim.account_sid, sim.auth_token), timeout=10,
+                                 data={k: v for k, v in form.items() if v is not None})
+    assert (response.status_code, response.json()["code"]) == (400, code)
+    assert sim.messages == {}
+
+
+def test_simulator_refuses_another_accounts_resources_and_bad_content_pages():
+    sim = Simulator()
+    sim.load_samples()
+    auth = (sim.account_sid, sim.auth_token)
+    with ServerThread(sim.app()) as server:
+        other = requests.post(f"{server.url}/2010-04-01/Accounts/AC{'0' * 32}/Messages.json", auth=auth, timeout=10,
+                              data={"To": USER, "From": BUSINESS, "Body": "hi"})
+        assert (other.status_code, other.json()["code"]) == (401, 20003) and sim.messages == {}
+        for query in ("PageSize=abc", "PageSize=0", "PageSize=-1", "Page=-1", "PageSize=1001"):
+            page = requests.get(f"{server.url}/v1/ContentAndApprovals?{query}", auth=auth, timeout=10)
+            assert (page.status_code, page.json()["code"]) == (400, 20001), query
+        everything = requests.get(f"{server.url}/v1/ContentAndApprovals?PageSize=1000", auth=auth, timeout=10)
+        assert len(everything.json()["contents"]) == len(sim.contents)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
+import re
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
 from ..addresses import SERVICE_SID, InvalidAddress, channel_of, normalise
+from ..content import CONTENT_SID
 from ..rules import TABLE, UNSENDABLE_APPROVALS, WHATSAPP_COMPLEXITY, Cell
 from .templates import SAMPLE_TEMPLATES
 
@@ -144,6 +146,16 @@ class Simulator:
         user = whatsapp_key(user)
         for key in [k for k in self.windows if k[1] == user]:
             del self.windows[key]
+
+    def _content_refusal(self, form) -> Response | None:
+        """Twilio's 21619 (no Body, MediaUrl or ContentSid) and 21655 (a ContentSid that is no Content SID). One of
+        the right shape that this simulator does not hold passes: tests pair it with Content APIs of their own."""
+        content_sid = (form.get("ContentSid") or "").strip()
+        if not (form.get("Body") or any(u.strip() for u in form.getlist("MediaUrl")) or content_sid):
+            return _error(21619, 400, "A Message Body, Media URL or Content SID is required")
+        if content_sid and not CONTENT_SID.match(content_sid):
+            return _error(21655, 400, "The ContentSid is Invalid")
+        return None
 
     def verdict(self, form) -> int | None:
         """What WhatsApp does with an accepted create: None delivers it, else the error it fails with."""
@@ -266,6 +278,11 @@ class Simulator:
                 time.sleep(self.delay)
             if not authorised():
                 return _error(20003, 401, "Authenticate")
+            # Credentials are one account's: another account's resources are not theirs (a 201 "account_sid":
+            # "ACother" from the simulator was no Twilio answer).
+            in_path = re.match(r"/2010-04-01/Accounts/([^/]+?)(?:\.json)?(?:/|$)", request.path)
+            if in_path and in_path.group(1) != self.account_sid:
+                return _error(20003, 401, "Authenticate")
             if self.content_down and request.path.startswith("/v1/"):
                 return _error(20503, 503, "Service Unavailable")
             if self.fail_with and not request.path.startswith("/v1/"):
@@ -286,7 +303,8 @@ class Simulator:
 
         @app.post("/2010-04-01/Accounts/<account>/Messages.json")
         def create(account):
-            refused = (_to_refusal(request.form) or _content_variables_refusal(request.form)
+            refused = (_to_refusal(request.form) or _sender_refusal(request.form)
+                       or _content_variables_refusal(request.form) or self._content_refusal(request.form)
                        or _schedule_refusal(request.form))
             if refused is not None:
                 return refused
@@ -402,7 +420,12 @@ class Simulator:
 
         @app.get("/v1/ContentAndApprovals")
         def content_and_approvals():
-            size, page = int(request.args.get("PageSize", 50)), int(request.args.get("Page", 0))
+            try:
+                size, page = int(request.args.get("PageSize", 50)), int(request.args.get("Page", 0))
+            except ValueError:
+                size = page = -1
+            if not (1 <= size <= 1000 and page >= 0):  # 0 paged forever, a negative one dropped a template
+                return _error(20001, 400, "Invalid PageSize or Page")
             sids = sorted(self.contents)
             items = []
             for sid in sids[page * size:(page + 1) * size]:
@@ -494,6 +517,13 @@ def _to_refusal(form) -> Response | None:
             normalise(to)
         except InvalidAddress:
             return _error(21211, 400, f"The 'To' number {to} is not a valid phone number.")
+    return None
+
+
+def _sender_refusal(form) -> Response | None:
+    """Twilio's 21603: a create names its sender, in From or as a MessagingServiceSid."""
+    if not (form.get("From") or "").strip() and not (form.get("MessagingServiceSid") or "").strip():
+        return _error(21603, 400, "A 'From' phone number is required.")
     return None
 
 

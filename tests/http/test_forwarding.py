@@ -1571,6 +1571,8 @@ def test_a_release_twilio_may_have_received_is_left_uncertain_and_never_sent_aga
     [line] = [line for line in log_lines() if line["event"] == "release" and line["decision"] == "uncertain"]
     assert line["level"] == "ERROR"
     assert client.get("/v1/held?status=uncertain", headers=basic_auth()).get_json()["held"][0]["status"] == "uncertain"
+    text = client.get("/metrics", headers=basic_auth()).get_data(as_text=True)
+    assert 'proxy_held_messages{status="uncertain"} 1.0' in text and 'proxy_held_messages{status="held"} 0.0' in text
 
 
 def test_a_release_twilio_refused_is_failed_at_warning(settings, db_engine, fake_twilio, log_lines):
