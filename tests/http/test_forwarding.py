@@ -1551,10 +1551,7 @@ def test_a_release_twilio_may_have_received_is_left_uncertain_and_never_sent_aga
     ERROR, as a fallback's is: not `failed`, which says Twilio refused it."""
     app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
     client = app.test_client()
-    send(client, {"To": USER, "From": BUSINESS, "Body": "held"})
-    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + "2"))
-    fake_twilio.fail_with = (500, {"code": 20500, "message": "Internal Server Error",
-                                   "more_info": "https://www.twilio.com/docs/errors/20500", "status": 500})
+    release_answered(client, fake_twilio, 500, 20500, "Internal Server Error", sid_suffix="2")
 
     def releases():
         return [r for r in fake_twilio.requests if r.method == "POST" and dict(r.form).get("Body") == "held"]
@@ -1575,13 +1572,18 @@ def test_a_release_twilio_may_have_received_is_left_uncertain_and_never_sent_aga
     assert 'proxy_held_messages{status="uncertain"} 1.0' in text and 'proxy_held_messages{status="held"} 0.0' in text
 
 
+def release_answered(client, fake_twilio, status, code, message, *, sid_suffix):
+    """A message held, the user writing again, and Twilio answering its release's create with `status`."""
+    send(client, {"To": USER, "From": BUSINESS, "Body": "held"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + sid_suffix))
+    fake_twilio.fail_with = (status, {"code": code, "message": message,
+                                      "more_info": f"https://www.twilio.com/docs/errors/{code}", "status": status})
+
+
 def test_a_release_twilio_refused_is_failed_at_warning(settings, db_engine, fake_twilio, log_lines):
     app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
-    client = app.test_client()
-    send(client, {"To": USER, "From": BUSINESS, "Body": "held"})
-    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + "3"))
-    fake_twilio.fail_with = (400, {"code": 21610, "message": "Attempt to send to unsubscribed recipient",
-                                   "more_info": "https://www.twilio.com/docs/errors/21610", "status": 400})
+    release_answered(app.test_client(), fake_twilio, 400, 21610, "Attempt to send to unsubscribed recipient",
+                     sid_suffix="3")
     run_worker(app)
     with db_engine.connect() as conn:
         assert conn.execute(select(held_messages.c.status)).scalar_one() == "failed"

@@ -306,17 +306,23 @@ def test_not_ready_when_a_migration_is_missing(settings, tmp_path):
     assert app.test_client().get("/readyz").status_code == 200
 
 
-def test_ready_when_a_newer_release_has_migrated_the_database(settings, tmp_path):
-    """A release phase runs its migrations before its instances are up: every old instance answered 503 at once
-    and left the load balancer, although each serves on (as the gateway does past its head)."""
+def newer_releases_database(tmp_path) -> str:
+    """A SQLite database at revision 0099, which this code does not know: a newer release migrated it."""
     from sqlalchemy import create_engine, text
 
-    url = f"sqlite:///{tmp_path / 'ahead.sqlite3'}"
+    url = f"sqlite:///{tmp_path / 'newer.sqlite3'}"
     upgrade(url)
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     engine.dispose()
+    return url
+
+
+def test_ready_when_a_newer_release_has_migrated_the_database(settings, tmp_path):
+    """A release phase runs its migrations before its instances are up: every old instance answered 503 at once
+    and left the load balancer, although each serves on (as the gateway does past its head)."""
+    url = newer_releases_database(tmp_path)
     response = create_app(replace(settings, database_url=url)).test_client().get("/readyz")
     body = response.get_json()
     assert response.status_code == 200 and body["status"] == "ok" and body["database_revision"] == "0099"
@@ -502,14 +508,7 @@ def test_worker_with_the_database_down_says_so_once_then_says_when_it_is_back(se
 @pytest.mark.parametrize("args", [["db", "current"], ["db", "upgrade"], ["db", "upgrade", "0002"]])
 def test_cli_db_on_a_database_a_newer_release_migrated_says_so_in_one_line(settings, tmp_path, args):
     """A rollback's `db upgrade` or `db current` met a revision it does not know: Alembic's traceback."""
-    from sqlalchemy import create_engine, text
-
-    url = f"sqlite:///{tmp_path / 'newer.sqlite3'}"
-    upgrade(url)
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
-    engine.dispose()
+    url = newer_releases_database(tmp_path)
     result = create_app(replace(settings, database_url=url)).test_cli_runner().invoke(args=args)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
