@@ -155,11 +155,40 @@ def webhook():
     # callback pointed at /inbound must never open a window. Twilio's SmsStatus is `received` only
     # on an inbound message, so a callback without its MessageStatus is still a callback.
     form = g.params
-    if form.get("MessageStatus") or form.get("SmsStatus", "received") != "received":
-        g.webhook_kind = "status"  # for the count of a 503 (proxy.count_refusal)
-        return _status_callback()
-    g.webhook_kind = "inbound"
-    return _inbound_message()
+    kind = "status" if form.get("MessageStatus") or form.get("SmsStatus", "received") != "received" else "inbound"
+    g.webhook_kind = kind  # for the count of a 503 (proxy.count_refusal)
+    resplit = split_again(form)
+    if resplit is not None:
+        return _malformed(kind, *resplit)
+    return _status_callback() if kind == "status" else _inbound_message()
+
+
+# A message sid glued to the name of a field that holds one: what a signed webhook re-split into other fields
+# leaves in the field that swallowed the real ones (split_again).
+_FOLDED_SID = re.compile(r"(?:MessageSid|SmsSid|SmsMessageSid)(?:SM|MM)[0-9a-fA-F]{32}")
+_DIGITS_ONLY = re.compile(r"[0-9]+")
+
+
+def split_again(form) -> tuple[str, str] | None:
+    """(field, problem) when a webhook's fields could be a signed webhook split into other fields; else None.
+
+    Twilio signs the URL and each field's name and value, sorted and glued with no separator, and twilio-python
+    reads a field's repeated values as one set. A user who writes `xFrom<victim>MessageSid<new sid>…WaId1` and
+    replays the captured request split at other places gets a message that never was, from a user who never
+    wrote, under a valid signature: the last field swallows the real ones (`…MessageSidSM<real>…WaId<digits>`),
+    and the proxy would open the victim's window and sign the forgery for the app. Twilio sends each field once,
+    WaId in digits, and no value holding a sid field's name and a sid (the fields after any the user writes —
+    Body, ProfileName, a button's or a location's text — include one, so the swallowing field holds one)."""
+    for name, values in form.lists():
+        if len(set(values)) > 1:
+            return name, "given more than once with different values"
+        if name in _SID_COPIES:
+            continue
+        if _FOLDED_SID.search(values[0]):
+            return name, "holds another field's name and a message sid"
+        if name == "WaId" and values[0] and not _DIGITS_ONLY.fullmatch(values[0]):
+            return name, "not a WhatsApp ID (digits)"
+    return None
 
 
 def _malformed(kind: str, field: str, problem) -> Response:

@@ -3,10 +3,12 @@
 import base64
 import hashlib
 import json
+from urllib.parse import urlencode
 from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select
+from werkzeug.datastructures import MultiDict
 
 from proxy.db import held_messages, utcnow
 from proxy.sandbox.simulator import is_loopback
@@ -118,3 +120,65 @@ def test_the_simulator_only_calls_loopback_hosts():
     assert is_loopback("http://127.0.0.1:8000/x") and is_loopback("http://localhost/x")
     assert is_loopback("http://[::1]:8000/x")
     assert not is_loopback("http://127.evil.example/x") and not is_loopback("http://10.0.0.1/x")
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def _glued(pairs) -> str:
+    """What Twilio's signature covers after the URL: each field's name and value, sorted, with no separator."""
+    return "".join(name + value for name, value in sorted(pairs))
+
+
+def _resplit(real: list, forged_head: list, swallower: str) -> list:
+    """`forged_head`'s fields, then `swallower` holding the rest of the real webhook's glued fields: the same glued
+    string, so the real webhook's signature still holds (the attack the review found)."""
+    rest = _glued(real)[len(_glued(forged_head)) + len(swallower):]
+    forged = forged_head + [(swallower, rest)]
+    assert _glued(forged) == _glued(real)
+    return forged
+
+
+@pytest.mark.parametrize("written_in, swallower, wanted", [
+    ("Body", "WaId", {"From": "whatsapp:+14155550199", "MessageSid": "SM" + "b" * 32, "SmsSid": "SM" + "b" * 32,
+                      "WaId": "14155550199"}),  # a new message from a user who never wrote
+    ("ProfileName", "Zz", {"To": "whatsapp:+14155550222"}),  # to another sender, into a field the proxy ignores
+])
+def test_a_signed_webhook_split_into_other_fields_is_refused(client, db_engine, written_in, swallower, wanted):
+    """A user writes the glued fields of a message they want into a field they control; replayed split at other
+    places under the captured signature, it was a new message that opened the victim's window (and, forwarded,
+    reached the app signed by the proxy). The last field swallows the real ones that follow."""
+    from proxy.db import windows
+
+    real_sid = "SM" + "a" * 32
+
+    def fields(**extra):
+        return sorted({**inbound_params(real_sid), **extra}.items())
+
+    after = [(name, value) for name, value in fields(**wanted) if written_in < name < swallower]
+    written = "x" + _glued(after) + swallower + "1"
+    real = fields(**{written_in: written})
+    head = [(name, value) for name, value in real if name < written_in] + [(written_in, "x")] + after
+    signature = sign("http://localhost/twilio/inbound", dict(real))
+    forged = _resplit(real, head, swallower)
+    response = client.post("/twilio/inbound", data=urlencode(forged), content_type=FORM,
+                           headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 400 and response.get_json()["code"] == 21211, response.get_json()
+    assert "Malformed inbound webhook" in response.get_json()["message"]
+    with db_engine.connect() as conn:
+        assert conn.execute(select(windows.c.user)).first() is None
+
+
+def test_a_webhook_field_given_twice_with_different_values_is_refused(client, db_engine):
+    """twilio-python signs a field's values as a set, sorted: `From=<victim>&From=<real>` can keep a signature
+    while the proxy reads the first."""
+    params = list(inbound_params("SM" + "c" * 32).items()) + [("From", "whatsapp:+14155550000")]
+    signature = sign("http://localhost/twilio/inbound", MultiDict(params))
+    response = client.post("/twilio/inbound", data=urlencode(params), content_type=FORM,
+                           headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 400 and "From: given more than once" in response.get_json()["message"]
+    # The same value twice is what the validator reads as one: nothing to refuse.
+    same = list(inbound_params("SM" + "d" * 32).items()) + [("NumMedia", "0")]
+    response = client.post("/twilio/inbound", data=urlencode(same), content_type=FORM,
+                           headers={"X-Twilio-Signature": sign("http://localhost/twilio/inbound", MultiDict(same))})
+    assert response.status_code == 200
