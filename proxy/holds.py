@@ -153,13 +153,13 @@ def abandoned(conn: Connection, now: datetime, lease_seconds: float) -> list[dic
     create, or could not record its outcome (the database went away just after Twilio answered). The attempt
     row the create left, if stored, says what came of it: `released` with its sid, or `failed` for a refusal;
     without one, `uncertain` (Twilio may have taken it). Returns the settled rows, for one log line each."""
+    # Taken by a release of before this field was set (an upgrade under a running worker): its lease starts now.
+    conn.execute(update(held_messages).where(held_messages.c.status == SENDING, held_messages.c.released_at.is_(None))
+                 .values(released_at=now))
     stuck = conn.execute(
         select(held_messages.c.id, held_messages.c.sender, held_messages.c.user, held_messages.c.request_id,
                held_messages.c.released_at)
-        .where(held_messages.c.status == SENDING,
-               # None: taken before `take` said when (an upgrade from 0005's code); as old as can be.
-               or_(held_messages.c.released_at.is_(None),
-                   held_messages.c.released_at < now - timedelta(seconds=lease_seconds)))
+        .where(held_messages.c.status == SENDING, held_messages.c.released_at < now - timedelta(seconds=lease_seconds))
         .order_by(held_messages.c.id)
     ).mappings().all()
     settled = []
@@ -168,7 +168,7 @@ def abandoned(conn: Connection, now: datetime, lease_seconds: float) -> list[dic
             select(send_attempts.c.outcome, send_attempts.c.upstream_status, send_attempts.c.message_sid)
             .where(send_attempts.c.request_id == row["request_id"], send_attempts.c.decision == RELEASE_DECISION,
                    send_attempts.c.sender == row["sender"], send_attempts.c.user == row["user"],
-                   *((send_attempts.c.created_at >= row["released_at"],) if row["released_at"] else ()))
+                   send_attempts.c.created_at >= row["released_at"])
             .order_by(send_attempts.c.id.desc()).limit(1)
         ).first()
         if attempt is not None and attempt.outcome == "sent":
@@ -194,10 +194,15 @@ ABANDONED = "its send began and no outcome was recorded: Twilio may have taken i
 
 
 def mark(conn: Connection, held_id: int, status: str, now: datetime, *, message_sid: str | None = None,
-         error: str | None = None) -> None:
-    conn.execute(update(held_messages).where(held_messages.c.id == held_id)
-                 .values(status=status, released_at=None if status == HELD else now, message_sid=message_sid,
-                         last_error=error[:500] if error else None))
+         error: str | None = None, expected: str | None = None) -> bool:
+    """Set a held message's status; only if it is still `expected` (when given). Whether it was set: a release's
+    outcome must not overwrite what a late 63016 did meanwhile (held again: late_failures)."""
+    statement = update(held_messages).where(held_messages.c.id == held_id)
+    if expected is not None:
+        statement = statement.where(held_messages.c.status == expected)
+    return conn.execute(statement.values(status=status, released_at=None if status == HELD else now,
+                                         message_sid=message_sid, last_error=error[:500] if error else None)
+                        ).rowcount > 0
 
 
 def expire(conn: Connection, now: datetime) -> list:

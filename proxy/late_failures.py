@@ -6,7 +6,7 @@ import json
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, and_, or_, select, update
 from werkzeug.datastructures import MultiDict
 
 from . import holds, logs, outbox, store
@@ -104,20 +104,28 @@ def _hold_again(rt: Runtime, conn: Connection, attempt, sid: str, now: datetime)
     """HOLD_ON_REROUTE: the message that failed is kept for the user's next message, as a rerouted send is at the
     gateway. A released hold goes back to `held` under its own id (the one its caller was given); an allowed send
     becomes a new hold. Released at once when the user has written since WhatsApp's try (the window kept open)."""
+    # The pair's turn first (PostgreSQL), then its window: an inbound message committed in between found nothing
+    # held, and queued no release.
+    holds.lock_pair(conn, attempt.sender, attempt.user)
     window = store.load_window(conn, attempt.sender, attempt.user)
     open_now = window is not None and window.expires_at > now
     held_id = None
     if attempt.decision == holds.RELEASE_DECISION:
-        holds.lock_pair(conn, attempt.sender, attempt.user)
+        ours = (held_messages.c.sender == attempt.sender, held_messages.c.user == attempt.user)
         held_id = conn.execute(
             update(held_messages)
-            .where(held_messages.c.message_sid == sid, held_messages.c.status == holds.RELEASED)
+            .where(*ours, or_(
+                and_(held_messages.c.message_sid == sid, held_messages.c.status == holds.RELEASED),
+                # Its release stored the attempt, not yet its own outcome (worker.Worker._mark): the same hold.
+                and_(held_messages.c.status == holds.SENDING, held_messages.c.request_id == attempt.request_id,
+                     held_messages.c.released_at <= attempt.created_at)))
             .values(status=holds.HELD, message_sid=None, released_at=None, expires_at=now + timedelta(
                 seconds=rt.settings.hold_ttl_seconds), last_error=f"{LATE_WINDOW_FAILURE} after its release: held again")
             .returning(held_messages.c.id)
-        ).scalar()
-        if held_id is not None and open_now and not outbox.has_pending(conn, holds.release_key(attempt.sender,
-                                                                                                 attempt.user)):
+        ).scalars().first()
+        if held_id is not None and open_now:
+            # Even with a release pending: one already running has read its list (a release sends only what it
+            # wins from `held`, so one more is harmless).
             holds.queue_release(conn, attempt.sender, attempt.user, now)
     if held_id is None:
         held_id, _ = holds.hold(conn, sender=attempt.sender, user=attempt.user, account_sid=attempt.account_sid,

@@ -347,12 +347,13 @@ class Worker:
             except ApiError as exc:
                 if exc.status >= 500:  # the Content API or the database is away: try again later
                     raise Retry(f"{exc.code}: {exc.message}") from None
-                self._mark(row, holds.FAILED, error=f"{exc.code}: {exc.message}", level=logging.WARNING)
+                self._mark(row, holds.FAILED, error=f"{exc.code}: {exc.message}", level=logging.WARNING,
+                           expected=holds.HELD)
                 continue
             if decision.action is not Action.ALLOWED and decision.code != OUTSIDE_WINDOW and (
                     judgement.send.approval in REFUSED_FOR_GOOD or decision.reason == "type_not_supported_on_whatsapp"):
                 self._mark(row, holds.FAILED, error=f"{decision.code}: {decision.reason}, even inside the window",
-                           level=logging.WARNING)
+                           level=logging.WARNING, expected=holds.HELD)
                 continue
             if decision.action is not Action.ALLOWED:
                 # The window closed again: keep it, and keep the order. A template paused or not approved yet
@@ -370,25 +371,29 @@ class Worker:
                                   request_id=row["request_id"], started=started)
             except Retry as exc:  # Twilio never received it: put it back in line
                 with writing(self.rt.engine) as conn:
-                    holds.mark(conn, row["id"], holds.HELD, utcnow(), error=str(exc))
+                    holds.mark(conn, row["id"], holds.HELD, utcnow(), error=str(exc), expected=holds.SENDING)
                 raise
             except MaybeSent as exc:  # never sent again: an operator checks Twilio's Messages list
-                self._mark(row, holds.UNCERTAIN, error=str(exc), level=logging.ERROR)
+                self._mark(row, holds.UNCERTAIN, error=str(exc), level=logging.ERROR, expected=holds.SENDING)
                 continue
             except GiveUp as exc:
-                self._mark(row, holds.FAILED, error=str(exc), level=logging.WARNING)
+                self._mark(row, holds.FAILED, error=str(exc), level=logging.WARNING, expected=holds.SENDING)
                 continue
-            self._mark(row, holds.RELEASED, message_sid=sid)
+            self._mark(row, holds.RELEASED, message_sid=sid, expected=holds.SENDING)
             with writing(self.rt.engine) as conn:  # a long release keeps its lease, while it is still this worker's
                 lease = outbox.keep_lease(conn, item.id, leases[-1], utcnow(), settings.outbox_lease_seconds)
             if lease is None:
                 raise Skip()  # another worker took the item over: it releases the rest (holds.take: never twice)
             leases.append(lease)
 
-    def _mark(self, row, status: str, *, message_sid: str | None = None, error: str | None = None,
+    def _mark(self, row, status: str, *, expected: str, message_sid: str | None = None, error: str | None = None,
               level: int = logging.INFO) -> None:
         with writing(self.rt.engine) as conn:
-            holds.mark(conn, row["id"], status, utcnow(), message_sid=message_sid, error=error)
+            if not holds.mark(conn, row["id"], status, utcnow(), message_sid=message_sid, error=error,
+                              expected=expected):
+                # Changed meanwhile: a late 63016 on this very message, come before its outcome was stored, has held
+                # it again (or another worker has it). Said as it is; the row keeps what the other path set.
+                status = "held_again_meanwhile" if status == holds.RELEASED else "superseded"
         logs.event("release", redact=self.rt.settings.log_redact_numbers, level=level, decision=status, held_id=row["id"],
                    message_sid=message_sid, error=error, sender=row["sender"], user=row["user"],
                    request_id=row["request_id"])

@@ -813,6 +813,9 @@ def test_the_sandbox_database_is_its_own_whatever_database_url_says(tmp_path):
                            # The same database spelt another way (the review found each let through).
                            ("postgresql://u:p@db.internal:5432/proxy", {"DATABASE_URL": "postgresql://u:p@db.internal/proxy"}),
                            ("postgresql://u@DB.internal/proxy", {"DATABASE_URL": "postgresql://u@db.internal/proxy"}),
+                           ("postgresql://u@/proxy?host=localhost", {"DATABASE_URL": "postgresql://u@localhost/proxy"}),
+                           ("postgresql://u@/proxy?host=/run/pg&port=5433",
+                            {"DATABASE_URL": "postgresql://u@/proxy?port=5433&host=/run/pg"}),
                            (f"sqlite:///{tmp_path / 'x' / '..' / 'real.sqlite3'}",
                             {"DATABASE_URL": f"sqlite:///{tmp_path / 'real.sqlite3'}"})):
         with pytest.raises(click.ClickException, match="real"):

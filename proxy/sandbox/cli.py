@@ -138,8 +138,13 @@ def _same_database(url: str) -> tuple:
     backend, database = parsed.get_backend_name(), parsed.database
     if backend == "sqlite" and database not in (None, "", ":memory:"):
         database = str(Path(database).resolve())
-    port = parsed.port or (5432 if backend == "postgresql" else None)
-    return (backend, (parsed.host or "").lower() or None, port, database)
+    def query(name: str):  # libpq also takes `?host=` (a socket directory, Cloud SQL) and `?port=`
+        value = parsed.query.get(name)
+        return (value[-1] if isinstance(value, tuple) else value) or None
+
+    host = parsed.host or query("host")
+    port = parsed.port or query("port") or (5432 if backend == "postgresql" else None)
+    return (backend, (host or "").lower() or None, str(port) if port else None, database)
 
 
 def open_windows(url: str) -> dict:

@@ -20,7 +20,7 @@ from proxy.policy import Policy
 from proxy.policy_file import Fallback
 from proxy.worker import Worker
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, sign, signed_post
-from tests.http.test_gateway import attempts, send
+from tests.http.test_gateway import MESSAGES, attempts, send
 
 SCHEDULE = (0, 5, 300)
 LEASE_SECONDS = 120
@@ -2004,3 +2004,127 @@ def test_metrics_count_outbox_items_in_every_status_an_operator_must_see(setting
     text = client.get("/metrics", headers=basic_auth()).get_data(as_text=True)
     assert 'proxy_outbox_items{status="uncertain"} 1.0' in text
     assert 'proxy_outbox_items{status="sending"} 0.0' in text
+
+
+def send_with_request_id(client, fields, request_id):
+    """A create whose request id the caller chose (twilio-python's idempotency token is taken as it)."""
+    return client.post(MESSAGES, data=fields, headers={**basic_auth(), "I-Twilio-Idempotency-Token": request_id})
+
+
+def held_rows(db_engine):
+    with db_engine.connect() as conn:
+        return conn.execute(select(held_messages).order_by(held_messages.c.id)).mappings().all()
+
+
+def test_a_hold_taken_by_an_older_release_is_given_a_whole_lease_and_never_another_holds_sid(
+        settings, db_engine, fake_twilio):
+    """A release of before `take` said when (an upgrade under a running worker) left `released_at` empty: the
+    sweep settled it at once, while that worker may still be sending it, and took any earlier attempt of the pair
+    with its request id (one a caller reused) for its own: `released` with another message's sid."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    first = int(send_with_request_id(client, {"To": USER, "From": BUSINESS, "Body": "A"}, "reused").headers[
+        "X-Proxy-Held-Id"])
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "8" * 31 + "a"))
+    run_worker(app)
+    with db_engine.begin() as conn:
+        conn.execute(update(windows).values(expires_at=utcnow() - timedelta(seconds=1)))
+    second = int(send_with_request_id(client, {"To": USER, "From": BUSINESS, "Body": "B"}, "reused").headers[
+        "X-Proxy-Held-Id"])
+    with db_engine.begin() as conn:  # taken as the older release did: no released_at
+        conn.execute(update(held_messages).where(held_messages.c.id == second).values(status="sending"))
+    run_worker(app)
+    rows = {row["id"]: row for row in held_rows(db_engine)}
+    assert rows[second]["status"] == "sending"  # its lease starts now
+    run_worker(app, utcnow() + timedelta(seconds=settings.outbox_lease_seconds + 1))
+    rows = {row["id"]: row for row in held_rows(db_engine)}
+    assert rows[first]["status"] == "released"
+    assert (rows[second]["status"], rows[second]["message_sid"]) == ("uncertain", None)
+
+
+def test_a_message_held_again_while_a_release_runs_is_released_again_in_an_open_window(
+        settings, db_engine, fake_twilio, log_lines, monkeypatch):
+    """The release under way counted as pending: none was queued, and the message held again waited in an open
+    window for the user's next message."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "A"})
+    send(client, {"To": USER, "From": BUSINESS, "Body": "B"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "8" * 31 + "b"))
+    real_create = Worker.create
+
+    def create(self, account_sid, pairs, judgement, **kwargs):
+        if dict(pairs).get("Body") == "B":  # A went out; while B goes, the user writes, then A's 63016 comes
+            monkeypatch.setattr(Worker, "create", real_create)
+            [a] = [row for row in held_rows(db_engine) if row["status"] == "released"]
+            signed_post(client, "/twilio/inbound", inbound_params("SM" + "8" * 31 + "c"))
+            signed_post(client, "/twilio/status", failed_callback(a["message_sid"]))
+        return real_create(self, account_sid, pairs, judgement, **kwargs)
+
+    monkeypatch.setattr(Worker, "create", create)
+    run_worker(app)
+    [late] = late_lines(log_lines)
+    assert late["decision"] == "kept_open_and_rerouted"
+    for _ in range(2):
+        run_worker(app)
+    assert [row["status"] for row in held_rows(db_engine)] == ["released", "released"]
+    assert [dict(r.form).get("Body") for r in fake_twilio.creates if dict(r.form).get("Body")] == ["A", "B", "A"]
+
+
+def test_a_late_63016_on_a_release_not_yet_marked_holds_that_same_message_again(
+        settings, db_engine, fake_twilio, log_lines, monkeypatch):
+    """The callback can come between the release's attempt and its `released` mark: a second hold was made, and
+    the caller's id said `released`."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    held_id = int(send(client, {"To": USER, "From": BUSINESS, "Body": "A"}).headers["X-Proxy-Held-Id"])
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "8" * 31 + "d"))
+    real_mark = holds.mark
+
+    def mark(conn, row_id, status, now, **kwargs):
+        if status == holds.RELEASED:
+            monkeypatch.setattr(holds, "mark", real_mark)
+            signed_post(client, "/twilio/status", failed_callback(kwargs["message_sid"]))
+        return real_mark(conn, row_id, status, now, **kwargs)
+
+    monkeypatch.setattr(holds, "mark", mark)
+    run_worker(app)
+    [row] = held_rows(db_engine)
+    assert (row["id"], row["status"], row["message_sid"]) == (held_id, "held", None)
+    assert late_lines(log_lines)[0]["held_id"] == held_id
+    [line] = [line for line in log_lines() if line["event"] == "release" and line["held_id"] == held_id]
+    assert line["decision"] == "held_again_meanwhile"
+
+
+def test_a_late_63016_takes_the_pairs_turn_before_reading_its_window(settings, db_engine, fake_twilio, monkeypatch):
+    """PostgreSQL: the user's message committed between the callback's window read and its lock found nothing held
+    and queued no release, and the callback saw the window closed: held in an open window until the next one."""
+    if db_engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite's writers take turns on the proxy's write lock")
+    from proxy import late_failures
+
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "A"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "8" * 31 + "e"))
+    run_worker(app)
+    [released] = held_rows(db_engine)
+    with db_engine.begin() as conn:  # the 24 hours have passed since
+        conn.execute(update(windows).values(expires_at=utcnow() - timedelta(seconds=1)))
+    real_load = late_failures.store.load_window
+
+    def load_window(conn, sender, user):
+        found = real_load(conn, sender, user)
+        monkeypatch.setattr(late_failures.store, "load_window", real_load)
+        writer = threading.Thread(target=signed_post, args=(client, "/twilio/inbound",
+                                                            inbound_params("SM" + "8" * 31 + "f")))
+        writer.start()
+        writer.join(3)  # waits on the pair's lock now, so it commits after the hold: it releases it
+        return found
+
+    monkeypatch.setattr(late_failures.store, "load_window", load_window)
+    signed_post(client, "/twilio/status", failed_callback(released["message_sid"]))
+    for _ in range(2):
+        run_worker(app)
+    [row] = held_rows(db_engine)
+    assert row["status"] == "released" and row["message_sid"] != released["message_sid"]
