@@ -166,6 +166,7 @@ def webhook():
 # A message sid glued to the name of a field that holds one: what a signed webhook re-split into other fields
 # leaves in the field that swallowed the real ones (split_again).
 _FOLDED_SID = re.compile(r"(?:MessageSid|SmsSid|SmsMessageSid)(?:SM|MM)[0-9a-fA-F]{32}")
+_FOLDED_SID_LENGTH = len("SmsSid") + 34  # the shortest match: most values are shorter, and need no search
 _DIGITS_ONLY = re.compile(r"[0-9]+")
 
 
@@ -180,11 +181,11 @@ def split_again(form) -> tuple[str, str] | None:
     WaId in digits, and no value holding a sid field's name and a sid (the fields after any the user writes —
     Body, ProfileName, a button's or a location's text — include one, so the swallowing field holds one)."""
     for name, values in form.lists():
-        if len(set(values)) > 1:
+        if len(values) > 1 and len(set(values)) > 1:
             return name, "given more than once with different values"
         if name in _SID_COPIES:
             continue
-        if _FOLDED_SID.search(values[0]):
+        if len(values[0]) >= _FOLDED_SID_LENGTH and _FOLDED_SID.search(values[0]):
             return name, "holds another field's name and a message sid"
         if name == "WaId" and values[0] and not _DIGITS_ONLY.fullmatch(values[0]):
             return name, "not a WhatsApp ID (digits)"
