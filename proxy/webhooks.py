@@ -167,7 +167,6 @@ def webhook():
 # leaves in the field that swallowed the real ones (split_again).
 _FOLDED_SID = re.compile(r"(?:MessageSid|SmsSid|SmsMessageSid)(?:SM|MM)[0-9a-fA-F]{32}")
 _FOLDED_SID_LENGTH = len("SmsSid") + 34  # the shortest match: most values are shorter, and need no search
-_DIGITS_ONLY = re.compile(r"[0-9]+")
 
 
 def split_again(form) -> tuple[str, str] | None:
@@ -178,8 +177,9 @@ def split_again(form) -> tuple[str, str] | None:
     replays the captured request split at other places gets a message that never was, from a user who never
     wrote, under a valid signature: the last field swallows the real ones (`…MessageSidSM<real>…WaId<digits>`),
     and the proxy would open the victim's window and sign the forgery for the app. Twilio sends each field once,
-    WaId in digits, and no value holding a sid field's name and a sid (the fields after any the user writes —
-    Body, ProfileName, a button's or a location's text — include one, so the swallowing field holds one)."""
+    and no value holding a sid field's name and a sid (the fields after any the user writes — Body, ProfileName, a
+    button's or a location's text — include one, so the swallowing field holds one). Not WaId's format: with
+    WhatsApp's usernames it may become a business-scoped id (`US.1349…`), and a refused webhook is a lost message."""
     for name, values in form.lists():
         if len(values) > 1 and len(set(values)) > 1:
             return name, "given more than once with different values"
@@ -187,8 +187,6 @@ def split_again(form) -> tuple[str, str] | None:
             continue
         if len(values[0]) >= _FOLDED_SID_LENGTH and _FOLDED_SID.search(values[0]):
             return name, "holds another field's name and a message sid"
-        if name == "WaId" and values[0] and not _DIGITS_ONLY.fullmatch(values[0]):
-            return name, "not a WhatsApp ID (digits)"
     return None
 
 

@@ -142,7 +142,9 @@ def signed_post(client, path: str, params: dict, *, base: str = "http://localhos
 def inbound_params(sid: str, user: str = USER, business: str = BUSINESS, **extra) -> dict:
     params = {"MessageSid": sid, "SmsSid": sid, "AccountSid": ACCOUNT_SID, "From": user, "To": business,
               "Body": "hello", "NumMedia": "0", "SmsStatus": "received", "ApiVersion": "2010-04-01",
-              "ProfileName": "Ada", "WaId": user.removeprefix("whatsapp:+")}
+              "ProfileName": "Ada"}
+    if user.startswith("whatsapp:+"):  # WhatsApp's own id for the user: only WhatsApp webhooks carry one
+        params["WaId"] = user.removeprefix("whatsapp:+")
     params.update(extra)
     return params
 
