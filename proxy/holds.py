@@ -142,8 +142,8 @@ def held_for(conn: Connection, sender: str, user: str, now: datetime):
 
 
 def take(conn: Connection, held_id: int, now: datetime) -> bool:
-    """Move one held message to `sending` (its `released_at` then says since when); only one worker ever wins
-    it, and it is never sent twice."""
+    """Move one held message to `sending` (its `released_at` then says since when, and names this take: `mark`'s
+    `taken_at`); only one worker ever wins it, and it is never sent twice."""
     return conn.execute(update(held_messages).where(held_messages.c.id == held_id, held_messages.c.status == HELD)
                         .values(status=SENDING, released_at=now).returning(held_messages.c.id)).first() is not None
 
@@ -180,7 +180,8 @@ def abandoned(conn: Connection, now: datetime, lease_seconds: float) -> list[dic
         else:
             status, sid, error = UNCERTAIN, None, ABANDONED
         done = conn.execute(update(held_messages)
-                            .where(held_messages.c.id == row["id"], held_messages.c.status == SENDING)
+                            .where(held_messages.c.id == row["id"], held_messages.c.status == SENDING,
+                                   held_messages.c.released_at == row["released_at"])  # still that take
                             .values(status=status, released_at=None if status == HELD else now, message_sid=sid,
                                     last_error=error))
         if done.rowcount:  # not settled meanwhile by its worker, late
@@ -194,12 +195,15 @@ ABANDONED = "its send began and no outcome was recorded: Twilio may have taken i
 
 
 def mark(conn: Connection, held_id: int, status: str, now: datetime, *, message_sid: str | None = None,
-         error: str | None = None, expected: str | None = None) -> bool:
-    """Set a held message's status; only if it is still `expected` (when given). Whether it was set: a release's
-    outcome must not overwrite what a late 63016 did meanwhile (held again: late_failures)."""
+         error: str | None = None, expected: str | None = None, taken_at: datetime | None = None) -> bool:
+    """Set a held message's status; only if it is still `expected` (when given), and still the take made at
+    `taken_at` (when given). Whether it was set: a release's outcome must not overwrite what a late 63016 did
+    meanwhile (held again: late_failures), nor a later take of the same message by another release."""
     statement = update(held_messages).where(held_messages.c.id == held_id)
     if expected is not None:
         statement = statement.where(held_messages.c.status == expected)
+    if taken_at is not None:
+        statement = statement.where(held_messages.c.released_at == taken_at)
     return conn.execute(statement.values(status=status, released_at=None if status == HELD else now,
                                          message_sid=message_sid, last_error=error[:500] if error else None)
                         ).rowcount > 0

@@ -163,30 +163,35 @@ def webhook():
     return _status_callback() if kind == "status" else _inbound_message()
 
 
-# A message sid glued to the name of a field that holds one: what a signed webhook re-split into other fields
-# leaves in the field that swallowed the real ones (split_again).
-_FOLDED_SID = re.compile(r"(?:MessageSid|SmsSid|SmsMessageSid)(?:SM|MM)[0-9a-fA-F]{32}")
-_FOLDED_SID_LENGTH = len("SmsSid") + 34  # the shortest match: most values are shorter, and need no search
+# A message sid glued after the name of a field that holds one, as the signed string spells each such field.
+_SID_FIELD_AND_SID = re.compile(r"(?:SmsMessageSid|MessageSid|SmsSid)(?:SM|MM)[0-9a-fA-F]{32}")
+_SID_RUN_LENGTH = len("SmsSid") + 34  # the shortest run: most values are shorter, and need no search
 
 
 def split_again(form) -> tuple[str, str] | None:
     """(field, problem) when a webhook's fields could be a signed webhook split into other fields; else None.
 
     Twilio signs the URL and each field's name and value, sorted and glued with no separator, and twilio-python
-    reads a field's repeated values as one set. A user who writes `xFrom<victim>MessageSid<new sid>…WaId1` and
-    replays the captured request split at other places gets a message that never was, from a user who never
-    wrote, under a valid signature: the last field swallows the real ones (`…MessageSidSM<real>…WaId<digits>`),
-    and the proxy would open the victim's window and sign the forgery for the app. Twilio sends each field once,
-    and no value holding a sid field's name and a sid (the fields after any the user writes — Body, ProfileName, a
-    button's or a location's text — include one, so the swallowing field holds one). Not WaId's format: with
-    WhatsApp's usernames it may become a business-scoped id (`US.1349…`), and a refused webhook is a lost message."""
+    reads a field's repeated values as one set. A user who writes `xFrom<victim>MessageSid<new sid>…` into their
+    Body and replays the captured request split at other places gets a message that never was, from a user who
+    never wrote, under a valid signature: the real fields that follow are swallowed by another field's value,
+    or spread over other fields' names and values. Either way the real `MessageSid<sid>` runs no longer sit
+    each in one field, its name then its value, as in every webhook Twilio sends: one in a value, or one across
+    two fields, is refused. Twilio also sends each field once. Nothing about WaId's format: with WhatsApp's
+    usernames it may become a business-scoped id, and a refused webhook is a lost message."""
+    in_fields = 0
     for name, values in form.lists():
         if len(values) > 1 and len(set(values)) > 1:
             return name, "given more than once with different values"
-        if name in _SID_COPIES:
-            continue
-        if len(values[0]) >= _FOLDED_SID_LENGTH and _FOLDED_SID.search(values[0]):
+        value = values[0]
+        if len(value) >= _SID_RUN_LENGTH and _SID_FIELD_AND_SID.search(value):
             return name, "holds another field's name and a message sid"
+        if len(name) + len(value) >= _SID_RUN_LENGTH:
+            in_fields += len(_SID_FIELD_AND_SID.findall(name + value))  # OriginalRepliedMessageSid's too
+    # What the signature covers after the URL, as twilio-python builds it: names sorted, each one's values a set.
+    glued = "".join(name + value for name in sorted(form.keys()) for value in sorted(set(form.getlist(name))))
+    if len(_SID_FIELD_AND_SID.findall(glued)) > in_fields:
+        return "MessageSid", "a message sid runs across two fields"
     return None
 
 

@@ -363,34 +363,36 @@ class Worker:
                 if decision.code == OUTSIDE_WINDOW:
                     return
                 continue
+            taken_at = utcnow()
             with writing(self.rt.engine) as conn:
-                if not holds.take(conn, row["id"], utcnow()):
+                if not holds.take(conn, row["id"], taken_at):
                     continue  # another worker has it
+            taken = dict(expected=holds.SENDING, taken_at=taken_at)  # this take's outcome, not a later one's
             try:
                 sid = self.create(row["account_sid"], pairs, judgement, decision=RELEASED,
                                   request_id=row["request_id"], started=started)
             except Retry as exc:  # Twilio never received it: put it back in line
                 with writing(self.rt.engine) as conn:
-                    holds.mark(conn, row["id"], holds.HELD, utcnow(), error=str(exc), expected=holds.SENDING)
+                    holds.mark(conn, row["id"], holds.HELD, utcnow(), error=str(exc), **taken)
                 raise
             except MaybeSent as exc:  # never sent again: an operator checks Twilio's Messages list
-                self._mark(row, holds.UNCERTAIN, error=str(exc), level=logging.ERROR, expected=holds.SENDING)
+                self._mark(row, holds.UNCERTAIN, error=str(exc), level=logging.ERROR, **taken)
                 continue
             except GiveUp as exc:
-                self._mark(row, holds.FAILED, error=str(exc), level=logging.WARNING, expected=holds.SENDING)
+                self._mark(row, holds.FAILED, error=str(exc), level=logging.WARNING, **taken)
                 continue
-            self._mark(row, holds.RELEASED, message_sid=sid, expected=holds.SENDING)
+            self._mark(row, holds.RELEASED, message_sid=sid, **taken)
             with writing(self.rt.engine) as conn:  # a long release keeps its lease, while it is still this worker's
                 lease = outbox.keep_lease(conn, item.id, leases[-1], utcnow(), settings.outbox_lease_seconds)
             if lease is None:
                 raise Skip()  # another worker took the item over: it releases the rest (holds.take: never twice)
             leases.append(lease)
 
-    def _mark(self, row, status: str, *, expected: str, message_sid: str | None = None, error: str | None = None,
-              level: int = logging.INFO) -> None:
+    def _mark(self, row, status: str, *, expected: str, taken_at: datetime | None = None,
+              message_sid: str | None = None, error: str | None = None, level: int = logging.INFO) -> None:
         with writing(self.rt.engine) as conn:
             if not holds.mark(conn, row["id"], status, utcnow(), message_sid=message_sid, error=error,
-                              expected=expected):
+                              expected=expected, taken_at=taken_at):
                 # Changed meanwhile: a late 63016 on this very message, come before its outcome was stored, has held
                 # it again (or another worker has it). Said as it is; the row keeps what the other path set.
                 status = "held_again_meanwhile" if status == holds.RELEASED else "superseded"

@@ -2128,3 +2128,50 @@ def test_a_late_63016_takes_the_pairs_turn_before_reading_its_window(settings, d
         run_worker(app)
     [row] = held_rows(db_engine)
     assert row["status"] == "released" and row["message_sid"] != released["message_sid"]
+
+
+@pytest.mark.parametrize("second_outcome", ["sent", "not_taken"])
+def test_a_release_outcome_stored_late_never_overwrites_a_later_take_of_the_same_message(
+        settings, db_engine, fake_twilio, monkeypatch, second_outcome):
+    """The message went out, its 63016 came before the release stored its outcome, and it was held again and
+    taken by the next release: the first release's `released` then landed on the second take (`sending` again),
+    recording the sid that failed, and the second release's own outcome was refused — a 429 left it `released`
+    for good, never sent again."""
+    from proxy.worker import Retry
+
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    send(client, {"To": USER, "From": BUSINESS, "Body": "A"})
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "9" * 31 + "a"))
+    real_mark, real_create = Worker._mark, Worker.create
+    second = {}
+
+    def first_mark(self, row, status, **kwargs):
+        monkeypatch.setattr(Worker, "_mark", real_mark)
+        signed_post(client, "/twilio/inbound", inbound_params("SM" + "9" * 31 + "b"))  # the user writes again
+        signed_post(client, "/twilio/status", failed_callback(kwargs["message_sid"]))  # held again, released at once
+
+        def second_create(worker, account_sid, pairs, judgement, **create_kwargs):
+            if dict(pairs).get("Body") != "A":  # the fallback the 63016 queued goes out too
+                return real_create(worker, account_sid, pairs, judgement, **create_kwargs)
+            monkeypatch.setattr(Worker, "create", real_create)
+            real_mark(self, row, status, **kwargs)  # the first release's outcome lands only now
+            if second_outcome == "not_taken":
+                raise Retry("Twilio answered 429")
+            second["sid"] = real_create(worker, account_sid, pairs, judgement, **create_kwargs)
+            return second["sid"]
+
+        monkeypatch.setattr(Worker, "create", second_create)  # the release the 63016 queued, next in line
+
+    monkeypatch.setattr(Worker, "_mark", first_mark)
+    for _ in range(2):
+        run_worker(app)
+    [row] = held_rows(db_engine)
+    if second_outcome == "sent":
+        assert (row["status"], row["message_sid"]) == ("released", second["sid"])
+    else:
+        assert row["status"] == "held"  # Twilio never took the second: the user's next message sends it
+        for _ in range(2):  # its release's retry, due after OUTBOX_RETRY_SCHEDULE's first wait
+            run_worker(app, utcnow() + timedelta(hours=2))
+        assert [dict(r.form).get("Body") for r in fake_twilio.creates].count("A") == 2
+        assert held_rows(db_engine)[0]["status"] == "released"

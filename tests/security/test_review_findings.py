@@ -182,3 +182,38 @@ def test_a_webhook_field_given_twice_with_different_values_is_refused(client, db
     response = client.post("/twilio/inbound", data=urlencode(same), content_type=FORM,
                            headers={"X-Twilio-Signature": sign("http://localhost/twilio/inbound", MultiDict(same))})
     assert response.status_code == 200
+
+
+def test_a_signed_webhook_split_with_the_real_sids_in_field_names_is_refused(client, db_engine):
+    """The second review's variant: no value holds a sid field's name and a sid, because the real sids sit in
+    field *names* (`SM<real>=…`, `SM<real>SmsStatus=received`). The glued string still holds one more sid run
+    than the request has sid fields."""
+    from proxy.db import windows
+
+    victim, real_hex, forged_sid = "whatsapp:+14155550199", "a" * 32, "SM" + "b" * 32
+    real = sorted(inbound_params("SM" + real_hex, Body="xFrom" + victim + "MessageSid" + forged_sid + "Mz").items())
+    fields = dict(real)
+    forged = [("AccountSid", fields["AccountSid"]), ("ApiVersion", fields["ApiVersion"]), ("Body", "x"),
+              ("From", victim), ("MessageSid", forged_sid), ("Mz", "From" + USER + "MessageSid"),
+              ("SM" + real_hex, "NumMedia0ProfileName" + fields["ProfileName"] + "SmsSid"),
+              ("SM" + real_hex + "SmsStatus", "received"), ("To", BUSINESS), ("WaId", fields["WaId"])]
+    assert _glued(forged) == _glued(real)
+    response = client.post("/twilio/inbound", data=urlencode(forged), content_type=FORM,
+                           headers={"X-Twilio-Signature": sign("http://localhost/twilio/inbound", fields)})
+    assert response.status_code == 400 and response.get_json()["code"] == 21211, response.get_json()
+    with db_engine.connect() as conn:
+        assert conn.execute(select(windows.c.user)).first() is None
+
+
+@pytest.mark.parametrize("extra", [
+    {},  # a plain text message
+    {"SmsMessageSid": "SM" + "c" * 32, "MessageType": "text", "NumSegments": "1", "ReferralNumMedia": "0"},
+    {"OriginalRepliedMessageSid": "SM" + "d" * 32, "OriginalRepliedMessageSender": "whatsapp:+14155550100"},
+    {"NumMedia": "1", "MediaUrl0": "https://api.twilio.com/2010-04-01/Accounts/AC0/Messages/MM0/Media/ME0",
+     "MediaContentType0": "image/jpeg"},
+    {"Latitude": "37.7", "Longitude": "-122.4", "Address": "1 Main St", "Label": "Home"},
+    {"ButtonText": "Yes", "ButtonPayload": "yes-1", "Body": "Yes"},
+])
+def test_genuine_webhooks_are_not_taken_for_a_split_one(client, extra):
+    params = inbound_params("SM" + "c" * 32, **extra)
+    assert signed_post(client, "/twilio/inbound", params).status_code == 200
