@@ -157,7 +157,8 @@ def webhook():
     form = g.params
     kind = "status" if form.get("MessageStatus") or form.get("SmsStatus", "received") != "received" else "inbound"
     g.webhook_kind = kind  # for the count of a 503 (proxy.count_refusal)
-    resplit = split_again(form)
+    # A JSON webhook's signature covers its whole body (bodySHA256): nothing glued, nothing to split again.
+    resplit = None if request.mimetype == "application/json" else split_again(form)
     if resplit is not None:
         return _malformed(kind, *resplit)
     return _status_callback() if kind == "status" else _inbound_message()
@@ -166,6 +167,7 @@ def webhook():
 # A message sid glued after the name of a field that holds one, as the signed string spells each such field.
 _SID_FIELD_AND_SID = re.compile(r"(?:SmsMessageSid|MessageSid|SmsSid)(?:SM|MM)[0-9a-fA-F]{32}")
 _SID_RUN_LENGTH = len("SmsSid") + 34  # the shortest run: most values are shorter, and need no search
+_FIELD_NAME = re.compile(r"[A-Z][A-Za-z0-9]*")  # every field Twilio names: AccountSid, MediaUrl0, WaId
 
 
 def split_again(form) -> tuple[str, str] | None:
@@ -174,23 +176,27 @@ def split_again(form) -> tuple[str, str] | None:
     Twilio signs the URL and each field's name and value, sorted and glued with no separator, and twilio-python
     reads a field's repeated values as one set. A user who writes `xFrom<victim>MessageSid<new sid>…` into their
     Body and replays the captured request split at other places gets a message that never was, from a user who
-    never wrote, under a valid signature: the real fields that follow are swallowed by another field's value,
-    or spread over other fields' names and values. Either way the real `MessageSid<sid>` runs no longer sit
-    each in one field, its name then its value, as in every webhook Twilio sends: one in a value, or one across
-    two fields, is refused. Twilio also sends each field once. Nothing about WaId's format: with WhatsApp's
-    usernames it may become a business-scoped id, and a refused webhook is a lost message."""
-    in_fields = 0
+    never wrote, under a valid signature: the real fields that follow (`From<address>MessageSid<sid>…`) are
+    swallowed by other fields. Refused, so that they cannot be: a field name that is not one Twilio could send
+    (the address's `:` and `+` cannot be in one), a field given twice with different values, a value holding a
+    `MessageSid<sid>` run, and such a run across two fields — in every webhook Twilio sends, each sits in one
+    field, its name then its value. Nothing about WaId's format: with WhatsApp's usernames it may become a
+    business-scoped id, and a refused webhook is a lost message."""
+    in_fields, fields = 0, []
     for name, values in form.lists():
+        if not _FIELD_NAME.fullmatch(name):
+            return "field name", "not one Twilio sends"  # never the name itself: it may hold the body
         if len(values) > 1 and len(set(values)) > 1:
             return name, "given more than once with different values"
         value = values[0]
         if len(value) >= _SID_RUN_LENGTH and _SID_FIELD_AND_SID.search(value):
             return name, "holds another field's name and a message sid"
-        if len(name) + len(value) >= _SID_RUN_LENGTH:
-            in_fields += len(_SID_FIELD_AND_SID.findall(name + value))  # OriginalRepliedMessageSid's too
-    # What the signature covers after the URL, as twilio-python builds it: names sorted, each one's values a set.
-    glued = "".join(name + value for name in sorted(form.keys()) for value in sorted(set(form.getlist(name))))
-    if len(_SID_FIELD_AND_SID.findall(glued)) > in_fields:
+        if name.endswith("Sid"):  # MessageSid, SmsSid, SmsMessageSid, OriginalRepliedMessageSid
+            in_fields += len(_SID_FIELD_AND_SID.findall(name + value))
+        fields.append((name, value))
+    # What the signature covers after the URL, as twilio-python builds it (names sorted; one value each, now).
+    fields.sort()
+    if len(_SID_FIELD_AND_SID.findall("".join(name + value for name, value in fields))) > in_fields:
         return "MessageSid", "a message sid runs across two fields"
     return None
 

@@ -217,3 +217,24 @@ def test_a_signed_webhook_split_with_the_real_sids_in_field_names_is_refused(cli
 def test_genuine_webhooks_are_not_taken_for_a_split_one(client, extra):
     params = inbound_params("SM" + "c" * 32, **extra)
     assert signed_post(client, "/twilio/inbound", params).status_code == 200
+
+
+def test_a_signed_webhook_split_with_the_real_sids_ending_field_names_is_refused(client, db_engine):
+    """A third way to keep the real sids each in a field of its own: names that end with a sid field's name
+    (`MzFrom<address>MessageSid=SM<real>…`, `ZedSmsSid=SM<real>…`, the user's profile name `Zed` starting the
+    second). No name Twilio sends holds an address's `:` or `+`."""
+    from proxy.db import windows
+
+    victim, real_sid, forged_sid = "whatsapp:+14155550199", "SM" + "a" * 32, "SM" + "b" * 32
+    real = sorted(inbound_params(real_sid, Body="xFrom" + victim + "MessageSid" + forged_sid + "Mz",
+                                 ProfileName="Zed").items())
+    fields = dict(real)
+    forged = [("AccountSid", fields["AccountSid"]), ("ApiVersion", fields["ApiVersion"]), ("Body", "x"),
+              ("From", victim), ("MessageSid", forged_sid), ("MzFrom" + USER + "MessageSid", real_sid + "NumMedia0ProfileName"),
+              ("ZedSmsSid", real_sid + "SmsStatusreceivedTo" + BUSINESS + "WaId" + fields["WaId"])]
+    assert _glued(forged) == _glued(real)
+    response = client.post("/twilio/inbound", data=urlencode(forged), content_type=FORM,
+                           headers={"X-Twilio-Signature": sign("http://localhost/twilio/inbound", fields)})
+    assert response.status_code == 400 and "field name: not one Twilio sends" in response.get_json()["message"]
+    with db_engine.connect() as conn:
+        assert conn.execute(select(windows.c.user)).first() is None
