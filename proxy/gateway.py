@@ -29,7 +29,8 @@ from .upstream import UpstreamError
 
 bp = Blueprint("gateway", __name__, url_prefix="/2010-04-01")
 
-_ACCOUNT_IN_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+?)(?:\.json)?(?:/|\Z)")
+# The account a 2010-04-01 path names (the sandbox simulator checks it against its credentials too, as Twilio does).
+ACCOUNT_IN_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+?)(?:\.json)?(?:/|\Z)")
 # Caller headers worth keeping upstream; hop-by-hop and proxy headers are not.
 _FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept", "Accept-Charset", "User-Agent", "X-Twilio-Client",
                       "I-Twilio-Idempotency-Token")
@@ -74,7 +75,7 @@ def authenticate():
     denied = require_basic_auth()
     if denied is not None:
         return denied
-    match = _ACCOUNT_IN_PATH.match(request.path)
+    match = ACCOUNT_IN_PATH.match(request.path)
     if match and not hmac.compare_digest(match.group(1).encode(), runtime().settings.account_sid.encode()):
         return twilio_error(20404, 404, path=request.path)
     return None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
-import re
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..addresses import SERVICE_SID, InvalidAddress, channel_of, normalise
 from ..content import CONTENT_SID
+from ..gateway import ACCOUNT_IN_PATH
 from ..rules import TABLE, UNSENDABLE_APPROVALS, WHATSAPP_COMPLEXITY, Cell
 from .templates import SAMPLE_TEMPLATES
 
@@ -280,7 +280,7 @@ class Simulator:
                 return _error(20003, 401, "Authenticate")
             # Credentials are one account's: another account's resources are not theirs (a 201 "account_sid":
             # "ACother" from the simulator was no Twilio answer).
-            in_path = re.match(r"/2010-04-01/Accounts/([^/]+?)(?:\.json)?(?:/|$)", request.path)
+            in_path = ACCOUNT_IN_PATH.match(request.path)
             if in_path and in_path.group(1) != self.account_sid:
                 return _error(20003, 401, "Authenticate")
             if self.content_down and request.path.startswith("/v1/"):
