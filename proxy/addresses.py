@@ -1,4 +1,4 @@
-"""Normalise Twilio addresses (`whatsapp:+E164`, `messenger:ID`, plain numbers) and name their channel."""
+"""Normalise Twilio addresses (`whatsapp:+E164`, `whatsapp:<BSUID>`, `messenger:ID`, plain numbers) and name their channel."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ _CONTROL = re.compile(r"[\x00-\x1f]")
 # Digits (any script), maybe punctuated as phone numbers are: each such run is masked as one.
 _NUMBER_LIKE = re.compile(r"\+?\d(?:[\s\-().]*\d)*")
 _FIVE_DIGITS = re.compile(r"\d{5}")
+# Meta's business-scoped user id (BSUID), which Twilio sends as `whatsapp:US.1349…` for a user who set a WhatsApp
+# username and whose number is withheld: a two-letter country code, a period, `ENT.` for a parent BSUID, then up
+# to 128 letters and digits. Kept exactly as sent: Meta's ids are case-sensitive, and no phone number has letters.
+_BSUID = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{1,128}\Z")
+# What an address the proxy does not recognise may hold and still key a window (see as_sent).
+_SENT_IDENT = re.compile(r"[A-Za-z0-9_.+\-@]+\Z")
 
 
 class InvalidAddress(ValueError):
@@ -61,8 +67,28 @@ def normalise(address: str) -> str:
     if not ident:
         raise InvalidAddress("no identifier after the channel prefix")
     if channel == "whatsapp":
-        return f"whatsapp:{_phone(ident)}"
+        return f"whatsapp:{ident}" if _BSUID.match(ident) else f"whatsapp:{_phone(ident)}"
     return f"{channel}:{ident}"
+
+
+def is_bsuid(address: str) -> bool:
+    """A normalised WhatsApp address naming its user by business-scoped id: a user, never a business sender."""
+    return address.startswith("whatsapp:") and _BSUID.match(address, 9) is not None
+
+
+def as_sent(address: str) -> str | None:
+    """A channel address normalise() does not recognise, as its window key: the channel in lower case, the id as
+    sent (letters, digits and `_.+-@` only, no spaces); None when it is not even that.
+
+    A signed webhook from a user whose address takes a form Twilio has not used before is still a message: refused,
+    Twilio would not send it again and the app would never see it. Kept as sent, it is stored and forwarded, and
+    a reply to the same address finds its window.
+    """
+    raw = address.strip()
+    prefix, sep, ident = raw.partition(":")
+    if len(raw) > MAX_LENGTH or not sep or not _PLAIN_CHANNEL.fullmatch(prefix) or not _SENT_IDENT.match(ident):
+        return None
+    return f"{prefix.lower()}:{ident}"
 
 
 def _phone(raw: str) -> str:

@@ -11,7 +11,8 @@ from flask import g, has_request_context
 from werkzeug.datastructures import MultiDict
 
 from . import logs, store
-from .addresses import SERVICE_SID, WINDOWED_CHANNELS, InvalidAddress, channel_of, normalise, plain_channel
+from .addresses import (SERVICE_SID, WINDOWED_CHANNELS, InvalidAddress, as_sent, channel_of, is_bsuid, normalise,
+                        plain_channel)
 from .content import CONTENT_SID, ContentNotFound, ContentUnavailable
 from .cooperative import gevent_timeout
 from .db import utcnow
@@ -138,9 +139,13 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
     validate(form)
 
     try:
-        user = normalise(to_raw)
+        user, recognised = normalise(to_raw), True
     except InvalidAddress:
-        raise ApiError(21211, 400, to=to_raw) from None
+        # An address of a form the proxy does not know may still be a user whose webhook opened a window under it
+        # as sent (webhooks._address): judged by that window; with none, refused as before.
+        user, recognised = as_sent(to_raw), False
+        if user is None:
+            raise ApiError(21211, 400, to=to_raw) from None
     sender = service_sid
     if SERVICE_SID.fullmatch(from_raw):
         # A Messaging Service SID in From sends through that service, as MessagingServiceSid does (Twilio's 21603:
@@ -153,6 +158,8 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
             raise ApiError(21212, 400, from_=from_raw) from None
         if channel_of(sender) != channel:
             raise ApiError(21910, 400)
+        if is_bsuid(sender):  # a user's id, never a business's WhatsApp sender
+            raise ApiError(21212, 400, from_=from_raw)
 
     at = send_time(form, now)
     asked = time.monotonic()
@@ -166,6 +173,8 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
                                                "request_id": g.get("request_id") if has_request_context() else None})
         late = f"did not answer within {SLOW_DATABASE_SECONDS} s" if row is _TOO_SLOW else f"took {waited:.0f} s to answer"
         raise ApiError(503, 503, f"The proxy's database {late}; nothing was sent. Retry.", refusal="database_slow")
+    if not recognised and row is None:
+        raise ApiError(21211, 400, to=to_raw)
     window = window_state(row.expires_at, row.last_inbound_at, now=at,
                           safety_margin_seconds=rt.settings.window_safety_margin_seconds) if row else CLOSED
     profile_name = row.profile_name if row else None

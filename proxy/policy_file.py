@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from .addresses import SERVICE_SID, InvalidAddress, normalise
+from .addresses import SERVICE_SID, InvalidAddress, is_bsuid, normalise
 from .rules import TABLE
 
 ACTIONS = ("block", "reroute")
@@ -137,6 +137,8 @@ def load(path: str) -> PolicyFile:
             raise PolicyFileError(f"{where}: {exc}") from None
         if key in fallbacks:  # two spellings of one sender: the later replaced the earlier without a word
             raise PolicyFileError(f"{where}: the fallback for {sender!r} is a second one for {key!r}")
+        if is_bsuid(key):  # a user's id: a send from it is refused (21212), so its fallback would never be used
+            raise PolicyFileError(f"{where}: {sender!r} is a WhatsApp user's id (a BSUID), not a business sender")
         if not key.startswith(("MG", "whatsapp:")):  # a plain number is an SMS sender: it never matched a send
             raise PolicyFileError(f"{where}: fallback sender {sender!r} must be a WhatsApp sender "
                                   f"(\"whatsapp:+14155550100\") or a Messaging Service (MG...): templates are "

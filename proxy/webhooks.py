@@ -16,7 +16,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 
 from . import holds, late_failures, logs, outbox, signatures, store
 from .forwarding import TWILIO_HEADERS, too_large
-from .addresses import SERVICE_SID, InvalidAddress, is_windowed, normalise
+from .addresses import SERVICE_SID, InvalidAddress, as_sent, is_windowed, normalise
 from .db import storable, unavailable_reason, utcnow, writing
 from .errors import twilio_error
 from .forms import Fields, body_of, form_of
@@ -233,11 +233,11 @@ def _inbound_message() -> Response:
     # but still a message for the app: refused, Twilio would not send it again, and the app would never see it.
     windowed = is_windowed(form.get("From", "")) or is_windowed(form.get("To", ""))
     try:
-        user = _address(form.get("From", ""), windowed)
+        user = _address(form.get("From", ""), windowed, "From")
     except InvalidAddress as exc:
         return _malformed("inbound", "From", exc)
     try:
-        sender = _address(form.get("To", ""), windowed)
+        sender = _address(form.get("To", ""), windowed, "To")
     except InvalidAddress as exc:
         return _malformed("inbound", "To", exc)
     service_sid = form.get("MessagingServiceSid") or None
@@ -395,9 +395,10 @@ def _unjudged_twiml(body: bytes, user: str) -> str | None:
     for match in _MESSAGE_TO.finditer(body):
         to = (match.group(1) or match.group(2) or b"").decode("utf-8", "replace").strip()
         try:
-            if normalise(to) != user:
-                return "message_to_another_user"
+            key = normalise(to)
         except InvalidAddress:
+            key = as_sent(to)  # the user's own address, if a form kept as sent (_address)
+        if key != user:
             return "message_to_another_user"
     return None
 
@@ -517,14 +518,23 @@ def _int_or_none(value: str | None) -> int | None:
     return number if number is not None and 0 <= number < 2**31 else None
 
 
-def _address(value: str, windowed: bool) -> str:
-    """The address normalised; on a channel without windows (SMS) one that cannot be is kept as sent."""
+def _address(value: str, windowed: bool, field: str) -> str:
+    """The address normalised; one that cannot be is kept as sent: on a channel without windows (SMS: a short
+    code) as stored; on WhatsApp or Messenger a user's (`From`) as a window key (addresses.as_sent), said at
+    WARNING. A business's WhatsApp sender (`To`) is a number Twilio registered: anything else is refused."""
     try:
         return normalise(value)
-    except InvalidAddress:
-        kept = storable(value.strip(), 128)
-        if windowed or not kept:
+    except InvalidAddress as exc:
+        if not windowed:
+            kept = storable(value.strip(), 128)
+            if not kept:
+                raise
+            return kept
+        kept = as_sent(value) if field == "From" else None
+        if not kept:
             raise
+        logs.event("address_not_recognised", redact=True, level=logging.WARNING, field=field, detail=str(exc),
+                   user=kept, request_id=g.request_id)  # masked as any address is
         return kept
 
 
@@ -534,4 +544,4 @@ def _normalised_or_raw(value: str | None) -> str | None:
     try:
         return normalise(value)
     except InvalidAddress:
-        return storable(value, 128)
+        return as_sent(value) or storable(value, 128)

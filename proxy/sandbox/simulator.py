@@ -25,7 +25,7 @@ from flask import Flask, Response, json, request
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
-from ..addresses import SERVICE_SID, InvalidAddress, channel_of, normalise
+from ..addresses import SERVICE_SID, InvalidAddress, as_sent, channel_of, is_bsuid, normalise
 from ..content import CONTENT_SID
 from ..gateway import ACCOUNT_IN_PATH
 from ..rules import TABLE, UNSENDABLE_APPROVALS, WHATSAPP_COMPLEXITY, Cell
@@ -73,7 +73,7 @@ def whatsapp_key(address: str | None) -> str:
     try:
         return normalise(address or "")
     except InvalidAddress:
-        return (address or "").strip()
+        return as_sent(address or "") or (address or "").strip()
 
 
 @dataclass
@@ -141,6 +141,11 @@ class Simulator:
         return any(u == user and (sender is None or b == sender or sender.startswith("MG"))
                    and now - at < limit for (b, u), at in self.windows.items())
 
+    def knows(self, user: str) -> bool:
+        """A user has written to one of the businesses (Twilio has posted a webhook from this address)."""
+        key = whatsapp_key(user)
+        return any(u == key for _, u in self.windows)
+
     def expire_window(self, user: str) -> None:
         """WhatsApp closes a window early ("in rare cases"): the proxy only learns it from a 63016."""
         user = whatsapp_key(user)
@@ -206,7 +211,9 @@ class Simulator:
         params = {"MessageSid": sid, "SmsSid": sid, "SmsMessageSid": sid, "AccountSid": self.account_sid,
                   "From": user, "To": to, "Body": body, "NumMedia": "0", "NumSegments": "1",
                   "SmsStatus": "received", "ApiVersion": "2010-04-01", "ProfileName": profile_name,
-                  "WaId": user.removeprefix("whatsapp:").lstrip("+"), "MessageType": "text"}
+                  "MessageType": "text"}
+        if not is_bsuid(user):  # Meta's wa_id is the number, which a user known by a BSUID may withhold
+            params["WaId"] = user.removeprefix("whatsapp:").lstrip("+")
         if messaging_service_sid:
             params["MessagingServiceSid"] = messaging_service_sid
         if button_payload is not None:
@@ -303,7 +310,7 @@ class Simulator:
 
         @app.post("/2010-04-01/Accounts/<account>/Messages.json")
         def create(account):
-            refused = (_to_refusal(request.form) or _sender_refusal(request.form)
+            refused = (_to_refusal(request.form, self.knows) or _sender_refusal(request.form)
                        or _content_variables_refusal(request.form) or self._content_refusal(request.form)
                        or _schedule_refusal(request.form))
             if refused is not None:
@@ -503,8 +510,9 @@ _ERRORS = {
 }
 
 
-def _to_refusal(form) -> Response | None:
-    """Twilio's synchronous checks of To: present (21604) and, on WhatsApp, a phone number (21211).
+def _to_refusal(form, knows) -> Response | None:
+    """Twilio's synchronous checks of To: present (21604) and, on WhatsApp, a phone number, a BSUID, or a user
+    `knows(To)` says has written (Twilio sends to the address it posted a user's webhook from) (21211).
 
     Only WhatsApp addresses are checked: WhatsApp is what the simulator stands in for, and SMS numbers,
     which the proxy passes through unjudged, are left to real Twilio's own rules.
@@ -516,7 +524,8 @@ def _to_refusal(form) -> Response | None:
         try:
             normalise(to)
         except InvalidAddress:
-            return _error(21211, 400, f"The 'To' number {to} is not a valid phone number.")
+            if not knows(to):
+                return _error(21211, 400, f"The 'To' number {to} is not a valid phone number.")
     return None
 
 

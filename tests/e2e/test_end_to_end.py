@@ -256,3 +256,21 @@ def test_a_send_whose_window_read_waits_behind_a_lock_is_refused_at_ten_seconds(
     # The interrupted connection was dropped, not handed to the next request mid-query.
     ok = requests.post(url, data={"To": USER, "From": BUSINESS, "Body": "y"}, auth=(ACCOUNT_SID, AUTH_TOKEN), timeout=20)
     assert ok.status_code == 201, ok.text
+
+
+def test_real_client_replies_to_a_user_known_by_a_bsuid(proxy_server, fake_twilio, db_engine):
+    """A user with a WhatsApp username writes from a business-scoped user id, not a number: the window is theirs,
+    and twilio-python's reply to the same address goes out."""
+    bsuid = "whatsapp:US.13491208655302741918"
+    client = twilio_client(proxy_server)
+    with pytest.raises(TwilioRestException) as blocked:
+        client.messages.create(to=bsuid, from_=BUSINESS, body="Before they wrote")
+    assert blocked.value.code == 63016
+    assert post_inbound(proxy_server, inbound_params("SM" + "7" * 32, user=bsuid)).status_code == 200
+    message = client.messages.create(to=bsuid, from_=BUSINESS, body="Thanks for writing!")
+    assert message.to == bsuid and message.status == "queued"
+    [received] = fake_twilio.creates
+    assert dict(received.form)["To"] == bsuid
+    with db_engine.connect() as conn:
+        assert conn.execute(select(windows.c.user)).scalars().all() == [bsuid]
+    assert "13491208655302741918" not in "\n".join(proxy_server.log_lines())  # masked as numbers are

@@ -20,21 +20,10 @@ from proxy.policy import Policy
 from proxy.policy_file import Fallback
 from proxy.worker import Worker
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, sign, signed_post
+from tests.http.conftest import SCHEDULE
 from tests.http.test_gateway import MESSAGES, attempts, send
 
-SCHEDULE = (0, 5, 300)
 LEASE_SECONDS = 120
-
-
-@pytest.fixture
-def forwarding(settings, db_engine, fake_app, fake_twilio):
-    """An app forwarding inbound to /app/inbound and statuses to /app/status of the fake app."""
-    s = replace(settings, forward_inbound_url=fake_app.url + "/app/inbound",
-                forward_status_url=fake_app.url + "/app/status", forward_timeout_seconds=1.0,
-                retry_schedule=SCHEDULE)
-    app = create_app(s)
-    yield app
-    app.extensions["proxy"].engine.dispose()
 
 
 def items(engine):

@@ -132,7 +132,7 @@ def test_cli_windows(app, client, db_engine):
     expiring = runner.invoke(args=["windows", "expiring", "--within", "1h"])
     assert expiring.exit_code == 0
     assert [json.loads(line)["user"] for line in expiring.stdout.splitlines()] == ["whatsapp:+14155550201"]
-    assert runner.invoke(args=["windows", "show", BUSINESS, "whatsapp:nobody"]).exit_code != 0
+    assert runner.invoke(args=["windows", "show", BUSINESS, "whatsapp:no body"]).exit_code != 0
 
 
 def test_purge_keeps_open_windows_and_recent_records(app, client, fake_twilio, db_engine):

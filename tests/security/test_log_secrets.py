@@ -147,7 +147,7 @@ def test_a_logged_url_keeps_no_number_credentials_or_query_value(url, logged_url
 MALFORMED = {
     "inbound-bad-sid": ("/twilio/inbound", _inbound(MessageSid="SM-not-a-sid"), "MessageSid"),
     "inbound-bad-from": ("/twilio/inbound", _inbound(From="whatsapp:+14155550111;ext=" + BODY), "From"),
-    "inbound-bad-to": ("/twilio/inbound", _inbound(To="whatsapp:+14155550100x"), "To"),
+    "inbound-bad-to": ("/twilio/inbound", _inbound(To="whatsapp:+14155550100/x"), "To"),
     "status-bad-sid": ("/twilio/status",
                        _inbound(MessageSid="MM" + "c" * 31, MessageStatus="delivered", SmsStatus="delivered"),
                        "MessageSid"),

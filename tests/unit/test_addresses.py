@@ -3,7 +3,7 @@ import re
 import pytest
 from hypothesis import given, strategies as st
 
-from proxy.addresses import InvalidAddress, channel_of, is_windowed, mask, normalise
+from proxy.addresses import InvalidAddress, as_sent, channel_of, is_bsuid, is_windowed, mask, normalise
 
 
 @pytest.mark.parametrize(
@@ -18,6 +18,12 @@ from proxy.addresses import InvalidAddress, channel_of, is_windowed, mask, norma
         ("+14155550100", "+14155550100"),
         ("14155550100", "+14155550100"),
         ("rcs:brand_agent", "rcs:brand_agent"),
+        # Meta's business-scoped user ids (BSUIDs), as Twilio posts them for users known by a username
+        ("whatsapp:US.13491208655302741918", "whatsapp:US.13491208655302741918"),
+        (" WhatsApp: BR.1502576394655843 ", "whatsapp:BR.1502576394655843"),
+        ("whatsapp:US.ENT.11815799212886844830", "whatsapp:US.ENT.11815799212886844830"),
+        ("whatsapp:IN.aBc123XyZ", "whatsapp:IN.aBc123XyZ"),  # letters kept as sent: the ids are case-sensitive
+        ("whatsapp:US." + "9" * 116, "whatsapp:US." + "9" * 116),  # as long as a window key can be (128)
     ],
 )
 def test_normalise(raw, expected):
@@ -28,7 +34,11 @@ def test_normalise(raw, expected):
                                  # other scripts' digits: a window key of its own, never the ASCII number's
                                  "whatsapp:+1\u0664\u0661\u0665\u0665\u0665\u0665\u0660\u0661\u0661\u0661",
                                  # control characters anywhere, even where punctuation would be stripped
-                                 "messenger:ab\x01cd", "rcs:age\x1fnt", "whatsapp:+1415\n5550100", "\x00+14155550100"])
+                                 "messenger:ab\x01cd", "rcs:age\x1fnt", "whatsapp:+1415\n5550100", "\x00+14155550100",
+                                 # not BSUIDs: a lower-case or three-letter country, no id, other characters, too long
+                                 "whatsapp:us.1349", "whatsapp:USA.1349", "whatsapp:US.", "whatsapp:US.ENT.",
+                                 "whatsapp:US.13-49", "whatsapp:US.13 49", "whatsapp:US.1349\u0661",
+                                 "whatsapp:US." + "9" * 117, "US.13491208655302741918"])
 def test_normalise_rejects(raw):
     with pytest.raises(InvalidAddress):
         normalise(raw)
@@ -67,3 +77,31 @@ def test_no_five_digit_run_survives_masking(value):
     masked = mask(value)
     assert len(masked) == len(value)
     assert not re.search(r"\d(?:[\s\-().]*\d){4}", masked), masked
+
+
+def test_a_bsuid_is_a_user_never_a_number():
+    assert is_bsuid("whatsapp:US.13491208655302741918") and is_bsuid("whatsapp:US.ENT.1181")
+    assert not is_bsuid("whatsapp:+14155550100") and not is_bsuid("messenger:US.1349") and not is_bsuid("US.1349")
+    # A number's punctuation never makes it a BSUID, nor a BSUID a number.
+    assert normalise("whatsapp:+1.415.555.0100") == "whatsapp:+14155550100"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("whatsapp:future_id-0042@meta", "whatsapp:future_id-0042@meta"),
+    (" WhatsApp:us.1349 ", "whatsapp:us.1349"),
+    ("Messenger:page.scoped+id", "messenger:page.scoped+id"),
+    ("whatsapp:+0123", "whatsapp:+0123"),
+])
+def test_as_sent_keeps_an_unknown_id_with_its_channel_lower_cased(raw, expected):
+    assert as_sent(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "whatsapp:", "+14155550100", "14155550100", "whatsapp:no body", "whatsapp:<id>",
+                                 "whatsapp:a;b", "whatsapp:a:b", "what sapp:x", "wh\u0430tsapp:x", "whatsapp:a\x00",
+                                 "whatsapp:" + "a" * 120, "whatsapp:\u0661\u0662"])
+def test_as_sent_refuses_what_cannot_key_a_window(raw):
+    assert as_sent(raw) is None
+
+
+def test_a_bsuid_is_masked_in_logs():
+    assert mask("whatsapp:US.13491208655302741918") == "whatsapp:US.13****************18"

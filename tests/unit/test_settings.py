@@ -260,6 +260,8 @@ profile_name_default = "cliente"
         # A plain number is an SMS sender: a fallback keyed by it never matched a WhatsApp send.
         (f'\n[fallbacks."+14155550100"]\ncontent_sid = "{HX}"\n', 2),
         (f'[fallbacks."messenger:1234567"]\ncontent_sid = "{HX}"\n', 1),
+        # A BSUID is a user's id: a send from it is refused (21212), so its fallback would never be used.
+        (f'\n\n[fallbacks."whatsapp:US.13491208655302741918"]\ncontent_sid = "{HX}"\n', 3),
         # What Twilio refuses in a variable (21656): a tab, a newline, more than four spaces in a row.
         (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nvariables = {{ "1" = "a\\tb" }}\n', 1),
         (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\nvariables = {{ "1" = "a     b" }}\n', 1),
