@@ -19,6 +19,8 @@ import shutil
 import sys
 import tempfile
 
+from gunicorn import util as _gunicorn_util
+
 WORKER_CLASSES = ("gevent", "gthread")  # the two README.md documents and CI runs
 
 
@@ -150,6 +152,26 @@ def on_exit(server):
 def _remove_metrics_dir(path: str, master_pid: int) -> None:
     if os.getpid() == master_pid:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _twilio_shaped_error(sock, status_int, reason, mesg):
+    """gunicorn's own answer to a request it cannot read as HTTP (a request line over 4 KiB, a header over 8 KiB,
+    two Content-Lengths, a control character in a header): Twilio's error shape in JSON, as every other answer of
+    the proxy, instead of an HTML page a Twilio client cannot read. `mesg` is not repeated: it may quote the
+    request line, query string and all."""
+    import json
+
+    body = json.dumps({"code": status_int, "status": status_int,
+                       "message": f"{reason}: the request could not be read as HTTP; nothing was judged or sent.",
+                       "more_info": "https://www.twilio.com/docs/api/errors"}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    _gunicorn_util.write_nonblock(sock, head + body)
+
+
+# Every worker class calls gunicorn.util.write_error through the module (workers/base.py handle_error): replaced
+# here, in the master before the workers fork, it is replaced in all of them.
+_gunicorn_util.write_error = _twilio_shaped_error
 
 
 def post_worker_init(worker):

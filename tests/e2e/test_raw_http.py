@@ -132,3 +132,28 @@ def test_a_body_sent_slowly_but_in_time_is_read_whole(proxy_server, fake_twilio)
     assert create.headers["Content-Type"] == "application/x-www-form-urlencoded"
     assert [json.loads(line)["decision"] for line in json_lines(proxy_server.log_lines())
             if json.loads(line).get("event") == "send"] == ["allowed"]
+
+
+@pytest.mark.parametrize("request_bytes, expected", [
+    # A request line over gunicorn's 4,094 bytes: a query string naming a user and a token, as a mistyped URL may.
+    (f"GET {CREATE}?To=whatsapp:+14155550111&t={AUTH_TOKEN}{'x' * 5000} HTTP/1.1\r\nHost: a\r\n\r\n".encode(), 414),
+    # A header over 8,190 bytes.
+    (head(CREATE, len(BODY), **{"X-Big": "y" * 9000}) + BODY, 431),
+    # Two Content-Lengths, a request line that is no HTTP.
+    (head(CREATE, len(BODY), **{"Content-Length": "5"}) + BODY, 400),
+    (f"POST {CREATE}?To=whatsapp:+14155550111 HTTP/1.1 junk\r\nHost: a\r\n\r\n".encode(), 400),
+])
+def test_a_request_gunicorn_cannot_read_is_answered_in_twilios_shape(proxy_server, fake_twilio, db_engine,
+                                                                     request_bytes, expected):
+    """gunicorn answers these itself, before the app: it was an HTML page a Twilio client cannot read. The answer
+    never repeats the request line (a query string may hold a number or a token)."""
+    with socket.create_connection(("127.0.0.1", proxy_server.port)) as sock:
+        sock.sendall(request_bytes)
+        status, headers, body = answer(sock)
+        assert_closed_after(sock)
+    error = assert_twilio_shaped(status, body, expected)
+    assert headers["content-type"] == "application/json" and error["code"] == expected
+    assert "nothing was judged or sent" in error["message"]
+    assert "4155550111" not in body.decode() and AUTH_TOKEN not in body.decode()
+    time.sleep(0.2)
+    assert fake_twilio.creates == [] and attempts(db_engine) == 0
