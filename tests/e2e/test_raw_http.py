@@ -142,6 +142,8 @@ def test_a_body_sent_slowly_but_in_time_is_read_whole(proxy_server, fake_twilio)
     # Two Content-Lengths, a request line that is no HTTP.
     (head(CREATE, len(BODY), **{"Content-Length": "5"}) + BODY, 400),
     (f"POST {CREATE}?To=whatsapp:+14155550111 HTTP/1.1 junk\r\nHost: a\r\n\r\n".encode(), 400),
+    (f"POST {CREATE}?To=whatsapp:+14155550111&t={AUTH_TOKEN}\r\nHost: a\r\n\r\n".encode(), 400),  # quoted whole
+    (f"POST /v1/windows/whatsapp:+14155550111 HTTP/1.1\r\nHost: a\r\nX-N\x01: 1\r\n\r\n".encode(), 400),
 ])
 def test_a_request_gunicorn_cannot_read_is_answered_in_twilios_shape(proxy_server, fake_twilio, db_engine,
                                                                      request_bytes, expected):
@@ -157,3 +159,7 @@ def test_a_request_gunicorn_cannot_read_is_answered_in_twilios_shape(proxy_serve
     assert "4155550111" not in body.decode() and AUTH_TOKEN not in body.decode()
     time.sleep(0.2)
     assert fake_twilio.creates == [] and attempts(db_engine) == 0
+    # gunicorn's own warning names the kind of problem, not the request line it quoted.
+    logged = "\n".join(proxy_server.log_lines())
+    assert "Invalid request from ip=127.0.0.1" in logged
+    assert "4155550111" not in logged and AUTH_TOKEN not in logged and "X-Big" not in logged, logged
