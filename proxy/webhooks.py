@@ -16,7 +16,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 
 from . import holds, late_failures, logs, outbox, signatures, store
 from .forwarding import TWILIO_HEADERS, too_large
-from .addresses import SERVICE_SID, InvalidAddress, as_sent, is_windowed, normalise
+from .addresses import SERVICE_SID, InvalidAddress, as_sent, is_bsuid, is_windowed, normalise
 from .db import storable, unavailable_reason, utcnow, writing
 from .errors import twilio_error
 from .forms import Fields, body_of, form_of
@@ -168,6 +168,8 @@ def webhook():
 _SID_FIELD_AND_SID = re.compile(r"(?:SmsMessageSid|MessageSid|SmsSid)(?:SM|MM)[0-9a-fA-F]{32}")
 _SID_RUN_LENGTH = len("SmsSid") + 34  # the shortest run: most values are shorter, and need no search
 _FIELD_NAME = re.compile(r"[A-Z][A-Za-z0-9]*")  # every field Twilio names: AccountSid, MediaUrl0, WaId
+_A_MESSAGE_SID = re.compile(r"(?:SM|MM)[0-9a-fA-F]{32}")
+_SID_NAME_INSIDE = re.compile(r"(?:MessageSid|SmsSid)(?!\Z)")  # a sid field's name, then more of the name
 
 
 def split_again(form) -> tuple[str, str] | None:
@@ -178,14 +180,15 @@ def split_again(form) -> tuple[str, str] | None:
     Body and replays the captured request split at other places gets a message that never was, from a user who
     never wrote, under a valid signature: the real fields that follow (`From<address>MessageSid<sid>…`) are
     swallowed by other fields. Refused, so that they cannot be: a field name that is not one Twilio could send
-    (the address's `:` and `+` cannot be in one), a field given twice with different values, a value holding a
-    `MessageSid<sid>` run, and such a run across two fields — in every webhook Twilio sends, each sits in one
-    field, its name then its value. Nothing about WaId's format: with WhatsApp's usernames it may become a
+    (the address's `:` and `+` cannot be in one, nor a message sid, nor `MessageSid` or `SmsSid` but at its end),
+    a field given twice with different values, a value holding a `MessageSid<sid>` run, and such a run across two
+    fields — in every webhook Twilio sends, each sits in one field, its name then its value. Nothing about WaId's format: with WhatsApp's usernames it may become a
     business-scoped id, and a refused webhook is a lost message."""
     in_fields, fields = 0, []
     for name, values in form.lists():
-        if not _FIELD_NAME.fullmatch(name):
-            return "field name", "not one Twilio sends"  # never the name itself: it may hold the body
+        # Never the name itself in the answer or the log: it may hold the body.
+        if not _FIELD_NAME.fullmatch(name) or _A_MESSAGE_SID.search(name) or _SID_NAME_INSIDE.search(name):
+            return "field name", "not one Twilio sends"
         if len(values) > 1 and len(set(values)) > 1:
             return name, "given more than once with different values"
         value = values[0]
@@ -523,7 +526,7 @@ def _address(value: str, windowed: bool, field: str) -> str:
     code) as stored; on WhatsApp or Messenger a user's (`From`) as a window key (addresses.as_sent), said at
     WARNING. A business's WhatsApp sender (`To`) is a number Twilio registered: anything else is refused."""
     try:
-        return normalise(value)
+        key = normalise(value)
     except InvalidAddress as exc:
         if not windowed:
             kept = storable(value.strip(), 128)
@@ -536,6 +539,9 @@ def _address(value: str, windowed: bool, field: str) -> str:
         logs.event("address_not_recognised", redact=True, level=logging.WARNING, field=field, detail=str(exc),
                    user=kept, request_id=g.request_id)  # masked as any address is
         return kept
+    if field == "To" and is_bsuid(key):
+        raise InvalidAddress("a WhatsApp user's id, not a business sender")
+    return key
 
 
 def _normalised_or_raw(value: str | None) -> str | None:

@@ -7,7 +7,7 @@ import re
 from datetime import datetime, timedelta, timezone
 
 from . import store
-from .addresses import SERVICE_SID, InvalidAddress, as_sent, channel_of, normalise
+from .addresses import SERVICE_SID, InvalidAddress, as_sent, channel_of, is_bsuid, normalise
 from .db import utcnow
 from .errors import ApiError
 from .runtime import Runtime
@@ -24,12 +24,17 @@ def address_key(value: str | None, *, sender: bool = False) -> str | None:
     if sender and SERVICE_SID.fullmatch(value.strip()):  # not any "MG…": that passed unchecked, control bytes too
         return value.strip()
     try:
-        return normalise(value)
+        key = normalise(value)
     except InvalidAddress as exc:
-        kept = as_sent(value)  # a window a webhook opened under an address the proxy does not recognise
+        # A user's window a webhook opened under an address the proxy does not recognise; a business sender is a
+        # number (or a service): a mistyped one answered "closed" as if it were real.
+        kept = None if sender else as_sent(value)
         if kept is None:
             raise ApiError(21211, 400, f"Invalid address: {exc}") from None
         return kept
+    if sender and is_bsuid(key):
+        raise ApiError(21211, 400, "Invalid address: a WhatsApp user's id (a BSUID) is never a business sender")
+    return key
 
 
 def window_key(sender: str | None, user: str | None) -> tuple[str, str]:

@@ -58,10 +58,24 @@ def test_a_bsuid_spelt_with_another_prefix_case_or_spaces_is_the_same_window(cli
 
 @pytest.mark.parametrize("sender", [BSUID, PARENT_BSUID])
 def test_a_bsuid_is_never_a_business_sender(client, fake_twilio, db_engine, sender):
-    open_window(client, user=USER, business=sender)  # even had Twilio posted one as To, a send from it is refused
     response = send(client, {"To": USER, "From": sender, "Body": "x"})
     assert response.status_code == 400 and response.get_json()["code"] == 21212
     assert fake_twilio.creates == []
+    # Nor the business a webhook was sent to, nor a sender the admin API shows a window of.
+    inbound = signed_post(client, "/twilio/inbound", inbound_params("SM" + "9" * 32, user=USER, business=sender))
+    assert inbound.status_code == 400 and rows(db_engine, windows) == []
+    shown = client.get("/v1/windows", query_string={"sender": sender, "user": USER}, headers=basic_auth())
+    assert shown.status_code == 400 and shown.get_json()["code"] == 21211
+
+
+@pytest.mark.parametrize("sender", ["whatsapp:+1415555010O", "whatsapp:14155550100x", "whatsapp:future_id-1"])
+def test_a_sender_that_can_key_no_window_is_refused_by_the_admin_api_and_the_cli(app, client, sender):
+    """A user's address of an unknown form is kept as sent; a business sender's is not (it is a number Twilio
+    registered): a mistyped one must not answer "closed" as if it were real."""
+    open_window(client)
+    shown = client.get("/v1/windows", query_string={"sender": sender, "user": USER}, headers=basic_auth())
+    assert shown.status_code == 400 and shown.get_json()["code"] == 21211
+    assert app.test_cli_runner().invoke(args=["windows", "show", sender, USER]).exit_code != 0
 
 
 def test_a_late_63016_to_a_bsuid_closes_that_users_window(client, fake_twilio, db_engine, log_lines):

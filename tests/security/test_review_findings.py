@@ -238,3 +238,36 @@ def test_a_signed_webhook_split_with_the_real_sids_ending_field_names_is_refused
     assert response.status_code == 400 and "field name: not one Twilio sends" in response.get_json()["message"]
     with db_engine.connect() as conn:
         assert conn.execute(select(windows.c.user)).first() is None
+
+
+def test_a_signed_webhook_split_with_the_real_sids_folded_into_one_field_name_is_refused(client, fake_twilio,
+                                                                                         db_engine):
+    """Session 17's review: the real `MessageSid<sid>…SmsSid` run folded into one field *name* of letters and hex
+    digits ending in `Sid` (its runs were counted as in a field of their own), the real `From` into the value of a
+    made-up `MessageSidAaa`. The victim's window opened, and a free-form send to them went out. No name Twilio
+    sends holds a message sid, nor `MessageSid` but at its end."""
+    from proxy.db import windows
+
+    victim, real_sid, new_sid = "whatsapp:+14155550199", "SM" + "1" * 32, "SM" + "2" * 32
+    real = inbound_params(real_sid, Body="hi" + "From" + victim + "MessageSid" + new_sid + "MessageSidAaa" + "x")
+    signature = sign("http://localhost/twilio/inbound", real)
+    folded = "MessageSid" + real_sid + "NumMedia0" + "ProfileNameAda" + "SmsSid"
+    forged = {"AccountSid": real["AccountSid"], "ApiVersion": "2010-04-01", "Body": "hi", "From": victim,
+              "MessageSid": new_sid, "MessageSidAaa": "x" + "From" + USER, folded: real_sid,
+              "SmsStatus": "received", "To": BUSINESS, "WaId": real["WaId"]}
+    assert sign("http://localhost/twilio/inbound", forged) == signature  # Twilio's own signature still fits
+    for attempt in (forged, {**forged, "MessageSidAaa": None}):  # the folded name alone is refused too
+        fields = {name: value for name, value in attempt.items() if value is not None}
+        response = client.post("/twilio/inbound", data=urlencode(fields), content_type=FORM,
+                               headers={"X-Twilio-Signature": sign("http://localhost/twilio/inbound", fields)})
+        assert response.status_code == 400 and "field name: not one Twilio sends" in response.get_json()["message"]
+    with db_engine.connect() as conn:
+        assert conn.execute(select(windows.c.user)).first() is None
+    sent = send(client, {"To": victim, "From": BUSINESS, "Body": "free-form to someone who never wrote"})
+    assert sent.status_code == 400 and fake_twilio.creates == []
+
+
+@pytest.mark.parametrize("name", ["MessageSidAaa", "SmsSidX", "X" + "SM" + "1" * 32, "MM" + "a" * 32 + "Sid"])
+def test_a_field_name_holding_a_sid_or_a_sid_fields_name_inside_is_refused(client, db_engine, name):
+    response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 32, **{name: "x"}))
+    assert response.status_code == 400 and "field name: not one Twilio sends" in response.get_json()["message"]
