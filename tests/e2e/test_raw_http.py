@@ -143,7 +143,7 @@ def test_a_body_sent_slowly_but_in_time_is_read_whole(proxy_server, fake_twilio)
     (head(CREATE, len(BODY), **{"Content-Length": "5"}) + BODY, 400),
     (f"POST {CREATE}?To=whatsapp:+14155550111 HTTP/1.1 junk\r\nHost: a\r\n\r\n".encode(), 400),
     (f"POST {CREATE}?To=whatsapp:+14155550111&t={AUTH_TOKEN}\r\nHost: a\r\n\r\n".encode(), 400),  # quoted whole
-    (f"POST /v1/windows/whatsapp:+14155550111 HTTP/1.1\r\nHost: a\r\nX-N\x01: 1\r\n\r\n".encode(), 400),
+    ("POST /v1/windows/whatsapp:+14155550111 HTTP/1.1\r\nHost: a\r\nX-N\x01: 1\r\n\r\n".encode(), 400),
 ])
 def test_a_request_gunicorn_cannot_read_is_answered_in_twilios_shape(proxy_server, fake_twilio, db_engine,
                                                                      request_bytes, expected):
