@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 # Channels whose free-form sends Meta limits to a customer-service window.
 WINDOWED_CHANNELS = frozenset({"whatsapp", "messenger"})
 
 MAX_LENGTH = 128  # what the database keeps of an address
+MAX_INPUT = 160  # an address as given: whatsapp:, a country, ENT. and a BSUID's 128 characters, with spaces to spare
 _E164_DIGITS = re.compile(r"^\+?[1-9][0-9]{6,14}\Z")  # ASCII: `\d` also reads other scripts' digits as a key
 _PUNCTUATION = re.compile(r"[\s\-().]")
 _PLAIN_CHANNEL = re.compile(r"[A-Za-z]+")
@@ -22,6 +24,7 @@ _FIVE_DIGITS = re.compile(r"\d{5}")
 # username and whose number is withheld: a two-letter country code, a period, `ENT.` for a parent BSUID, then up
 # to 128 letters and digits. Kept exactly as sent: Meta's ids are case-sensitive, and no phone number has letters.
 _BSUID = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{1,128}\Z")
+_BSUID_KEY = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]+(?:~[0-9a-f]{32})?\Z")  # as normalise() keys one
 # What an address the proxy does not recognise may hold and still key a window (see as_sent).
 _SENT_IDENT = re.compile(r"[A-Za-z0-9_.+\-@]+\Z")
 
@@ -50,15 +53,27 @@ def plain_channel(address: str) -> bool:
 
 
 def normalise(address: str) -> str:
-    """Canonical form: lower-case channel prefix; phone numbers as +E164 without punctuation.
+    """The address as windows are keyed: canonical(), at most MAX_LENGTH characters.
 
     Two spellings of one WhatsApp user (`whatsapp:14155550100`, `WhatsApp:+1 415-555-0100`)
     must reach the same window row, so every key the proxy stores goes through here.
     """
+    key = canonical(address)
+    if len(key) <= MAX_LENGTH:
+        return key
+    if key.startswith("whatsapp:") and _BSUID.match(key, 9):
+        # Meta allows a BSUID 128 characters after its country, a column holds 128 in all: the longest keep their
+        # start and a digest of the whole, one key per id and never another's (a BSUID holds no `~`).
+        return f"{key[:MAX_LENGTH - 33]}~{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+    raise InvalidAddress("address too long")
+
+
+def canonical(address: str) -> str:
+    """Canonical form: lower-case channel prefix; phone numbers as +E164 without punctuation; a BSUID as sent."""
     raw = address.strip()
     if not raw:
         raise InvalidAddress("empty address")
-    if len(raw) > MAX_LENGTH or _CONTROL.search(raw):
+    if len(raw) > MAX_INPUT or _CONTROL.search(raw):
         raise InvalidAddress("address too long or contains control characters")
     channel = channel_of(raw)
     if channel is None:
@@ -73,7 +88,7 @@ def normalise(address: str) -> str:
 
 def is_bsuid(address: str) -> bool:
     """A normalised WhatsApp address naming its user by business-scoped id: a user, never a business sender."""
-    return address.startswith("whatsapp:") and _BSUID.match(address, 9) is not None
+    return address.startswith("whatsapp:") and _BSUID_KEY.match(address, 9) is not None
 
 
 def as_sent(address: str) -> str | None:

@@ -25,7 +25,7 @@ from flask import Flask, Response, json, request
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
-from ..addresses import SERVICE_SID, InvalidAddress, as_sent, channel_of, is_bsuid, normalise
+from ..addresses import SERVICE_SID, InvalidAddress, as_sent, canonical, channel_of, is_bsuid, normalise
 from ..content import CONTENT_SID
 from ..gateway import ACCOUNT_IN_PATH
 from ..rules import TABLE, UNSENDABLE_APPROVALS, WHATSAPP_COMPLEXITY, Cell
@@ -200,20 +200,21 @@ class Simulator:
             messaging_service_sid: str | None = None, url: str | None = None) -> requests.Response:
         """The user writes to the business: WhatsApp opens the window, Twilio posts a signed webhook.
 
-        Twilio always posts the canonical `whatsapp:+E164`, whatever spelling the simulated user was given;
-        an address that is no number raises InvalidAddress (a ValueError).
+        Twilio always posts the canonical `whatsapp:+E164` (or a BSUID, as it is), whatever spelling the simulated
+        user was given; an address that is neither raises InvalidAddress (a ValueError).
         """
         target = url or self.inbound_url
         if not target or not is_loopback(target):
             raise ValueError("the simulator posts webhooks only to a 127.0.0.1/localhost URL")
-        user, to = normalise(user), normalise(to)
+        sent_from, to = canonical(user), normalise(to)
+        user = whatsapp_key(sent_from)
         sid = "SM" + uuid.uuid4().hex
         params = {"MessageSid": sid, "SmsSid": sid, "SmsMessageSid": sid, "AccountSid": self.account_sid,
-                  "From": user, "To": to, "Body": body, "NumMedia": "0", "NumSegments": "1",
+                  "From": sent_from, "To": to, "Body": body, "NumMedia": "0", "NumSegments": "1",
                   "SmsStatus": "received", "ApiVersion": "2010-04-01", "ProfileName": profile_name,
                   "MessageType": "text"}
         if not is_bsuid(user):  # Meta's wa_id is the number, which a user known by a BSUID may withhold
-            params["WaId"] = user.removeprefix("whatsapp:").lstrip("+")
+            params["WaId"] = sent_from.removeprefix("whatsapp:").lstrip("+")
         if messaging_service_sid:
             params["MessagingServiceSid"] = messaging_service_sid
         if button_payload is not None:

@@ -6,6 +6,7 @@ import json
 import pytest
 from sqlalchemy import select
 
+from proxy.addresses import normalise
 from proxy.db import messages, utcnow, windows
 from tests.conftest import BUSINESS, USER, basic_auth, inbound_params, signed_post
 from tests.http.test_forwarding import failed_callback
@@ -132,3 +133,17 @@ def test_the_app_gets_the_webhook_and_its_reply_to_that_user_is_relayed_unwarned
     [(path, form, _)] = fake_app.received
     assert path == "/app/inbound" and dict(form)["From"] == user  # forwarded as Twilio sent it
     assert [line for line in log_lines() if line["event"] == "twiml_not_judged"] == []
+
+
+def test_a_bsuid_as_long_as_meta_allows_keys_a_window_and_is_sent_to_as_it_was_written(client, fake_twilio, db_engine):
+    user = "whatsapp:US.ENT." + "4" * 128  # longer than the 128 characters an address column holds
+    open_window(client, user=user)
+    [row] = rows(db_engine, windows)
+    assert len(row["user"]) == 128 and row["user"] == normalise(user) != user
+    assert rows(db_engine, messages)[0]["user"] == row["user"]
+    allowed = send(client, {"To": user, "From": BUSINESS, "Body": "x"})
+    assert allowed.status_code == 201, allowed.get_json()
+    assert dict(fake_twilio.creates[-1].form)["To"] == user  # what Twilio gets is what the app wrote
+    assert window_of(client, user)["open"] is True
+    blocked = send(client, {"To": user[:-1] + "5", "From": BUSINESS, "Body": "x"})
+    assert blocked.status_code == 400 and blocked.get_json()["code"] == 63016

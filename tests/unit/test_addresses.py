@@ -3,7 +3,7 @@ import re
 import pytest
 from hypothesis import given, strategies as st
 
-from proxy.addresses import InvalidAddress, as_sent, channel_of, is_bsuid, is_windowed, mask, normalise
+from proxy.addresses import MAX_LENGTH, InvalidAddress, as_sent, canonical, channel_of, is_bsuid, is_windowed, mask, normalise
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,9 @@ def test_normalise(raw, expected):
                                  # not BSUIDs: a lower-case or three-letter country, no id, other characters, too long
                                  "whatsapp:us.1349", "whatsapp:USA.1349", "whatsapp:US.", "whatsapp:US.ENT.",
                                  "whatsapp:US.13-49", "whatsapp:US.13 49", "whatsapp:US.1349\u0661",
-                                 "whatsapp:US." + "9" * 117, "US.13491208655302741918"])
+                                 "whatsapp:US." + "9" * 129, "US.13491208655302741918",
+                                 # too long for a key, and no BSUID to shorten
+                                 "messenger:" + "1" * 119, "whatsapp:+1" + " " * 150 + "4155550100"])
 def test_normalise_rejects(raw):
     with pytest.raises(InvalidAddress):
         normalise(raw)
@@ -105,3 +107,13 @@ def test_as_sent_refuses_what_cannot_key_a_window(raw):
 
 def test_a_bsuid_is_masked_in_logs():
     assert mask("whatsapp:US.13491208655302741918") == "whatsapp:US.13****************18"
+
+
+@pytest.mark.parametrize("ident", ["US." + "7" * 128, "US.ENT." + "a" * 128, "BR." + "Z9" * 60])
+def test_a_bsuid_longer_than_a_key_is_shortened_by_a_digest_of_the_whole(ident):
+    """Meta allows 128 characters after the country; a window key holds 128 in all."""
+    key = normalise(" WhatsApp: " + ident)
+    assert len(key) == MAX_LENGTH and key.startswith("whatsapp:" + ident[:40]) and "~" in key
+    assert canonical("WhatsApp:" + ident) == "whatsapp:" + ident and normalise("whatsapp:" + ident) == key
+    assert normalise("whatsapp:" + ident[:-1] + "8") != key  # one character apart: another user
+    assert is_bsuid(key) and not is_bsuid(key.replace("~", "-"))
