@@ -178,18 +178,21 @@ _gunicorn_util.write_error = _twilio_shaped_error
 
 class _RequestLinesUnquoted(logging.Filter):
     """gunicorn's warning for a request it cannot read quotes what it could not read (`Invalid HTTP request line:
-    'POST /…?To=whatsapp:+1415…'`): a query string may carry a number or a token, and no log line may. Kept: what
-    was wrong and the path; a query string becomes `?…`, and any run of five digits or more is starred."""
+    'POST /…?To=whatsapp:+1415…'`, a header line without its colon, `Authorization Basic …` and all): a number or
+    a credential may be in it, and no log line may hold one. Kept: who sent it and what was wrong; whatever
+    gunicorn quoted becomes `…`, and a number (five digits or more, punctuated or not) is starred."""
 
     def filter(self, record):
         if isinstance(record.msg, str) and record.msg.startswith("Invalid request from ip="):
-            quiet = _QUERY.sub("?…", record.msg)
-            record.msg = _DIGIT_RUN.sub(lambda run: "*" * len(run.group()), quiet)
+            who, sep, error = record.msg.partition(": ")
+            error = _QUOTED.sub("…", _QUERY.sub("?…", error))
+            record.msg = who + sep + _NUMBER_LIKE.sub(lambda run: "*" * len(run.group()), error)
         return True
 
 
-_QUERY = re.compile(r"\?[^'\"]*")
-_DIGIT_RUN = re.compile(r"\d{5,}")
+_QUOTED = re.compile(r"""['"].*\Z""", re.S)  # from the first quote on: repr() picks either kind
+_QUERY = re.compile(r"\?.*\Z", re.S)
+_NUMBER_LIKE = re.compile(r"\+?\d(?:[\s\-().]*\d){4,}")  # as proxy/addresses.py reads a number
 
 
 def post_worker_init(worker):

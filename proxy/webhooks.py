@@ -170,6 +170,8 @@ _SID_RUN_LENGTH = len("SmsSid") + 34  # the shortest run: most values are shorte
 _FIELD_NAME = re.compile(r"[A-Z][A-Za-z0-9]*")  # every field Twilio names: AccountSid, MediaUrl0, WaId
 _A_MESSAGE_SID = re.compile(r"(?:SM|MM)[0-9a-fA-F]{32}")
 _SID_NAME_INSIDE = re.compile(r"(?:MessageSid|SmsSid)(?!\Z)")  # a sid field's name, then more of the name
+# The fields whose `<name><message sid>` run is their own: a sid run counts as in a field only in one of these.
+_MESSAGE_SID_FIELDS = frozenset({"MessageSid", "SmsSid", "SmsMessageSid", "OriginalRepliedMessageSid"})
 
 
 def split_again(form) -> tuple[str, str] | None:
@@ -180,8 +182,9 @@ def split_again(form) -> tuple[str, str] | None:
     Body and replays the captured request split at other places gets a message that never was, from a user who
     never wrote, under a valid signature: the real fields that follow (`From<address>MessageSid<sid>…`) are
     swallowed by other fields. Refused, so that they cannot be: a field name that is not one Twilio could send
-    (the address's `:` and `+` cannot be in one, nor a message sid, nor `MessageSid` or `SmsSid` but at its end),
-    a field given twice with different values, a value holding a `MessageSid<sid>` run, and such a run across two
+    (the address's `:` and `+` cannot be in one, nor a message sid, nor `MessageSid` or `SmsSid` but at its end,
+    nor one ending so and holding a message sid but Twilio's four sid fields), a field given twice with different
+    values, a value holding a `MessageSid<sid>` run, and such a run across two
     fields — in every webhook Twilio sends, each sits in one field, its name then its value. Nothing about WaId's format: with WhatsApp's usernames it may become a
     business-scoped id, and a refused webhook is a lost message."""
     in_fields, fields = 0, []
@@ -194,8 +197,12 @@ def split_again(form) -> tuple[str, str] | None:
         value = values[0]
         if len(value) >= _SID_RUN_LENGTH and _SID_FIELD_AND_SID.search(value):
             return name, "holds another field's name and a message sid"
-        if name.endswith("Sid"):  # MessageSid, SmsSid, SmsMessageSid, OriginalRepliedMessageSid
-            in_fields += len(_SID_FIELD_AND_SID.findall(name + value))
+        if name.endswith("Sid"):
+            runs = len(_SID_FIELD_AND_SID.findall(name + value))
+            if runs and name not in _MESSAGE_SID_FIELDS:
+                # `ME<media sid>MessageSid`, a name built from the end of MediaUrl0: it covered the real sid's run.
+                return "field name", "not one Twilio sends"
+            in_fields += runs
         fields.append((name, value))
     # What the signature covers after the URL, as twilio-python builds it (names sorted; one value each, now).
     fields.sort()

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from proxy.db import send_attempts
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, inbound_params
-from tests.e2e.conftest import BODY_READ_SECONDS, json_lines
+from tests.e2e.conftest import API_SECRET, BODY_READ_SECONDS, json_lines
 from tests.e2e.test_end_to_end import post_inbound
 
 pytestmark = pytest.mark.e2e
@@ -163,3 +163,22 @@ def test_a_request_gunicorn_cannot_read_is_answered_in_twilios_shape(proxy_serve
     logged = "\n".join(proxy_server.log_lines())
     assert "Invalid request from ip=127.0.0.1" in logged
     assert "4155550111" not in logged and AUTH_TOKEN not in logged and "X-Big" not in logged, logged
+
+
+@pytest.mark.parametrize("request_bytes, secrets", [
+    # A `'` in the query: repr() quotes the line with `"`, and the filter's `\?[^'"]*` stops at the `'`.
+    (f"POST {CREATE}?note=it's&To=whatsapp:+1-415-555-0111&secret={API_SECRET}\r\nHost: a\r\n\r\n".encode(),
+     [API_SECRET, "415-555-0111"]),
+    # A number written with dashes in the path: no run of five digits.
+    ("POST /v1/windows/whatsapp:+1-415-555-0111\r\nHost: a\r\n\r\n".encode(), ["415-555-0111"]),
+    # A header line without a colon is quoted whole (InvalidHeader(curr)): the credentials with it.
+    (f"POST {CREATE} HTTP/1.1\r\nHost: a\r\nAuthorization {AUTH}\r\n\r\n".encode(), [AUTH.split()[1]]),
+])
+def test_gunicorns_warning_never_quotes_a_number_or_a_secret(proxy_server, request_bytes, secrets):
+    with socket.create_connection(("127.0.0.1", proxy_server.port)) as sock:
+        sock.sendall(request_bytes)
+        status, _, body = answer(sock)
+    assert status == 400
+    logged = "\n".join(proxy_server.log_lines())
+    assert "Invalid request from ip=127.0.0.1" in logged
+    assert [s for s in secrets if s in logged] == [], logged

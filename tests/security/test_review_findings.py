@@ -271,3 +271,73 @@ def test_a_signed_webhook_split_with_the_real_sids_folded_into_one_field_name_is
 def test_a_field_name_holding_a_sid_or_a_sid_fields_name_inside_is_refused(client, db_engine, name):
     response = signed_post(client, "/twilio/inbound", inbound_params("SM" + "3" * 32, **{name: "x"}))
     assert response.status_code == 400 and "field name: not one Twilio sends" in response.get_json()["message"]
+
+
+def test_a_media_webhook_split_with_the_media_sid_starting_a_name_ending_in_messagesid_is_refused(
+        client, fake_twilio, db_engine):
+    """Session 17's second review: a media message. MediaUrl0 (sorted right before MessageSid) ends in `/Media/ME<hex>`, so the real
+    `MessageSid<MM…>` run can be covered by the field name `ME<hex>MessageSid` (letters and digits, no message
+    sid, `MessageSid` only at its end), counted as a sid field. The body carries the victim's From; the new sid
+    sorts after `ME…` (`Me` > `ME`), so it sits in the profile name; the real SmsSid run is covered by
+    `MzSmsSid`, the end of the profile name."""
+    from proxy.db import windows
+
+    victim, real_sid, new_sid = "whatsapp:+14155550199", "MM" + "1" * 32, "SM" + "2" * 32
+    media_sid = "ME" + "3" * 32
+    url_head = f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{real_sid}/Media/"
+    real = inbound_params(real_sid, Body="x" + "From" + victim + "Fz" + "y",
+                          ProfileName="Ann" + "MessageSid" + new_sid + "Mz",
+                          NumMedia="1", MediaContentType0="image/jpeg", MediaUrl0=url_head + media_sid)
+    signature = sign("http://localhost/twilio/inbound", real)
+    forged = {"AccountSid": real["AccountSid"], "ApiVersion": real["ApiVersion"], "Body": "x", "From": victim,
+              "Fz": "y" + "From" + USER + "MediaContentType0image/jpeg" + "MediaUrl0" + url_head,
+              media_sid + "MessageSid": real_sid + "NumMedia1" + "ProfileName" + "Ann",
+              "MessageSid": new_sid,
+              "MzSmsSid": real_sid + "SmsStatusreceived",
+              "To": BUSINESS, "WaId": real["WaId"]}
+    assert _glued(forged.items()) == _glued(real.items())
+    assert sign("http://localhost/twilio/inbound", forged) == signature  # Twilio's own signature still fits
+    response = client.post("/twilio/inbound", data=urlencode(forged), content_type=FORM,
+                           headers={"X-Twilio-Signature": signature})
+    with db_engine.connect() as conn:
+        opened = conn.execute(select(windows.c.user)).scalars().all()
+    sent = send(client, {"To": victim, "From": BUSINESS, "Body": "free-form to someone who never wrote"})
+    assert response.status_code == 400 and "field name: not one Twilio sends" in response.get_json()["message"]
+    assert opened == [] and sent.status_code == 400 and fake_twilio.creates == []
+
+
+GENUINE_SID = "MM" + "4c" * 16
+
+
+# Shapes Twilio sends today, none of which a re-split check may take for a forgery (a refusal loses the message).
+@pytest.mark.parametrize("extra", [
+    {"SmsMessageSid": GENUINE_SID, "MessageType": "image", "NumSegments": "1", "ReferralNumMedia": "0", "NumMedia": "2",
+     "MediaUrl0": f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{GENUINE_SID}/Media/ME{'1f' * 16}",
+     "MediaContentType0": "image/jpeg",
+     "MediaUrl1": f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{GENUINE_SID}/Media/ME{'2e' * 16}",
+     "MediaContentType1": "video/mp4"},
+    {"SmsMessageSid": GENUINE_SID, "ReferralCtwaClid": "ARAkLkA8rmlFeiCktEJQ-QTwRiyYHAFDLMNDBH0CD3qpjd0HR4irJ6LEkR7JwFF4",
+     "ReferralSourceId": "120204447271340177", "ReferralSourceType": "ad",
+     "ReferralSourceUrl": "https://fb.me/3ZlWj0Tkw", "ReferralHeadline": "Chat with us", "ReferralBody": "Hi",
+     "ReferralMediaId": "1234", "ReferralMediaUrl": "https://scontent.xx.fbcdn.net/v/t45.1600-4/abc.jpg",
+     "ReferralMediaContentType": "image/jpeg", "ReferralNumMedia": "1"},
+    {"SmsMessageSid": GENUINE_SID, "MessagingServiceSid": "MG" + "5" * 32, "OriginalRepliedMessageSid": "SM" + "6" * 32,
+     "OriginalRepliedMessageSender": "whatsapp:+14155550100", "ButtonPayload": "yes", "ButtonText": "Yes",
+     "ChannelMetadata": json.dumps({"type": "whatsapp", "data": {"context": {"ProfileName": "Ada",
+                                                                            "WaId": "14155550111"}}})},
+    {"SmsMessageSid": GENUINE_SID, "Forwarded": "true", "FrequentlyForwarded": "false", "MessageType": "location",
+     "Latitude": "37.7", "Longitude": "-122.4", "Address": "1 Main St", "Label": "Home"},
+])
+def test_genuine_whatsapp_webhooks_are_accepted(client, extra):
+    response = signed_post(client, "/twilio/inbound", inbound_params(GENUINE_SID, **extra))
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
+def test_genuine_status_callback_is_accepted(client):
+    params = {"AccountSid": ACCOUNT_SID, "ApiVersion": "2010-04-01", "ChannelInstallSid": "XE" + "7" * 32,
+              "ChannelPrefix": "whatsapp", "ChannelStatusMessage": "Message delivered",
+              "ChannelToAddress": "+1415555XXXX", "From": "whatsapp:+14155550100", "MessageSid": "SM" + "8" * 32,
+              "MessageStatus": "delivered", "MessagingServiceSid": "MG" + "5" * 32, "SmsSid": "SM" + "8" * 32,
+              "SmsStatus": "delivered", "To": "whatsapp:+14155550111", "ErrorCode": "", "RawDlrDoneDate": "2501011200",
+              "StructuredMessage": "false"}
+    assert signed_post(client, "/twilio/status", params).status_code == 200
