@@ -1,4 +1,5 @@
-"""Normalise Twilio addresses (`whatsapp:+E164`, `whatsapp:<BSUID>`, `messenger:ID`, plain numbers) and name their channel."""
+"""Normalise Twilio addresses (`whatsapp:+E164`, `whatsapp:<BSUID>`, `messenger:ID`, plain numbers); name their
+channel."""
 
 from __future__ import annotations
 

@@ -184,9 +184,9 @@ def split_again(form) -> tuple[str, str] | None:
     swallowed by other fields. Refused, so that they cannot be: a field name that is not one Twilio could send
     (the address's `:` and `+` cannot be in one, nor a message sid, nor `MessageSid` or `SmsSid` but at its end,
     nor one ending so and holding a message sid but Twilio's four sid fields), a field given twice with different
-    values, a value holding a `MessageSid<sid>` run, and such a run across two
-    fields — in every webhook Twilio sends, each sits in one field, its name then its value. Nothing about WaId's format: with WhatsApp's usernames it may become a
-    business-scoped id, and a refused webhook is a lost message."""
+    values, a value holding a `MessageSid<sid>` run, and such a run across two fields — in every webhook Twilio
+    sends, each sits in one field, its name then its value. Nothing about WaId's format: with WhatsApp's usernames
+    it may become a business-scoped id, and a refused webhook is a lost message."""
     in_fields, fields = 0, []
     for name, values in form.lists():
         # Never the name itself in the answer or the log: it may hold the body.
