@@ -26,6 +26,7 @@ _FIVE_DIGITS = re.compile(r"\d{5}")
 # to 128 letters and digits. Kept exactly as sent: Meta's ids are case-sensitive, and no phone number has letters.
 _BSUID = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{1,128}\Z")
 _BSUID_KEY = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]+(?:~[0-9a-f]{32})?\Z")  # as normalise() keys one
+_SHORTENED_BSUID = re.compile(r"[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]+~[0-9a-f]{32}\Z")  # a long one's key (normalise)
 # What an address the proxy does not recognise may hold and still key a window (see as_sent).
 _SENT_IDENT = re.compile(r"[A-Za-z0-9_.+\-@]+\Z")
 
@@ -83,13 +84,22 @@ def canonical(address: str) -> str:
     if not ident:
         raise InvalidAddress("no identifier after the channel prefix")
     if channel == "whatsapp":
-        return f"whatsapp:{ident}" if _BSUID.match(ident) else f"whatsapp:{_phone(ident)}"
+        if _BSUID.match(ident) or is_shortened_bsuid(f"whatsapp:{ident}"):  # the key shown for one: it is its own
+            return f"whatsapp:{ident}"
+        return f"whatsapp:{_phone(ident)}"
     return f"{channel}:{ident}"
 
 
 def is_bsuid(address: str) -> bool:
     """A normalised WhatsApp address naming its user by business-scoped id: a user, never a business sender."""
     return address.startswith("whatsapp:") and _BSUID_KEY.match(address, 9) is not None
+
+
+def is_shortened_bsuid(address: str) -> bool:
+    """The window key of a BSUID too long for a column (normalise): what listings show for its user, never an
+    address Twilio can send to."""
+    return (len(address) == MAX_LENGTH and address.startswith("whatsapp:")
+            and _SHORTENED_BSUID.match(address, 9) is not None)
 
 
 def as_sent(address: str) -> str | None:

@@ -11,8 +11,8 @@ from flask import g, has_request_context
 from werkzeug.datastructures import MultiDict
 
 from . import logs, store
-from .addresses import (SERVICE_SID, WINDOWED_CHANNELS, InvalidAddress, as_sent, channel_of, is_bsuid, normalise,
-                        plain_channel)
+from .addresses import (SERVICE_SID, WINDOWED_CHANNELS, InvalidAddress, as_sent, canonical, channel_of, is_bsuid,
+                        is_shortened_bsuid, normalise, plain_channel)
 from .content import CONTENT_SID, ContentNotFound, ContentUnavailable
 from .cooperative import gevent_timeout
 from .db import utcnow
@@ -140,6 +140,10 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
 
     try:
         user, recognised = normalise(to_raw), True
+        if "~" in to_raw and is_shortened_bsuid(canonical(to_raw)):  # the key itself, not the long id it keys
+            raise ApiError(21211, 400, f"The 'To' {to_raw} is the proxy's key for a WhatsApp user id longer than "
+                                       "128 characters, not an address: send to the whatsapp: address the user "
+                                       "wrote from.")
     except InvalidAddress:
         # An address of a form the proxy does not know may still be a user whose webhook opened a window under it
         # as sent (webhooks._address): judged by that window; with none, refused as before.

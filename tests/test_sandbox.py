@@ -917,3 +917,20 @@ def test_simulator_refuses_another_accounts_resources_and_bad_content_pages():
             assert (page.status_code, page.json()["code"]) == (400, 20001), query
         everything = requests.get(f"{server.url}/v1/ContentAndApprovals?PageSize=1000", auth=auth, timeout=10)
         assert len(everything.json()["contents"]) == len(sim.contents)
+
+
+def test_the_simulator_sends_to_a_long_bsuid_but_refuses_the_proxys_key_for_it_as_twilio_would():
+    """A BSUID too long for the proxy's key column is keyed by a digest; no user has that key as an address."""
+    from proxy.addresses import normalise
+
+    user = "whatsapp:US.ENT." + "4" * 128
+    app_side = FakeApp("sandbox-auth-token-not-a-secret")
+    sim = Simulator(callback_delay=0.01)
+    with ServerThread(app_side.app()) as proxy_side, ServerThread(sim.app()) as server:
+        sim.url, sim.inbound_url = server.url, f"{proxy_side.url}/twilio/inbound"
+        assert sim.say(user, "hi").status_code == 200
+        [(_, form, _)] = app_side.received
+        assert dict(form)["From"] == user and "WaId" not in dict(form)  # posted as Twilio would: whole, no number
+        assert create(server.url, sim, To=user, From=BUSINESS, Body="x").status_code == 201
+        refused = create(server.url, sim, To=normalise(user), From=BUSINESS, Body="x")
+    assert refused.status_code == 400 and refused.json()["code"] == 21211

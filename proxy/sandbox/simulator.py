@@ -25,7 +25,8 @@ from flask import Flask, Response, json, request
 from twilio.request_validator import RequestValidator
 from werkzeug.exceptions import HTTPException
 
-from ..addresses import SERVICE_SID, InvalidAddress, as_sent, canonical, channel_of, is_bsuid, normalise
+from ..addresses import (SERVICE_SID, InvalidAddress, as_sent, canonical, channel_of, is_bsuid, is_shortened_bsuid,
+                         normalise)
 from ..content import CONTENT_SID
 from ..gateway import ACCOUNT_IN_PATH
 from ..rules import TABLE, UNSENDABLE_APPROVALS, WHATSAPP_COMPLEXITY, Cell
@@ -523,10 +524,11 @@ def _to_refusal(form, knows) -> Response | None:
         return _error(21604, 400, "A 'To' phone number is required.")
     if channel_of(to) == "whatsapp":
         try:
-            normalise(to)
+            known = not is_shortened_bsuid(canonical(to))  # the proxy's key for a long BSUID is no one's address
         except InvalidAddress:
-            if not knows(to):
-                return _error(21211, 400, f"The 'To' number {to} is not a valid phone number.")
+            known = knows(to)
+        if not known:
+            return _error(21211, 400, f"The 'To' number {to} is not a valid phone number.")
     return None
 
 

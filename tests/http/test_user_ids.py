@@ -147,3 +147,19 @@ def test_a_bsuid_as_long_as_meta_allows_keys_a_window_and_is_sent_to_as_it_was_w
     assert window_of(client, user)["open"] is True
     blocked = send(client, {"To": user[:-1] + "5", "From": BUSINESS, "Body": "x"})
     assert blocked.status_code == 400 and blocked.get_json()["code"] == 63016
+
+
+def test_the_key_a_listing_shows_for_a_long_bsuid_looks_its_window_up_but_is_never_sent_to(client, fake_twilio):
+    """The listing can show only the key; looking it up works, and a send to it is refused by the proxy rather
+    than given to Twilio as an address no user has (review, session 17)."""
+    user = "whatsapp:US.ENT." + "4" * 128
+    open_window(client, user=user)
+    [shown] = client.get("/v1/windows/expiring?within=86400", headers=basic_auth()).get_json()["windows"]
+    key = shown["user"]
+    assert key == normalise(user) == normalise(key) and "~" in key
+    assert window_of(client, key)["open"] is True
+    refused = send(client, {"To": key, "From": BUSINESS, "Body": "x"})
+    assert refused.status_code == 400 and refused.get_json()["code"] == 21211
+    assert "the whatsapp: address the user wrote from" in refused.get_json()["message"]
+    assert send(client, {"To": user, "From": BUSINESS, "Body": "x"}).status_code == 201
+    assert [dict(c.form)["To"] for c in fake_twilio.creates] == [user]

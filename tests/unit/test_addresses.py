@@ -3,7 +3,8 @@ import re
 import pytest
 from hypothesis import given, strategies as st
 
-from proxy.addresses import MAX_LENGTH, InvalidAddress, as_sent, canonical, channel_of, is_bsuid, is_windowed, mask, normalise
+from proxy.addresses import (MAX_LENGTH, InvalidAddress, as_sent, canonical, channel_of, is_bsuid, is_shortened_bsuid,
+                             is_windowed, mask, normalise)
 
 
 @pytest.mark.parametrize(
@@ -117,3 +118,5 @@ def test_a_bsuid_longer_than_a_key_is_shortened_by_a_digest_of_the_whole(ident):
     assert canonical("WhatsApp:" + ident) == "whatsapp:" + ident and normalise("whatsapp:" + ident) == key
     assert normalise("whatsapp:" + ident[:-1] + "8") != key  # one character apart: another user
     assert is_bsuid(key) and not is_bsuid(key.replace("~", "-"))
+    assert normalise(key) == key and is_shortened_bsuid(key)  # the key shown for it looks it up again
+    assert not is_shortened_bsuid("whatsapp:" + ident) and not is_shortened_bsuid(key[:-1])
