@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
@@ -379,14 +380,15 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
                duration_ms=round((time.perf_counter() - started) * 1000, 2), request_id=g.request_id)
     if not reply.ok or reply.too_large:
         return _twiml()  # Twilio sees success; the user sees nothing broken
-    unjudged = _unjudged_twiml(reply.body, user)
+    unjudged = _unjudged_twiml(reply.body, user, (sender, service_sid))
     if unjudged:
         logs.event("twiml_not_judged", redact=rt.settings.log_redact_numbers, level=logging.WARNING, reason=unjudged,
                    outbox_id=item_id, sender=sender, user=user, request_id=g.request_id)
     return Response(reply.body, status=reply.status, content_type=reply.content_type or "text/xml")
 
 
-_MESSAGE_TO = re.compile(rb"""<Message\b[^>]*?\bto\s*=\s*(?:"([^"]*)"|'([^']*)')""")
+_MESSAGE_TAG = re.compile(rb"""<Message\b((?:[^>"']|"[^"]*"|'[^']*')*)>""")
+_ATTRIBUTE = re.compile(rb"""([\w:.-]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
 _REDIRECT = re.compile(rb"<Redirect\b")
 
 
@@ -396,21 +398,31 @@ def _database_failed_after_storing(exc: SQLAlchemyError, item_id: int) -> None:
         "detail": unavailable_reason(exc) if isinstance(exc, OperationalError) else None})
 
 
-def _unjudged_twiml(body: bytes, user: str) -> str | None:
+def _unjudged_twiml(body: bytes, user: str, senders: tuple) -> str | None:
     """Why the app's TwiML holds a send the proxy did not judge, if it does: a <Message> to someone other than
-    the user who wrote (whose window this message just opened), or a <Redirect> to TwiML the proxy never sees.
-    Relayed all the same, as the app's answer; said at WARNING, so a send outside a window is not a surprise."""
+    the user who wrote, or from another sender than one of `senders` (the business and service the message came
+    to: only their windows it just opened), or a <Redirect> to TwiML the proxy never sees. Relayed all the same,
+    as the app's answer; said at WARNING, so a send outside a window is not a surprise."""
     if _REDIRECT.search(body):
         return "redirect"
-    for match in _MESSAGE_TO.finditer(body):
-        to = (match.group(1) or match.group(2) or b"").decode("utf-8", "replace").strip()
-        try:
-            key = normalise(to)
-        except InvalidAddress:
-            key = as_sent(to)  # the user's own address, if a form kept as sent (_address)
-        if key != user:
-            return "message_to_another_user"
+    for tag in _MESSAGE_TAG.finditer(body):
+        # Attribute by attribute, each quoted value whole: a `>` in one (legal XML) no longer ends the tag early.
+        for name, double, single in _ATTRIBUTE.findall(tag.group(1)):
+            if name not in (b"to", b"from"):
+                continue
+            value = html.unescape((double or single).decode("utf-8", "replace")).strip()  # &#43; is a `+`
+            if name == b"to" and _key(value) != user:
+                return "message_to_another_user"
+            if name == b"from" and value not in senders and _key(value) not in senders:
+                return "message_from_another_sender"
     return None
+
+
+def _key(address: str) -> str | None:
+    try:
+        return normalise(address)
+    except InvalidAddress:
+        return as_sent(address)  # the user's own address, if a form kept as sent (_address)
 
 
 def _take_turn(rt, item_id: int, lease: datetime, earlier: str | None, arrived: float, key: str) -> datetime | None:

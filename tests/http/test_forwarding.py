@@ -369,6 +369,15 @@ def test_every_copy_of_a_forward_carries_its_outbox_id(forwarding, fake_app, db_
     ('<Response><Message to="whatsapp:+14155550999">free-form</Message></Response>', "message_to_another_user"),
     ("<Response><Message to='+14155550111'>by SMS</Message></Response>", "message_to_another_user"),
     ('<Response><Redirect>https://app.example/next</Redirect></Response>', "redirect"),
+    # Review (session 17): a reply from another sender, whose window this message did not open; a `>` in an
+    # earlier attribute's value (legal XML) hid the `to` after it.
+    ('<Response><Message from="whatsapp:+14155550999">free-form</Message></Response>', "message_from_another_sender"),
+    ('<Response><Message action="https://app.example/cb?a=>" to="whatsapp:+14155550999">free-form</Message>'
+     '</Response>', "message_to_another_user"),
+    # The business's own sender, the user spelt with an XML character reference: the window this message opened.
+    (f'<Response><Message from="{BUSINESS}" to="whatsapp:&#43;14155550111">Thanks!</Message></Response>', None),
+    ("<Response><Message statusCallback='https://app.example/s?to=whatsapp:+14155550999'>Hi</Message></Response>",
+     None),
 ])
 def test_twiml_holding_a_send_the_proxy_did_not_judge_is_relayed_with_a_warning(forwarding, fake_app, log_lines,
                                                                                 twiml, warned):
