@@ -26,12 +26,32 @@ def test_worker_freezes_the_loaded_app_out_of_the_garbage_collectors_reach():
                "class Node: pass\n"
                "before = gc.get_freeze_count()\n"
                "node = Node(); node.me = node; alive = weakref.ref(node); del node  # freed only by a collection\n"
-               "conf['post_worker_init'](None)\n"
-               "print(before, gc.get_freeze_count(), alive() is None)")
-    before, frozen, collected = out.split()
+               "import logging, types\n"
+               "error_log = logging.getLogger('gunicorn.error.test')\n"
+               "conf['post_worker_init'](types.SimpleNamespace(log=types.SimpleNamespace(error_log=error_log)))\n"
+               "print(before, gc.get_freeze_count(), alive() is None, len(error_log.filters))")
+    before, frozen, collected, filters = out.split()
     assert int(before) == 0
     assert int(frozen) > 1000  # the interpreter's and the config's objects, now outside full collections
     assert collected == "True"  # garbage was collected before the freeze, not kept for good
+    assert filters == "1"  # gunicorn's warnings about requests it cannot read are filtered (test_raw_http.py)
+
+
+@pytest.mark.parametrize("message, kept, gone", [
+    ("Invalid request from ip=127.0.0.1: Invalid HTTP request line: 'POST /x?To=whatsapp:+14155550111'",
+     "Invalid request from ip=127.0.0.1: Invalid HTTP request line: …", ["4155550111", "To="]),
+    ("Invalid request from ip=::1: Invalid HTTP Header: 'Authorization Basic QUMwMTIzOnNlY3JldA=='",
+     "Invalid request from ip=::1: Invalid HTTP Header: …", ["QUMw"]),
+    ("Invalid request from ip=10.0.0.7: Request Line is too large (5142 > 4094)",
+     "Invalid request from ip=10.0.0.7: Request Line is too large (5142 > 4094)", []),
+    ("Booting worker with pid: 123456", "Booting worker with pid: 123456", []),  # other lines untouched
+])
+def test_gunicorns_warning_keeps_what_was_wrong_never_what_was_sent(message, kept, gone):
+    out = _run("import logging\n"
+               "record = logging.LogRecord('gunicorn.error', logging.WARNING, 'gunicorn', 1, " + repr(message) + ", None, None)\n"
+               "assert conf['_RequestLinesUnquoted']().filter(record)\n"
+               "print(record.getMessage())")
+    assert out == kept and not [text for text in gone if text in out]
 
 
 def test_worker_class_is_gevent_unless_the_environment_says_otherwise():
