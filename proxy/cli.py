@@ -149,7 +149,8 @@ def register(app: Flask) -> None:
     @click.argument("user")
     @needs_schema
     def windows_show(sender: str, user: str):
-        """The window of SENDER (whatsapp:+E164 or MG…) and USER (whatsapp:+E164)."""
+        """The window of SENDER (whatsapp:+E164 or MG…) and USER (whatsapp:+E164, or whatsapp:US.1349… for a user
+        known by a WhatsApp business-scoped id)."""
         try:
             click.echo(json.dumps(window_api.show(app.extensions["proxy"], sender, user), indent=2))
         except ApiError as exc:
