@@ -14,6 +14,7 @@ as proxy/settings.py does for the proxy's own variables.
 import atexit
 import gc
 import glob
+import json
 import logging
 import os
 import re
@@ -161,8 +162,6 @@ def _twilio_shaped_error(sock, status_int, reason, mesg):
     two Content-Lengths, a control character in a header): Twilio's error shape in JSON, as every other answer of
     the proxy, instead of an HTML page a Twilio client cannot read. `mesg` is not repeated: it may quote the
     request line, query string and all."""
-    import json
-
     body = json.dumps({"code": status_int, "status": status_int,
                        "message": f"{reason}: the request could not be read as HTTP; nothing was judged or sent.",
                        "more_info": "https://www.twilio.com/docs/api/errors"}).encode()
