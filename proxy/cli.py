@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import threading
+import traceback
 from datetime import timedelta
 
 import click
@@ -71,6 +72,13 @@ def alembic_errors(app: Flask):
                 if current is not None and not known_revision(current):
                     raise newer_release(current) from None
                 raise click.ClickException(str(exc)) from None
+            except AssertionError as exc:
+                # Alembic asserts, rather than refuses, a relative step past its head or base (`head+1`,
+                # `0005+1`): its own traceback, for a mistyped argument. Any other AssertionError is a bug: raised.
+                if "/alembic/" not in traceback.extract_tb(exc.__traceback__)[-1].filename.replace("\\", "/"):
+                    raise
+                raise click.ClickException("Alembic cannot step that far from that revision: there is no such "
+                                           f"revision (head is {head_revision()})") from None
         return run
     return decorate
 

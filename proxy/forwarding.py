@@ -17,7 +17,7 @@ import urllib3
 from twilio.request_validator import RequestValidator
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError
 from werkzeug.datastructures import MultiDict
 
 from . import logs
@@ -129,6 +129,11 @@ class Forwarder:
                                          timeout=urllib3.Timeout(connect=remaining, read=remaining),
                                          redirect=False, preload_content=False)
             reply, read_whole = self._reply(response)
+        except NewConnectionError as exc:
+            # Refused (the app is down) or no such host: urllib3 files it under ConnectTimeoutError, and it was
+            # reported as a timeout, sending the operator after a slow app rather than a stopped one.
+            why = getattr(exc.__context__, "strerror", None) or type(exc).__name__
+            return Reply(False, None, b"", None, f"unreachable (could not connect: {why})")
         except (ConnectTimeoutError, ReadTimeoutError):
             return Reply(False, None, b"", None, f"no answer within {limit:g}s")
         except HTTPError as exc:  # refused, reset, cut off, an answer that does not decode
@@ -259,14 +264,20 @@ _DEFAULT_HEADERS = {"Accept": "*/*", "Accept-Encoding": "gzip, deflate"}
 
 @functools.lru_cache(maxsize=64)
 def _target(url: str) -> tuple[str, dict]:
-    """The URL to connect to, and the Basic authorization its user:password@ asks for (as Twilio does
-    for credentials in a webhook URL, and requests did): urllib3 would drop them silently."""
+    """The URL to connect to, as urllib3 will send it (and so as it is signed), and the Basic authorization its
+    user:password@ asks for (as Twilio does for credentials in a webhook URL, and requests did): urllib3 would
+    drop them silently.
+
+    urllib3 sends its own reading of a URL: the host lower-cased, `%2f` as `%2F`, `./` segments gone, a space or
+    an `é` percent-encoded, no fragment. Signed as written, `http://LOCALHOST:8080/App` reached the app as
+    `localhost:8080`, and the app's own RequestValidator refused every webhook."""
     parsed = urllib3.util.parse_url(url)
+    sent = parsed._replace(auth=None, fragment=None).url
     if not parsed.auth:
-        return url, {}
+        return sent, {}
     user, _, password = parsed.auth.partition(":")
     token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
-    return parsed._replace(auth=None).url, {"Authorization": f"Basic {token}"}
+    return sent, {"Authorization": f"Basic {token}"}
 
 
 def _content_type(response: urllib3.BaseHTTPResponse) -> str | None:

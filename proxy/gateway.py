@@ -87,6 +87,15 @@ def say_when_nothing_was_judged(response: Response) -> Response:
     # unavailable): the proxy answered itself and sent nothing.
     if "X-Proxy-Decision" not in response.headers:
         response.headers["X-Proxy-Decision"] = "rejected"
+        # Bad input (a mistyped ContentSid, a number Twilio would refuse): said in a line the caller's X-Request-Id
+        # finds, as a judged send's is. A 401 is `auth_failed`'s line, a 5xx the database's or the error's own.
+        if 400 <= response.status_code < 500 and response.status_code != 401:
+            code = (response.get_json(silent=True) or {}).get("code") if response.is_json else None
+            code = code if isinstance(code, int) else response.status_code
+            DECISIONS.labels("rejected", str(code), "none").inc()
+            logs.event("send", redact=True, decision="rejected", reason="invalid_request", code=code,
+                       status=response.status_code, method=request.method, path=logs.masked_path(request.path),
+                       request_id=g.get("request_id"))
     return response
 
 

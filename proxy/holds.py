@@ -11,7 +11,7 @@ from werkzeug.datastructures import MultiDict
 from . import outbox, store
 from .db import held_messages, outbox as outbox_rows, send_attempts, windows
 from .errors import ApiError
-from .judge import send_time
+from .judge import schedulable, send_time
 
 HELD, SENDING, RELEASED, EXPIRED, FAILED, UNCERTAIN = "held", "sending", "released", "expired", "failed", "uncertain"
 STATUSES = (HELD, SENDING, RELEASED, EXPIRED, FAILED, UNCERTAIN)
@@ -30,8 +30,8 @@ def as_released(params: list[tuple[str, str]], now: datetime) -> list[tuple[str,
     """A held send's fields as its release sends them: one scheduled for a time gone by, or too near for Twilio to
     schedule it, is sent now, as it would have gone had the window been open (released with its SendAt, Twilio
     refused it with 35115, and the message was lost). One still far enough ahead (SCHEDULE_MIN_LEAD) stays scheduled."""
-    if not any(name == "SendAt" and value.strip() for name, value in params):
-        return params
+    if not any(name == "SendAt" and value.strip() for name, value in params) or not schedulable(MultiDict(params)):
+        return params  # nothing scheduled; a SendAt Twilio will not schedule is Twilio's to refuse or drop
     try:
         at = send_time(MultiDict(params), now)  # read as the judge reads it: no offset is UTC, a past time is now
     except ApiError:  # refused at the gateway before it could be held: kept as it is
@@ -186,6 +186,10 @@ def abandoned(conn: Connection, now: datetime, lease_seconds: float) -> list[dic
                                     last_error=error))
         if done.rowcount:  # not settled meanwhile by its worker, late
             settled.append({**row, "status": status, "message_sid": sid, "error": error})
+    # Held again, with no release on its way: the release that took it has gone on (or was claimed again and
+    # finished) without it, and it waited for the user's next message in a window open now. Judged again there.
+    for sender, user in dict.fromkeys((row["sender"], row["user"]) for row in settled if row["status"] == HELD):
+        queue_release(conn, sender, user, now)
     return settled
 
 

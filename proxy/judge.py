@@ -102,9 +102,18 @@ def send_time(form: MultiDict, now: datetime) -> datetime:
         at = datetime.fromisoformat(raw.replace("Z", "+00:00"))
         if at.tzinfo is None:
             at = at.replace(tzinfo=timezone.utc)
-        return max(at.astimezone(timezone.utc), now)
+        at = at.astimezone(timezone.utc)
     except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range by its offset
         raise ApiError(35115, 400) from None
+    # Twilio schedules only through a Messaging Service: without one it refuses the create (35118) or, its FAQ
+    # says, drops SendAt and sends at once. Judged at SendAt, a send the open window allows now was refused
+    # with a 63016 Twilio would never give.
+    return max(at, now) if schedulable(form) else now
+
+
+def schedulable(form: MultiDict) -> bool:
+    """Would Twilio schedule this create? Only with a Messaging Service (in MessagingServiceSid, or From)."""
+    return bool(form.get("MessagingServiceSid", "").strip()) or form.get("From", "").strip().startswith("MG")
 
 
 def fail_open(form: MultiDict) -> Judgement:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Integer, and_, bindparam, case, exists, func, literal, select, update
+from sqlalchemy import Connection, Integer, and_, bindparam, case, exists, func, literal, or_, select, update
 from sqlalchemy.orm import aliased
 
 from .db import outbox
@@ -195,8 +195,13 @@ def _chosen(now, limit):
     )
 
 
-def delivered(conn: Connection, item_id: int, now: datetime) -> None:
-    _statement(conn, "delivered").rows(conn, {"item_id": item_id, "now": now})
+def delivered(conn: Connection, item_id: int, now: datetime, lease: datetime) -> bool:
+    """Mark an item delivered by the attempt holding `lease`; False when it no longer does.
+
+    Like `failed`: an attempt that overran its lease must not overwrite what the worker that claimed the item
+    since has recorded (`uncertain`, `exhausted`), nor mark done an item that worker is still delivering.
+    """
+    return bool(_statement(conn, "delivered").rows(conn, {"item_id": item_id, "now": now, "lease": lease}))
 
 
 def failed(conn: Connection, item_id: int, error: str, now: datetime, schedule: tuple[int, ...],
@@ -323,9 +328,12 @@ def _build_earlier_pending(_dialect):
 
 def _build_delivered(_dialect):
     now = bindparam("now", type_=outbox.c.updated_at.type)
-    return (update(outbox).where(outbox.c.id == bindparam("item_id"))
+    being_sent = or_(outbox.c.status == literal(PENDING), outbox.c.status == literal(SENDING))
+    return (update(outbox).where(outbox.c.id == bindparam("item_id"), being_sent,
+                                 outbox.c.lease_until == bindparam("lease", type_=outbox.c.lease_until.type))
             .values(status=literal(DELIVERED), attempts=outbox.c.attempts + 1, lease_until=None, delivered_at=now,
-                    updated_at=now, last_error=None))
+                    updated_at=now, last_error=None)
+            .returning(outbox.c.id))
 
 
 def _build_claim(_dialect):

@@ -11,6 +11,7 @@ from typing import Mapping
 from .addresses import WINDOWED_CHANNELS
 from .rules import (
     MAX_SESSION_BUTTONS,
+    MAX_UNAPPROVED_SESSION_BUTTONS,
     NEEDS_TEMPLATE,
     OUTSIDE_WINDOW,
     SESSION_BUTTON_TYPES,
@@ -94,10 +95,13 @@ def decide(send: Send, window: WindowState, policy: Policy) -> Decision:
     if window.open:
         if send.approval in UNSENDABLE_APPROVALS:
             return Decision(Action.BLOCKED, "template_unsendable", NEEDS_TEMPLATE)
-        if in_session is Cell.ALLOWED:
+        limit = MAX_UNAPPROVED_SESSION_BUTTONS.get(send.content_type)
+        if in_session is Cell.ALLOWED and (limit is None or len(send.buttons) <= limit):
             return Decision(Action.ALLOWED, "allowed_in_session")
         if send.approved:
             return Decision(Action.ALLOWED, "approved_template")
+        if in_session is Cell.ALLOWED:  # more buttons than WhatsApp takes unapproved (quick-reply: three)
+            return Decision(Action.BLOCKED, "buttons_need_approval", NEEDS_TEMPLATE)
         if in_session is Cell.DEPENDS_ON_BUTTONS:
             if buttons_allowed_unapproved(send.content_type, send.buttons, policy.button_rule):
                 return Decision(Action.ALLOWED, "buttons_allowed_in_session")
@@ -172,14 +176,19 @@ def explain(decision: Decision, send: Send, window: WindowState, judged_at: date
         "needs_approval": f"{kind} needs an approved template even inside the 24-hour window; "
                           f"this template's WhatsApp approval is '{send.approval}'.",
         "buttons_need_approval": f"An unapproved {kind} may be sent in session only with buttons WhatsApp allows "
-                                 f"without approval (buttons: {', '.join(send.buttons) or 'none'}); "
-                                 "submit it for approval.",
+                                 f"without approval{_limit(send.content_type)} (buttons: "
+                                 f"{', '.join(send.buttons) or 'none'}); submit it for approval.",
         "type_not_supported_on_whatsapp": "This content has no type WhatsApp can receive.",
     }
     twilio_text = TWILIO_TEXT.get(decision.code)
     if twilio_text is None:
         return f"{texts.get(base, base)}{unsent} (proxy: rule {base}, code {decision.code}.)"
     return f"{twilio_text} (proxy: {texts.get(base, base)}{unsent} Rule {base}.)"
+
+
+def _limit(content_type: str | None) -> str:
+    limit = MAX_UNAPPROVED_SESSION_BUTTONS.get(content_type or "")
+    return f", at most {limit}" if limit else ""
 
 
 def _z(value) -> str:

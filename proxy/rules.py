@@ -70,6 +70,12 @@ SESSION_BUTTON_TYPES: dict[str, frozenset[str]] = {
     "whatsapp/card": frozenset({"QUICK_REPLY", "URL", "VOICE_CALL"}),
 }
 
+# A ✅ cell still has WhatsApp's limit on an unapproved interactive message in session: twilio/quick-reply
+# carries up to ten buttons, "When you send an in-session WhatsApp message that does not require template
+# approval, only three buttons are allowed" (https://www.twilio.com/docs/content/twilio-quick-reply). More
+# need an approved template, in or out of the window.
+MAX_UNAPPROVED_SESSION_BUTTONS: dict[str, int] = {"twilio/quick-reply": 3}
+
 # BUTTON_RULE: the docs say both "approval is required when a card contains multiple buttons"
 # (strict: at most one) and "a maximum of three buttons" in session (lenient, all of one type,
 # at most one URL).

@@ -256,8 +256,11 @@ def purge(conn: Connection, cutoff: datetime) -> dict[str, int]:
     return {
         "outbox": conn.execute(outbox.delete().where(outbox.c.status == "delivered",
                                                      outbox.c.updated_at < cutoff)).rowcount,
-        "held_messages": conn.execute(held_messages.delete().where(held_messages.c.status.in_(_FINISHED_HOLDS),
-                                                                   held_messages.c.created_at < cutoff)).rowcount,
+        # By when they finished (released_at, set for each finished status), not when they were held: one held
+        # for a week and released a minute ago is still what a late 63016 on its release is matched to.
+        "held_messages": conn.execute(held_messages.delete().where(
+            held_messages.c.status.in_(_FINISHED_HOLDS),
+            func.coalesce(held_messages.c.released_at, held_messages.c.created_at) < cutoff)).rowcount,
         "messages": conn.execute(messages.delete().where(messages.c.updated_at < cutoff)).rowcount,
         "send_attempts": conn.execute(send_attempts.delete().where(send_attempts.c.created_at < cutoff)).rowcount,
         "windows": conn.execute(windows.delete().where(windows.c.expires_at < cutoff)).rowcount,

@@ -154,9 +154,14 @@ def _url_as_requested(wsgi: dict) -> str:
 def webhook():
     # What a webhook is depends on its fields, not on the URL it was sent to: a status
     # callback pointed at /inbound must never open a window. Twilio's SmsStatus is `received` only
-    # on an inbound message, so a callback without its MessageStatus is still a callback.
+    # on an inbound message, so a callback without its MessageStatus is still a callback; and `received` is
+    # only a message's that Twilio received, never a send's: an inbound message that carries
+    # MessageStatus=received too (captured so) was taken for a callback, its window never opened, the app never
+    # given it.
     form = g.params
-    kind = "status" if form.get("MessageStatus") or form.get("SmsStatus", "received") != "received" else "inbound"
+    message_status = form.get("MessageStatus")
+    kind = "status" if (message_status and message_status != "received") or \
+        form.get("SmsStatus", "received") != "received" else "inbound"
     g.webhook_kind = kind  # for the count of a 503 (proxy.count_refusal)
     # A JSON webhook's signature covers its whole body (bodySHA256): nothing glued, nothing to split again.
     resplit = None if request.mimetype == "application/json" else split_again(form)
@@ -360,7 +365,7 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
             at = utcnow()
             # One statement, committed with other webhooks' writes. Ahead of the pair's new webhooks in the batch
             # (their turn checks then see this one done), like them in the order of the pairs (user, then sender).
-            _write_alone(rt, lambda conn: outbox.delivered(conn, item_id, at),
+            _write_alone(rt, lambda conn: outbox.delivered(conn, item_id, at, lease),
                          _pair_order(user, sender, 0, item_id, service_sid=service_sid))
         else:
             with writing(rt.engine) as conn:

@@ -268,7 +268,12 @@ class Worker:
                        attempt=item.attempts + 1, outcome=status, error=str(exc), duration_ms=_ms(started))
             return
         with writing(self.rt.engine) as conn:
-            outbox.delivered(conn, item.id, utcnow())
+            recorded = outbox.delivered(conn, item.id, utcnow(), leases[-1])
+        if not recorded:  # overran its lease: the worker that claimed the item since records its outcome
+            logs.event("delivery", redact=settings.log_redact_numbers, level=logging.WARNING, decision="delivered",
+                       kind=item.kind, outbox_id=item.id, attempt=item.attempts + 1, app_status=app_status,
+                       outcome="lease_lost", duration_ms=_ms(started))
+            return
         # The app's own refusal (a 4xx other than NOT_TAKEN_4XX) is its answer, delivered: said louder all the same.
         logs.event("delivery", redact=settings.log_redact_numbers, decision="delivered", kind=item.kind,
                    level=logging.WARNING if app_status and app_status >= 400 else logging.INFO,
@@ -333,12 +338,20 @@ class Worker:
         held too if that may change (a template paused, or not approved yet), and is marked failed if it cannot
         (rejected, disabled, a type WhatsApp does not take); either way the next one goes on: it held back every
         later one until they expired.
-        `leases`: the item's lease, renewed after each message sent, the current one last."""
+        `leases`: the item's lease, renewed before each message after the first, the current one last."""
         sender, user = item.target.split("\n", 1)
         settings = self.rt.settings
         with self.rt.engine.connect() as conn:
             held = holds.held_for(conn, sender, user, utcnow())
-        for row in held:
+        for index, row in enumerate(held):
+            if index:
+                # Renewed whatever the last message's outcome: a run of creates Twilio timed out or refused
+                # outlasted the lease, and a second worker ran the same release beside this one, out of order.
+                with writing(self.rt.engine) as conn:
+                    lease = outbox.keep_lease(conn, item.id, leases[-1], utcnow(), settings.outbox_lease_seconds)
+                if lease is None:
+                    raise Skip()  # another worker took the item over: it releases the rest (holds.take: never twice)
+                leases.append(lease)
             started = time.perf_counter()
             pairs = holds.as_released([tuple(p) for p in json.loads(row["params"])], utcnow())
             try:
@@ -382,11 +395,6 @@ class Worker:
                 self._mark(row, holds.FAILED, error=str(exc), level=logging.WARNING, **taken)
                 continue
             self._mark(row, holds.RELEASED, message_sid=sid, **taken)
-            with writing(self.rt.engine) as conn:  # a long release keeps its lease, while it is still this worker's
-                lease = outbox.keep_lease(conn, item.id, leases[-1], utcnow(), settings.outbox_lease_seconds)
-            if lease is None:
-                raise Skip()  # another worker took the item over: it releases the rest (holds.take: never twice)
-            leases.append(lease)
 
     def _mark(self, row, status: str, *, expected: str, taken_at: datetime | None = None,
               message_sid: str | None = None, error: str | None = None, level: int = logging.INFO) -> None:

@@ -137,7 +137,8 @@ def test_two_workers_sweeping_at_once_queue_one_release(pg):
 
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
-SCHEDULED = [("To", "whatsapp:+14155550111"), ("Body", "x"), ("SendAt", "{}"), ("ScheduleType", "fixed")]
+SERVICE = ("MessagingServiceSid", "MG" + "1" * 32)
+SCHEDULED = [("To", "whatsapp:+14155550111"), SERVICE, ("Body", "x"), ("SendAt", "{}"), ("ScheduleType", "fixed")]
 
 
 @pytest.mark.parametrize("send_at, kept", [
@@ -152,5 +153,8 @@ SCHEDULED = [("To", "whatsapp:+14155550111"), ("Body", "x"), ("SendAt", "{}"), (
 def test_a_release_sends_now_what_can_no_longer_be_scheduled(send_at, kept):
     params = [(k, send_at if k == "SendAt" else v) for k, v in SCHEDULED]
     released = holds.as_released(params, NOW)
-    assert released == (params if kept else [("To", "whatsapp:+14155550111"), ("Body", "x")])
+    assert released == (params if kept else [("To", "whatsapp:+14155550111"), SERVICE, ("Body", "x")])
     assert holds.as_released([("To", "x"), ("Body", "y")], NOW) == [("To", "x"), ("Body", "y")]
+    # Without a Messaging Service Twilio schedules nothing: what it gets is what the caller sent.
+    unscheduled = [(k, v) for k, v in params if k != "MessagingServiceSid"]
+    assert holds.as_released(unscheduled, NOW) == unscheduled

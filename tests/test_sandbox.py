@@ -65,6 +65,11 @@ def test_simulator_free_form_and_buttons():
     sim.windows[(BUSINESS, USER)] = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
     phone = sim.add_content({"twilio/card": {"title": "t", "actions": [{"type": "PHONE_NUMBER"}]}}, "unsubmitted")
     assert sim.verdict(MultiDict({"To": USER, "From": BUSINESS, "ContentSid": phone})) == 63005
+    for count, verdict in ((3, None), (4, 63005)):  # WhatsApp's unapproved reply message: three buttons
+        actions = [{"type": "QUICK_REPLY", "title": str(i), "id": str(i)} for i in range(count)]
+        for approval, expected in (("unsubmitted", verdict), ("approved", None)):
+            replies = sim.add_content({"twilio/quick-reply": {"body": "b", "actions": actions}}, approval)
+            assert sim.verdict(MultiDict({"To": USER, "From": BUSINESS, "ContentSid": replies})) == expected
 
 
 @pytest.mark.parametrize("approval", ["paused", "disabled", "PAUSED"])
@@ -250,13 +255,22 @@ def test_the_servers_access_lines_are_plain_text():
             assert requests.get(f"{server.url}/nowhere", auth=(sim.account_sid, sim.auth_token),
                                 timeout=10).status_code == 404
             assert create(server.url, sim, From=BUSINESS, Body="x").status_code == 400
+            listed = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages.json",
+                                  params={"To": USER, "PageSize": 1}, auth=(sim.account_sid, sim.auth_token),
+                                  timeout=10)
+            assert listed.status_code == 200
+            numbers = f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/IncomingPhoneNumbers/+14155550111.json"
+            assert requests.get(numbers, auth=(sim.account_sid, sim.auth_token), timeout=10).status_code == 404
             sim.wait_for_callbacks()
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous)
-    access = [line for line in lines if "POST /2010-04-01" in line or "GET /nowhere" in line]
-    assert len(access) == 3 and not any("\x1b" in line for line in access), access
+    access = [line for line in lines if "POST /2010-04-01" in line or "GET /" in line]
+    assert len(access) == 5 and not any("\x1b" in line for line in access), access
     assert any(line.endswith('"GET /nowhere HTTP/1.1" 404 -') for line in access), access
+    # Neither a query's values (a list's To) nor a number in the path: the proxy's own lines mask them too.
+    assert any(line.endswith('/Messages.json?… HTTP/1.1" 200 -') for line in access), access
+    assert not any("555" in line or "whatsapp" in line for line in access), access
 
 
 def test_simulator_never_calls_beyond_this_machine():

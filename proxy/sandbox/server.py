@@ -7,12 +7,20 @@ import threading
 
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from ..logs import masked_path
+
 _ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class PlainRequestHandler(WSGIRequestHandler):
     """werkzeug's access line without its ANSI colours, which end up as escape codes in a log file or CI's
-    output. Only the styling is taken out: werkzeug already shows a control character of the path escaped."""
+    output, and without what the proxy's own lines never show: a query's values (a list's `To=whatsapp:+1…`) and
+    phone numbers in the path. werkzeug already shows a control character of the path escaped."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        path, _, query = getattr(self, "path", "").partition("?")
+        line = f"{self.command} {masked_path(path)}{'?…' if query else ''} {self.request_version}"
+        self.log("info", '"%s" %s %s', line, int(code) if isinstance(code, int) else code, size)
 
     def log(self, type: str, message: str, *args) -> None:
         super().log(type, message, *(_ANSI_STYLE.sub("", a) if isinstance(a, str) else a for a in args))

@@ -189,8 +189,11 @@ class Simulator:
         in_session, out_of_session = TABLE[kind]
         if not in_window:
             return None if out_of_session is Cell.NEEDS_APPROVAL and approved else 63016
-        if in_session is Cell.ALLOWED or approved:
+        if approved:
             return None
+        if in_session is Cell.ALLOWED:
+            # WhatsApp's interactive reply message takes three buttons; a quick-reply with more needs approval.
+            return None if kind != "twilio/quick-reply" or len(buttons) <= 3 else 63005
         if in_session is Cell.DEPENDS_ON_BUTTONS and _whatsapp_accepts_buttons(buttons):
             return None
         return 63005

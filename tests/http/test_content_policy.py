@@ -107,6 +107,20 @@ def test_lenient_button_rule_allows_three_of_one_type(settings, db_engine, fake_
     assert template_send(lenient, sid).status_code == 201
 
 
+@pytest.mark.parametrize("count", [3, 4])
+def test_an_unapproved_quick_reply_with_more_than_three_buttons_is_refused_in_session(client, fake_twilio, count):
+    actions = [{"type": "QUICK_REPLY", "title": f"Option {i}", "id": f"o{i}"} for i in range(count)]
+    sid = fake_twilio.add_content({"twilio/quick-reply": {"body": "Pick one", "actions": actions}}, "unsubmitted")
+    open_window(client)
+    response = template_send(client, sid)
+    if count == 3:
+        assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "allowed"
+    else:
+        body = response.get_json()
+        assert response.status_code == 400 and body["code"] == 63005 and "at most 3" in body["message"]
+        assert fake_twilio.creates == []
+
+
 def test_unknown_content_sid_is_21655(client, fake_twilio):
     response = template_send(client, "HX" + "0" * 32)
     assert response.status_code == 400 and response.get_json()["code"] == 21655
@@ -217,6 +231,23 @@ def test_scheduled_send_is_judged_at_send_time(client, fake_twilio):
     assert blocked.status_code == 400 and blocked.get_json()["code"] == 63016
     assert "closes at" in blocked.get_json()["message"] and "SendAt" in blocked.get_json()["message"]
     assert send(client, {**base, "SendAt": "next tuesday"}).get_json()["code"] == 35115
+
+
+@pytest.mark.parametrize("sender", [{"From": BUSINESS}, {"MessagingServiceSid": "MG" + "a" * 32}])
+def test_a_send_at_twilio_will_not_schedule_is_judged_now(client, fake_twilio, sender):
+    """Without a Messaging Service Twilio schedules nothing (35118, or sent at once): judged at its SendAt, a send
+    the open window allows was refused with a 63016 Twilio would never give."""
+    service = "MessagingServiceSid" in sender
+    open_window(client, **({"MessagingServiceSid": "MG" + "a" * 32} if service else {}))
+    later = (utcnow() + timedelta(hours=30)).isoformat().replace("+00:00", "Z")
+    response = send(client, {"To": USER, **sender, "Body": "x", "SendAt": later, "ScheduleType": "fixed"})
+    if service:  # scheduled past the window's end: WhatsApp would fail it
+        assert response.status_code == 400 and response.get_json()["code"] == 63016
+        assert fake_twilio.creates == []
+    else:  # forwarded as sent; Twilio's own answer (the simulator's, as its error page says) is relayed
+        assert response.headers["X-Proxy-Decision"] == "allowed"
+        assert response.status_code == 400 and response.get_json()["code"] == 35118
+        assert len(fake_twilio.creates) == 1
 
 
 FALLBACK_VARS = {"1": "{profile_name}", "2": "order"}

@@ -3,15 +3,18 @@
 import base64
 import gzip
 import json
+import socket
 import sys
 import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
+from urllib.parse import parse_qsl
 
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
+from twilio.request_validator import RequestValidator
 
 from proxy import create_app, holds, outbox as outbox_items, webhooks
 from proxy.db import held_messages, late_failures, outbox, send_attempts, utcnow, windows
@@ -136,6 +139,17 @@ def test_an_app_dripping_its_answer_is_hung_up_on_at_the_deadline_and_frees_its_
     assert (after.ok, after.status, len(fake_app.received)) == (True, 200, 1)
 
 
+def test_an_app_that_is_down_is_reported_unreachable_not_slow():
+    """urllib3 files a refused connection under ConnectTimeoutError: it was logged as "no answer within 10s"."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections to it are refused
+        reply = Forwarder(AUTH_TOKEN, timeout=10, pool_size=1).post(f"http://127.0.0.1:{port}/app/inbound",
+                                                                    [("MessageSid", "SM" + "d" * 32)], {})
+    assert not reply.ok and reply.status is None and not reply.final
+    assert reply.error == "unreachable (could not connect: Connection refused)"
+
+
 def test_a_hang_up_never_cuts_the_post_that_took_the_connection_over(monkeypatch):
     """urllib3 puts a connection back in the pool as soon as an answer is read to its end, inside the read:
     a post whose thread then missed its deadline must not shut down the connection another post now uses."""
@@ -253,6 +267,56 @@ def test_credentials_in_the_forward_url_reach_the_app_as_basic_auth(fake_app):
     assert fake_app.last_headers["Host"] == host
     forwarder.post(f"{fake_app.url}/app/inbound", [("MessageSid", "SM" + "e" * 32)], {})
     assert "Authorization" not in fake_app.last_headers
+
+
+def wire_server(answers: int):
+    """A raw HTTP/1.1 server on 127.0.0.1 that records each request line, headers and body exactly as sent."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = []
+
+    def serve():
+        with listener:
+            for _ in range(answers):
+                conn, _ = listener.accept()
+                with conn:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    lines = head.decode("latin-1").split("\r\n")
+                    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+                    while len(body) < int(headers.get("content-length", 0)):
+                        body += conn.recv(65536)
+                    seen.append((lines[0], headers, body.decode()))
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 10\r\n"
+                                 b"Connection: close\r\n\r\n<Response/")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], seen
+
+
+WRITTEN_FORWARD_URLS = ["http://LOCALHOST:{port}/App/inbound", "http://127.0.0.1:{port}/app/inbound?next=%2fpath",
+                        "http://127.0.0.1:{port}/app/in%7ebound", "http://127.0.0.1:{port}/app/./x/../inbound",
+                        "http://127.0.0.1:{port}/app/é", "http://127.0.0.1:{port}/app/inbound?a=b c",
+                        "http://127.0.0.1:{port}/app/inbound#rp=5xx",
+                        "http://user:pw@LOCALHOST:{port}/app/./in%7ebound?next=%2fpath"]
+
+
+def test_a_forward_is_signed_for_the_url_it_is_sent_to_however_that_was_written():
+    """urllib3 sends its own reading of a URL (host lower-cased, escapes upper-cased, `./` gone, non-ASCII
+    encoded, no fragment): signed as written, the app's RequestValidator, checking the URL it was requested
+    at as Twilio's guide says, refused every webhook (the credentials' case alone was signed as sent)."""
+    port, seen = wire_server(len(WRITTEN_FORWARD_URLS))
+    forwarder = Forwarder(AUTH_TOKEN, timeout=5)
+    pairs = [("MessageSid", "SM" + "f" * 32), ("Body", "hi there")]
+    for written in WRITTEN_FORWARD_URLS:
+        assert forwarder.post(written.format(port=port), pairs, {}).status == 200
+    validator = RequestValidator(AUTH_TOKEN)
+    for written, (request_line, headers, body) in zip(WRITTEN_FORWARD_URLS, seen):
+        target = request_line.split(" ")[1]
+        assert "#" not in target and headers["host"] == headers["host"].lower()
+        url = f"http://{headers['host']}{target}"
+        assert validator.validate(url, dict(parse_qsl(body)), headers["x-twilio-signature"]), (written, url)
 
 
 def test_an_answer_the_app_compressed_is_relayed_decoded(forwarding, fake_app):
@@ -1570,6 +1634,47 @@ def test_a_release_twilio_may_have_received_is_left_uncertain_and_never_sent_aga
     assert 'proxy_held_messages{status="uncertain"} 1.0' in text and 'proxy_held_messages{status="held"} 0.0' in text
 
 
+def test_a_long_release_keeps_its_lease_whatever_its_messages_outcome(settings, db_engine, fake_twilio):
+    """The lease was renewed only after a message released: a run of creates Twilio answered 5xx (each left
+    `uncertain`) outlasted it, and a second worker claimed the same release and ran it beside the first."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True, twilio_timeout_seconds=0.5,
+                       outbox_lease_seconds=3)
+    client = app.test_client()
+    for i in range(20):
+        assert send(client, {"To": USER, "From": BUSINESS, "Body": f"held-{i:02d}"}).headers["X-Proxy-Held-Id"]
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "7" * 32))
+    fake_twilio.delay = 0.3  # 20 creates: twice the lease
+    fake_twilio.fail_with = (500, {"code": 20500, "message": "x", "more_info": "", "status": 500})
+    rt = app.extensions["proxy"]
+    first = threading.Thread(target=lambda: Worker(rt).run_once())
+    first.start()
+    try:
+        time.sleep(4)  # past the claim's lease, the first release still running
+        assert first.is_alive()
+        assert Worker(rt).run_once() == 0  # nothing to claim: the release is still the first worker's
+    finally:
+        first.join()
+    with db_engine.connect() as conn:
+        assert conn.execute(select(outbox.c.status).where(outbox.c.kind == "release")).scalar_one() == "delivered"
+        assert set(conn.execute(select(held_messages.c.status)).scalars()) == {"uncertain"}
+
+
+def test_an_attempt_that_lost_its_lease_records_no_outcome(db_engine):
+    """Only the attempt holding the lease marks an item delivered: one that overran it must not overwrite what the
+    worker that claimed it since recorded, nor mark done what that worker is still delivering."""
+    at = utcnow()
+    with db_engine.begin() as conn:
+        item_id = outbox_items.enqueue(conn, kind="inbound", ordering_key="k", target="http://app", headers={},
+                                       body=[], now=at, lease_until=at + timedelta(seconds=5))
+        assert not outbox_items.delivered(conn, item_id, at, at + timedelta(seconds=9))  # another lease
+        conn.execute(update(outbox).where(outbox.c.id == item_id).values(status="uncertain"))
+        assert not outbox_items.delivered(conn, item_id, at, at + timedelta(seconds=5))  # another outcome
+        assert conn.execute(select(outbox.c.status).where(outbox.c.id == item_id)).scalar_one() == "uncertain"
+        conn.execute(update(outbox).where(outbox.c.id == item_id).values(status="pending"))
+        assert outbox_items.delivered(conn, item_id, at, at + timedelta(seconds=5))
+        assert conn.execute(select(outbox.c.status).where(outbox.c.id == item_id)).scalar_one() == "delivered"
+
+
 def release_answered(client, fake_twilio, status, code, message, *, sid_suffix):
     """A message held, the user writing again, and Twilio answering its release's create with `status`."""
     send(client, {"To": USER, "From": BUSINESS, "Body": "held"})
@@ -1643,6 +1748,31 @@ def test_a_held_message_whose_worker_died_during_the_create_becomes_uncertain(se
     [line] = [line for line in log_lines() if line["event"] == "release" and line.get("reason") == "abandoned"]
     assert (line["decision"], line["level"], line["held_id"]) == ("uncertain", "ERROR", held_id)
     assert not [r for r in fake_twilio.creates if dict(r.form).get("Body") == "held"]
+
+
+def test_a_held_message_whose_worker_died_after_twilio_refused_to_connect_is_released_again(
+        settings, db_engine, fake_twilio, log_lines):
+    """Settled back to `held` (Twilio never took it), it had no release coming: its own had gone on without it,
+    and it waited for the user's next message although the window was open."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    held_id = int(send(client, {"To": USER, "From": BUSINESS, "Body": "held"}).headers["X-Proxy-Held-Id"])
+    with db_engine.begin() as conn:  # a worker took it, Twilio was unreachable, and the worker died then
+        assert holds.take(conn, held_id, utcnow())
+        request_id = conn.execute(select(held_messages.c.request_id)).scalar_one()
+        conn.execute(send_attempts.insert().values(
+            request_id=request_id, created_at=utcnow(), account_sid=ACCOUNT_SID, decision=holds.RELEASE_DECISION,
+            reason="window_open", sender=BUSINESS, user=USER, channel="whatsapp", outcome="upstream_unreachable",
+            params="[]", duration_ms=1))
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + "6"))  # its window open
+    run_worker(app)  # the release the user's message queued: it finds the message still `sending`
+    assert not [r for r in fake_twilio.creates if dict(r.form).get("Body") == "held"]
+    later = utcnow() + timedelta(seconds=settings.outbox_lease_seconds + 1)
+    run_worker(app, later)  # settled `held`, and its release queued
+    run_worker(app, later)
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalar_one() == "released"
+    assert len([r for r in fake_twilio.creates if dict(r.form).get("Body") == "held"]) == 1
 
 
 def test_a_late_failure_never_reopens_an_item_delivered_meanwhile(forwarding, fake_app, db_engine):

@@ -275,6 +275,19 @@ def test_sms_status_other_than_received_is_a_status_callback(client, db_engine, 
     assert message_row(db_engine, sid)["status"] == (sms_status or "unknown")
 
 
+def test_an_inbound_message_that_carries_message_status_received_is_an_inbound_message(client, db_engine):
+    """`received` is only a status of a message Twilio received, never of a send: such a webhook (captured with
+    MessageStatus=received beside SmsStatus=received) was taken for a callback, and its window never opened."""
+    sid = "SM" + HEX
+    assert signed_post(client, "/twilio/inbound", inbound_params(sid, MessageStatus="received")).status_code == 200
+    assert {(r["sender"], r["user"]) for r in window_rows(db_engine)} == {(BUSINESS, USER)}
+    assert message_row(db_engine, sid)["direction"] == "inbound"
+    # A send's statuses beside SmsStatus=received are still a callback's.
+    other = "SM" + "e" * 32
+    assert signed_post(client, "/twilio/inbound", inbound_params(other, MessageStatus="delivered")).status_code == 200
+    assert message_row(db_engine, other)["direction"] == "outbound" and count(db_engine, windows) == 1
+
+
 def test_a_messaging_service_sid_with_a_trailing_newline_keys_no_window(client, db_engine):
     signed_post(client, "/twilio/inbound", inbound_params("SM" + HEX, MessagingServiceSid="MG" + HEX + "\n"))
     assert {(r["sender"], r["user"]) for r in window_rows(db_engine)} == {(BUSINESS, USER)}

@@ -175,6 +175,30 @@ def test_blocked_send_logs_no_body_number_or_token(client, fake_twilio, db_engin
     assert_leaks_nothing(text)
 
 
+@pytest.mark.parametrize("fields, code", [
+    ({"To": USER, "From": BUSINESS, "ContentSid": "HX" + "0" * 31 + "1"}, 21655),  # no such template
+    ({"To": "whatsapp:+1 415 555 0111 ext", "From": BUSINESS, "Body": BODY}, 21211),
+    ({"To": USER, "From": BUSINESS, "Body": BODY, "SendAt": "next tuesday"}, 35115),
+])
+def test_a_rejected_send_is_logged_under_its_request_id_without_body_or_number(client, fake_twilio, db_engine,
+                                                                                logged, fields, code):
+    """The README's way to find why a send failed is its X-Request-Id in the logs: a request refused before any
+    decision (a mistyped ContentSid, a number Twilio refuses) left no line to find."""
+    def rejections():  # the counters are the process's: other tests' rejections are in them too
+        series = f'proxy_send_decisions_total{{action="rejected",content_type="none",reason="{code}"}} '
+        text = client.get("/metrics", headers=basic_auth()).get_data(as_text=True)
+        return sum(float(line[len(series):]) for line in text.splitlines() if line.startswith(series))
+
+    before = rejections()
+    response = send(client, fields)
+    assert response.status_code == 400 and response.get_json()["code"] == code and fake_twilio.creates == []
+    text, lines = logged()
+    line = only(lines, "send", decision="rejected")
+    assert (line["code"], line["status"], line["request_id"]) == (code, 400, response.headers["X-Request-Id"])
+    assert_leaks_nothing(text, "415 555 0111")
+    assert rejections() == before + 1
+
+
 def test_relayed_twilio_error_logs_no_body_number_or_token(client, fake_twilio, db_engine, logged):
     open_window(client)
     # Twilio's error text quotes the number it refused: the caller gets it unchanged, a log line only masked.

@@ -160,6 +160,22 @@ def test_button_rule(content_type, buttons, strict, lenient):
     assert decide(template(content_type, "approved", buttons), OPEN, STRICT).action is Action.ALLOWED
 
 
+@pytest.mark.parametrize("count, allowed", [(1, True), (3, True), (4, False), (10, False)])
+@pytest.mark.parametrize("button_rule", [STRICT, LENIENT], ids=["strict", "lenient"])
+def test_an_unapproved_quick_reply_takes_three_buttons_in_session(count, allowed, button_rule):
+    """✅ in the seed, but "only three buttons are allowed" without approval (Twilio's twilio/quick-reply page)."""
+    unapproved = template("twilio/quick-reply", "unsubmitted", ["QUICK_REPLY"] * count)
+    d = decide(unapproved, OPEN, button_rule)
+    if allowed:
+        assert (d.action, d.reason, d.code) == (Action.ALLOWED, "allowed_in_session", None)
+    else:
+        assert (d.action, d.reason, d.code) == (Action.BLOCKED, "buttons_need_approval", 63005)
+        assert "at most 3" in explain(d, unapproved, OPEN)
+    approved = template("twilio/quick-reply", "approved", ["QUICK_REPLY"] * count)
+    assert decide(approved, OPEN, button_rule).action is Action.ALLOWED
+    assert decide(approved, EXPIRED, button_rule).action is Action.ALLOWED
+
+
 @pytest.mark.parametrize(
     "send, window, action, reason, code",
     [
