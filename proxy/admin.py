@@ -88,8 +88,8 @@ def held():
     status = request.args.get("status", holds.HELD)
     if status not in (*holds.STATUSES, "all"):
         raise ApiError(400, 400, "status must be held, sending, released, expired, failed, uncertain or all.")
-    sender = window_api.address_key(request.args.get("sender"), sender=True)
-    user = window_api.address_key(request.args.get("user"))
+    sender = window_api.address_key(request.args.get("sender"), sender=True, windowed=True)
+    user = window_api.address_key(request.args.get("user"), windowed=True)
     page_size = _int_arg("PageSize", 100, 1, 1000)
     after = _int_arg("PageToken", 0, 0, 2**63 - 1)  # the last id of the page before: a keyset, not an offset
     with runtime().engine.connect() as conn:

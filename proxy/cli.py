@@ -254,7 +254,8 @@ def register(app: Flask) -> None:
     def held_list(status: str, sender: str | None, user: str | None, limit: int):
         """Held messages, oldest first (one JSON object per line), as GET /v1/held."""
         try:
-            sender_key, user_key = window_api.address_key(sender, sender=True), window_api.address_key(user)
+            sender_key = window_api.address_key(sender, sender=True, windowed=True)
+            user_key = window_api.address_key(user, windowed=True)
         except ApiError as exc:
             raise click.BadParameter(exc.message, param_hint="'--sender' or '--user'") from None
         with app.extensions["proxy"].engine.connect() as conn:

@@ -269,10 +269,10 @@ def _target(url: str) -> tuple[str, dict]:
     drop them silently.
 
     urllib3 sends its own reading of a URL: the host lower-cased, `%2f` as `%2F`, `./` segments gone, a space or
-    an `é` percent-encoded, no fragment. Signed as written, `http://LOCALHOST:8080/App` reached the app as
-    `localhost:8080`, and the app's own RequestValidator refused every webhook."""
+    an `é` percent-encoded, no fragment, `/` for no path. Signed as written, `http://LOCALHOST:8080/App` reached
+    the app as `localhost:8080`, and the app's own RequestValidator refused every webhook."""
     parsed = urllib3.util.parse_url(url)
-    sent = parsed._replace(auth=None, fragment=None).url
+    sent = parsed._replace(auth=None, fragment=None, path=parsed.path or "/").url  # no path: urllib3 sends `/`
     if not parsed.auth:
         return sent, {}
     user, _, password = parsed.auth.partition(":")

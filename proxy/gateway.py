@@ -87,9 +87,11 @@ def say_when_nothing_was_judged(response: Response) -> Response:
     # unavailable): the proxy answered itself and sent nothing.
     if "X-Proxy-Decision" not in response.headers:
         response.headers["X-Proxy-Decision"] = "rejected"
-        # Bad input (a mistyped ContentSid, a number Twilio would refuse): said in a line the caller's X-Request-Id
-        # finds, as a judged send's is. A 401 is `auth_failed`'s line, a 5xx the database's or the error's own.
-        if 400 <= response.status_code < 500 and response.status_code != 401:
+        # A send refused as bad input (a mistyped ContentSid, a number Twilio would refuse): said in a line the caller's
+        # X-Request-Id finds, as a judged send's is. A 401/403 is `auth_failed`'s line, a 5xx the database's or the
+        # error's own; other API calls are no sends.
+        if request.endpoint == "gateway.create_message" and 400 <= response.status_code < 500 and \
+                response.status_code not in (401, 403):
             code = (response.get_json(silent=True) or {}).get("code") if response.is_json else None
             code = code if isinstance(code, int) else response.status_code
             DECISIONS.labels("rejected", str(code), "none").inc()

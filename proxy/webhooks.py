@@ -360,13 +360,14 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
     # MIN_INLINE_SECONDS; an app slower than that is cut off and the outbox delivers again.
     left = TWILIO_WEBHOOK_TIMEOUT_SECONDS - WEBHOOK_DEADLINE_MARGIN_SECONDS - (started - arrived)
     reply = rt.forwarder.post(rt.settings.forward_inbound_url, pairs, kept, timeout=left)
+    recorded = True
     try:
         if reply.ok:
             at = utcnow()
             # One statement, committed with other webhooks' writes. Ahead of the pair's new webhooks in the batch
             # (their turn checks then see this one done), like them in the order of the pairs (user, then sender).
-            _write_alone(rt, lambda conn: outbox.delivered(conn, item_id, at, lease),
-                         _pair_order(user, sender, 0, item_id, service_sid=service_sid))
+            recorded = _write_alone(rt, lambda conn: outbox.delivered(conn, item_id, at, lease),
+                                    _pair_order(user, sender, 0, item_id, service_sid=service_sid))
         else:
             with writing(rt.engine) as conn:
                 outbox.failed(conn, item_id, reply.error or "failed", utcnow(), rt.settings.retry_schedule, lease=lease,
@@ -379,9 +380,11 @@ def _forward_inline(item_id: int, lease: datetime, earlier: str | None, arrived:
         too_large(reply, redact=rt.settings.log_redact_numbers, kind="inbound", outbox_id=item_id, sender=sender,
                   user=user, request_id=g.request_id)
     logs.event("delivery", redact=rt.settings.log_redact_numbers, kind="inbound",
-               level=logging.INFO if reply.ok and reply.status < 400 else logging.WARNING,
+               level=logging.INFO if reply.ok and reply.status < 400 and recorded else logging.WARNING,
                decision="delivered" if reply.ok else "failed" if reply.final else "queued", outbox_id=item_id, attempt=1,
                app_status=reply.status, error=reply.error, sender=sender, user=user,
+               # Overran its lease: the worker that claimed the item since records its outcome (and delivers it again).
+               **({} if recorded else {"outcome": "lease_lost"}),
                duration_ms=round((time.perf_counter() - started) * 1000, 2), request_id=g.request_id)
     if not reply.ok or reply.too_large:
         return _twiml()  # Twilio sees success; the user sees nothing broken

@@ -17,9 +17,9 @@ _ROW_ID = re.compile(r"[0-9]{1,19}")
 _MAX_ROW_ID = 2**63 - 1  # BIGINT; a larger id cannot even be bound as a parameter on SQLite
 
 
-def address_key(value: str | None, *, sender: bool = False, windowed: bool = True) -> str | None:
-    """An address as windows are keyed: normalised, or (a `sender` only) a Messaging Service SID; one of a channel
-    without windows refused unless `windowed` is False."""
+def address_key(value: str | None, *, sender: bool = False, windowed: bool = False) -> str | None:
+    """An address as windows are keyed: normalised, or (a `sender` only) a Messaging Service SID; with `windowed`,
+    one of a channel without windows (nothing is ever held for it) refused."""
     if not value or not value.strip():
         return None
     if sender and SERVICE_SID.fullmatch(value.strip()):  # not any "MG…": that passed unchecked, control bytes too
@@ -35,20 +35,20 @@ def address_key(value: str | None, *, sender: bool = False, windowed: bool = Tru
         return kept
     if sender and is_bsuid(key):
         raise ApiError(21211, 400, "Invalid address: a WhatsApp user's id (a BSUID) is never a business sender")
-    return key if windowed is False else windowed_only(key)
+    return windowed_only(key) if windowed else key
 
 
 def windowed_only(key: str) -> str:
     if not SERVICE_SID.fullmatch(key) and channel_of(key) not in WINDOWED_CHANNELS:
-        # A bare +1415… is an SMS address, which has no window and no held message: a filter by it found nothing,
-        # silently, where the WhatsApp address it was meant for has them.
-        raise ApiError(21211, 400, f"Invalid address: {key} has no customer-service window (SMS and other channels "
-                                   "have none): give the WhatsApp or Messenger address, e.g. whatsapp:+14155550111")
+        # A bare +1415… is an SMS address, for which nothing is ever held: a filter by it found nothing, silently,
+        # where the WhatsApp address it was meant for has held messages.
+        raise ApiError(21211, 400, f"Invalid address: nothing is held for {key} (messages are held only for WhatsApp "
+                                   "and Messenger): give the WhatsApp or Messenger address, e.g. whatsapp:+14155550111")
     return key
 
 
 def window_key(sender: str | None, user: str | None) -> tuple[str, str]:
-    sender_key, user_key = address_key(sender, sender=True, windowed=False), address_key(user, windowed=False)
+    sender_key, user_key = address_key(sender, sender=True), address_key(user)
     if not sender_key or not user_key:
         raise ApiError(400, 400, "Both sender and user are required, e.g. sender=whatsapp:+14155550100&"
                                  "user=whatsapp:+14155550111")
@@ -58,7 +58,7 @@ def window_key(sender: str | None, user: str | None) -> tuple[str, str]:
         # pair answered "closed" however open the WhatsApp one was.
         raise ApiError(400, 400, f"sender and user are on different channels ({sender_key} and {user_key}): "
                                  "give both with the same prefix, e.g. whatsapp:")
-    return windowed_only(sender_key), windowed_only(user_key)
+    return sender_key, user_key
 
 
 def show(rt: Runtime, sender: str | None, user: str | None) -> dict:

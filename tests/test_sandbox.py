@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -96,6 +97,35 @@ def test_out_of_window_send_is_accepted_then_failed_by_a_signed_63016_callback()
         assert statuses == [("sent", None), ("failed", "63016")]
         assert app_side.rejected == 0  # signed like Twilio's: the app's RequestValidator accepts them
         assert sim.messages[response.json()["sid"]]["error_code"] == 63016
+
+
+def test_the_apps_twiml_messages_are_sent_as_twilio_would_send_them():
+    """`sandbox say` printed the app's TwiML and dropped it: its <Message> never reached the simulated user."""
+    from flask import Flask
+
+    other = "whatsapp:+14155550999"
+    twiml = ('<?xml version="1.0" encoding="UTF-8"?><Response><Message>Thanks!</Message>'
+             f'<Message to="{other}"><Body>psst</Body><Media>https://example.com/a.png</Media></Message></Response>')
+    proxy_side = Flask("proxy_side")
+    proxy_side.add_url_rule("/twilio/inbound", "inbound", lambda: (twiml, 200, {"Content-Type": "text/xml"}),
+                            methods=["POST"])
+    sim = Simulator(callback_delay=0.01)
+    with ServerThread(proxy_side) as proxy, ServerThread(sim.app()) as server:
+        sim.url, sim.inbound_url = server.url, f"{proxy.url}/twilio/inbound"
+        said = requests.post(f"{server.url}/sandbox/say", data={"From": USER, "To": BUSINESS, "Body": "hi"}, timeout=10)
+        assert said.status_code == 200 and said.json()["proxy_reply"] == twiml
+        replies = said.json()["twiml_replies"]
+        assert [r["to"] for r in replies] == [USER, other]
+        sim.wait_for_callbacks()
+    thanks, psst = (sim.messages[r["sid"]] for r in replies)
+    assert (thanks["direction"], thanks["from"], thanks["body"], thanks["status"]) == \
+        ("outbound-reply", BUSINESS, "Thanks!", "read")
+    # To a user who never wrote: WhatsApp fails it, as it would fail the real TwiML reply (the proxy never judges it).
+    assert (psst["body"], psst["num_media"], psst["status"], psst["error_code"]) == ("psst", "1", "failed", 63016)
+    for answer in ("", "not xml", "<Other/>"):
+        empty = requests.Response()
+        empty.status_code, empty._content = 200, answer.encode()
+        assert sim.send_twiml(empty, USER, BUSINESS) == []
 
 
 def create(server_url: str, sim: Simulator, **form) -> requests.Response:
@@ -261,16 +291,23 @@ def test_the_servers_access_lines_are_plain_text():
             assert listed.status_code == 200
             numbers = f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/IncomingPhoneNumbers/+14155550111.json"
             assert requests.get(numbers, auth=(sim.account_sid, sim.auth_token), timeout=10).status_code == 404
+            for target in (f"/2010-04-01/Accounts/{sim.account_sid}/IncomingPhoneNumbers/%2B14155550111.json",
+                           "/x/whatsapp%3A%2B14155550111", "/a/\x1b]0;title\x07\x1b[2Jb"):
+                with socket.create_connection(("127.0.0.1", server.port)) as raw:  # as a client sent it, unquoted
+                    raw.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode("latin-1"))
+                    while raw.recv(65536):
+                        pass
             sim.wait_for_callbacks()
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous)
     access = [line for line in lines if "POST /2010-04-01" in line or "GET /" in line]
-    assert len(access) == 5 and not any("\x1b" in line for line in access), access
+    # A raw ESC or BEL from a client never reaches the terminal: escaped, as werkzeug's own line has them.
+    assert len(access) == 8 and not any("\x1b" in line or "\x07" in line for line in access), access
     assert any(line.endswith('"GET /nowhere HTTP/1.1" 404 -') for line in access), access
     # Neither a query's values (a list's To) nor a number in the path: the proxy's own lines mask them too.
     assert any(line.endswith('/Messages.json?… HTTP/1.1" 200 -') for line in access), access
-    assert not any("555" in line or "whatsapp" in line for line in access), access
+    assert not any("555" in line for line in access), access
 
 
 def test_simulator_never_calls_beyond_this_machine():
@@ -466,6 +503,9 @@ def test_the_simulator_schedules_only_through_a_messaging_service_and_leaves_the
         naive = create(server.url, sim, To=USER, MessagingServiceSid="MG" + "a" * 32, Body="later",
                        SendAt=(now + timedelta(days=1)).replace(tzinfo=None).isoformat(), ScheduleType="fixed")
         assert naive.status_code == 201  # no offset: UTC, as the proxy's judge reads it
+        in_from = create(server.url, sim, To=USER, From="MG" + "a" * 32, Body="later", SendAt=send_at,
+                         ScheduleType="fixed")  # the service in From: scheduled too (35118's page)
+        assert in_from.status_code == 201 and in_from.json()["status"] == "scheduled"
         sim.wait_for_callbacks()
         fetched = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages/"
                                f"{scheduled.json()['sid']}.json", auth=(sim.account_sid, sim.auth_token),
@@ -475,7 +515,7 @@ def test_the_simulator_schedules_only_through_a_messaging_service_and_leaves_the
         (35118, "MessagingServiceSid is required to schedule a message")
     assert scheduled.status_code == 201 and scheduled.json()["status"] == "scheduled"
     assert fetched["status"] == "scheduled" and sim.callbacks == []  # not sent before its SendAt
-    assert list(sim.messages) == [scheduled.json()["sid"], naive.json()["sid"]]
+    assert list(sim.messages) == [scheduled.json()["sid"], naive.json()["sid"], in_from.json()["sid"]]
 
 
 def test_the_open_windows_of_the_proxys_database_are_what_a_restarted_simulator_remembers(client, settings,

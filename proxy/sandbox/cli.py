@@ -310,6 +310,9 @@ def say(user, text, business, sim_url, profile_name, button_payload, latitude, l
     if reply.status_code != 200:
         raise click.ClickException(body.get("message", reply.text))
     click.echo(f"proxy answered {body['proxy_status']}: {body['proxy_reply']}")
+    for sent in body.get("twiml_replies") or ():
+        click.echo(f"the simulator sent the TwiML's <Message> to {sent['to']} as Twilio would: {sent['sid']} "
+                   "(its outcome in the Messages list)")
 
 
 @sandbox.command("up")

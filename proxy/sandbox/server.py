@@ -6,6 +6,7 @@ import re
 import threading
 
 from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.urls import uri_to_iri
 
 from ..logs import masked_path
 
@@ -18,8 +19,15 @@ class PlainRequestHandler(WSGIRequestHandler):
     phone numbers in the path. werkzeug already shows a control character of the path escaped."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        path, _, query = getattr(self, "path", "").partition("?")
-        line = f"{self.command} {masked_path(path)}{'?…' if query else ''} {self.request_version}"
+        path = getattr(self, "path", None)
+        if path is None:  # a request line werkzeug could not read: its own words for it
+            line = self.requestline
+        else:
+            path, _, query = path.partition("?")
+            # Decoded first (as werkzeug's own line is), so a %2B-escaped number is masked too.
+            line = f"{self.command} {masked_path(uri_to_iri(path))}{'?…' if query else ''} {self.request_version}"
+        # Control characters escaped, as werkzeug's own line has them: a raw ESC from a client would reach the terminal.
+        line = line.translate(self._control_char_table)
         self.log("info", '"%s" %s %s', line, int(code) if isinstance(code, int) else code, size)
 
     def log(self, type: str, message: str, *args) -> None:

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import uuid
+from xml.etree import ElementTree
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -23,6 +24,7 @@ from urllib.parse import urlencode, urlsplit
 import requests
 from flask import Flask, Response, json, request
 from twilio.request_validator import RequestValidator
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
 from ..addresses import (SERVICE_SID, InvalidAddress, as_sent, canonical, channel_of, is_bsuid, is_shortened_bsuid,
@@ -231,6 +233,59 @@ class Simulator:
                                                            "I-Twilio-Idempotency-Token": uuid.uuid4().hex},
                              timeout=30, allow_redirects=False)
 
+    def _accept(self, account: str, form, direction: str) -> dict:
+        """A message Twilio took: stored (fetch and list see it), and played out unless it is scheduled."""
+        scheduled = bool(form.get("SendAt", "").strip())
+        now = format_datetime(datetime.now(timezone.utc))
+        sid = "SM" + uuid.uuid4().hex
+        media = form.getlist("MediaUrl")
+        message = {
+            "account_sid": account, "api_version": "2010-04-01", "body": form.get("Body", ""),
+            "date_created": now, "date_sent": None, "date_updated": now, "direction": direction,
+            "error_code": None, "error_message": None, "from": form.get("From") or None,
+            "messaging_service_sid": form.get("MessagingServiceSid") or None,
+            "num_media": str(len(media)), "num_segments": "1", "price": None, "price_unit": "USD",
+            "sid": sid,
+            "status": "scheduled" if scheduled else "accepted" if form.get("MessagingServiceSid") else "queued",
+            "subresource_uris": {"media": f"/2010-04-01/Accounts/{account}/Messages/{sid}/Media.json"},
+            "to": form.get("To"), "uri": f"/2010-04-01/Accounts/{account}/Messages/{sid}.json",
+        }
+        self.messages[sid] = message
+        # A scheduled message waits for its SendAt, which the simulator never plays out: it stays
+        # `scheduled` (until canceled) rather than reaching WhatsApp now, before its time.
+        if not scheduled:
+            # Like Twilio, the message's own StatusCallback wins over the sender's (the proxy's, in `sandbox up`).
+            callback = form.get("StatusCallback") or self.status_callback_url
+            thread = threading.Thread(target=self._lifecycle, args=(message, callback, self.verdict(form)),
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        return message
+
+    def send_twiml(self, answer: requests.Response, user: str, business: str) -> list[dict]:
+        """What Twilio does with the TwiML a webhook was answered with: each `<Message>` sent, a reply from the
+        business to the user unless its `to`/`from` say otherwise, judged by WhatsApp like any send (the proxy
+        does not judge TwiML: a `<Message>` to another user fails here with 63016, as it would there)."""
+        if answer.status_code != 200 or not answer.content.strip():
+            return []
+        try:
+            root = ElementTree.fromstring(answer.content)
+        except ElementTree.ParseError:  # Twilio: 12100, nothing sent
+            return []
+        if root.tag != "Response":
+            return []
+        sent = []
+        for element in root.iter("Message"):
+            body = element.find("Body")
+            text = (body.text if body is not None else element.text) or ""
+            form = MultiDict([("To", element.get("to") or user), ("From", element.get("from") or business),
+                              ("Body", text.strip())]
+                             + [("MediaUrl", m.text.strip()) for m in element.iter("Media") if (m.text or "").strip()])
+            if element.get("statusCallback"):
+                form["StatusCallback"] = element.get("statusCallback")
+            sent.append(self._accept(self.account_sid, form, "outbound-reply"))
+        return sent
+
     # -- the message's lifecycle and its status callbacks ---------------------------------------------
     def _lifecycle(self, message: dict, url: str | None, code: int | None) -> None:
         """WhatsApp's verdict played out on the message (fetch and list see it), each step posted to url."""
@@ -320,32 +375,7 @@ class Simulator:
                        or _schedule_refusal(request.form))
             if refused is not None:
                 return refused
-            scheduled = bool(request.form.get("SendAt", "").strip())
-            now = format_datetime(datetime.now(timezone.utc))
-            sid = "SM" + uuid.uuid4().hex
-            media = request.form.getlist("MediaUrl")
-            message = {
-                "account_sid": account, "api_version": "2010-04-01", "body": request.form.get("Body", ""),
-                "date_created": now, "date_sent": None, "date_updated": now, "direction": "outbound-api",
-                "error_code": None, "error_message": None, "from": request.form.get("From") or None,
-                "messaging_service_sid": request.form.get("MessagingServiceSid") or None,
-                "num_media": str(len(media)), "num_segments": "1", "price": None, "price_unit": "USD",
-                "sid": sid, "status": "scheduled" if scheduled else
-                                      "accepted" if request.form.get("MessagingServiceSid") else "queued",
-                "subresource_uris": {"media": f"/2010-04-01/Accounts/{account}/Messages/{sid}/Media.json"},
-                "to": request.form.get("To"), "uri": f"/2010-04-01/Accounts/{account}/Messages/{sid}.json",
-            }
-            self.messages[sid] = message
-            reply = json.dumps(message)
-            # A scheduled message waits for its SendAt, which the simulator never plays out: it stays
-            # `scheduled` (until canceled) rather than reaching WhatsApp now, before its time.
-            if not scheduled:
-                # Like Twilio, the message's own StatusCallback wins over the sender's (the proxy's, in `sandbox up`).
-                callback = request.form.get("StatusCallback") or self.status_callback_url
-                thread = threading.Thread(target=self._lifecycle,
-                                          args=(message, callback, self.verdict(request.form)), daemon=True)
-                self._threads.append(thread)
-                thread.start()
+            reply = json.dumps(self._accept(account, request.form, "outbound-api"))
             return Response(reply, status=201, mimetype="application/json; charset=utf-8",
                             headers={"Twilio-Request-Id": "RQ" + uuid.uuid4().hex})
 
@@ -474,7 +504,9 @@ class Simulator:
                                         f"{exc}")
             except requests.RequestException as exc:
                 return _error(502, 502, f"the proxy at {self.inbound_url} did not answer ({type(exc).__name__})")
-            return {"proxy_status": reply.status_code, "proxy_reply": reply.text}
+            replies = self.send_twiml(reply, canonical(form["From"]), normalise(form.get("To") or BUSINESS))
+            return {"proxy_status": reply.status_code, "proxy_reply": reply.text,
+                    "twiml_replies": [{"sid": m["sid"], "to": m["to"]} for m in replies]}
 
         @app.get("/sandbox")
         def sandbox_index():
@@ -564,7 +596,8 @@ def _schedule_refusal(form) -> Response | None:
     raw = form.get("SendAt", "").strip()
     if not raw:
         return None
-    if not form.get("MessagingServiceSid", "").strip():
+    # "Pass the MessagingServiceSid in either the MessagingServiceSid parameter or the From parameter" (35118's page).
+    if not form.get("MessagingServiceSid", "").strip() and not form.get("From", "").strip().startswith("MG"):
         return _error(35118, 400, "MessagingServiceSid is required to schedule a message")
     try:
         at = datetime.fromisoformat(raw.replace("Z", "+00:00"))

@@ -299,7 +299,8 @@ WRITTEN_FORWARD_URLS = ["http://LOCALHOST:{port}/App/inbound", "http://127.0.0.1
                         "http://127.0.0.1:{port}/app/in%7ebound", "http://127.0.0.1:{port}/app/./x/../inbound",
                         "http://127.0.0.1:{port}/app/é", "http://127.0.0.1:{port}/app/inbound?a=b c",
                         "http://127.0.0.1:{port}/app/inbound#rp=5xx",
-                        "http://user:pw@LOCALHOST:{port}/app/./in%7ebound?next=%2fpath"]
+                        "http://user:pw@LOCALHOST:{port}/app/./in%7ebound?next=%2fpath",
+                        "http://127.0.0.1:{port}", "http://127.0.0.1:{port}?next=x"]
 
 
 def test_a_forward_is_signed_for_the_url_it_is_sent_to_however_that_was_written():
@@ -1748,6 +1749,27 @@ def test_a_held_message_whose_worker_died_during_the_create_becomes_uncertain(se
     [line] = [line for line in log_lines() if line["event"] == "release" and line.get("reason") == "abandoned"]
     assert (line["decision"], line["level"], line["held_id"]) == ("uncertain", "ERROR", held_id)
     assert not [r for r in fake_twilio.creates if dict(r.form).get("Body") == "held"]
+
+
+def test_an_inline_forward_that_lost_its_lease_says_so_and_leaves_the_item_to_its_worker(
+        forwarding, fake_app, db_engine, monkeypatch, log_lines):
+    """Its write of `delivered` is skipped (the worker that claimed the item records the outcome): the line said
+    `delivered` as if it had been recorded."""
+    rt = forwarding.extensions["proxy"]
+    real_post = rt.forwarder.post
+
+    def post_while_a_worker_claims_it(url, pairs, kept, timeout=None):
+        reply = real_post(url, pairs, kept, timeout=timeout)
+        with db_engine.begin() as conn:  # the inline lease ran out meanwhile, and a worker claimed the item
+            conn.execute(update(outbox).values(lease_until=utcnow() + timedelta(seconds=60)))
+        return reply
+
+    monkeypatch.setattr(rt.forwarder, "post", post_while_a_worker_claims_it)
+    assert signed_post(forwarding.test_client(), "/twilio/inbound", inbound_params("SM" + "9" * 32)).status_code == 200
+    [item] = items(db_engine)
+    assert item["status"] == "pending"
+    [line] = [line for line in log_lines() if line["event"] == "delivery"]
+    assert (line["decision"], line["outcome"], line["level"]) == ("delivered", "lease_lost", "WARNING")
 
 
 def test_a_held_message_whose_worker_died_after_twilio_refused_to_connect_is_released_again(

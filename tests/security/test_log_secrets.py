@@ -199,6 +199,21 @@ def test_a_rejected_send_is_logged_under_its_request_id_without_body_or_number(c
     assert rejections() == before + 1
 
 
+def test_only_a_refused_create_is_a_rejected_send(client, fake_twilio, db_engine, logged):
+    """Other API calls are no sends, and a refused caller is `auth_failed`'s line: a browser page of another
+    site, without credentials, could otherwise grow the send-decision counter at will."""
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": BODY},
+                auth={}).status_code == 401  # no credentials
+    cross_site = client.post(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json", data={"To": USER, "Body": BODY},
+                             headers={"Sec-Fetch-Site": "cross-site"})
+    assert cross_site.status_code == 403
+    assert client.get("/2010-04-01/Accounts/AC" + "f" * 32 + "/Messages.json", headers=basic_auth()).status_code == 404
+    refused = client.get(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/SM{'a' * 32}.json;x", headers=basic_auth())
+    assert refused.status_code == 400
+    _, lines = logged()
+    assert [line for line in lines if line["event"] == "send"] == []
+
+
 def test_relayed_twilio_error_logs_no_body_number_or_token(client, fake_twilio, db_engine, logged):
     open_window(client)
     # Twilio's error text quotes the number it refused: the caller gets it unchanged, a log line only masked.
