@@ -9,6 +9,7 @@ from flask import Blueprint, g, request
 
 from . import holds, logs, window_api
 from .auth import require_basic_auth
+from .db import utcnow, writing
 from .errors import ApiError
 from .gateway import create_form
 from .judge import judge
@@ -87,7 +88,7 @@ def held():
     """Held messages (default: still held), optionally for one sender and/or user."""
     status = request.args.get("status", holds.HELD)
     if status not in (*holds.STATUSES, "all"):
-        raise ApiError(400, 400, "status must be held, sending, released, expired, failed, uncertain or all.")
+        raise ApiError(400, 400, f"status must be {', '.join(holds.STATUSES)} or all.")
     sender = window_api.address_key(request.args.get("sender"), sender=True, windowed=True)
     user = window_api.address_key(request.args.get("user"), windowed=True)
     page_size = _int_arg("PageSize", 100, 1, 1000)
@@ -102,6 +103,34 @@ def held():
             "meta": {"page_size": page_size, "next_page_token": token,
                      "next_page_url": f"{request.path}?{urlencode({**query, 'PageSize': page_size, 'PageToken': token})}"
                      if token else None}}
+
+
+@bp.get("/held/<int:held_id>", provide_automatic_options=False)
+def held_message(held_id: int):
+    """One held message, by the id its send was answered with (X-Proxy-Held-Id)."""
+    with runtime().engine.connect() as conn:
+        row = holds.one(conn, held_id)
+    if row is None:
+        raise ApiError(20404, 404, f"No held message {held_id}.")
+    return _held_json(row)
+
+
+@bp.delete("/held/<int:held_id>", provide_automatic_options=False)
+def cancel_held(held_id: int):
+    """Withdraw a held message before the user's next message releases it (an order canceled, an opt-out)."""
+    rt = runtime()
+    with writing(rt.engine) as conn:
+        row, canceled = holds.cancel(conn, held_id, utcnow())
+    if row is None:
+        raise ApiError(20404, 404, f"No held message {held_id}.")
+    if row["status"] != holds.CANCELED:
+        # Sent (or being sent right now), expired, failed: nothing left to withdraw; said, not pretended.
+        raise ApiError(409, 409, f"Held message {held_id} is {row['status']}: only a message still held can be "
+                                 "canceled.")
+    if canceled:  # a DELETE repeated is answered alike, and logged once
+        logs.event("hold_canceled", redact=rt.settings.log_redact_numbers, held_id=held_id, sender=row["sender"],
+                   user=row["user"], request_id=g.request_id)
+    return "", 204
 
 
 def _held_json(row) -> dict:

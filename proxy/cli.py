@@ -267,6 +267,23 @@ def register(app: Flask) -> None:
         if len(rows) > limit:  # cut off silently, an operator took the list for all of them
             click.echo(f"(more: raise --limit above {limit})", err=True)
 
+    @held.command("cancel")
+    @click.argument("held_id", type=click.IntRange(1, 2**63 - 1))
+    @needs_schema
+    def held_cancel(held_id: int):
+        """Withdraw a message still held, as DELETE /v1/held/ID: no release sends it."""
+        with writing(app.extensions["proxy"].engine) as conn:
+            row, canceled = holds.cancel(conn, held_id, utcnow())
+        if row is None:
+            raise click.ClickException(f"no held message {held_id}")
+        if row["status"] != holds.CANCELED:
+            raise click.ClickException(f"held message {held_id} is {row['status']}: only a message still held can "
+                                       "be canceled")
+        if canceled:
+            logs.event("hold_canceled", redact=app.extensions["proxy"].settings.log_redact_numbers, held_id=held_id,
+                       sender=row["sender"], user=row["user"], request_id="cli")
+        click.echo(f"held message {held_id} canceled")
+
     app.cli.add_command(held)
 
     @app.cli.command("worker")

@@ -30,6 +30,17 @@ TWILIO_HEADERS = ("I-Twilio-Idempotency-Token", "X-Home-Region", "User-Agent")
 # are never passed on, or a replayed callback could tell the app what it likes under a valid signature.
 PROXY_HEADERS = ("X-Proxy-Window-Expires-At", "X-Proxy-Outbox-Id")
 KEPT_HEADERS = TWILIO_HEADERS + PROXY_HEADERS
+# The query of the URL Twilio posted the webhook to (a StatusCallback's `?order=44`, an inbound URL's
+# `?tenant=acme`), kept with the headers under a name no header can have, and added to the forward URL: the app
+# gets it as it would from Twilio. Never sent as a header.
+WEBHOOK_QUERY = ":query"
+
+
+def with_query(url: str, query: str | None) -> str:
+    """The forward URL with the webhook's query after its own (`…/status?src=proxy&order=44`)."""
+    if not query:
+        return url
+    return f"{url}{'' if url.endswith(('?', '&')) else '&' if '?' in url else '?'}{query}"
 
 
 # The app's "not now" (Request Timeout, Too Many Requests): retried like a 5xx. Any other 4xx is its answer.
@@ -117,7 +128,7 @@ class Forwarder:
         remaining = deadline - time.monotonic()
         if remaining <= 0:  # the caller gave up just as a thread took this post, too late to cancel it
             return _not_sent(limit)
-        target, authorization = _target(url)
+        target, authorization = _target(with_query(url, kept.get(WEBHOOK_QUERY)))
         # Signed for the URL the app sees: credentials in it go as a header, never in the request line, so the
         # app's own RequestValidator over its request URL would reject a signature computed with them.
         headers = {**_DEFAULT_HEADERS, **self.headers_for(target, pairs, kept), **authorization}

@@ -14,10 +14,11 @@ from .errors import ApiError
 from .judge import schedulable, send_time
 
 HELD, SENDING, RELEASED, EXPIRED, FAILED, UNCERTAIN = "held", "sending", "released", "expired", "failed", "uncertain"
-STATUSES = (HELD, SENDING, RELEASED, EXPIRED, FAILED, UNCERTAIN)
+CANCELED = "canceled"  # withdrawn by the app or an operator before its release (Twilio's word for a scheduled one's)
+STATUSES = (HELD, SENDING, RELEASED, EXPIRED, FAILED, UNCERTAIN, CANCELED)
 # What purge may delete (proxy/store.py spells them out: it cannot import this module). `sending` is live: a
 # hold being sent right now. `uncertain` (Twilio may have taken it) waits for an operator, as the outbox's does.
-FINISHED = (RELEASED, EXPIRED, FAILED)
+FINISHED = (RELEASED, EXPIRED, FAILED, CANCELED)
 
 
 # Twilio schedules a message 5 minutes to 35 days ahead, and refuses any other SendAt with 35115; a minute more,
@@ -228,12 +229,30 @@ def counts(conn: Connection) -> dict[str, int]:
     return dict(conn.execute(select(held_messages.c.status, func.count()).group_by(held_messages.c.status)).all())
 
 
+_LISTED = (held_messages.c.id, held_messages.c.sender, held_messages.c.user, held_messages.c.status,
+           held_messages.c.created_at, held_messages.c.expires_at, held_messages.c.released_at,
+           held_messages.c.message_sid, held_messages.c.last_error, held_messages.c.request_id)
+
+
+def one(conn: Connection, held_id: int):
+    """A held message as `listing` shows it; None if there is none by this id (or it was purged)."""
+    return conn.execute(select(*_LISTED).where(held_messages.c.id == held_id)).mappings().first()
+
+
+def cancel(conn: Connection, held_id: int, now: datetime) -> tuple[dict | None, bool]:
+    """Withdraw a message still `held`, so no release sends it: the row as it is afterwards (None: no such id),
+    and whether this call canceled it.
+
+    Conditional, like `take`: a release that took it first has it (`sending`), and the cancel finds it so."""
+    done = conn.execute(update(held_messages).where(held_messages.c.id == held_id, held_messages.c.status == HELD)
+                        .values(status=CANCELED, released_at=now, last_error=None))
+    return one(conn, held_id), bool(done.rowcount)
+
+
 def listing(conn: Connection, *, sender: str | None = None, user: str | None = None, status: str | None = HELD,
             limit: int = 100, after_id: int = 0):
     """Held messages by id (oldest first), those after `after_id`: a page of `limit`."""
-    query = select(held_messages.c.id, held_messages.c.sender, held_messages.c.user, held_messages.c.status,
-                   held_messages.c.created_at, held_messages.c.expires_at, held_messages.c.released_at,
-                   held_messages.c.message_sid, held_messages.c.last_error)
+    query = select(*_LISTED)
     if sender:
         query = query.where(held_messages.c.sender == sender)
     if user:

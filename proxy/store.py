@@ -242,7 +242,7 @@ def expiring_windows(conn: Connection, *, usable_after: datetime, usable_before:
     return conn.execute(query).all()
 
 
-_FINISHED_HOLDS = ("released", "expired", "failed")  # holds.FINISHED; holds imports this module
+_FINISHED_HOLDS = ("released", "expired", "failed", "canceled")  # holds.FINISHED; holds imports this module
 
 
 def purge(conn: Connection, cutoff: datetime) -> dict[str, int]:

@@ -16,7 +16,7 @@ from werkzeug.datastructures import MultiDict
 from twilio.twiml.messaging_response import MessagingResponse
 
 from . import holds, late_failures, logs, outbox, signatures, store
-from .forwarding import TWILIO_HEADERS, too_large
+from .forwarding import TWILIO_HEADERS, WEBHOOK_QUERY, too_large
 from .addresses import SERVICE_SID, InvalidAddress, as_sent, is_bsuid, is_windowed, normalise
 from .db import storable, unavailable_reason, utcnow, writing
 from .errors import twilio_error
@@ -475,8 +475,15 @@ def _take_turn(rt, item_id: int, lease: datetime, earlier: str | None, arrived: 
 
 
 def _kept_headers() -> dict:
-    """Twilio's request headers a forward carries on (forwarding.TWILIO_HEADERS); never the proxy's own."""
-    return {name: request.headers[name] for name in TWILIO_HEADERS if name in request.headers}
+    """Twilio's request headers a forward carries on (forwarding.TWILIO_HEADERS), never the proxy's own; and the
+    query of the URL Twilio posted to, which the forward URL gets too (forwarding.WEBHOOK_QUERY): an app that put
+    `?order=44` in its StatusCallback lost it. Not `bodySHA256`: the hash of a JSON body the forward does not send."""
+    kept = {name: request.headers[name] for name in TWILIO_HEADERS if name in request.headers}
+    query = "&".join(item for item in request.query_string.decode("utf-8", "replace").split("&")
+                     if item and item.partition("=")[0] != "bodySHA256")
+    if query:
+        kept[WEBHOOK_QUERY] = query
+    return kept
 
 
 def _status_callback() -> Response:

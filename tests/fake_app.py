@@ -22,6 +22,7 @@ class FakeApp:
     rejected: int = 0
     started: int = 0  # requests that arrived, whether or not they finished
     last_headers: dict = field(default_factory=dict)  # of the latest request, accepted or not
+    queries: list = field(default_factory=list)  # each request's query string, as sent
     # Requests being handled right now, and the most there ever were at once: overall, and per
     # conversation (the pair of From and To, whichever way round).
     in_flight: int = 0
@@ -47,7 +48,7 @@ class FakeApp:
         self.rejected, self.delay, self.fail_status, self.started = 0, 0.0, None, 0
         self.in_flight, self.max_in_flight = 0, 0
         self.in_flight_by_pair, self.max_in_flight_by_pair = {}, {}
-        self.headers, self.last_headers, self.reply = [], {}, REPLY
+        self.headers, self.last_headers, self.reply, self.queries = [], {}, REPLY, []
         self.huge_reply, self.declare_length, self.streamed, self.stream_ended = 0, False, 0, threading.Event()
 
     def bodies(self, path: str | None = None) -> list[str]:
@@ -63,6 +64,7 @@ class FakeApp:
             with self.lock:
                 self.started += 1
                 self.last_headers = dict(request.headers)
+                self.queries.append(request.query_string.decode())
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 self.in_flight_by_pair[pair] = self.in_flight_by_pair.get(pair, 0) + 1

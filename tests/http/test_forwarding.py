@@ -1152,6 +1152,31 @@ def test_status_callbacks_are_forwarded_through_the_outbox(forwarding, fake_app,
     assert path == "/app/status" and dict(form)["MessageStatus"] == "delivered" and fake_app.rejected == 0
 
 
+def test_the_query_twilio_posted_to_reaches_the_app_signed(forwarding, fake_app, db_engine, settings):
+    """An app that put `?order=44` in its StatusCallback (at the proxy), or `?tenant=acme` in its inbound URL, got
+    neither: the forward went to FORWARD_*_URL alone. Added after the forward URL's own query, and signed."""
+    client = forwarding.test_client()
+    inbound = inbound_params("SM" + "a" * 31 + "1")
+    assert signed_post(client, "/twilio/inbound?tenant=acme&x=%2B1", inbound).status_code == 200
+    status = {"MessageSid": "SM" + "a" * 32, "MessageStatus": "delivered", "From": BUSINESS, "To": USER,
+              "AccountSid": ACCOUNT_SID}
+    assert signed_post(client, "/twilio/status?order=44", status).status_code == 200
+    # bodySHA256 is the hash of a JSON webhook's body, which a forward never sends: not passed on.
+    assert signed_post(client, "/twilio/status?bodySHA256=x&order=45", {**status, "MessageStatus": "read"}
+                       ).status_code == 200
+    while run_worker(forwarding):
+        pass
+    assert fake_app.rejected == 0
+    assert fake_app.queries == ["tenant=acme&x=%2B1", "order=44", "order=45"]
+    # The forward URL's own query first; the worker's delivery (to the URL configured now) keeps the webhook's.
+    own = create_app(replace(forwarding.extensions["proxy"].settings,
+                             forward_status_url=fake_app.url + "/app/status?src=proxy"))
+    assert signed_post(own.test_client(), "/twilio/status?order=46", {**status, "MessageSid": "SM" + "b" * 32}
+                       ).status_code == 200
+    assert run_worker(own) == 1
+    assert fake_app.queries[-1] == "src=proxy&order=46" and fake_app.rejected == 0
+
+
 def fallback_app(settings, fake_twilio, **extra):
     sid = fake_twilio.add_content({"twilio/text": {"body": "Hi {{1}}"}}, "approved")
     app = create_app(replace(settings, policy=Policy(default_action="reroute"),
@@ -1674,6 +1699,41 @@ def test_an_attempt_that_lost_its_lease_records_no_outcome(db_engine):
         conn.execute(update(outbox).where(outbox.c.id == item_id).values(status="pending"))
         assert outbox_items.delivered(conn, item_id, at, at + timedelta(seconds=5))
         assert conn.execute(select(outbox.c.status).where(outbox.c.id == item_id)).scalar_one() == "delivered"
+
+
+def test_a_held_message_can_be_canceled_before_its_release(settings, db_engine, fake_twilio, log_lines):
+    """An order canceled, a user who opted out: the app had no way to withdraw what it had been told was held."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    kept = send(client, {"To": USER, "From": BUSINESS, "Body": "kept"})
+    dropped = send(client, {"To": USER, "From": BUSINESS, "Body": "withdrawn"})
+    kept_id, dropped_id = (int(r.headers["X-Proxy-Held-Id"]) for r in (kept, dropped))
+    one = client.get(f"/v1/held/{dropped_id}", headers=basic_auth()).get_json()
+    assert (one["status"], one["request_id"]) == ("held", dropped.headers["X-Request-Id"])  # what the send was told
+    assert client.delete(f"/v1/held/{dropped_id}").status_code == 401
+    for _ in range(2):  # a DELETE repeated is answered alike
+        assert client.delete(f"/v1/held/{dropped_id}", headers=basic_auth()).status_code == 204
+    assert len([line for line in log_lines() if line["event"] == "hold_canceled"]) == 1
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "4" * 31 + "7"))
+    run_worker(app)
+    assert [dict(r.form).get("Body") for r in fake_twilio.creates if dict(r.form).get("Body")] == ["kept"]
+    listed = client.get("/v1/held?status=all", headers=basic_auth()).get_json()["held"]
+    statuses = {h["id"]: h["status"] for h in listed}
+    assert statuses == {kept_id: "released", dropped_id: "canceled"}
+    late = client.delete(f"/v1/held/{kept_id}", headers=basic_auth())  # sent already: nothing to withdraw
+    assert late.status_code == 409 and late.get_json()["code"] == 409 and "released" in late.get_json()["message"]
+    missing = client.delete("/v1/held/999999", headers=basic_auth())
+    assert missing.status_code == 404 and missing.get_json()["code"] == 20404
+    assert client.get("/v1/held/999999", headers=basic_auth()).status_code == 404
+    # The CLI does the same.
+    again = int(send(client, {"To": "whatsapp:+14155550199", "From": BUSINESS, "Body": "x"}).headers["X-Proxy-Held-Id"])
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["held", "cancel", str(again)])
+    assert result.exit_code == 0 and f"held message {again} canceled" in result.output
+    refused = runner.invoke(args=["held", "cancel", str(kept_id)])
+    assert refused.exit_code == 1 and "released" in refused.output
+    text = client.get("/metrics", headers=basic_auth()).get_data(as_text=True)
+    assert 'proxy_held_messages{status="canceled"} 2.0' in text
 
 
 def release_answered(client, fake_twilio, status, code, message, *, sid_suffix):
