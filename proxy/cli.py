@@ -334,7 +334,11 @@ def register(app: Flask) -> None:
         if not re.search(r"[smhdw]\s*$", older_than):
             raise click.BadParameter(f"{older_than!r} has no unit it knows (s, m, h, d, w): e.g. 30d, 12h or 2w",
                                      param_hint="'--older-than'")
-        age = parse_duration(older_than)
+        try:
+            age = parse_duration(older_than)
+        except click.BadParameter:  # its examples offer a bare number, which is refused here
+            raise click.BadParameter(f"{older_than!r} is not an age such as 30d, 12h or 2w",
+                                     param_hint="'--older-than'") from None
         if age < PURGE_WITHOUT_YES and not yes:
             raise click.UsageError(f"--older-than {older_than.strip()} deletes records younger than "
                                    f"{_days(PURGE_WITHOUT_YES)}, today's conversations among them: add --yes if that is meant")

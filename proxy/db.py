@@ -216,7 +216,12 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     """
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                # A folder that cannot be made (a file in its place, no permission): every process died with a
+                # traceback. Left to the connection, it is the database unavailable, said in one line, as any.
+                pass
         # hide_parameters: a database error must never carry a message body into the logs.
         engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True,
                                pool_timeout=POOL_TIMEOUT_SECONDS, connect_args={"timeout": 30}, hide_parameters=True)

@@ -7,7 +7,7 @@ import hmac
 from flask import Blueprint, Response, request
 from sqlalchemy.exc import SQLAlchemyError
 
-from .auth import require_basic_auth
+from .auth import from_another_site, require_basic_auth
 from .migrate import current_revision, known_revision
 from .metrics import exposition
 from .runtime import runtime
@@ -45,6 +45,8 @@ def readyz():
 def metrics():
     token = runtime().settings.metrics_token
     bearer = request.headers.get("Authorization", "")
+    if from_another_site():  # refused before any credentials, the Bearer token's too, as README says
+        return require_basic_auth()
     if not (token and bearer.startswith("Bearer ") and hmac.compare_digest(bearer[7:].encode(), token.encode())):
         denied = require_basic_auth()
         if denied is not None:

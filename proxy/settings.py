@@ -138,7 +138,7 @@ class Settings:
             raise ConfigError("WINDOW_SAFETY_MARGIN_SECONDS must be smaller than SESSION_WINDOW_SECONDS.")
         level = env.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-            raise ConfigError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL.")
+            raise ConfigError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {level!r}.")
         fallback = _fallback(env)
         policy_file = None
         if env.get("POLICY_FILE", "").strip():
@@ -151,7 +151,10 @@ class Settings:
         actions = dict(policy_file.actions) if policy_file else {}
         fallbacks = dict(policy_file.fallbacks) if policy_file else {}
         if "reroute" in {action, *actions.values()} and not (fallback or fallbacks):
-            raise ConfigError("OUT_OF_WINDOW_ACTION=reroute needs FALLBACK_CONTENT_SID (or fallbacks in POLICY_FILE).")
+            asked = ("OUT_OF_WINDOW_ACTION=reroute" if action == "reroute"
+                     else "POLICY_FILE's [actions] (reroute for " + ", ".join(sorted(
+                         t for t, a in actions.items() if a == "reroute")) + ")")
+            raise ConfigError(f"{asked} needs FALLBACK_CONTENT_SID (or fallbacks in POLICY_FILE).")
         # Below 15, not at most: Twilio gives up on a webhook after 15 s.
         forward_timeout = _float(env, "FORWARD_TIMEOUT_SECONDS", 10.0, maximum=15, inclusive=False)
         twilio_timeout = _float(env, "TWILIO_TIMEOUT_SECONDS", 10.0, maximum=MAX_TWILIO_TIMEOUT_SECONDS)

@@ -407,12 +407,11 @@ def _database_failed_after_storing(exc: SQLAlchemyError, item_id: int) -> None:
 
 
 def _unjudged_twiml(body: bytes, user: str, senders: tuple) -> str | None:
-    """Why the app's TwiML holds a send the proxy did not judge, if it does: a <Message> to someone other than
-    the user who wrote, or from another sender than one of `senders` (the business and service the message came
-    to: only their windows it just opened), or a <Redirect> to TwiML the proxy never sees. Relayed all the same,
-    as the app's answer; said at WARNING, so a send outside a window is not a surprise."""
-    if _REDIRECT.search(body):
-        return "redirect"
+    """Why the app's TwiML holds a send the proxy did not judge, if it does (every reason, comma-separated): a
+    <Message> to someone other than the user who wrote, or from another sender than one of `senders` (the business
+    and service the message came to: only their windows it just opened), or a <Redirect> to TwiML the proxy never
+    sees. Relayed all the same, as the app's answer; said at WARNING, so a send outside a window is not a surprise."""
+    reasons = []
     for tag in _MESSAGE_TAG.finditer(body):
         # Attribute by attribute, each quoted value whole: a `>` in one (legal XML) no longer ends the tag early.
         for name, double, single in _ATTRIBUTE.findall(tag.group(1)):
@@ -420,10 +419,12 @@ def _unjudged_twiml(body: bytes, user: str, senders: tuple) -> str | None:
                 continue
             value = html.unescape((double or single).decode("utf-8", "replace")).strip()  # &#43; is a `+`
             if name == b"to" and _key(value) != user:
-                return "message_to_another_user"
+                reasons.append("message_to_another_user")
             if name == b"from" and value not in senders and _key(value) not in senders:
-                return "message_from_another_sender"
-    return None
+                reasons.append("message_from_another_sender")
+    if _REDIRECT.search(body):
+        reasons.append("redirect")
+    return ",".join(dict.fromkeys(reasons)) or None
 
 
 def _key(address: str) -> str | None:

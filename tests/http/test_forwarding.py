@@ -443,6 +443,10 @@ def test_every_copy_of_a_forward_carries_its_outbox_id(forwarding, fake_app, db_
     (f'<Response><Message from="{BUSINESS}" to="whatsapp:&#43;14155550111">Thanks!</Message></Response>', None),
     ("<Response><Message statusCallback='https://app.example/s?to=whatsapp:+14155550999'>Hi</Message></Response>",
      None),
+    # Every reason, not the first found: the redirect hid the message to another user.
+    ('<Response><Message to="whatsapp:+14155550999" from="whatsapp:+14155550998">x</Message>'
+     '<Redirect>https://app.example/next</Redirect></Response>',
+     "message_to_another_user,message_from_another_sender,redirect"),
 ])
 def test_twiml_holding_a_send_the_proxy_did_not_judge_is_relayed_with_a_warning(forwarding, fake_app, log_lines,
                                                                                 twiml, warned):

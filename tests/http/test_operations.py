@@ -350,6 +350,20 @@ def newer_releases_database(tmp_path) -> str:
     return url
 
 
+def test_a_sqlite_path_whose_folder_cannot_be_made_is_the_database_unavailable_not_a_crash(settings, tmp_path):
+    """A file where the folder should be: every process died at start with a traceback (gunicorn's exit 3)."""
+    (tmp_path / "a-file").write_text("")
+    app = create_app(replace(settings, database_url=f"sqlite:///{tmp_path / 'a-file' / 'proxy.sqlite3'}"))
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.get_json()["reason"] == "database_unreachable"
+    refused = send(client, {"To": USER, "From": BUSINESS, "Body": "x"})
+    assert refused.status_code == 503 and set(refused.get_json()) == {"code", "message", "more_info", "status"}
+    result = app.test_cli_runner().invoke(args=["db", "current"])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "database is unavailable" in result.output
+
+
 def test_ready_when_a_newer_release_has_migrated_the_database(settings, tmp_path):
     """A release phase runs its migrations before its instances are up: every old instance answered 503 at once
     and left the load balancer, although each serves on (as the gateway does past its head)."""
@@ -468,6 +482,10 @@ def test_metrics_need_auth_or_token(settings, db_engine, fake_twilio):
     assert 'proxy_send_decisions_total{action="blocked",content_type="twilio/text",reason="no_window"}' in text
     assert 'proxy_outbox_items{status="pending"} 0.0' in text
     assert client.get("/metrics", headers=basic_auth()).status_code == 200
+    # Another site's page is refused before any credentials, the Bearer token's too.
+    for header in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}):
+        cross = client.get("/metrics", headers={"Authorization": "Bearer metrics-token-1", **header})
+        assert cross.status_code == 403 and cross.get_json()["code"] == 20403
 
 
 def test_metrics_say_how_long_the_oldest_due_outbox_item_has_waited(settings, db_engine, fake_twilio):
@@ -648,6 +666,13 @@ def test_purge_refuses_an_age_without_its_unit(app, db_engine, age):
     assert result.exit_code == 2 and "has no unit" in result.output and "30d" in result.output, result.output
     with db_engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(held_messages)).scalar_one() == len(HOLD_STATUSES)
+
+
+@pytest.mark.parametrize("age", ["-5d", "5 days", "1.5d"])
+def test_purge_of_an_age_it_cannot_read_offers_no_bare_number(app, db_engine, age):
+    """The duration parser's examples (`3600`) are refused by purge itself."""
+    result = app.test_cli_runner().invoke(args=["purge", "--older-than", age])
+    assert result.exit_code == 2 and "--older-than" in result.output and "3600" not in result.output, result.output
 
 
 @pytest.mark.parametrize("age", ["0d", "90m", "23h"])
@@ -902,7 +927,8 @@ def test_cli_on_a_file_that_is_no_sqlite_database_says_so_in_one_line(settings, 
 def test_a_duration_of_too_many_or_foreign_digits_is_refused_in_one_line(client, args):
     """5,000 digits were int()'s ValueError traceback; Arabic-Indic digits were read as 12 s."""
     result = client.application.test_cli_runner().invoke(args=args)
-    assert result.exit_code == 2 and "is not a duration" in result.output and "Traceback" not in result.output
+    said = "is not an age" if args[0] == "purge" else "is not a duration"  # purge takes no bare seconds
+    assert result.exit_code == 2 and said in result.output and "Traceback" not in result.output
 
 
 def test_db_upgrade_to_a_blank_revision_is_refused_in_one_line(client):

@@ -15,6 +15,15 @@ def test_defaults():
     assert s.worker_concurrency == 10
 
 
+def test_a_policy_files_reroute_without_a_fallback_names_the_policy_file_not_a_variable_never_set(tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[actions]\n"twilio/text" = "reroute"\n')
+    with pytest.raises(ConfigError, match=r"^POLICY_FILE's \[actions\] \(reroute for twilio/text\) needs"):
+        Settings.from_env({**BASE, "POLICY_FILE": str(policy)})
+    with pytest.raises(ConfigError, match="got 'LOUD'"):
+        Settings.from_env({**BASE, "LOG_LEVEL": "LOUD"})
+
+
 @pytest.mark.parametrize(
     "env, variable",
     [
