@@ -105,9 +105,19 @@ def held():
                      if token else None}}
 
 
-@bp.get("/held/<int:held_id>", provide_automatic_options=False)
-def held_message(held_id: int):
+def _held_id(raw: str) -> int:
+    """The id in the path as X-Proxy-Held-Id gave it: ASCII digits, no leading zero, at most 2**63 - 1. Flask's
+    int converter took other scripts' digits (`١` for 1) and leading zeros, and an id past the column's range
+    was a 500."""
+    if not (_DIGITS.fullmatch(raw) and raw[0] != "0" and int(raw) <= 2**63 - 1):
+        raise ApiError(20404, 404, f"No held message {raw[:40]!r}.")
+    return int(raw)
+
+
+@bp.get("/held/<held_id>", provide_automatic_options=False)
+def held_message(held_id: str):
     """One held message, by the id its send was answered with (X-Proxy-Held-Id)."""
+    held_id = _held_id(held_id)
     with runtime().engine.connect() as conn:
         row = holds.one(conn, held_id)
     if row is None:
@@ -115,16 +125,20 @@ def held_message(held_id: int):
     return _held_json(row)
 
 
-@bp.delete("/held/<int:held_id>", provide_automatic_options=False)
-def cancel_held(held_id: int):
+@bp.delete("/held/<held_id>", provide_automatic_options=False)
+def cancel_held(held_id: str):
     """Withdraw a held message before the user's next message releases it (an order canceled, an opt-out)."""
-    rt = runtime()
+    held_id, rt = _held_id(held_id), runtime()
     with writing(rt.engine) as conn:
         row, canceled = holds.cancel(conn, held_id, utcnow())
     if row is None:
         raise ApiError(20404, 404, f"No held message {held_id}.")
+    if row["status"] == holds.SENDING:
+        # Its release has it now: sent, or put back to `held` if Twilio never received it (then cancelable again).
+        raise ApiError(409, 409, f"Held message {held_id} is being sent: if Twilio does not take it, it is held "
+                                 f"again and can be canceled then (GET /v1/held/{held_id} says which).")
     if row["status"] != holds.CANCELED:
-        # Sent (or being sent right now), expired, failed: nothing left to withdraw; said, not pretended.
+        # Sent, expired, failed: nothing left to withdraw; said, not pretended.
         raise ApiError(409, 409, f"Held message {held_id} is {row['status']}: only a message still held can be "
                                  "canceled.")
     if canceled:  # a DELETE repeated is answered alike, and logged once

@@ -326,6 +326,9 @@ class SQLiteWriteLock:
 
     _setup = threading.Lock()
     timeout = 30.0  # as SQLite's busy_timeout
+    # A lock file that could not be opened (its folder missing, or a file in its place) is tried again this often:
+    # the database may come (an operator makes the folder), and the process wrote without the lock for good.
+    retry_seconds = 5.0
 
     def __init__(self, path: str):
         self.path = path
@@ -333,6 +336,7 @@ class SQLiteWriteLock:
         self._fd: int | None = None
         self._local = threading.RLock()
         self._depth = 0
+        self._retry_at = 0.0
 
     def _open(self) -> None:
         with self._setup:  # first write of this process (or after a fork): its own lock and descriptor
@@ -344,15 +348,29 @@ class SQLiteWriteLock:
                 # command run as root, say) share the file; it holds nothing.
                 self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
             except OSError as exc:
+                self._retry_at = time.monotonic() + self.retry_seconds
                 logging.getLogger("proxy").warning("sqlite_write_lock_unavailable", extra={
                     "path": self.path, "error": type(exc).__name__,
-                    "detail": "writers fall back to SQLite's own busy timeout"})
+                    "detail": "writers fall back to SQLite's own busy timeout until it can be opened"})
             self._pid = os.getpid()
+
+    def _reopen(self) -> None:
+        """Try the lock file again (said once, when it failed first); the threads' lock and depth are left as they
+        are: a writer inside now, which took no flock, releases none it does not hold (LOCK_UN is a no-op)."""
+        with self._setup:
+            if self._fd is not None or self._pid != os.getpid():
+                return
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+            except OSError:
+                self._retry_at = time.monotonic() + self.retry_seconds
 
     @contextmanager
     def held(self) -> Iterator[None]:
         if self._pid != os.getpid():
             self._open()
+        elif self._fd is None and time.monotonic() >= self._retry_at:
+            self._reopen()
         deadline = time.monotonic() + self.timeout
         if not self._local.acquire(timeout=self.timeout):
             raise WriteLockTimeout("another thread held the SQLite write lock too long")

@@ -167,3 +167,25 @@ def test_an_open_connection_to_a_host_that_stops_answering_is_given_up_on(silent
     finally:
         engine.dispose()
     assert {name: given.get(name) for name in expected} == expected
+
+
+def test_a_sqlite_write_lock_that_could_not_be_opened_is_tried_again_once_the_folder_exists(tmp_path, monkeypatch):
+    """A process started while its database's folder could not be made (a file in its place) wrote without the
+    cross-process lock for good, even once an operator had made the folder and migrated the database."""
+    blocker = tmp_path / "data"
+    blocker.write_text("")  # a file where the folder should be
+    engine = make_engine(f"sqlite:///{blocker / 'proxy.sqlite3'}")
+    lock = proxy.db._WRITE_LOCKS[engine]
+    monkeypatch.setattr(lock, "retry_seconds", 0.0)
+    try:
+        with pytest.raises(OperationalError):
+            with proxy.db.writing(engine) as conn:
+                conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        assert lock._fd is None
+        blocker.unlink()
+        blocker.mkdir()
+        with proxy.db.writing(engine) as conn:
+            conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        assert lock._fd is not None and (blocker / "proxy.sqlite3.write-lock").exists()
+    finally:
+        engine.dispose()

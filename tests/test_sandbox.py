@@ -96,6 +96,8 @@ def test_out_of_window_send_is_accepted_then_failed_by_a_signed_63016_callback()
         statuses = [(dict(form)["MessageStatus"], dict(form).get("ErrorCode")) for _, form, _ in app_side.received]
         assert statuses == [("sent", None), ("failed", "63016")]
         assert app_side.rejected == 0  # signed like Twilio's: the app's RequestValidator accepts them
+        tokens = [headers.get("I-Twilio-Idempotency-Token") for _, _, headers in app_side.received]
+        assert all(tokens) and len(set(tokens)) == len(tokens)  # one per callback, as Twilio's
         assert sim.messages[response.json()["sid"]]["error_code"] == 63016
 
 

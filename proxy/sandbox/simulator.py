@@ -312,8 +312,9 @@ class Simulator:
             self.callbacks.append((url, params))
             try:
                 # Not followed: a redirect could point anywhere, and the sandbox only calls what it was given.
-                requests.post(url, data=params, headers={"X-Twilio-Signature": signature}, timeout=15,
-                              allow_redirects=False)
+                # With Twilio's idempotency token, one per callback: README's de-duplication advice relies on it.
+                requests.post(url, data=params, timeout=15, allow_redirects=False,
+                              headers={"X-Twilio-Signature": signature, "I-Twilio-Idempotency-Token": uuid.uuid4().hex})
             except requests.RequestException as exc:
                 log.warning("status callback to %s failed: %s", url, type(exc).__name__)
 

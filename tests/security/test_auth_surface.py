@@ -9,7 +9,7 @@ OPEN = {"/healthz", "/readyz"}
 
 def concrete(rule: str) -> str:
     return (rule.replace("<account_sid>", ACCOUNT_SID).replace("<path:rest>", "Accounts/" + ACCOUNT_SID + "/Calls.json")
-            .replace("<sid>", "SM" + "0" * 32).replace("<int:held_id>", "1"))
+            .replace("<sid>", "SM" + "0" * 32).replace("<held_id>", "1"))
 
 
 def test_every_route_needs_auth_or_a_signature(app, fake_twilio):
