@@ -131,16 +131,6 @@ def cancel_held(held_id: str):
     held_id, rt = _held_id(held_id), runtime()
     with writing(rt.engine) as conn:
         row, canceled = holds.cancel(conn, held_id, utcnow())
-    if row is None:
-        raise ApiError(20404, 404, f"No held message {held_id}.")
-    if row["status"] == holds.SENDING:
-        # Its release has it now: sent, or put back to `held` if Twilio never received it (then cancelable again).
-        raise ApiError(409, 409, f"Held message {held_id} is being sent: if Twilio does not take it, it is held "
-                                 f"again and can be canceled then (GET /v1/held/{held_id} says which).")
-    if row["status"] != holds.CANCELED:
-        # Sent, expired, failed: nothing left to withdraw; said, not pretended.
-        raise ApiError(409, 409, f"Held message {held_id} is {row['status']}: only a message still held can be "
-                                 "canceled.")
     if canceled:  # a DELETE repeated is answered alike, and logged once
         logs.event("hold_canceled", redact=rt.settings.log_redact_numbers, held_id=held_id, sender=row["sender"],
                    user=row["user"], request_id=g.request_id)

@@ -272,13 +272,11 @@ def register(app: Flask) -> None:
     @needs_schema
     def held_cancel(held_id: int):
         """Withdraw a message still held, as DELETE /v1/held/ID: no release sends it."""
-        with writing(app.extensions["proxy"].engine) as conn:
-            row, canceled = holds.cancel(conn, held_id, utcnow())
-        if row is None:
-            raise click.ClickException(f"no held message {held_id}")
-        if row["status"] != holds.CANCELED:
-            raise click.ClickException(f"held message {held_id} is {row['status']}: only a message still held can "
-                                       "be canceled")
+        try:
+            with writing(app.extensions["proxy"].engine) as conn:
+                row, canceled = holds.cancel(conn, held_id, utcnow())
+        except ApiError as exc:  # no such id, or no longer held: the API's own words
+            raise click.ClickException(exc.message) from None
         if canceled:
             logs.event("hold_canceled", redact=app.extensions["proxy"].settings.log_redact_numbers, held_id=held_id,
                        sender=row["sender"], user=row["user"], request_id="cli")

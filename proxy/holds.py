@@ -239,14 +239,25 @@ def one(conn: Connection, held_id: int):
     return conn.execute(select(*_LISTED).where(held_messages.c.id == held_id)).mappings().first()
 
 
-def cancel(conn: Connection, held_id: int, now: datetime) -> tuple[dict | None, bool]:
-    """Withdraw a message still `held`, so no release sends it: the row as it is afterwards (None: no such id),
-    and whether this call canceled it.
+def cancel(conn: Connection, held_id: int, now: datetime) -> tuple[dict, bool]:
+    """Withdraw a message still `held`, so no release sends it (DELETE /v1/held/{id}, `held cancel`): the row as it
+    is afterwards, and whether this call canceled it (a repeated cancel finds it canceled). ApiError 404 for no
+    such id, 409 for one no longer held.
 
     Conditional, like `take`: a release that took it first has it (`sending`), and the cancel finds it so."""
     done = conn.execute(update(held_messages).where(held_messages.c.id == held_id, held_messages.c.status == HELD)
                         .values(status=CANCELED, released_at=now, last_error=None))
-    return one(conn, held_id), bool(done.rowcount)
+    row = one(conn, held_id)
+    if row is None:
+        raise ApiError(20404, 404, f"No held message {held_id}.")
+    if row["status"] == SENDING:
+        # Its release has it now: sent, or put back to `held` if Twilio never received it (then cancelable again).
+        raise ApiError(409, 409, f"Held message {held_id} is being sent: if Twilio does not take it, it is held "
+                                 f"again and can be canceled then (GET /v1/held/{held_id} says which).")
+    if row["status"] != CANCELED:  # sent, expired, failed: nothing left to withdraw; said, not pretended
+        raise ApiError(409, 409, f"Held message {held_id} is {row['status']}: only a message still held can be "
+                                 "canceled.")
+    return row, bool(done.rowcount)
 
 
 def listing(conn: Connection, *, sender: str | None = None, user: str | None = None, status: str | None = HELD,
