@@ -105,15 +105,18 @@ def send_time(form: MultiDict, now: datetime) -> datetime:
         at = at.astimezone(timezone.utc)
     except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range by its offset
         raise ApiError(35115, 400) from None
-    # Twilio schedules only through a Messaging Service: without one it refuses the create (35118) or, its FAQ
-    # says, drops SendAt and sends at once. Judged at SendAt, a send the open window allows now was refused
-    # with a 63016 Twilio would never give.
+    # Twilio schedules only with ScheduleType=fixed through a Messaging Service: without one it refuses the create
+    # (35118) or, its FAQ says, drops SendAt and sends at once. Judged at SendAt, a send the open window allows now
+    # was refused with a 63016 Twilio would never give.
     return max(at, now) if schedulable(form) else now
 
 
 def schedulable(form: MultiDict) -> bool:
-    """Would Twilio schedule this create? Only with a Messaging Service (in MessagingServiceSid, or From)."""
-    return bool(form.get("MessagingServiceSid", "").strip()) or form.get("From", "").strip().startswith("MG")
+    """Would Twilio schedule this create? Only as `ScheduleType=fixed` ("indicates to Twilio that the message should
+    be sent at a fixed time in the future", its scheduling page) through a Messaging Service (in
+    MessagingServiceSid, or From)."""
+    return form.get("ScheduleType", "").strip() == "fixed" and (
+        bool(form.get("MessagingServiceSid", "").strip()) or form.get("From", "").strip().startswith("MG"))
 
 
 def fail_open(form: MultiDict) -> Judgement:

@@ -158,3 +158,6 @@ def test_a_release_sends_now_what_can_no_longer_be_scheduled(send_at, kept):
     # Without a Messaging Service Twilio schedules nothing: what it gets is what the caller sent.
     unscheduled = [(k, v) for k, v in params if k != "MessagingServiceSid"]
     assert holds.as_released(unscheduled, NOW) == unscheduled
+    # Nor without ScheduleType=fixed.
+    unscheduled = [(k, v) for k, v in params if k != "ScheduleType"]
+    assert holds.as_released(unscheduled, NOW) == unscheduled

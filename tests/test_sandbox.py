@@ -508,6 +508,10 @@ def test_the_simulator_schedules_only_through_a_messaging_service_and_leaves_the
         in_from = create(server.url, sim, To=USER, From="MG" + "a" * 32, Body="later", SendAt=send_at,
                          ScheduleType="fixed")  # the service in From: scheduled too (35118's page)
         assert in_from.status_code == 201 and in_from.json()["status"] == "scheduled"
+        # A SendAt without ScheduleType=fixed schedules nothing: sent now, SendAt or no service.
+        for sender in ({"MessagingServiceSid": "MG" + "a" * 32}, {"From": BUSINESS}):
+            at_once = create(server.url, sim, To=USER, Body="now", SendAt=send_at, **sender)
+            assert at_once.status_code == 201 and at_once.json()["status"] != "scheduled"
         sim.wait_for_callbacks()
         fetched = requests.get(f"{server.url}/2010-04-01/Accounts/{sim.account_sid}/Messages/"
                                f"{scheduled.json()['sid']}.json", auth=(sim.account_sid, sim.auth_token),
@@ -516,8 +520,9 @@ def test_the_simulator_schedules_only_through_a_messaging_service_and_leaves_the
     assert (refused.json()["code"], refused.json()["message"]) == \
         (35118, "MessagingServiceSid is required to schedule a message")
     assert scheduled.status_code == 201 and scheduled.json()["status"] == "scheduled"
-    assert fetched["status"] == "scheduled" and sim.callbacks == []  # not sent before its SendAt
-    assert list(sim.messages) == [scheduled.json()["sid"], naive.json()["sid"], in_from.json()["sid"]]
+    assert fetched["status"] == "scheduled"  # not sent before its SendAt
+    assert {params["MessageSid"] for _, params in sim.callbacks} == set(list(sim.messages)[3:])  # the two sent now
+    assert list(sim.messages)[:3] == [scheduled.json()["sid"], naive.json()["sid"], in_from.json()["sid"]]
 
 
 def test_the_open_windows_of_the_proxys_database_are_what_a_restarted_simulator_remembers(client, settings,

@@ -235,7 +235,7 @@ class Simulator:
 
     def _accept(self, account: str, form, direction: str) -> dict:
         """A message Twilio took: stored (fetch and list see it), and played out unless it is scheduled."""
-        scheduled = bool(form.get("SendAt", "").strip())
+        scheduled = _scheduling(form)
         now = format_datetime(datetime.now(timezone.utc))
         sid = "SM" + uuid.uuid4().hex
         media = form.getlist("MediaUrl")
@@ -591,12 +591,18 @@ def _content_variables_refusal(form) -> Response | None:
     return None
 
 
+def _scheduling(form) -> bool:
+    """Asked to schedule: a SendAt with ScheduleType=fixed, the pair Twilio's scheduling page requires. A SendAt
+    alone schedules nothing here (the proxy's judge reads it the same way: proxy/judge.py schedulable)."""
+    return bool(form.get("SendAt", "").strip()) and form.get("ScheduleType", "").strip() == "fixed"
+
+
 def _schedule_refusal(form) -> Response | None:
     """Twilio schedules a message only through a Messaging Service (a SendAt without one is 35118), and only 5
     minutes to 35 days ahead (35115)."""
-    raw = form.get("SendAt", "").strip()
-    if not raw:
+    if not _scheduling(form):
         return None
+    raw = form.get("SendAt", "").strip()
     # "Pass the MessagingServiceSid in either the MessagingServiceSid parameter or the From parameter" (35118's page).
     if not form.get("MessagingServiceSid", "").strip() and not form.get("From", "").strip().startswith("MG"):
         return _error(35118, 400, "MessagingServiceSid is required to schedule a message")

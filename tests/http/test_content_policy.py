@@ -233,6 +233,25 @@ def test_scheduled_send_is_judged_at_send_time(client, fake_twilio):
     assert send(client, {**base, "SendAt": "next tuesday"}).get_json()["code"] == 35115
 
 
+@pytest.mark.parametrize("schedule_type", [None, "", "FIXED"])
+def test_a_send_at_without_schedule_type_fixed_is_judged_now(client, fake_twilio, schedule_type):
+    """Twilio schedules a create only with ScheduleType=fixed beside its SendAt ("This parameter/value combination
+    indicates to Twilio that the message should be sent at a fixed time in the future"): judged at a SendAt past the
+    window's end, a send the window allows now was refused with a 63016 Twilio would never give."""
+    service = "MG" + "a" * 32
+    open_window(client, MessagingServiceSid=service)
+    later = (utcnow() + timedelta(days=2)).isoformat().replace("+00:00", "Z")
+    form = {"To": USER, "MessagingServiceSid": service, "Body": "x", "SendAt": later}
+    if schedule_type is not None:
+        form["ScheduleType"] = schedule_type
+    response = send(client, form)
+    assert response.headers["X-Proxy-Decision"] == "allowed" and response.status_code == 201
+    assert len(fake_twilio.creates) == 1
+    scheduled = send(client, {**form, "ScheduleType": "fixed"})  # the same with it: past the window's end
+    assert scheduled.status_code == 400 and scheduled.get_json()["code"] == 63016
+    assert len(fake_twilio.creates) == 1
+
+
 @pytest.mark.parametrize("sender", [{"From": BUSINESS}, {"MessagingServiceSid": "MG" + "a" * 32}])
 def test_a_send_at_twilio_will_not_schedule_is_judged_now(client, fake_twilio, sender):
     """Without a Messaging Service Twilio schedules nothing (35118, or sent at once): judged at its SendAt, a send
