@@ -23,7 +23,7 @@ from .forms import URLENCODED, body_of, strict_form
 from .headers import sendable
 from .judge import Judgement, fail_open, judge
 from .migrate import UPGRADE_COMMAND, schema_missing
-from .policy import Action, explain
+from .policy import Action, explain, rerouted_params
 from .runtime import runtime
 from .upstream import UpstreamError
 
@@ -59,15 +59,6 @@ def _relayed(headers) -> list[tuple[str, str]]:
             content_type = True
         kept.append((name, value))
     return kept
-
-
-# What a rerouted send keeps of the original request: where and how it is delivered. The content (Body, MediaUrl,
-# ContentSid and ContentVariables, PersistentAction, SmartEncoded, SendAsMms) is replaced; a field not named here
-# is dropped rather than guessed at.
-_KEPT_ON_REROUTE = ("To", "From", "MessagingServiceSid", "StatusCallback", "ApplicationSid", "ValidityPeriod",
-                    "SendAt", "ScheduleType", "MessageIntent", "ContentRetention", "AddressRetention",
-                    "ProvideFeedback", "Attempt", "ShortenUrls", "RiskCheck", "TrafficType", "FallbackFrom",
-                    "ForceDelivery", "MaxPrice")
 
 
 @bp.before_request
@@ -185,12 +176,8 @@ def _hold(account_sid: str, form: MultiDict, judgement: Judgement) -> int:
 
 
 def rerouted_form(form: MultiDict, judgement: Judgement) -> list[tuple[str, str]]:
-    pairs = [(k, v) for k, v in form.items(multi=True) if k in _KEPT_ON_REROUTE]
-    pairs.append(("ContentSid", judgement.fallback.content_sid))
-    variables = judgement.fallback.render(judgement.profile_name)
-    if variables is not None:
-        pairs.append(("ContentVariables", variables))
-    return pairs
+    return rerouted_params(form.items(multi=True), judgement.fallback.content_sid,
+                           judgement.fallback.render(judgement.profile_name))
 
 
 @bp.route("/<path:rest>", methods=["GET", "POST", "DELETE"], provide_automatic_options=False)

@@ -12,6 +12,7 @@ from . import outbox, store
 from .db import held_messages, outbox as outbox_rows, send_attempts, windows
 from .errors import ApiError
 from .judge import schedulable, send_time
+from .policy import SCHEDULING
 
 HELD, SENDING, RELEASED, EXPIRED, FAILED, UNCERTAIN = "held", "sending", "released", "expired", "failed", "uncertain"
 CANCELED = "canceled"  # withdrawn by the app or an operator before its release (Twilio's word for a scheduled one's)
@@ -24,7 +25,6 @@ FINISHED = (RELEASED, EXPIRED, FAILED, CANCELED)
 # Twilio schedules a message 5 minutes to 35 days ahead, and refuses any other SendAt with 35115; a minute more,
 # for the judge, the Content API, the network and the clocks between this check and Twilio's.
 SCHEDULE_MIN_LEAD = timedelta(minutes=6)
-_SCHEDULING = ("SendAt", "ScheduleType")
 
 
 def as_released(params: list[tuple[str, str]], now: datetime) -> list[tuple[str, str]]:
@@ -39,7 +39,7 @@ def as_released(params: list[tuple[str, str]], now: datetime) -> list[tuple[str,
         return params
     if at - now >= SCHEDULE_MIN_LEAD:
         return params
-    return [(name, value) for name, value in params if name not in _SCHEDULING]
+    return [(name, value) for name, value in params if name not in SCHEDULING]
 
 
 def hold(conn: Connection, *, sender: str, user: str, account_sid: str, params: list, request_id: str,

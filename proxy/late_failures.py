@@ -13,6 +13,7 @@ from . import holds, logs, outbox, store
 from .db import held_messages, late_failures, send_attempts, windows
 from .errors import ApiError
 from .judge import send_time
+from .policy import rerouted_params
 from .runtime import Runtime
 from .store import _insert
 
@@ -46,13 +47,14 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
     attempt = conn.execute(
         select(send_attempts.c.sender, send_attempts.c.user, send_attempts.c.account_sid, send_attempts.c.params,
                send_attempts.c.content_type, send_attempts.c.created_at, send_attempts.c.duration_ms,
-               send_attempts.c.decision, send_attempts.c.request_id)
+               send_attempts.c.decision, send_attempts.c.request_id, send_attempts.c.channel)
         .where(send_attempts.c.message_sid == sid, send_attempts.c.decision.in_(SENT))
         .order_by(send_attempts.c.id.desc()).limit(1)
     ).first()
     if attempt is None:
         return None
-    fallback = rt.settings.fallback_for(attempt.sender)
+    # Only WhatsApp has templates to fall back to: a Messenger send's 63016 (its own 24 hours) closes its window only.
+    fallback = rt.settings.fallback_for(attempt.sender) if attempt.channel == "whatsapp" else None
     reroute = (bool(fallback) and attempt.decision not in FALLBACKS
                and rt.settings.policy.action_for(attempt.content_type) == "reroute")
     action = "closed_and_rerouted" if reroute else "closed"
@@ -82,14 +84,11 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
         action = "kept_open_and_rerouted" if reroute else "kept_open"
         conn.execute(update(late_failures).where(late_failures.c.message_sid == sid).values(action=action))
     if reroute:
-        kept = ("To", "From", "MessagingServiceSid", "StatusCallback")
-        pairs = [(k, v) for k, v in json.loads(attempt.params) if k in kept]
-        pairs.append(("ContentSid", fallback.content_sid))
         profile = conn.execute(select(windows.c.profile_name)
                                .where(windows.c.sender == attempt.sender, windows.c.user == attempt.user)).scalar()
-        variables = fallback.render(profile)
-        if variables is not None:
-            pairs.append(("ContentVariables", variables))
+        # Delivered as the gateway's reroute would be (ContentRetention, ValidityPeriod, ...), but now: the
+        # original's SendAt, if it had one, is what failed.
+        pairs = rerouted_params(json.loads(attempt.params), fallback.content_sid, fallback.render(profile), now=True)
         outbox.enqueue(conn, kind="send", ordering_key=f"send:{sid}", target=attempt.account_sid, headers={},
                        body=pairs, now=now)
     held_id = _hold_again(rt, conn, attempt, sid, now) if reroute and rt.settings.hold_on_reroute else None

@@ -130,6 +130,27 @@ def buttons_allowed_unapproved(content_type: str, buttons: tuple[str, ...], butt
     return len(set(buttons)) == 1 and buttons.count("URL") <= 1
 
 
+# What a rerouted send keeps of the original request: where and how it is delivered. The content (Body, MediaUrl,
+# ContentSid and ContentVariables, PersistentAction, SmartEncoded, SendAsMms) is replaced; a field not named here
+# is dropped rather than guessed at.
+KEPT_ON_REROUTE = ("To", "From", "MessagingServiceSid", "StatusCallback", "ApplicationSid", "ValidityPeriod",
+                   "SendAt", "ScheduleType", "MessageIntent", "ContentRetention", "AddressRetention",
+                   "ProvideFeedback", "Attempt", "ShortenUrls", "RiskCheck", "TrafficType", "FallbackFrom",
+                   "ForceDelivery", "MaxPrice")
+# A send's scheduling, dropped from what goes out now instead.
+SCHEDULING = ("SendAt", "ScheduleType")
+
+
+def rerouted_params(params, content_sid: str, variables: str | None, *, now: bool = False) -> list[tuple[str, str]]:
+    """The fallback's create: the original's delivery fields (`now`: without its scheduling), the template's
+    content."""
+    pairs = [(k, v) for k, v in params if k in KEPT_ON_REROUTE and not (now and k in SCHEDULING)]
+    pairs.append(("ContentSid", content_sid))
+    if variables is not None:
+        pairs.append(("ContentVariables", variables))
+    return pairs
+
+
 def reroute(blocked: Decision, send: Send, fallback: Send | None, window: WindowState, policy: Policy) -> Decision:
     """Turn a block into a reroute when the policy asks for it and the fallback may really go out."""
     if blocked.action is not Action.BLOCKED or policy.action_for(send.content_type) != "reroute":

@@ -2393,3 +2393,62 @@ def test_a_release_outcome_stored_late_never_overwrites_a_later_take_of_the_same
             run_worker(app, utcnow() + timedelta(hours=2))
         assert [dict(r.form).get("Body") for r in fake_twilio.creates].count("A") == 2
         assert held_rows(db_engine)[0]["status"] == "released"
+
+
+DELIVERY = {"ValidityPeriod": "600", "ContentRetention": "discard", "AddressRetention": "obfuscate",
+            "ApplicationSid": "AP" + "1" * 32, "RiskCheck": "disable", "ProvideFeedback": "true"}
+
+
+def test_a_late_63016s_fallback_is_delivered_as_the_gateways_reroute_is(settings, db_engine, fake_twilio):
+    """The fallback sent after a late 63016 kept only To, From, MessagingServiceSid and StatusCallback: Twilio kept
+    the content and the address of a message its caller asked to discard (ContentRetention, AddressRetention)."""
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    cold = send(client, {"To": USER, "From": BUSINESS, "Body": "cold", **DELIVERY})
+    assert cold.headers["X-Proxy-Decision"] == "rerouted"
+    rerouted = dict(fake_twilio.creates[-1].form)
+    assert {k: rerouted.get(k) for k in DELIVERY} == DELIVERY
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "b" * 32))
+    later = (utcnow() + timedelta(hours=2)).isoformat()
+    sid = send(client, {"To": USER, "From": BUSINESS, "Body": "in window", "MessagingServiceSid": "MG" + "1" * 32,
+                        "SendAt": later, "ScheduleType": "fixed", **DELIVERY}).get_json()["sid"]
+    app.extensions["proxy"].attempts.flush()
+    assert signed_post(client, "/twilio/status", failed_callback(sid)).status_code == 200
+    assert run_worker(app) == 1
+    fallback = dict(fake_twilio.creates[-1].form)
+    assert fallback["ContentSid"] == app.fallback_sid and fallback["MessagingServiceSid"] == "MG" + "1" * 32
+    assert {k: fallback.get(k) for k in DELIVERY} == DELIVERY
+    assert "SendAt" not in fallback and "ScheduleType" not in fallback  # its SendAt is what failed: sent now
+
+
+MESSENGER_USER, MESSENGER_PAGE = "messenger:24680", "messenger:13579"
+
+
+@pytest.mark.parametrize("wrote_again", [False, True])
+def test_a_late_63016_on_messenger_closes_its_window_and_sends_no_whatsapp_template(
+        settings, db_engine, fake_twilio, wrote_again):
+    """63016 is also Messenger's 24 hours. The fallback configured for every sender is a WhatsApp template: it was
+    sent to the Messenger user when they had written since (and, with the window closed, queued to fail, and the
+    message held, which the gateway never does for Messenger)."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    pair = {"user": MESSENGER_USER, "business": MESSENGER_PAGE}
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "9" * 31 + "1", **pair))
+    sent = send(client, {"To": MESSENGER_USER, "From": MESSENGER_PAGE, "Body": "hi"})
+    assert sent.headers["X-Proxy-Decision"] == "allowed"
+    app.extensions["proxy"].attempts.flush()
+    if wrote_again:
+        with db_engine.begin() as conn:  # the send came in a minute ago; the user writes again now
+            conn.execute(update(windows).values(last_inbound_at=utcnow() - timedelta(seconds=90)))
+            conn.execute(update(send_attempts).values(created_at=utcnow() - timedelta(seconds=60)))
+        signed_post(client, "/twilio/inbound", inbound_params("SM" + "9" * 31 + "2", **pair))
+    callback = {**failed_callback(sent.get_json()["sid"]), "From": MESSENGER_PAGE, "To": MESSENGER_USER,
+                "ChannelPrefix": "messenger"}
+    assert signed_post(client, "/twilio/status", callback).status_code == 200
+    while run_worker(app):
+        pass
+    assert len(fake_twilio.creates) == 1  # the send itself, nothing after it
+    with db_engine.connect() as conn:
+        assert conn.execute(select(late_failures.c.action)).scalar_one() == ("kept_open" if wrote_again else "closed")
+        assert conn.execute(select(outbox.c.kind).where(outbox.c.kind == "send")).all() == []
+        assert conn.execute(select(held_messages)).all() == []
