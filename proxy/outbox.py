@@ -220,9 +220,15 @@ def failed(conn: Connection, item_id: int, error: str, now: datetime, schedule: 
     attempts += 1
     when = next_attempt_at(attempts, schedule, now) if retry and not uncertain else None
     status = UNCERTAIN if uncertain else PENDING if when else EXHAUSTED
-    conn.execute(update(outbox).where(outbox.c.id == item_id, outbox.c.status == current)
-                 .values(status=status, attempts=attempts, next_attempt_at=when or now, lease_until=None,
-                         last_error=error[:500], updated_at=now))
+    # The lease read above rechecked in the update: on PostgreSQL the update may have waited on another worker's
+    # claim of the row, committed after the read, and rechecks only what its WHERE names.
+    done = conn.execute(update(outbox).where(outbox.c.id == item_id, outbox.c.status == current,
+                                             outbox.c.lease_until.is_(None) if held_until is None
+                                             else outbox.c.lease_until == held_until)
+                        .values(status=status, attempts=attempts, next_attempt_at=when or now, lease_until=None,
+                                last_error=error[:500], updated_at=now))
+    if not done.rowcount:  # claimed by another worker (or settled) since the read: it is that worker's now
+        return conn.execute(select(outbox.c.status).where(outbox.c.id == item_id)).scalar()
     return status
 
 

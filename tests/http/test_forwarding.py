@@ -12,7 +12,7 @@ from datetime import timedelta
 from urllib.parse import parse_qsl
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import OperationalError
 from twilio.request_validator import RequestValidator
 
@@ -1961,6 +1961,49 @@ def test_a_failure_reported_after_another_worker_claimed_the_item_leaves_it_to_t
         assert outbox_module.claim(conn, later + timedelta(seconds=1), LEASE_SECONDS) == []  # not due yet
     [row] = items(db_engine)
     assert row["attempts"] == 2 and row["lease_until"] is None
+
+
+def test_a_stale_failure_waiting_on_another_workers_claim_leaves_the_item_to_that_worker(db_engine):
+    """PostgreSQL: the stale attempt read the row (its own lease still there) while another worker's claim was
+    uncommitted, then its update waited on that claim's row lock and rechecked only the status: it wiped the new
+    lease, so the item went to a third worker and the claimer's delivery was not recorded."""
+    from proxy import outbox as outbox_module
+
+    if db_engine.dialect.name != "postgresql":
+        pytest.skip("SQLite writers take turns on the proxy's write lock: a claim and a failure never overlap")
+    start = utcnow()
+    with db_engine.begin() as conn:
+        item_id = outbox_module.enqueue(conn, kind="inbound", ordering_key="inbound:a|b", target="http://x",
+                                        headers={}, body=[], now=start)
+    with db_engine.begin() as conn:
+        [stale] = outbox_module.claim(conn, start, 120)  # its attempt then overruns the lease
+    later = start + timedelta(seconds=200)
+    claimer = db_engine.connect()
+    claim = claimer.begin()
+    [claimed] = outbox_module.claim(claimer, later, 120)
+    result = []
+
+    def stale_failure():
+        with db_engine.begin() as conn:
+            result.append(outbox_module.failed(conn, item_id, "app 503", later, SCHEDULE, lease=stale.lease_until))
+
+    thread = threading.Thread(target=stale_failure)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        with db_engine.connect() as watcher:  # until the stale update waits on the claim's row lock
+            while thread.is_alive() and time.monotonic() < deadline and not watcher.execute(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")).scalar():
+                time.sleep(0.01)
+        assert thread.is_alive(), "the stale failure did not wait on the claim"
+    finally:
+        claim.commit()
+        claimer.close()
+        thread.join(10)
+    assert result == ["pending"]  # the claimer's, untouched
+    with db_engine.begin() as conn:
+        assert outbox_module.delivered(conn, item_id, later + timedelta(seconds=1), claimed.lease_until)
+        assert conn.execute(select(outbox.c.status).where(outbox.c.id == item_id)).scalar_one() == "delivered"
 
 
 def closed_port() -> int:
