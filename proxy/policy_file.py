@@ -97,6 +97,10 @@ def load(path: str) -> PolicyFile:
         compact = "".join(key.split())
         whole = re.compile(r"(?:^|[\[.])(?:%s|\"%s\"|'%s')(?=[=.\]])" % ((re.escape(compact),) * 3))
         lines = text.splitlines()
+        if compact != key:  # spaced inside its quotes: found as written first (compacted, "+1 415…" is "+1415…")
+            for number, line in enumerate(lines, start=1):
+                if (f'"{key}"' in line or f"'{key}'" in line) and not line.lstrip().startswith("#"):
+                    return f"{path} line {number}"
         for number, line in enumerate(lines, start=1):
             if whole.search("".join(line.split())):
                 return f"{path} line {number}"
