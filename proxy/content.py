@@ -30,7 +30,12 @@ class ContentNotFound(LookupError):
 
 
 class ContentUnavailable(RuntimeError):
-    """The Content API could not be asked; the proxy fails closed rather than guess."""
+    """The Content API could not be asked; the proxy fails closed rather than guess. `lasting`: until the operator
+    acts (the proxy's credentials refused), not a passing outage."""
+
+    def __init__(self, detail: str, *, lasting: bool = False):
+        super().__init__(detail)
+        self.lasting = lasting
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,9 @@ def delivered_type(types: Mapping[str, Any]) -> str | None:
     A type the rule table does not know may be what Twilio sends (new types are the rich ones), so it
     wins and is judged as rules.UNKNOWN_TYPE rather than being skipped.
     """
-    present = [t for t in types if t not in NOT_ON_WHATSAPP]
+    # Every type in Twilio's schema is nullable: a type given as null is not there (an approved text template
+    # with `"twilio/location": null` was judged as a location, and blocked outside the window).
+    present = [t for t, body in types.items() if body is not None and t not in NOT_ON_WHATSAPP]
     unknown = sorted(t for t in present if t not in TABLE)
     if unknown:
         return unknown[0]
@@ -244,6 +251,10 @@ class ContentResolver:
             raise ContentUnavailable(f"Content API unreachable ({type(exc).__name__})") from exc
         if response.status_code == 404:
             return None
+        if response.status_code in (401, 403):
+            # Not a passing outage: no retry helps until the operator fixes the proxy's own credentials.
+            raise ContentUnavailable(f"Content API answered {response.status_code}: it refused the proxy's "
+                                     "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN", lasting=True)
         if response.status_code != 200:
             raise ContentUnavailable(f"Content API answered {response.status_code}")
         try:

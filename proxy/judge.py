@@ -250,6 +250,7 @@ def resolve(rt: Runtime, content_sid: str, channel: str) -> Send:
         logs.log.error("content_unavailable", extra={
             "content_sid": content_sid if CONTENT_SID.fullmatch(content_sid) else "not_a_content_sid",
             "detail": str(exc), "request_id": g.get("request_id") if has_request_context() else None})
+        then = "The proxy's operator must fix them" if exc.lasting else "Retry later"
         raise ApiError(503, 503, f"The Content API could not be asked about {content_sid} ({exc}); "
-                                 "nothing was sent. Retry later.", refusal="content_unavailable") from None
+                                 f"nothing was sent. {then}.", refusal="content_unavailable") from None
     return Send(channel, content.delivered_type, template=True, approval=content.approval, buttons=content.buttons)

@@ -177,7 +177,7 @@ class Simulator:
             content = self.contents.get(content_sid)
             if content is None:
                 return 63005
-            present = [t for t in content["types"] if t in WHATSAPP_COMPLEXITY]
+            present = [t for t, body in content["types"].items() if body is not None and t in WHATSAPP_COMPLEXITY]
             if not present:
                 return 63005
             kind = max(present, key=WHATSAPP_COMPLEXITY.index)

@@ -89,6 +89,18 @@ def test_a_malformed_content_answer_fails_closed_with_503_and_is_not_kept(make_a
     assert cold_template_send(client).status_code == 201
 
 
+@pytest.mark.parametrize("status, then", [(401, "operator must fix"), (403, "operator must fix"),
+                                          (500, "Retry later"), (429, "Retry later")])
+def test_content_api_refusing_the_proxys_credentials_is_not_said_to_pass(make_app, content_api, fake_twilio, status,
+                                                                          then):
+    """A 401/403 said "Retry later" like an outage: no retry helps until the operator fixes the credentials."""
+    content_api.status = status
+    response = cold_template_send(make_app().test_client())
+    assert response.status_code == 503 and set(response.get_json()) == SHAPE and fake_twilio.creates == []
+    message = response.get_json()["message"]
+    assert then in message and ("TWILIO_AUTH_TOKEN" in message) == (status in (401, 403))
+
+
 def test_a_content_cache_row_that_cannot_be_written_is_no_database_outage(make_app, content_api, fake_twilio,
                                                                           monkeypatch):
     """With FAIL_OPEN, a failed cache write must not send unjudged: the lookup itself succeeded."""

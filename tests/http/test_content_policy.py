@@ -82,6 +82,14 @@ def test_multi_type_content_is_judged_by_the_type_whatsapp_receives(client, fake
     assert "twilio/carousel" in response.get_json()["message"] and "'pending'" in response.get_json()["message"]
 
 
+def test_a_type_given_as_null_is_not_judged(client, fake_twilio):
+    """Every type in the Content API's schema is nullable: an approved text template listing `"twilio/location":
+    null` was judged as a location, which no template may carry outside the window (63016)."""
+    sid = fake_twilio.add_content({"twilio/text": {"body": "x"}, "twilio/location": None}, "approved")
+    response = template_send(client, sid)  # no window
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "allowed"
+
+
 @pytest.mark.parametrize("flat", [False, True], ids=["nested", "flat"])
 def test_approval_nested_or_flat(client, fake_twilio, flat):
     sid = fake_twilio.add_content({"twilio/text": {"body": "x"}}, "APPROVED", flat=flat)

@@ -22,6 +22,9 @@ from proxy.content import approval_status, buttons_of, delivered_type
         ({"twilio/text": {}, "twilio/brand-new": {}}, "twilio/brand-new"),
         ({"twilio/schedule": {}, "twilio/brand-new": {}}, "twilio/brand-new"),
         ({}, None),
+        # Every type in Twilio's schema is nullable: one given as null is not there.
+        ({"twilio/text": {"body": "hi"}, "twilio/location": None, "twilio/brand-new": None}, "twilio/text"),
+        ({"twilio/card": None}, None),
     ],
 )
 def test_delivered_type_is_the_most_complex_whatsapp_type(types, expected):
