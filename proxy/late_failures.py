@@ -67,15 +67,19 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
     if first is None:
         return "duplicate"
     senders = {s for s in (attempt.sender, callback_sender) if s}
-    # The same inbound message may also have opened the pair's Messaging Service row: close it too.
+    # The same inbound message may also have opened the pair's Messaging Service row: close it too. Never the
+    # other way: a service send Twilio made from another of its numbers says nothing of the window the user
+    # opened at the first, which WhatsApp still has open.
+    numbers = {s for s in senders if not s.startswith("MG")}
     opened_by = select(windows.c.last_inbound_sid).where(windows.c.user == attempt.user,
-                                                         windows.c.sender.in_(senders))
+                                                         windows.c.sender.in_(numbers))
     # 63016 says the window WhatsApp knew when it tried to deliver was closed: the one the proxy had when
     # the send came in, or at its SendAt. A message the user sent after that opened a new window (callbacks
     # come late and out of order), which must stay open.
     tried_at = _tried_at(attempt.params, attempt.created_at - timedelta(milliseconds=attempt.duration_ms or 0))
     open_now = (windows.c.user == attempt.user, windows.c.expires_at > now,
-                windows.c.sender.in_(senders) | (windows.c.last_inbound_sid.in_(opened_by)))
+                windows.c.sender.in_(senders) | (windows.c.last_inbound_sid.in_(opened_by)
+                                                 & windows.c.sender.startswith("MG")))
     closed = conn.execute(update(windows).where(*open_now, windows.c.last_inbound_at <= tried_at)
                           .values(expires_at=now, updated_at=now))
     if not closed.rowcount and conn.execute(select(windows.c.sender).where(*open_now).limit(1)).first():

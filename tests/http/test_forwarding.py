@@ -2495,3 +2495,48 @@ def test_a_late_63016_on_messenger_closes_its_window_and_sends_no_whatsapp_templ
         assert conn.execute(select(late_failures.c.action)).scalar_one() == ("kept_open" if wrote_again else "closed")
         assert conn.execute(select(outbox.c.kind).where(outbox.c.kind == "send")).all() == []
         assert conn.execute(select(held_messages)).all() == []
+
+
+SERVICE_OF_TWO = "MG" + "1a" * 16
+NUMBER_1, NUMBER_2 = BUSINESS, "whatsapp:+14155550102"  # two WhatsApp senders of SERVICE_OF_TWO
+
+
+def service_failed_callback(sid, sender):
+    """Twilio's callback for a service send names the number it picked in From."""
+    return {**failed_callback(sid), "From": sender, "MessagingServiceSid": SERVICE_OF_TWO}
+
+
+def is_open(client, sender):
+    return client.get("/v1/windows", query_string={"sender": sender, "user": USER},
+                      headers=basic_auth()).get_json()["open"]
+
+
+@pytest.mark.parametrize("reroute", [False, True])
+def test_a_service_sends_63016_from_another_number_leaves_the_number_the_user_wrote_to_open(
+        settings, db_engine, fake_twilio, reroute):
+    """The user wrote to number 1 of a service; Twilio sent the service's message from number 2 (its sender pool,
+    Sticky Sender) and it failed 63016. Number 1's window was closed too, so README's advice (send with its From)
+    failed for a day: blocked, or, with reroute, a template sent and the message held."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True) if reroute else create_app(settings)
+    client = app.test_client()
+    signed_post(client, "/twilio/inbound", inbound_params("SM" + "a" * 32, business=NUMBER_1,
+                                                          MessagingServiceSid=SERVICE_OF_TWO))
+    sid = send(client, {"To": USER, "MessagingServiceSid": SERVICE_OF_TWO, "Body": "via the service"}
+               ).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", service_failed_callback(sid, NUMBER_2)).status_code == 200
+    assert is_open(client, SERVICE_OF_TWO) is False  # the window the send was judged by
+    assert is_open(client, NUMBER_1) is True
+    assert send(client, {"To": USER, "From": NUMBER_1, "Body": "from 1"}).headers["X-Proxy-Decision"] == "allowed"
+
+
+def test_a_service_sends_63016_from_one_number_leaves_a_window_opened_at_another_open(settings, db_engine,
+                                                                                        fake_twilio):
+    client = create_app(settings).test_client()
+    for n, number in enumerate((NUMBER_1, NUMBER_2)):  # the user wrote to both, number 2 last
+        signed_post(client, "/twilio/inbound", inbound_params("SM" + "c" * 31 + str(n), business=number,
+                                                              MessagingServiceSid=SERVICE_OF_TWO))
+    sid = send(client, {"To": USER, "MessagingServiceSid": SERVICE_OF_TWO, "Body": "via the service"}
+               ).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", service_failed_callback(sid, NUMBER_1)).status_code == 200
+    assert (is_open(client, NUMBER_1), is_open(client, SERVICE_OF_TWO)) == (False, False)
+    assert is_open(client, NUMBER_2) is True  # WhatsApp has that one open: the user's latest message
