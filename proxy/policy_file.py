@@ -94,16 +94,16 @@ def load(path: str) -> PolicyFile:
     def at(key: str) -> str:
         """The line that sets `key`: as a whole key (bare, quoted; dotted, `actions."twilio/text" = …`; in a table
         header, spaced or not), not a comment that mentions it nor a longer key that starts with it."""
+        lines = text.splitlines()
+        # As written first, spaces only around the key: compacted, two spellings of one sender ("+1 415 555 0100"
+        # and "+14155550100") are the same text, and the first one's line was named for the second.
+        as_written = re.compile(r"(?:^|[\[.])\s*(?:%s|\"%s\"|'%s')\s*(?=[=.\]])" % ((re.escape(key),) * 3))
         compact = "".join(key.split())
         whole = re.compile(r"(?:^|[\[.])(?:%s|\"%s\"|'%s')(?=[=.\]])" % ((re.escape(compact),) * 3))
-        lines = text.splitlines()
-        if compact != key:  # spaced inside its quotes: found as written first (compacted, "+1 415…" is "+1415…")
+        for pattern, spelling in ((as_written, str.strip), (whole, lambda line: "".join(line.split()))):
             for number, line in enumerate(lines, start=1):
-                if (f'"{key}"' in line or f"'{key}'" in line) and not line.lstrip().startswith("#"):
+                if pattern.search(spelling(line)):
                     return f"{path} line {number}"
-        for number, line in enumerate(lines, start=1):
-            if whole.search("".join(line.split())):
-                return f"{path} line {number}"
         for number, line in enumerate(lines, start=1):  # a spelling the pattern does not know: the first mention
             if key in line and not line.lstrip().startswith("#"):
                 return f"{path} line {number}"

@@ -285,6 +285,8 @@ profile_name_default = "cliente"
         # ... spelt with spaces alone: compacted, it was the first one's line (review, session 19).
         (f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\n\n'
          f'[fallbacks."whatsapp:+1 415 555 0100"]\ncontent_sid = "{HX}"\n', 4),
+        (f'[fallbacks."whatsapp:+1 415 555 0100"]\ncontent_sid = "{HX}"\n\n'
+         f'[fallbacks."whatsapp:+14155550100"]\ncontent_sid = "{HX}"\n', 4),
         # A comment naming the key came first, and was named as the line.
         ('# "twilio/text" used to be rerouted\n[actions]\n"twilio/card" = "block"\n"twilio/text" = "rerout"\n', 4),
         # Dotted keys, spaced headers, an array of tables, a longer key starting with the one at fault.
