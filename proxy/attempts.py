@@ -34,7 +34,7 @@ MAX_PENDING = 100_000  # rows kept while the database is down; older ones are dr
 
 _writers: weakref.WeakSet[AttemptWriter] = weakref.WeakSet()
 _registered = False
-_exit_flushed = False
+_said_lost: int | None = None  # once an exit flush ran: how many records it could not store
 
 
 class AttemptWriter:
@@ -160,20 +160,22 @@ def flush_all(timeout: float = 10.0) -> bool:
 
 
 def flush_at_exit(timeout: float) -> bool:
-    """`flush_all`, and one ERROR line saying how many records the exiting process could not store: the sends
-    went out (a FAIL_OPEN send while the database was away, say), their records did not. Once per process:
-    gunicorn's worker_exit hook runs it, then atexit."""
-    global _exit_flushed
-    if _exit_flushed:
-        return True
-    _exit_flushed = True
-    if flush_all(timeout):
-        return True
-    lost = sum(writer.unstored() for writer in list(_writers))
-    if lost:
+    """`flush_all`, and an ERROR line saying how many records the exiting process could not store: the sends
+    went out (a FAIL_OPEN send while the database was away, say), their records did not. gunicorn's worker_exit
+    hook runs it, then atexit, which flushes again only what was handed over since: a gthread worker told to quit
+    at once (SIGINT, SIGQUIT) runs the hook while its requests still wait on Twilio, and they answer (201) and hand
+    their records over after it."""
+    global _said_lost
+    if _said_lost is not None and sum(writer.unstored() for writer in list(_writers)) <= _said_lost:
+        return True  # nothing new since the last exit flush said what it lost
+    stored = flush_all(timeout)
+    lost = 0 if stored else sum(writer.unstored() for writer in list(_writers))
+    if lost > (_said_lost or 0):
         logs.log.error("attempts_lost_at_exit", extra={
-            "count": lost, "detail": "the process is exiting and the database did not take these send records"})
-    return False
+            "count": lost - (_said_lost or 0),
+            "detail": "the process is exiting and the database did not take these send records"})
+    _said_lost = lost
+    return stored
 
 
 def content_type(judgement: Judgement) -> str | None:
