@@ -189,9 +189,9 @@ def _serve_metrics_then_stop(tmp_path, **env) -> dict[Path, list[Path]]:
             try:
                 if requests.get(f"http://127.0.0.1:{port}/metrics", headers=basic_auth(), timeout=5).ok:
                     # Counted (an unsigned webhook): the worker writes its sample file.
-                    assert requests.post(f"http://127.0.0.1:{port}/twilio/inbound", timeout=5).status_code == 403
+                    assert requests.post(f"http://127.0.0.1:{port}/twilio/inbound", timeout=30).status_code == 403
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a busy machine's first answer
                 pass
             time.sleep(0.1)
         time.sleep(1)  # gunicorn starts its control server once the workers are forked
