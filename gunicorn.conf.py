@@ -175,6 +175,42 @@ def _twilio_shaped_error(sock, status_int, reason, mesg):
 _gunicorn_util.write_error = _twilio_shaped_error
 
 
+def _linger_off_the_event_loop(worker) -> None:
+    """gunicorn's gthread worker (27) closes a `Connection: close` socket gracefully (RFC 9112 9.6: half-close,
+    then read until the client closes its end, up to 2 s) on its event-loop thread: a client keeping its end open
+    froze every connection of the worker for 2 s, twenty of them for 40 s, with no credentials needed. The
+    lingering runs on a few daemon threads of the worker's own instead (a process that exits drops what is left)."""
+    import queue
+    import threading
+
+    from gunicorn.workers import gthread
+
+    close_graceful = getattr(_gunicorn_util, "close_graceful", None)
+    if close_graceful is None or not isinstance(worker, gthread.ThreadWorker):
+        return  # another worker class, or a gunicorn that closes at once
+    waiting: queue.SimpleQueue = queue.SimpleQueue()
+
+    def linger():
+        while True:
+            sock = waiting.get()
+            try:
+                close_graceful(sock)
+            except Exception:  # noqa: BLE001 — one socket's trouble must not end the lingering for all
+                pass
+
+    for n in range(4):
+        threading.Thread(target=linger, name=f"linger-{n}", daemon=True).start()
+    plain_close = gthread.TConn.close
+
+    def close(conn, graceful=False):
+        if not graceful:
+            return plain_close(conn)
+        conn.sock.setblocking(True)
+        waiting.put(conn.sock)
+
+    gthread.TConn.close = close
+
+
 class _RequestLinesUnquoted(logging.Filter):
     """gunicorn's warning for a request it cannot read quotes what it could not read (`Invalid HTTP request line:
     'POST /…?To=whatsapp:+1415…'`, a header line without its colon, `Authorization Basic …` and all): a number or
@@ -196,6 +232,7 @@ _NUMBER_LIKE = re.compile(r"\+?\d(?:[\s\-().]*\d){4,}")  # as proxy/addresses.py
 
 def post_worker_init(worker):
     worker.log.error_log.addFilter(_RequestLinesUnquoted())
+    _linger_off_the_event_loop(worker)
     # The app's ~100k objects (Flask, SQLAlchemy, twilio, ...) live as long as the worker. Python's
     # full collections traversed them all: 55-130 ms each under load, several per worker every 10 s,
     # and a gevent worker answers nothing meanwhile (the gateway's max latency at 200 sends/s was

@@ -244,3 +244,41 @@ def test_on_exit_removes_only_the_directory_gunicorn_made(tmp_path):
          f"conf['on_exit'](types.SimpleNamespace(proxy_metrics_dir={str(made)!r}))\n"
          "conf['on_exit'](types.SimpleNamespace())  # PROMETHEUS_MULTIPROC_DIR was the operator's")
     assert not made.exists() and given.is_dir()
+
+
+def test_clients_keeping_their_end_open_after_connection_close_do_not_stall_a_gthread_worker(tmp_path):
+    """gunicorn's gthread worker lingered on each `Connection: close` socket (up to 2 s, until the client closed
+    its end) on its event-loop thread: twenty such clients, no credentials needed, froze every connection of the
+    worker for 40 s. Now the lingering runs beside the loop, and the next request is answered meanwhile."""
+    import socket
+    import time
+
+    import requests
+
+    from tests.e2e.conftest import free_port
+
+    port = free_port()
+    server = _gunicorn(tmp_path, port, WEB_WORKER_CLASS="gthread", WEB_CONCURRENCY="1", WEB_THREADS="8")
+    lingering = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "gunicorn.log").read_text()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok:
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            time.sleep(0.1)
+        for _ in range(20):  # all at once: each is answered, then the worker lingers until its client closes
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
+            lingering.append(sock)
+        # 20 x 2 s on the loop thread before: this request waited ~40 s for its turn.
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=15).ok
+        assert all(sock.recv(65536).startswith(b"HTTP/1.1 200") for sock in lingering)
+    finally:
+        for sock in lingering:
+            sock.close()
+        server.terminate()
+        assert server.wait(30) == 0, (tmp_path / "gunicorn.log").read_text()
