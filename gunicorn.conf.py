@@ -181,6 +181,7 @@ def _linger_off_the_event_loop(worker) -> None:
     froze every connection of the worker for 2 s, twenty of them for 40 s, with no credentials needed. The
     lingering runs on a few daemon threads of the worker's own instead (a process that exits drops what is left)."""
     import queue
+    import socket
     import threading
 
     from gunicorn.workers import gthread
@@ -206,6 +207,10 @@ def _linger_off_the_event_loop(worker) -> None:
         if not graceful:
             return plain_close(conn)
         conn.sock.setblocking(True)
+        try:  # the end of the answer said at once (close_graceful says it again, harmlessly), the wait queued
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         waiting.put(conn.sock)
 
     gthread.TConn.close = close
