@@ -162,9 +162,9 @@ def flush_all(timeout: float = 10.0) -> bool:
 def flush_at_exit(timeout: float) -> bool:
     """`flush_all`, and an ERROR line saying how many records the exiting process could not store: the sends
     went out (a FAIL_OPEN send while the database was away, say), their records did not. gunicorn's worker_exit
-    hook runs it, then atexit, which flushes again only what was handed over since: a gthread worker told to quit
-    at once (SIGINT, SIGQUIT) runs the hook while its requests still wait on Twilio, and they answer (201) and hand
-    their records over after it."""
+    hook runs it, then atexit, which flushes again when records were handed over since (and says only those it
+    lost): a gthread worker told to quit at once (SIGINT, SIGQUIT) runs the hook while its requests still wait on
+    Twilio, and they answer (201) and hand their records over after it."""
     global _said_lost
     if _said_lost is not None and sum(writer.unstored() for writer in list(_writers)) <= _said_lost:
         return True  # nothing new since the last exit flush said what it lost
