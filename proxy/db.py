@@ -206,6 +206,21 @@ late_failures = Table(
 )
 
 
+# The number a Messaging Service sends to a user from (Twilio's Sticky Sender: "Any future messages sent to that
+# recipient from that Messaging Service will also use the same From number"), as the callbacks of the proxy's
+# service sends reported it. A service send is judged by that number's window: the service's own row is open
+# when the user wrote to any of its numbers.
+sticky_senders = Table(
+    "sticky_senders",
+    metadata,
+    Column("service_sid", String(64), primary_key=True),
+    Column("user", String(128), primary_key=True),
+    Column("sender", String(128), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index(None, "updated_at"),
+)
+
+
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     """A pool of at most `pool_size` connections, kept open, most recently used first.
 

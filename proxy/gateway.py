@@ -138,7 +138,7 @@ def create_message(account_sid: str):
         judgement = fail_open(form)
     decision = judgement.decision
     if decision.action is Action.BLOCKED:
-        message = explain(decision, judgement.send, judgement.window, judgement.judged_at)
+        message = explain(decision, judgement.send, judgement.window, judgement.judged_at) + _sticky_note(judgement)
         response = twilio_error(decision.code, 400, message)
         outcome, upstream_status, message_sid = "blocked", None, None
     elif decision.action is Action.REROUTED:
@@ -164,6 +164,16 @@ def create_message(account_sid: str):
     return response
 
 
+def _sticky_note(judgement: Judgement) -> str:
+    """Why a service's window is another number's: said, or the caller sees a window it knows to be open refused."""
+    if judgement.window_sender in (None, judgement.sender) or \
+            judgement.decision.reason.partition("+")[0] not in ("no_window", "window_closed"):
+        return ""
+    return (f" Twilio sends this Messaging Service's messages to {judgement.user} from {judgement.window_sender} "
+            "(Sticky Sender, learnt from the status callbacks of its earlier sends), so that number's window is the "
+            "one that counts; to reach the user at a number they wrote to, send with that number as From.")
+
+
 def _hold(account_sid: str, form: MultiDict, judgement: Judgement) -> int:
     """Keep the original request (StatusCallback included) until the user's next message opens the window."""
     rt = runtime()
@@ -171,7 +181,8 @@ def _hold(account_sid: str, form: MultiDict, judgement: Judgement) -> int:
         held_id, _ = holds.hold(conn, sender=judgement.sender, user=judgement.user, account_sid=account_sid,
                                 params=list(form.items(multi=True)), request_id=g.request_id, now=utcnow(),
                                 ttl_seconds=rt.settings.hold_ttl_seconds,
-                                judged_inbound_at=judgement.window.last_inbound_at)
+                                judged_inbound_at=judgement.window.last_inbound_at,
+                                window_sender=judgement.window_sender)
         return held_id
 
 
@@ -293,6 +304,7 @@ def _finish(account_sid, form, judgement: Judgement, response, outcome, upstream
         fallback_content_sid=judgement.fallback.content_sid if judgement.fallback else None,
         sender=judgement.sender,
         user=judgement.user,
+        window_sender=judgement.window_sender if judgement.window_sender != judgement.sender else None,
         message_sid=message_sid,
         outcome=outcome,
         upstream_status=upstream_status,

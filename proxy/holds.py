@@ -43,10 +43,12 @@ def as_released(params: list[tuple[str, str]], now: datetime) -> list[tuple[str,
 
 
 def hold(conn: Connection, *, sender: str, user: str, account_sid: str, params: list, request_id: str,
-         now: datetime, ttl_seconds: int, judged_inbound_at: datetime | None) -> tuple[int, bool]:
+         now: datetime, ttl_seconds: int, judged_inbound_at: datetime | None,
+         window_sender: str | None = None) -> tuple[int, bool]:
     """Keep a rerouted send; its id, and whether its release was queued at once.
 
-    `judged_inbound_at` is the pair's last inbound message as the judge saw it. The hold is stored
+    `judged_inbound_at` is the last inbound message of the window the judge read (`window_sender`'s: for a
+    Messaging Service, the number it sends to this user from), as it saw it. The hold is stored
     only after Twilio answered the fallback, so the user may have written in between: that webhook
     found nothing held and queued no release, and would leave this one waiting for the next message.
     """
@@ -57,7 +59,7 @@ def hold(conn: Connection, *, sender: str, user: str, account_sid: str, params: 
                 request_id=request_id, created_at=now, expires_at=now + timedelta(seconds=ttl_seconds))
         .returning(held_messages.c.id)
     ).scalar_one()
-    window = store.load_window(conn, sender, user)
+    window = store.load_window(conn, window_sender or sender, user)
     wrote_since = window is not None and window.last_inbound_at != judged_inbound_at
     if wrote_since:
         queue_release(conn, sender, user, now)  # judged again when released, like any release

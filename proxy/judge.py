@@ -35,6 +35,8 @@ class Judgement:
     judged_at: datetime
     fallback: Fallback | None = None
     profile_name: str | None = None
+    # Whose window was read: `sender`'s, or for a Messaging Service the number it sends to this user from.
+    window_sender: str | None = None
 
 
 # Fields Twilio reads one value of. Two values could be judged by one and sent by another,
@@ -179,7 +181,7 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
 
     at = send_time(form, now)
     asked = time.monotonic()
-    row = _window_in_time(rt, sender, user)
+    window_sender, row = _window_in_time(rt, sender, user)
     waited = time.monotonic() - asked
     if row is _TOO_SLOW or waited > SLOW_DATABASE_SECONDS:
         # A database that stalls (a lock held, a host that stopped answering mid-query) answers late, and a
@@ -214,29 +216,30 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
             fallback_send = None  # a deleted fallback template: block, and say so
         decision = reroute(decision, send, fallback_send, window, rt.settings.policy)
     return Judgement(decision, send, window, channel, sender, user, content_sid, now,
-                     fallback if decision.action is Action.REROUTED else None, profile_name)
+                     fallback if decision.action is Action.REROUTED else None, profile_name, window_sender)
 
 
 _TOO_SLOW = object()
 
 
 def _window_in_time(rt: Runtime, sender: str, user: str):
-    """The pair's window row (None: none), or _TOO_SLOW. Under gevent the read is given up on at
+    """The key and row (None: none) of the window a send is judged by (store.window_for), or _TOO_SLOW twice.
+    Under gevent the read is given up on at
     SLOW_DATABASE_SECONDS: one behind a lock (a migration's, a LOCK TABLE) waited out the whole lock, and the 503
     came after 30 s for a 30 s lock, past the caller's timeout. SQLAlchemy drops a connection interrupted so.
     In a thread (gthread) it is refused once it returns, as slow."""
     timeout = gevent_timeout()
     if timeout is None:
         with rt.reader.connect() as conn:
-            return store.load_window(conn, sender, user)
+            return store.window_for(conn, sender, user)
     deadline = timeout(SLOW_DATABASE_SECONDS)
     try:
         with deadline, rt.reader.connect() as conn:
-            return store.load_window(conn, sender, user)
+            return store.window_for(conn, sender, user)
     except timeout as fired:
         if fired is not deadline:
             raise
-        return _TOO_SLOW
+        return _TOO_SLOW, _TOO_SLOW
 
 
 def resolve(rt: Runtime, content_sid: str, channel: str) -> Send:

@@ -18,8 +18,7 @@ from .runtime import Runtime
 from .store import _insert
 
 LATE_WINDOW_FAILURE = 63016
-# Sends the proxy let through, by their send_attempts decision: the gateway's, then the worker's own creates.
-SENT = ("allowed", "rerouted", "released", "fallback")
+SENT = store.SENT
 # Those whose message was a fallback template: its failure must not send another (each has a new sid: a loop).
 FALLBACKS = ("rerouted", "fallback")
 # Seconds before each check of a callback whose send was not recorded yet (another process's attempt writer
@@ -53,6 +52,9 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
     ).first()
     if attempt is None:
         return None
+    # A service send's number, as the status path learns it: on the worker's later check too, before the hold
+    # below reads the window its release will be judged by.
+    store.learn_sticky_sender(conn, sid=sid, number=callback_sender, at=now)
     # Only WhatsApp has templates to fall back to: a Messenger send's 63016 (its own 24 hours) closes its window only.
     fallback = rt.settings.fallback_for(attempt.sender) if attempt.channel == "whatsapp" else None
     reroute = (bool(fallback) and attempt.decision not in FALLBACKS
@@ -110,7 +112,8 @@ def _hold_again(rt: Runtime, conn: Connection, attempt, sid: str, now: datetime)
     # The pair's turn first (PostgreSQL), then its window: an inbound message committed in between found nothing
     # held, and queued no release.
     holds.lock_pair(conn, attempt.sender, attempt.user)
-    window = store.load_window(conn, attempt.sender, attempt.user)
+    # A service's: the window of the number it sends to this user from, which its release is judged by.
+    window_sender, window = store.window_for(conn, attempt.sender, attempt.user)
     open_now = window is not None and window.expires_at > now
     held_id = None
     if attempt.decision == holds.RELEASE_DECISION:
@@ -133,7 +136,7 @@ def _hold_again(rt: Runtime, conn: Connection, attempt, sid: str, now: datetime)
     if held_id is None:
         held_id, _ = holds.hold(conn, sender=attempt.sender, user=attempt.user, account_sid=attempt.account_sid,
                                 params=json.loads(attempt.params), request_id=attempt.request_id, now=now,
-                                ttl_seconds=rt.settings.hold_ttl_seconds,
+                                ttl_seconds=rt.settings.hold_ttl_seconds, window_sender=window_sender,
                                 # The window as it is now: a release is queued only if it is open.
                                 judged_inbound_at=None if open_now else window.last_inbound_at if window else None)
     return held_id

@@ -16,7 +16,7 @@ from .addresses import mask
 log = logging.getLogger("proxy")
 
 # Fields holding an address; masked unless LOG_REDACT_NUMBERS=false.
-ADDRESS_FIELDS = ("sender", "user", "from", "to")
+ADDRESS_FIELDS = ("sender", "user", "from", "to", "window_sender")
 _stream: _Lines | None = None
 
 

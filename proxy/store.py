@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
-from sqlalchemy import Connection, bindparam, case, func, select, true, union_all
+from sqlalchemy import Connection, bindparam, case, exists, func, literal_column, select, true, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .db import held_messages, late_failures, messages, outbox, send_attempts, windows
+from .db import held_messages, late_failures, messages, outbox, send_attempts, sticky_senders, windows
 from .prepared import Statements
 
 # Status callbacks can arrive out of order; a status only replaces one of lower rank,
@@ -28,6 +28,10 @@ STATUS_RANK = {
     "canceled": 6,
     "read": 5,
 }
+
+
+# Sends the proxy let through, by their send_attempts decision: the gateway's, then the worker's own creates.
+SENT = ("allowed", "rerouted", "released", "fallback")
 
 
 def _insert(conn: Connection, table):
@@ -170,6 +174,33 @@ def _build_load_window(_dialect):
         windows.c.sender == bindparam("sender"), windows.c.user == bindparam("user"))
 
 
+def _build_load_sticky(_dialect):
+    return select(sticky_senders.c.sender).where(sticky_senders.c.service_sid == bindparam("service_sid"),
+                                                 sticky_senders.c.user == bindparam("user"))
+
+
+def _build_learn_sticky(dialect):
+    """INSERT (service, user, the number) SELECTed from the attempt of the message sid, if it was a WhatsApp service
+    send the proxy let through, … ON CONFLICT DO UPDATE. Known already, it selects nothing: no write, no row lock
+    (callbacks come several per message, in batches of other webhooks' writes)."""
+    number = bindparam("number", type_=sticky_senders.c.sender.type)
+    known = exists().where(sticky_senders.c.service_sid == send_attempts.c.sender,
+                           sticky_senders.c.user == send_attempts.c.user, sticky_senders.c.sender == number)
+    rows = (
+        select(send_attempts.c.sender, send_attempts.c.user, number,
+               bindparam("at", type_=sticky_senders.c.updated_at.type))
+        .where(send_attempts.c.message_sid == bindparam("sid"), send_attempts.c.sender.startswith("MG"),
+               send_attempts.c.user.is_not(None), send_attempts.c.channel == "whatsapp",
+               # Spelt out: an expanding IN list has no SQL until executed, and this is compiled once (prepared.py).
+               send_attempts.c.decision.in_([literal_column(f"'{decision}'") for decision in SENT]), ~known)
+        .order_by(send_attempts.c.id.desc())
+        .limit(1)
+    )
+    stmt = dialect.insert(sticky_senders).from_select(["service_sid", "user", "sender", "updated_at"], rows)
+    return stmt.on_conflict_do_update(index_elements=["service_sid", "user"], set_={
+        "sender": stmt.excluded.sender, "updated_at": stmt.excluded.updated_at}).returning(sticky_senders.c.sender)
+
+
 _WINDOW_COLUMNS = ("sender", "user", "expires_at", "last_inbound_at", "last_inbound_sid", "profile_name", "updated_at")
 # name → (builder, the columns an INSERT is given)
 _BUILDERS = {
@@ -180,6 +211,8 @@ _BUILDERS = {
                                              "error_code", "created_at", "updated_at")),
     "inbound_upsert": (_build_inbound_upsert, None),
     "load_window": (_build_load_window, None),
+    "load_sticky": (_build_load_sticky, None),
+    "learn_sticky": (_build_learn_sticky, None),
 }
 _statement = Statements(_BUILDERS)
 
@@ -211,6 +244,25 @@ def load_window(conn: Connection, sender: str, user: str) -> WindowRow | None:
     """The pair's window row, through the unique (sender, user) index; None when it has none."""
     row = _statement(conn, "load_window").first(conn, {"sender": sender, "user": user})
     return WindowRow(*row) if row else None
+
+
+def window_for(conn: Connection, sender: str, user: str) -> tuple[str, WindowRow | None]:
+    """The window a send from `sender` to `user` is judged by, and its key: a Messaging Service's is the window of
+    the number the service sends to this user from (learn_sticky_sender), when one is known; else its own row."""
+    if sender.startswith("MG"):
+        found = _statement(conn, "load_sticky").first(conn, {"service_sid": sender, "user": user})
+        if found:
+            sender = found[0]
+    return sender, load_window(conn, sender, user)
+
+
+def learn_sticky_sender(conn: Connection, *, sid: str, number: str | None, at: datetime) -> bool:
+    """A callback of message `sid` named the number it went from: if it was a WhatsApp send of the proxy's through a
+    Messaging Service, that number is the one the service sends to this user from (Twilio's Sticky Sender). True when
+    that was not known."""
+    if not number or not number.startswith("whatsapp:+"):  # none, the service's SID, a user id: no number
+        return False
+    return _statement(conn, "learn_sticky").first(conn, {"sid": sid, "number": number, "at": at}) is not None
 
 
 def record_attempt(conn: Connection, **fields) -> None:
@@ -264,6 +316,8 @@ def purge(conn: Connection, cutoff: datetime) -> dict[str, int]:
         "messages": conn.execute(messages.delete().where(messages.c.updated_at < cutoff)).rowcount,
         "send_attempts": conn.execute(send_attempts.delete().where(send_attempts.c.created_at < cutoff)).rowcount,
         "windows": conn.execute(windows.delete().where(windows.c.expires_at < cutoff)).rowcount,
+        # Learnt from callbacks of sends purged with them; a service's next send's callback teaches it again.
+        "sticky_senders": conn.execute(sticky_senders.delete().where(sticky_senders.c.updated_at < cutoff)).rowcount,
         # Which late 63016s were acted on: the sends they were about go at the same age.
         "late_failures": conn.execute(late_failures.delete().where(late_failures.c.created_at < cutoff)).rowcount,
     }

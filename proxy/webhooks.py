@@ -511,6 +511,9 @@ def _status_callback() -> Response:
 
     def record(conn):  # `conn` and the values above only: it may run in another request's thread (group_commit)
         changed = store.record_status(conn, **status_row)
+        # The number a service send went from, which the service's next sends to this user go from too: their
+        # window. One probe of the send's attempt; nothing written once known.
+        store.learn_sticky_sender(conn, sid=sid, number=sender, at=now)
         if forward_status:
             outbox.enqueue(conn, kind="status", ordering_key=f"status:{sender}|{user}", target=forward_status,
                            headers=kept, body=pairs, now=now)

@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 from twilio.request_validator import RequestValidator
 
 from proxy import create_app, holds, outbox as outbox_items, webhooks
-from proxy.db import held_messages, late_failures, outbox, send_attempts, utcnow, windows
+from proxy.db import held_messages, late_failures, outbox, send_attempts, sticky_senders, utcnow, windows
 from proxy.forwarding import Forwarder
 from proxy.policy import Policy
 from proxy.policy_file import Fallback
@@ -2540,3 +2540,112 @@ def test_a_service_sends_63016_from_one_number_leaves_a_window_opened_at_another
     assert signed_post(client, "/twilio/status", service_failed_callback(sid, NUMBER_1)).status_code == 200
     assert (is_open(client, NUMBER_1), is_open(client, SERVICE_OF_TWO)) == (False, False)
     assert is_open(client, NUMBER_2) is True  # WhatsApp has that one open: the user's latest message
+
+
+def service_callback(sid, sender, status="sent"):
+    """A callback of a service send: From is the number Twilio picked (Sticky Sender keeps it for the user)."""
+    return {"MessageSid": sid, "MessageStatus": status, "From": sender, "To": USER, "AccountSid": ACCOUNT_SID,
+            "MessagingServiceSid": SERVICE_OF_TWO, "ChannelPrefix": "whatsapp"}
+
+
+def wrote_to(client, number, n):
+    assert signed_post(client, "/twilio/inbound", inbound_params("SM" + "d" * 30 + f"{n:02d}", business=number,
+                                                                 MessagingServiceSid=SERVICE_OF_TWO)).status_code == 200
+
+
+def test_a_service_send_is_judged_by_the_window_of_the_number_twilio_sends_it_from(settings, db_engine, fake_twilio,
+                                                                                     log_lines):
+    """Twilio's Sticky Sender sends a service's messages to a user from the number it used before, whatever number
+    the user wrote to. The service's window (open when the user wrote to any of its numbers) let such a send through,
+    and Twilio failed it later with 63016. The number is learnt from the callbacks of the proxy's service sends."""
+    app = create_app(settings)
+    client = app.test_client()
+    wrote_to(client, NUMBER_2, 0)
+    via_service = {"To": USER, "MessagingServiceSid": SERVICE_OF_TWO, "Body": "via the service"}
+    first = send(client, via_service)
+    assert first.headers["X-Proxy-Decision"] == "allowed"
+    app.extensions["proxy"].attempts.flush()
+    assert signed_post(client, "/twilio/status", service_callback(first.get_json()["sid"], NUMBER_2)).status_code == 200
+    # A day on, the user writes to number 1: the service's own window is open again, number 2's is not.
+    with db_engine.begin() as conn:
+        conn.execute(update(windows).values(expires_at=utcnow() - timedelta(hours=1)))
+    wrote_to(client, NUMBER_1, 1)
+    blocked = send(client, via_service)
+    assert blocked.status_code == 400 and blocked.get_json()["code"] == 63016
+    assert f"from {NUMBER_2} (Sticky Sender" in blocked.get_json()["message"]
+    assert len(fake_twilio.creates) == 1
+    shown = client.get("/v1/windows", query_string={"sender": SERVICE_OF_TWO, "user": USER},
+                       headers=basic_auth()).get_json()
+    assert (shown["open"], shown["sticky_sender"]) == (False, NUMBER_2)
+    [line] = [line for line in log_lines() if line["event"] == "send" and line["decision"] == "blocked"]
+    assert line["window_sender"] == "whatsapp:+1415*****02" and line["sender"].startswith("MG1a1")
+    # Number 1 itself is open: sending with its From goes out.
+    assert send(client, {**via_service, "From": NUMBER_1}).headers["X-Proxy-Decision"] == "allowed"
+    wrote_to(client, NUMBER_2, 2)
+    assert send(client, via_service).headers["X-Proxy-Decision"] == "allowed"
+
+
+def test_the_sticky_number_is_learnt_only_from_the_proxys_own_whatsapp_service_sends(settings, db_engine,
+                                                                                      fake_twilio):
+    app = create_app(settings)
+    client = app.test_client()
+    wrote_to(client, NUMBER_1, 0)
+    by_number = send(client, {"To": USER, "From": NUMBER_1, "Body": "from number 1"}).get_json()["sid"]
+    app.extensions["proxy"].attempts.flush()
+    for sid in (by_number, "SM" + "e" * 32):  # a send with From, and one the proxy never saw
+        assert signed_post(client, "/twilio/status", service_callback(sid, NUMBER_2)).status_code == 200
+    with db_engine.connect() as conn:
+        assert conn.execute(select(sticky_senders)).all() == []
+    assert send(client, {"To": USER, "MessagingServiceSid": SERVICE_OF_TWO, "Body": "x"}
+                ).headers["X-Proxy-Decision"] == "allowed"
+
+
+def test_a_changed_sticky_number_is_learnt_and_a_repeated_one_written_once(settings, db_engine, fake_twilio):
+    app = create_app(settings)
+    client = app.test_client()
+    wrote_to(client, NUMBER_1, 0)
+    sids = [send(client, {"To": USER, "MessagingServiceSid": SERVICE_OF_TWO, "Body": str(n)}).get_json()["sid"]
+            for n in range(2)]
+    app.extensions["proxy"].attempts.flush()
+    for status in ("sent", "delivered", "read"):
+        assert signed_post(client, "/twilio/status", service_callback(sids[0], NUMBER_2, status)).status_code == 200
+    with db_engine.connect() as conn:
+        first = conn.execute(select(sticky_senders.c.sender, sticky_senders.c.updated_at)).one()
+    assert first.sender == NUMBER_2
+    # Number 2 left the service (Twilio deletes its mappings): the next send went from number 1.
+    assert signed_post(client, "/twilio/status", service_callback(sids[1], NUMBER_1)).status_code == 200
+    with db_engine.connect() as conn:
+        [now] = conn.execute(select(sticky_senders.c.sender, sticky_senders.c.updated_at)).all()
+    assert now.sender == NUMBER_1 and now.updated_at > first.updated_at
+
+
+def test_with_holds_a_service_message_waits_for_the_number_it_goes_from_instead_of_failing_at_each_message(
+        settings, db_engine, fake_twilio):
+    """The user wrote to number 1; Twilio sent the service's message from number 2 and it failed 63016: fallback
+    sent, message held. The user's next message to number 1 released it through the service, from number 2 again:
+    another 63016, another fallback, at each of the user's messages until they answered at number 2."""
+    app = fallback_app(settings, fake_twilio, hold_on_reroute=True)
+    client = app.test_client()
+    wrote_to(client, NUMBER_1, 0)
+    sid = send(client, {"To": USER, "MessagingServiceSid": SERVICE_OF_TWO, "Body": "via the service"}
+               ).get_json()["sid"]
+    app.extensions["proxy"].attempts.flush()
+    assert signed_post(client, "/twilio/status", {**service_callback(sid, NUMBER_2, "failed"), "ErrorCode": "63016"}
+                       ).status_code == 200
+    while run_worker(app):
+        pass
+    assert [dict(r.form).get("ContentSid") for r in fake_twilio.creates] == [None, app.fallback_sid]
+    wrote_to(client, NUMBER_1, 1)
+    while run_worker(app):
+        pass
+    assert len(fake_twilio.creates) == 2  # still held: number 2's window is closed
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalars().all() == ["held"]
+    wrote_to(client, NUMBER_2, 2)  # the user answers the fallback, which came from number 2
+    while run_worker(app):
+        pass
+    released = dict(fake_twilio.creates[-1].form)
+    assert len(fake_twilio.creates) == 3 and released["Body"] == "via the service"
+    assert released["MessagingServiceSid"] == SERVICE_OF_TWO
+    with db_engine.connect() as conn:
+        assert conn.execute(select(held_messages.c.status)).scalars().all() == ["released"]

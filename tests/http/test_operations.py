@@ -11,7 +11,7 @@ from sqlalchemy import func, insert, select
 
 from proxy import create_app, logs
 from proxy.attempts import flush_all
-from proxy.db import held_messages, late_failures, messages, outbox, send_attempts, utcnow, windows
+from proxy.db import held_messages, late_failures, messages, outbox, send_attempts, sticky_senders, utcnow, windows
 from proxy.migrate import head_revision, upgrade
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, BUSINESS, USER, basic_auth, inbound_params, signed_post
 from tests.http.test_gateway import SHAPE, open_window, send
@@ -154,16 +154,20 @@ def test_purge_keeps_open_windows_and_recent_records(app, client, fake_twilio, d
                                                created_at=old, updated_at=old))
         for sid, at in (("SMold", old), ("SMnew", utcnow())):
             conn.execute(insert(late_failures).values(message_sid=sid, action="closed", created_at=at))
+        for user, at in (("whatsapp:+14155550998", old), (USER, utcnow())):  # a service's number, learnt then
+            conn.execute(insert(sticky_senders).values(service_sid="MG" + "1" * 32, user=user, sender=BUSINESS,
+                                                       updated_at=at))
     result = app.test_cli_runner().invoke(args=["purge", "--older-than", "30d"])
     assert result.exit_code == 0, result.output
     assert "1 messages" in result.output and "1 send_attempts" in result.output and "1 windows" in result.output
-    assert "1 late_failures" in result.output
+    assert "1 late_failures" in result.output and "1 sticky_senders" in result.output
     with db_engine.connect() as conn:
         assert conn.execute(select(windows.c.user)).scalars().all() == [USER]
         assert conn.execute(select(func.count()).select_from(messages)).scalar_one() == 1
         assert conn.execute(select(func.count()).select_from(send_attempts)).scalar_one() == 1
         assert conn.execute(select(outbox.c.status)).scalars().all() == ["pending"]  # never a pending item
         assert conn.execute(select(late_failures.c.message_sid)).scalars().all() == ["SMnew"]
+        assert conn.execute(select(sticky_senders.c.user)).scalars().all() == [USER]
     assert app.test_cli_runner().invoke(args=["purge", "--older-than", "soon"]).exit_code != 0
 
 
