@@ -12,7 +12,7 @@ from .auth import require_basic_auth
 from .db import utcnow, writing
 from .errors import ApiError
 from .gateway import create_form
-from .judge import judge
+from .judge import judge, sticky_note
 from .policy import Action, explain
 from .runtime import runtime
 
@@ -33,12 +33,14 @@ def preflight():
     decision = judgement.decision
     logs.event("preflight", redact=rt.settings.log_redact_numbers, decision=decision.action.value,
                reason=decision.reason, code=decision.code, content_type=judgement.send.content_type,
-               sender=judgement.sender, user=judgement.user, request_id=g.request_id)
+               sender=judgement.sender, user=judgement.user,
+               window_sender=judgement.window_sender if judgement.window_sender != judgement.sender else None,
+               request_id=g.request_id)
     return {
         "decision": decision.action.value,
         "reason": decision.reason,
         "code": decision.code,
-        "message": explain(decision, judgement.send, judgement.window, judgement.judged_at)
+        "message": explain(decision, judgement.send, judgement.window, judgement.judged_at) + sticky_note(judgement)
         if decision.action in (Action.BLOCKED, Action.REROUTED) else None,
         "channel": judgement.channel,
         "sender": judgement.sender,
@@ -50,6 +52,8 @@ def preflight():
         "fallback_content_sid": judgement.fallback.content_sid if judgement.fallback else None,
         "judged_at": judgement.judged_at.isoformat().replace("+00:00", "Z"),
         "window": judgement.window.as_json(),
+        # A Messaging Service's window is the one of the number it sends to this user from, once known.
+        "sticky_sender": judgement.window_sender if judgement.window_sender != judgement.sender else None,
     }
 
 

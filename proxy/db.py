@@ -216,6 +216,9 @@ sticky_senders = Table(
     Column("service_sid", String(64), primary_key=True),
     Column("user", String(128), primary_key=True),
     Column("sender", String(128), nullable=False),
+    # When the send that named it was made: a late callback of an older send does not bring back its number.
+    Column("sent_at", UTCDateTime(), nullable=False),
+    # When a callback last named it (at most a day old while the service sends): purge ages it by this.
     Column("updated_at", UTCDateTime(), nullable=False),
     Index(None, "updated_at"),
 )

@@ -21,7 +21,7 @@ from .db import utcnow, writing
 from .errors import ApiError, twilio_error
 from .forms import URLENCODED, body_of, strict_form
 from .headers import sendable
-from .judge import Judgement, fail_open, judge
+from .judge import Judgement, fail_open, judge, sticky_note
 from .migrate import UPGRADE_COMMAND, schema_missing
 from .policy import Action, explain, rerouted_params
 from .runtime import runtime
@@ -138,7 +138,7 @@ def create_message(account_sid: str):
         judgement = fail_open(form)
     decision = judgement.decision
     if decision.action is Action.BLOCKED:
-        message = explain(decision, judgement.send, judgement.window, judgement.judged_at) + _sticky_note(judgement)
+        message = explain(decision, judgement.send, judgement.window, judgement.judged_at) + sticky_note(judgement)
         response = twilio_error(decision.code, 400, message)
         outcome, upstream_status, message_sid = "blocked", None, None
     elif decision.action is Action.REROUTED:
@@ -162,16 +162,6 @@ def create_message(account_sid: str):
         response, outcome, upstream_status, message_sid = _forward(raw_body)
     _finish(account_sid, form, judgement, response, outcome, upstream_status, message_sid, started)
     return response
-
-
-def _sticky_note(judgement: Judgement) -> str:
-    """Why a service's window is another number's: said, or the caller sees a window it knows to be open refused."""
-    if judgement.window_sender in (None, judgement.sender) or \
-            judgement.decision.reason.partition("+")[0] not in ("no_window", "window_closed"):
-        return ""
-    return (f" Twilio sends this Messaging Service's messages to {judgement.user} from {judgement.window_sender} "
-            "(Sticky Sender, learnt from the status callbacks of its earlier sends), so that number's window is the "
-            "one that counts; to reach the user at a number they wrote to, send with that number as From.")
 
 
 def _hold(account_sid: str, form: MultiDict, judgement: Judgement) -> int:

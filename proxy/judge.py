@@ -19,6 +19,7 @@ from .db import utcnow
 from .errors import ApiError
 from .policy import Action, Decision, Send, content_type_of, decide, reroute
 from .policy_file import Fallback
+from .rules import OUTSIDE_WINDOW
 from .runtime import Runtime
 from .windows import CLOSED, WindowState, window_state
 
@@ -181,21 +182,21 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
 
     at = send_time(form, now)
     asked = time.monotonic()
-    window_sender, row = _window_in_time(rt, sender, user)
+    found = _window_in_time(rt, sender, user)
     waited = time.monotonic() - asked
-    if row is _TOO_SLOW or waited > SLOW_DATABASE_SECONDS:
+    if found is _TOO_SLOW or waited > SLOW_DATABASE_SECONDS:
         # A database that stalls (a lock held, a host that stopped answering mid-query) answers late, and a
         # send forwarded after that may reach Twilio after its caller gave up and sent it again; the window
         # was judged at a time long gone too. Nothing goes out: the caller's retry is judged afresh.
         logs.log.error("database_slow", extra={"waited_seconds": round(waited, 1), "limit_seconds": SLOW_DATABASE_SECONDS,
                                                "request_id": g.get("request_id") if has_request_context() else None})
-        late = f"did not answer within {SLOW_DATABASE_SECONDS} s" if row is _TOO_SLOW else f"took {waited:.0f} s to answer"
+        late = f"did not answer within {SLOW_DATABASE_SECONDS} s" if found is _TOO_SLOW else f"took {waited:.0f} s to answer"
         raise ApiError(503, 503, f"The proxy's database {late}; nothing was sent. Retry.", refusal="database_slow")
-    if not recognised and row is None:
+    if not recognised and not found.known:
         raise ApiError(21211, 400, to=to_raw)
+    row = found.row
     window = window_state(row.expires_at, row.last_inbound_at, now=at,
                           safety_margin_seconds=rt.settings.window_safety_margin_seconds) if row else CLOSED
-    profile_name = row.profile_name if row else None
 
     send = Send(channel, free_form_type)
     if content_sid and channel == "whatsapp":
@@ -216,14 +217,24 @@ def judge(rt: Runtime, form: MultiDict) -> Judgement:
             fallback_send = None  # a deleted fallback template: block, and say so
         decision = reroute(decision, send, fallback_send, window, rt.settings.policy)
     return Judgement(decision, send, window, channel, sender, user, content_sid, now,
-                     fallback if decision.action is Action.REROUTED else None, profile_name, window_sender)
+                     fallback if decision.action is Action.REROUTED else None, found.profile_name, found.sender)
+
+
+def sticky_note(judgement: Judgement) -> str:
+    """Why a service's window is another number's, where a closed window is the reason: said, or the caller sees a
+    window it knows to be open refused."""
+    if judgement.window_sender in (None, judgement.sender) or judgement.decision.code != OUTSIDE_WINDOW:
+        return ""
+    return (f" Twilio sends this Messaging Service's messages to {judgement.user} from {judgement.window_sender} "
+            "(Sticky Sender, learnt from the status callbacks of its earlier sends), so that number's window is the "
+            "one that counts; to reach the user at a number they wrote to, send with that number as From.")
 
 
 _TOO_SLOW = object()
 
 
 def _window_in_time(rt: Runtime, sender: str, user: str):
-    """The key and row (None: none) of the window a send is judged by (store.window_for), or _TOO_SLOW twice.
+    """The window a send is judged by (store.window_for), or _TOO_SLOW.
     Under gevent the read is given up on at
     SLOW_DATABASE_SECONDS: one behind a lock (a migration's, a LOCK TABLE) waited out the whole lock, and the 503
     came after 30 s for a 30 s lock, past the caller's timeout. SQLAlchemy drops a connection interrupted so.
@@ -239,7 +250,7 @@ def _window_in_time(rt: Runtime, sender: str, user: str):
     except timeout as fired:
         if fired is not deadline:
             raise
-        return _TOO_SLOW, _TOO_SLOW
+        return _TOO_SLOW
 
 
 def resolve(rt: Runtime, content_sid: str, channel: str) -> Send:

@@ -113,7 +113,8 @@ def _hold_again(rt: Runtime, conn: Connection, attempt, sid: str, now: datetime)
     # held, and queued no release.
     holds.lock_pair(conn, attempt.sender, attempt.user)
     # A service's: the window of the number it sends to this user from, which its release is judged by.
-    window_sender, window = store.window_for(conn, attempt.sender, attempt.user)
+    found = store.window_for(conn, attempt.sender, attempt.user)
+    window = found.row
     open_now = window is not None and window.expires_at > now
     held_id = None
     if attempt.decision == holds.RELEASE_DECISION:
@@ -136,7 +137,7 @@ def _hold_again(rt: Runtime, conn: Connection, attempt, sid: str, now: datetime)
     if held_id is None:
         held_id, _ = holds.hold(conn, sender=attempt.sender, user=attempt.user, account_sid=attempt.account_sid,
                                 params=json.loads(attempt.params), request_id=attempt.request_id, now=now,
-                                ttl_seconds=rt.settings.hold_ttl_seconds, window_sender=window_sender,
+                                ttl_seconds=rt.settings.hold_ttl_seconds, window_sender=found.sender,
                                 # The window as it is now: a release is queued only if it is open.
                                 judged_inbound_at=None if open_now else window.last_inbound_at if window else None)
     return held_id

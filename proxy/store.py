@@ -179,16 +179,22 @@ def _build_load_sticky(_dialect):
                                                  sticky_senders.c.user == bindparam("user"))
 
 
+# A number callbacks keep naming is written again once a day at most: purge ages what was learnt by when a
+# callback last named it, and a write per callback (several per message) would cost every status callback.
+STICKY_REFRESH = timedelta(days=1)
+
+
 def _build_learn_sticky(dialect):
-    """INSERT (service, user, the number) SELECTed from the attempt of the message sid, if it was a WhatsApp service
-    send the proxy let through, … ON CONFLICT DO UPDATE. Known already, it selects nothing: no write, no row lock
-    (callbacks come several per message, in batches of other webhooks' writes)."""
+    """INSERT (service, user, the number, when its send was made) SELECTed from the attempt of the message sid, if
+    it was a WhatsApp service send the proxy let through, … ON CONFLICT DO UPDATE unless the number known came from
+    a later send. Known already, and named within STICKY_REFRESH, it selects nothing: no write, no row lock."""
     number = bindparam("number", type_=sticky_senders.c.sender.type)
+    at = bindparam("at", type_=sticky_senders.c.updated_at.type)
     known = exists().where(sticky_senders.c.service_sid == send_attempts.c.sender,
-                           sticky_senders.c.user == send_attempts.c.user, sticky_senders.c.sender == number)
+                           sticky_senders.c.user == send_attempts.c.user, sticky_senders.c.sender == number,
+                           sticky_senders.c.updated_at > bindparam("fresh_after", type_=sticky_senders.c.updated_at.type))
     rows = (
-        select(send_attempts.c.sender, send_attempts.c.user, number,
-               bindparam("at", type_=sticky_senders.c.updated_at.type))
+        select(send_attempts.c.sender, send_attempts.c.user, number, send_attempts.c.created_at, at)
         .where(send_attempts.c.message_sid == bindparam("sid"), send_attempts.c.sender.startswith("MG"),
                send_attempts.c.user.is_not(None), send_attempts.c.channel == "whatsapp",
                # Spelt out: an expanding IN list has no SQL until executed, and this is compiled once (prepared.py).
@@ -196,9 +202,18 @@ def _build_learn_sticky(dialect):
         .order_by(send_attempts.c.id.desc())
         .limit(1)
     )
-    stmt = dialect.insert(sticky_senders).from_select(["service_sid", "user", "sender", "updated_at"], rows)
-    return stmt.on_conflict_do_update(index_elements=["service_sid", "user"], set_={
-        "sender": stmt.excluded.sender, "updated_at": stmt.excluded.updated_at}).returning(sticky_senders.c.sender)
+    stmt = dialect.insert(sticky_senders).from_select(["service_sid", "user", "sender", "sent_at", "updated_at"], rows)
+    new = stmt.excluded
+    same = sticky_senders.c.sender == new.sender
+    return stmt.on_conflict_do_update(
+        index_elements=["service_sid", "user"],
+        set_={"sender": new.sender, "updated_at": new.updated_at,
+              "sent_at": case((same & (sticky_senders.c.sent_at > new.sent_at), sticky_senders.c.sent_at),
+                              else_=new.sent_at)},
+        # Another number only from a send made after the one that named the number known (callbacks come late
+        # and out of order: a `read` of last week's send names the number Twilio used then).
+        where=same | (sticky_senders.c.sent_at <= new.sent_at),
+    ).returning(sticky_senders.c.sender)
 
 
 _WINDOW_COLUMNS = ("sender", "user", "expires_at", "last_inbound_at", "last_inbound_sid", "profile_name", "updated_at")
@@ -246,23 +261,37 @@ def load_window(conn: Connection, sender: str, user: str) -> WindowRow | None:
     return WindowRow(*row) if row else None
 
 
-def window_for(conn: Connection, sender: str, user: str) -> tuple[str, WindowRow | None]:
-    """The window a send from `sender` to `user` is judged by, and its key: a Messaging Service's is the window of
-    the number the service sends to this user from (learn_sticky_sender), when one is known; else its own row."""
+class JudgedWindow(NamedTuple):
+    sender: str  # whose window: the sender's, or the number a Messaging Service sends to this user from
+    row: WindowRow | None
+    profile_name: str | None  # the user's: from that row, or from the service's own
+    known: bool  # the user wrote to this sender, or (a service) to any of its numbers
+
+
+def window_for(conn: Connection, sender: str, user: str) -> JudgedWindow:
+    """The window a send from `sender` to `user` is judged by: a Messaging Service's is the window of the number the
+    service sends to this user from (learn_sticky_sender), when one is known; else the sender's own row."""
     if sender.startswith("MG"):
         found = _statement(conn, "load_sticky").first(conn, {"service_sid": sender, "user": user})
         if found:
-            sender = found[0]
-    return sender, load_window(conn, sender, user)
+            row = load_window(conn, found[0], user)
+            # The user may never have written to that number (the usual reason it is closed): their name, and
+            # whether they wrote to the service at all, are in the service's own row.
+            own = load_window(conn, sender, user) if row is None or row.profile_name is None else None
+            return JudgedWindow(found[0], row, (row and row.profile_name) or (own and own.profile_name),
+                                row is not None or own is not None)
+    row = load_window(conn, sender, user)
+    return JudgedWindow(sender, row, row.profile_name if row else None, row is not None)
 
 
 def learn_sticky_sender(conn: Connection, *, sid: str, number: str | None, at: datetime) -> bool:
     """A callback of message `sid` named the number it went from: if it was a WhatsApp send of the proxy's through a
     Messaging Service, that number is the one the service sends to this user from (Twilio's Sticky Sender). True when
-    that was not known."""
+    written: new, another number, or named again after STICKY_REFRESH."""
     if not number or not number.startswith("whatsapp:+"):  # none, the service's SID, a user id: no number
         return False
-    return _statement(conn, "learn_sticky").first(conn, {"sid": sid, "number": number, "at": at}) is not None
+    return _statement(conn, "learn_sticky").first(
+        conn, {"sid": sid, "number": number, "at": at, "fresh_after": at - STICKY_REFRESH}) is not None
 
 
 def record_attempt(conn: Connection, **fields) -> None:

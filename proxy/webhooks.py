@@ -512,7 +512,8 @@ def _status_callback() -> Response:
     def record(conn):  # `conn` and the values above only: it may run in another request's thread (group_commit)
         changed = store.record_status(conn, **status_row)
         # The number a service send went from, which the service's next sends to this user go from too: their
-        # window. One probe of the send's attempt; nothing written once known.
+        # window. One probe of the send's attempt; nothing written once known (daily at most). It needs nothing of
+        # the status row: alone in autocommit on PostgreSQL (not `several`), each commits by itself.
         store.learn_sticky_sender(conn, sid=sid, number=sender, at=now)
         if forward_status:
             outbox.enqueue(conn, kind="status", ordering_key=f"status:{sender}|{user}", target=forward_status,

@@ -65,11 +65,12 @@ def show(rt: Runtime, sender: str | None, user: str | None) -> dict:
     sender, user = window_key(sender, user)
     with rt.engine.connect() as conn:
         # As the gateway judges a send: a Messaging Service's by the number it sends to this user from, if known.
-        window_sender, row = store.window_for(conn, sender, user)
+        found = store.window_for(conn, sender, user)
+    row = found.row
     state = window_state(row.expires_at, row.last_inbound_at, now=utcnow(),
                          safety_margin_seconds=rt.settings.window_safety_margin_seconds) if row else CLOSED
-    return {"sender": sender, "user": user, **state.as_json(), "profile_name": row.profile_name if row else None,
-            "sticky_sender": window_sender if window_sender != sender else None}
+    return {"sender": sender, "user": user, **state.as_json(), "profile_name": found.profile_name,
+            "sticky_sender": found.sender if found.sender != sender else None}
 
 
 def expiring(rt: Runtime, within_seconds: int, page_size: int, page_token: str | None) -> dict:

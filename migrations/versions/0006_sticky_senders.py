@@ -21,6 +21,7 @@ def upgrade() -> None:
         sa.Column("service_sid", sa.String(64), nullable=False),
         sa.Column("user", sa.String(128), nullable=False),
         sa.Column("sender", sa.String(128), nullable=False),
+        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("service_sid", "user", name="pk_sticky_senders"),
     )

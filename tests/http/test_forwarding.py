@@ -2548,9 +2548,10 @@ def service_callback(sid, sender, status="sent"):
             "MessagingServiceSid": SERVICE_OF_TWO, "ChannelPrefix": "whatsapp"}
 
 
-def wrote_to(client, number, n):
-    assert signed_post(client, "/twilio/inbound", inbound_params("SM" + "d" * 30 + f"{n:02d}", business=number,
-                                                                 MessagingServiceSid=SERVICE_OF_TWO)).status_code == 200
+def wrote_to(client, number, n, user=USER):
+    assert signed_post(client, "/twilio/inbound", inbound_params("SM" + "d" * 30 + f"{n:02d}", user=user,
+                                                                 business=number, MessagingServiceSid=SERVICE_OF_TWO)
+                       ).status_code == 200
 
 
 def test_a_service_send_is_judged_by_the_window_of_the_number_twilio_sends_it_from(settings, db_engine, fake_twilio,
@@ -2649,3 +2650,135 @@ def test_with_holds_a_service_message_waits_for_the_number_it_goes_from_instead_
     assert released["MessagingServiceSid"] == SERVICE_OF_TWO
     with db_engine.connect() as conn:
         assert conn.execute(select(held_messages.c.status)).scalars().all() == ["released"]
+
+VIA_SERVICE = {"To": USER, "MessagingServiceSid": SERVICE_OF_TWO, "Body": "via the service"}
+
+
+def sticky(db_engine):
+    with db_engine.connect() as conn:
+        return conn.execute(select(sticky_senders.c.sender, sticky_senders.c.updated_at)).all()
+
+
+def service_send(app, client, fields=VIA_SERVICE):
+    response = send(client, fields)
+    app.extensions["proxy"].attempts.flush()
+    return response
+
+
+def test_a_late_callback_of_an_older_send_does_not_bring_back_the_number_twilio_no_longer_uses(
+        settings, db_engine, fake_twilio):
+    """README: "A number that left the service (Twilio deletes its mappings) is unlearnt by the callback of the
+    next send, which names the new one". Callbacks come late and out of order (`read` when the user opens the
+    chat, hours later): the callback of a send made before the change teaches the old number again."""
+    app = create_app(settings)
+    client = app.test_client()
+    wrote_to(client, NUMBER_1, 0)
+    wrote_to(client, NUMBER_2, 1)
+    old = service_send(app, client).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", service_callback(old, NUMBER_2, "delivered")).status_code == 200
+    # Number 2 left the service: Twilio's next send goes from number 1, and its callback says so.
+    new = service_send(app, client).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", service_callback(new, NUMBER_1, "delivered")).status_code == 200
+    assert [row.sender for row in sticky(db_engine)] == [NUMBER_1]
+    # The user now reads the older message: its `read` callback (From number 2) arrives last.
+    assert signed_post(client, "/twilio/status", service_callback(old, NUMBER_2, "read")).status_code == 200
+    assert [row.sender for row in sticky(db_engine)] == [NUMBER_1]
+
+
+def test_after_a_late_callback_of_an_older_send_the_service_is_judged_by_a_number_it_no_longer_uses(
+        settings, db_engine, fake_twilio):
+    """The cost of the test above: the user keeps writing to number 1 (the number Twilio now sends from); number
+    2's window closes; every service send is blocked, and no send means no callback to correct it."""
+    app = create_app(settings)
+    client = app.test_client()
+    wrote_to(client, NUMBER_1, 0)
+    wrote_to(client, NUMBER_2, 1)
+    old = service_send(app, client).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", service_callback(old, NUMBER_2, "delivered")).status_code == 200
+    new = service_send(app, client).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", service_callback(new, NUMBER_1, "delivered")).status_code == 200
+    assert signed_post(client, "/twilio/status", service_callback(old, NUMBER_2, "read")).status_code == 200
+    with db_engine.begin() as conn:
+        conn.execute(update(windows).values(expires_at=utcnow() - timedelta(hours=1)))
+    wrote_to(client, NUMBER_1, 2)
+    assert service_send(app, client).headers["X-Proxy-Decision"] == "allowed"
+
+
+def test_a_callback_confirming_the_number_keeps_it_from_being_purged(settings, db_engine, fake_twilio):
+    """updated_at changes only when the number does: a mapping every day's callbacks confirm is deleted by
+    `purge --older-than 30d` a month after it was first learnt, and the next service send is judged by the
+    service's own window again, let through, and fails 63016 later: the failure the commit fixes."""
+    app = create_app(settings)
+    client = app.test_client()
+    wrote_to(client, NUMBER_2, 0)
+    first = service_send(app, client).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", service_callback(first, NUMBER_2)).status_code == 200
+    with db_engine.begin() as conn:  # as if that was 31 days ago
+        conn.execute(update(sticky_senders).values(updated_at=utcnow() - timedelta(days=31)))
+    # Today: the user wrote to number 2 again, the service sent again, from number 2, and Twilio said so.
+    wrote_to(client, NUMBER_2, 1)
+    today = service_send(app, client).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", service_callback(today, NUMBER_2, "delivered")).status_code == 200
+    result = app.test_cli_runner().invoke(args=["purge", "--older-than", "30d"])
+    assert result.exit_code == 0, result.output
+    assert [row.sender for row in sticky(db_engine)] == [NUMBER_2]
+    # What it costs: a day later the user writes to number 1 only; the service still sends from number 2.
+    with db_engine.begin() as conn:
+        conn.execute(update(windows).values(expires_at=utcnow() - timedelta(hours=1)))
+    wrote_to(client, NUMBER_1, 2)
+    assert service_send(app, client).headers["X-Proxy-Decision"] == "blocked"
+
+
+def test_a_user_address_the_proxy_does_not_recognise_is_still_judged_by_the_sticky_number(settings, db_engine,
+                                                                                          fake_twilio):
+    """judge: `if not recognised and row is None: 21211`. A user address kept as sent (webhooks._address) whose
+    sticky number has no window row (the user never wrote to it) is refused as an invalid `To` (21211) instead
+    of 63016 with the sticky note, and a reroute policy never sends its fallback."""
+    app = create_app(settings)
+    client = app.test_client()
+    odd_user = "whatsapp:user_1234"  # not E.164, not a BSUID: kept as sent
+    wrote_to(client, NUMBER_1, 0, user=odd_user)
+    via = {**VIA_SERVICE, "To": odd_user}
+    judged = client.post("/v1/preflight", data=via, headers=basic_auth()).get_json()
+    assert judged["decision"] == "allowed"  # the service's own window, opened at number 1
+    # What a callback of an earlier service send taught (the fake Twilio refuses to send to such an address,
+    # so the row is written as learn_sticky_sender writes it).
+    with db_engine.begin() as conn:
+        conn.execute(sticky_senders.insert().values(service_sid=SERVICE_OF_TWO, user=odd_user, sender=NUMBER_2,
+                                                    sent_at=utcnow(), updated_at=utcnow()))
+    judged = client.post("/v1/preflight", data=via, headers=basic_auth())
+    assert judged.status_code == 200 and judged.get_json()["code"] == 63016, judged.get_json()
+
+
+def test_preflight_says_which_window_a_service_send_was_judged_by(settings, db_engine, fake_twilio):
+    """The gateway's refusal names the sticky number; /v1/preflight ("the decision a Messages create would
+    get") gives the same decision with no word of the number: its message reads as if the service's window
+    were closed, and its JSON has no window_sender/sticky_sender."""
+    app = create_app(settings)
+    client = app.test_client()
+    wrote_to(client, NUMBER_2, 0)
+    sid = service_send(app, client).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", service_callback(sid, NUMBER_2)).status_code == 200
+    with db_engine.begin() as conn:
+        conn.execute(update(windows).values(expires_at=utcnow() - timedelta(hours=1)))
+    wrote_to(client, NUMBER_1, 1)
+    blocked = send(client, VIA_SERVICE)
+    preflight = client.post("/v1/preflight", data=VIA_SERVICE, headers=basic_auth()).get_json()
+    assert (preflight["decision"], preflight["sticky_sender"]) == ("blocked", NUMBER_2)
+    assert blocked.get_json()["message"] == preflight["message"]
+
+
+def test_a_service_sends_fallback_still_greets_the_user_by_the_name_their_message_gave(settings, db_engine,
+                                                                                       fake_twilio):
+    """judge takes profile_name from the row it judged by: for a service with a sticky number the user never
+    wrote to (the very case that is rerouted) there is none, and the fallback template greets them with the
+    default instead of the ProfileName their message to the service gave (the service's row has it)."""
+    app = fallback_app(settings, fake_twilio)
+    client = app.test_client()
+    wrote_to(client, NUMBER_1, 0)  # ProfileName "Ada"
+    sid = service_send(app, client).get_json()["sid"]
+    assert signed_post(client, "/twilio/status", service_callback(sid, NUMBER_2)).status_code == 200
+    rerouted = service_send(app, client)
+    assert rerouted.headers["X-Proxy-Decision"] == "rerouted"
+    variables = dict(fake_twilio.creates[-1].form)["ContentVariables"]
+    assert variables == '{"1": "Ada"}'

@@ -156,7 +156,7 @@ def test_purge_keeps_open_windows_and_recent_records(app, client, fake_twilio, d
             conn.execute(insert(late_failures).values(message_sid=sid, action="closed", created_at=at))
         for user, at in (("whatsapp:+14155550998", old), (USER, utcnow())):  # a service's number, learnt then
             conn.execute(insert(sticky_senders).values(service_sid="MG" + "1" * 32, user=user, sender=BUSINESS,
-                                                       updated_at=at))
+                                                       sent_at=at, updated_at=at))
     result = app.test_cli_runner().invoke(args=["purge", "--older-than", "30d"])
     assert result.exit_code == 0, result.output
     assert "1 messages" in result.output and "1 send_attempts" in result.output and "1 windows" in result.output
