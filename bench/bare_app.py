@@ -1,4 +1,4 @@
-"""The baseline: a bare Flask endpoint answering /twilio/inbound with the proxy's own empty TwiML.
+"""The baseline: a bare Flask endpoint answering /twilio/inbound (and /twilio/status) with the proxy's empty TwiML.
 
 No signature check, no form parsing, no database, no logging: what gunicorn + Flask alone cost.
 Served by the Procfile's web command with this module instead of `proxy:create_app()`.
@@ -15,6 +15,7 @@ app = Flask(__name__)
 
 
 @app.post("/twilio/inbound")
+@app.post("/twilio/status")  # bench/status.py
 def inbound():
     return Response(EMPTY_TWIML, status=200, mimetype="text/xml")
 

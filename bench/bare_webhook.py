@@ -21,6 +21,7 @@ validator = RequestValidator(os.environ["TWILIO_AUTH_TOKEN"])
 
 
 @app.post("/twilio/inbound")
+@app.post("/twilio/status")  # bench/status.py
 def inbound():
     if not validator.validate(request.url, request.form, request.headers.get("X-Twilio-Signature", "")):
         return Response("Forbidden", status=403)

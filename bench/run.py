@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import time
 
-from bench import drain, forwarding, gateway, growth, inbound
+from bench import drain, forwarding, gateway, growth, inbound, status
 from bench.common import machine, table, write_result
 
 
-def memory_table(inbound_results: list[dict], gateway_results: list[dict], forwarding_results: list[dict]) -> str:
+def memory_table(inbound_results: list[dict], gateway_results: list[dict], forwarding_results: list[dict],
+                 status_results: list[dict]) -> str:
     rows = []
     for label, results, key in (("inbound bare Flask", inbound_results, "bare"),
                                 ("inbound floor", inbound_results, "floor"),
                                 ("inbound proxy", inbound_results, "proxy"),
+                                ("status callbacks proxy", status_results, "proxy"),
                                 ("gateway floor", gateway_results[:1], "floor"),
                                 ("gateway proxy", gateway_results, "proxy"),
                                 ("forwarding floor", forwarding_results[:1], "floor"),
@@ -39,11 +41,12 @@ def main() -> None:
     started = time.monotonic()
     print(f"machine: {machine()}")
     inbound_results = inbound.main()
+    status_results = status.main()
     gateway_results = gateway.main()
     forwarding_results = forwarding.main()
     drain_results = drain.main()
     growth_results = growth.main()
-    summary = [inbound.report(inbound_results)]
+    summary = [inbound.report(inbound_results), status.report(status_results)]
     if gateway_results:
         first = gateway_results[0]
         summary.append(gateway.report(gateway_results, first["direct"], first["floor"]))
@@ -52,8 +55,10 @@ def main() -> None:
         summary.append(forwarding.report(forwarding_results))
     if drain_results:
         summary.append(drain.report(drain_results))
-    summary += [growth.report(growth_results), memory_table(inbound_results, gateway_results, forwarding_results)]
-    write_result("summary", {"inbound": inbound_results, "gateway": gateway_results, "forwarding": forwarding_results,
+    summary += [growth.report(growth_results),
+                memory_table(inbound_results, gateway_results, forwarding_results, status_results)]
+    write_result("summary", {"inbound": inbound_results, "status": status_results, "gateway": gateway_results,
+                             "forwarding": forwarding_results,
                              "drain": drain_results, "growth": growth_results,
                              "seconds": round(time.monotonic() - started)})
     print("\n\n## Summary (one run)\n" + "\n".join(summary))

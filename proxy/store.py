@@ -155,7 +155,10 @@ def _build_inbound_upsert(dialect):
 
 
 def _build_status_upsert(dialect):
-    stmt = dialect.insert(messages)
+    return _status_on_conflict(dialect.insert(messages))
+
+
+def _status_on_conflict(stmt):
     new = stmt.excluded
     return stmt.on_conflict_do_update(
         index_elements=["sid"],
@@ -167,6 +170,22 @@ def _build_status_upsert(dialect):
         },
         where=messages.c.status_rank < new.status_rank,
     ).returning(messages.c.sid)
+
+
+_STATUS_COLUMNS = ("sid", "direction", "sender", "user", "status", "status_rank", "error_code", "created_at",
+                   "updated_at")
+
+
+def _build_status_and_sticky(dialect):
+    """PostgreSQL: WITH upserted AS (the status upsert) SELECT whether it wrote, and the sticky candidate (LEFT JOINed,
+    so one row always): a status callback's round trip stays one."""
+    upsert = _status_on_conflict(dialect.insert(messages).values(
+        {name: bindparam(name, type_=messages.c[name].type) for name in _STATUS_COLUMNS})).cte("upserted")
+    candidate = _build_sticky_candidate(dialect).subquery("candidate")
+    one = select(literal_column("1").label("one")).subquery("one")
+    return (select(select(func.count()).select_from(upsert).scalar_subquery().label("changed"),
+                   candidate.c.sender, candidate.c.user, candidate.c.created_at)
+            .select_from(one.outerjoin(candidate, true())))
 
 
 def _build_load_window(_dialect):
@@ -184,25 +203,27 @@ def _build_load_sticky(_dialect):
 STICKY_REFRESH = timedelta(days=1)
 
 
-def _build_learn_sticky(dialect):
-    """INSERT (service, user, the number, when its send was made) SELECTed from the attempt of the message sid, if
-    it was a WhatsApp service send the proxy let through, … ON CONFLICT DO UPDATE unless the number known came from
-    a later send. Known already, and named within STICKY_REFRESH, it selects nothing: no write, no row lock."""
-    number = bindparam("number", type_=sticky_senders.c.sender.type)
-    at = bindparam("at", type_=sticky_senders.c.updated_at.type)
+def _build_sticky_candidate(_dialect):
+    """The service, user and send time of the message sid, if it was a WhatsApp service send the proxy let through
+    and the number is not known for that pair already (named within STICKY_REFRESH). A read: no row lock."""
     known = exists().where(sticky_senders.c.service_sid == send_attempts.c.sender,
-                           sticky_senders.c.user == send_attempts.c.user, sticky_senders.c.sender == number,
+                           sticky_senders.c.user == send_attempts.c.user,
+                           sticky_senders.c.sender == bindparam("number", type_=sticky_senders.c.sender.type),
                            sticky_senders.c.updated_at > bindparam("fresh_after", type_=sticky_senders.c.updated_at.type))
-    rows = (
-        select(send_attempts.c.sender, send_attempts.c.user, number, send_attempts.c.created_at, at)
-        .where(send_attempts.c.message_sid == bindparam("sid"), send_attempts.c.sender.startswith("MG"),
-               send_attempts.c.user.is_not(None), send_attempts.c.channel == "whatsapp",
-               # Spelt out: an expanding IN list has no SQL until executed, and this is compiled once (prepared.py).
-               send_attempts.c.decision.in_([literal_column(f"'{decision}'") for decision in SENT]), ~known)
-        .order_by(send_attempts.c.id.desc())
-        .limit(1)
-    )
-    stmt = dialect.insert(sticky_senders).from_select(["service_sid", "user", "sender", "sent_at", "updated_at"], rows)
+    # No ORDER BY: every attempt of one sid is the same send's, and `ORDER BY id DESC LIMIT 1` lets PostgreSQL
+    # walk the primary key backwards past every other attempt when the sid has none that matches.
+    return (select(send_attempts.c.sender, send_attempts.c.user, send_attempts.c.created_at)
+            .where(send_attempts.c.message_sid == bindparam("sid"), send_attempts.c.sender.startswith("MG"),
+                   send_attempts.c.user.is_not(None), send_attempts.c.channel == "whatsapp",
+                   # Spelt out: an expanding IN list has no SQL until executed, and this is compiled once.
+                   send_attempts.c.decision.in_([literal_column(f"'{decision}'") for decision in SENT]), ~known)
+            .limit(1))
+
+
+def _build_sticky_upsert(dialect):
+    """The number for (service, user), unless the one known came from a later send (callbacks come late and out of
+    order: a `read` of last week's send names the number Twilio used then)."""
+    stmt = dialect.insert(sticky_senders)
     new = stmt.excluded
     same = sticky_senders.c.sender == new.sender
     return stmt.on_conflict_do_update(
@@ -210,8 +231,6 @@ def _build_learn_sticky(dialect):
         set_={"sender": new.sender, "updated_at": new.updated_at,
               "sent_at": case((same & (sticky_senders.c.sent_at > new.sent_at), sticky_senders.c.sent_at),
                               else_=new.sent_at)},
-        # Another number only from a send made after the one that named the number known (callbacks come late
-        # and out of order: a `read` of last week's send names the number Twilio used then).
         where=same | (sticky_senders.c.sent_at <= new.sent_at),
     ).returning(sticky_senders.c.sender)
 
@@ -222,12 +241,13 @@ _BUILDERS = {
     "message_insert": (_build_message_insert, ("sid", "direction", "sender", "user", "messaging_service_sid",
                                                "status", "status_rank", "num_media", "created_at", "updated_at")),
     "window_upsert": (_build_window_upsert, _WINDOW_COLUMNS),
-    "status_upsert": (_build_status_upsert, ("sid", "direction", "sender", "user", "status", "status_rank",
-                                             "error_code", "created_at", "updated_at")),
+    "status_upsert": (_build_status_upsert, _STATUS_COLUMNS),
+    "status_and_sticky": (_build_status_and_sticky, None),
     "inbound_upsert": (_build_inbound_upsert, None),
     "load_window": (_build_load_window, None),
     "load_sticky": (_build_load_sticky, None),
-    "learn_sticky": (_build_learn_sticky, None),
+    "sticky_candidate": (_build_sticky_candidate, None),
+    "sticky_upsert": (_build_sticky_upsert, ("service_sid", "user", "sender", "sent_at", "updated_at")),
 }
 _statement = Statements(_BUILDERS)
 
@@ -243,10 +263,27 @@ def record_status(
     at: datetime,
 ) -> bool:
     """Store the status of a message; False when a higher-ranked status was already known."""
-    rank = STATUS_RANK.get(status, 0)
-    params = {"sid": sid, "direction": "outbound", "sender": sender, "user": user, "status": status,
-              "status_rank": rank, "error_code": error_code, "created_at": at, "updated_at": at}
-    return _statement(conn, "status_upsert").first(conn, params) is not None
+    return _statement(conn, "status_upsert").first(conn, _status_params(sid, status, error_code, sender, user, at)) \
+        is not None
+
+
+def _status_params(sid, status, error_code, sender, user, at) -> dict:
+    return {"sid": sid, "direction": "outbound", "sender": sender, "user": user, "status": status,
+            "status_rank": STATUS_RANK.get(status, 0), "error_code": error_code, "created_at": at, "updated_at": at}
+
+
+def record_callback(conn: Connection, *, sid: str, status: str, error_code: int | None, sender: str | None,
+                    user: str | None, at: datetime) -> tuple[bool, "StickySender | None"]:
+    """A status callback: record_status, and what its From teaches of a Messaging Service's number
+    (sticky_candidate). On PostgreSQL one statement, so a callback still costs one round trip."""
+    if conn.dialect.name != "postgresql" or not _names_a_number(sender):
+        changed = record_status(conn, sid=sid, status=status, error_code=error_code, sender=sender, user=user, at=at)
+        return changed, sticky_candidate(conn, sid=sid, number=sender, at=at)
+    params = {**_status_params(sid, status, error_code, sender, user, at),
+              "number": sender, "fresh_after": at - STICKY_REFRESH}
+    changed, service_sid, service_user, sent_at = _statement(conn, "status_and_sticky").first(conn, params)
+    learnt = StickySender(service_sid, service_user, sender, sent_at, at) if service_sid else None
+    return bool(changed), learnt
 
 
 class WindowRow(NamedTuple):
@@ -284,14 +321,39 @@ def window_for(conn: Connection, sender: str, user: str) -> JudgedWindow:
     return JudgedWindow(sender, row, row.profile_name if row else None, row is not None)
 
 
-def learn_sticky_sender(conn: Connection, *, sid: str, number: str | None, at: datetime) -> bool:
+class StickySender(NamedTuple):
+    service_sid: str
+    user: str
+    sender: str
+    sent_at: datetime
+    updated_at: datetime
+
+
+def sticky_candidate(conn: Connection, *, sid: str, number: str | None, at: datetime) -> StickySender | None:
     """A callback of message `sid` named the number it went from: if it was a WhatsApp send of the proxy's through a
-    Messaging Service, that number is the one the service sends to this user from (Twilio's Sticky Sender). True when
-    written: new, another number, or named again after STICKY_REFRESH."""
-    if not number or not number.startswith("whatsapp:+"):  # none, the service's SID, a user id: no number
-        return False
-    return _statement(conn, "learn_sticky").first(
-        conn, {"sid": sid, "number": number, "at": at, "fresh_after": at - STICKY_REFRESH}) is not None
+    Messaging Service, that number is the one the service sends to this user from (Twilio's Sticky Sender). What
+    to remember (remember_sticky_sender), or None: not such a send, or known already. A read only: status callbacks
+    ask it inside their batched transaction, where a row lock taken out of the batch's order could deadlock."""
+    if not _names_a_number(number):
+        return None
+    found = _statement(conn, "sticky_candidate").first(
+        conn, {"sid": sid, "number": number, "fresh_after": at - STICKY_REFRESH})
+    return StickySender(found[0], found[1], number, found[2], at) if found else None
+
+
+def _names_a_number(sender: str | None) -> bool:
+    return bool(sender) and sender.startswith("whatsapp:+")  # not none, a service's SID, a user id
+
+
+def remember_sticky_sender(conn: Connection, learnt: StickySender) -> bool:
+    """Store what sticky_candidate found; False when a later send's number is known already."""
+    return _statement(conn, "sticky_upsert").first(conn, learnt._asdict()) is not None
+
+
+def learn_sticky_sender(conn: Connection, *, sid: str, number: str | None, at: datetime) -> bool:
+    """sticky_candidate and remember_sticky_sender in one go; True when something was written."""
+    learnt = sticky_candidate(conn, sid=sid, number=number, at=at)
+    return learnt is not None and remember_sticky_sender(conn, learnt)
 
 
 def record_attempt(conn: Connection, **fields) -> None:

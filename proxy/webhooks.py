@@ -510,25 +510,30 @@ def _status_callback() -> Response:
     kept, pairs = (_kept_headers(), list(form.items(multi=True))) if forward_status else ({}, [])
 
     def record(conn):  # `conn` and the values above only: it may run in another request's thread (group_commit)
-        changed = store.record_status(conn, **status_row)
-        # The number a service send went from, which the service's next sends to this user go from too: their
-        # window. One probe of the send's attempt; nothing written once known (daily at most). It needs nothing of
-        # the status row: alone in autocommit on PostgreSQL (not `several`), each commits by itself.
-        store.learn_sticky_sender(conn, sid=sid, number=sender, at=now)
+        # With the number a service send went from, which the service's next sends to this user go from too (their
+        # window): read here, stored after the batch when new (daily at most).
+        changed, learnt = store.record_callback(conn, **status_row)
         if forward_status:
             outbox.enqueue(conn, kind="status", ordering_key=f"status:{sender}|{user}", target=forward_status,
                            headers=kept, body=pairs, now=now)
-        return changed
+        return changed, learnt
 
     if not late_window_failure:
         # Most callbacks (sent, delivered, read: several per message sent): committed with other webhooks' writes.
         # Forwarded: in the order of the conversation's rows, so its callbacks' outbox items keep their arrival
         # order within a batch (the worker delivers each conversation's in the order of their ids).
         order = _pair_order(user or "", sender or "", 2) if forward_status else (sid,)
-        changed = _write_alone(rt, record, order, several=bool(forward_status))
+        changed, learnt = _write_alone(rt, record, order, several=bool(forward_status))
+        if learnt is not None:
+            # In a transaction of its own: in the batch, its row lock (taken out of the batch's order) deadlocked
+            # batches of two PostgreSQL workers, a second each (bench/status.py: 1,108 → 406 callbacks/s).
+            with writing(rt.engine) as conn:
+                store.remember_sticky_sender(conn, learnt)
     else:
         with writing(rt.engine) as conn:
-            changed = record(conn)
+            changed, learnt = record(conn)
+            if learnt is not None:
+                store.remember_sticky_sender(conn, learnt)
             late_failures.on_callback(rt, conn, sid=sid, callback_sender=sender, now=now)
     WEBHOOKS.labels("status", "recorded" if changed else "stale").inc()
     logs.event(
