@@ -304,6 +304,10 @@ def _inbound_message() -> Response:
     return response
 
 
+# After every key a batch's other writes are sorted by (message sids, addresses): taken last, in one order.
+STICKY_ORDER = ("~sticky",)
+
+
 def _write_alone(rt, work, order: tuple, *, several: bool = False):
     """`work(conn)`: a request's write, when it needs nothing from the database before it.
 
@@ -525,10 +529,11 @@ def _status_callback() -> Response:
         order = _pair_order(user or "", sender or "", 2) if forward_status else (sid,)
         changed, learnt = _write_alone(rt, record, order, several=bool(forward_status))
         if learnt is not None:
-            # In a transaction of its own: in the batch, its row lock (taken out of the batch's order) deadlocked
-            # batches of two PostgreSQL workers, a second each (bench/status.py: 1,108 → 406 callbacks/s).
-            with writing(rt.engine) as conn:
-                store.remember_sticky_sender(conn, learnt)
+            # A write of its own, in its own place in a batch's order: inside the status's write, its row lock
+            # (out of the batch's order) made two PostgreSQL workers' batches wait on each other, a second each
+            # (bench/status.py: 1,108 → 406 callbacks/s); in a transaction of its own it cost a commit each.
+            _write_alone(rt, lambda conn: store.remember_sticky_sender(conn, learnt),
+                         STICKY_ORDER + (learnt.service_sid, learnt.user))
     else:
         with writing(rt.engine) as conn:
             changed, learnt = record(conn)
