@@ -27,9 +27,11 @@ RECHECK_SECONDS = (5, 30, 120)
 KIND = "late_failure"
 
 
-def on_callback(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime) -> str:
-    """A `failed`/`undelivered` + 63016 callback: act on it now, or check again later if its send is not recorded yet."""
-    action = handle(rt, conn, sid=sid, callback_sender=callback_sender, now=now)
+def on_callback(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime,
+                learnt: store.StickySender | None = None) -> str:
+    """A `failed`/`undelivered` + 63016 callback: act on it now, or check again later if its send is not recorded yet.
+    `learnt`: the Messaging Service's number the callback teaches (store.sticky_candidate), not stored yet."""
+    action = handle(rt, conn, sid=sid, callback_sender=callback_sender, now=now, learnt=learnt)
     if action is not None:
         return action
     key = f"late:{sid}"
@@ -40,9 +42,11 @@ def on_callback(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str
     return "deferred"
 
 
-def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime) -> str | None:
+def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | None, now: datetime,
+           learnt: store.StickySender | None = None) -> str | None:
     """Act once per message sid on a `failed`/`undelivered` + 63016 callback for a send the proxy let through; None when
-    no such send is recorded (yet)."""
+    no such send is recorded (yet). A service send's number (Sticky Sender) is stored last, after every other row,
+    as the status batches store it (proxy/webhooks.py): one lock order."""
     attempt = conn.execute(
         select(send_attempts.c.sender, send_attempts.c.user, send_attempts.c.account_sid, send_attempts.c.params,
                send_attempts.c.content_type, send_attempts.c.created_at, send_attempts.c.duration_ms,
@@ -52,9 +56,19 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
     ).first()
     if attempt is None:
         return None
-    # A service send's number, as the status path learns it: on the worker's later check too, before the hold
-    # below reads the window its release will be judged by.
-    store.learn_sticky_sender(conn, sid=sid, number=callback_sender, at=now)
+    # A service send's number, as the status path learns it (on the worker's later check too): the hold below reads
+    # the window its release will be judged by.
+    learnt = learnt or store.sticky_candidate(conn, sid=sid, number=callback_sender, at=now)
+    action = _act(rt, conn, attempt, sid, callback_sender, now, learnt.sender if learnt else None)
+    if learnt is not None:
+        store.remember_sticky_sender(conn, learnt)
+    return action
+
+
+def _act(rt: Runtime, conn: Connection, attempt, sid: str, callback_sender: str | None, now: datetime,
+         sticky: str | None) -> str:
+    """handle's work once the send is known: close the windows, send the fallback, hold the message again.
+    `sticky`: the number a service sends to this user from, when this callback taught it."""
     # Only WhatsApp has templates to fall back to: a Messenger send's 63016 (its own 24 hours) closes its window only.
     fallback = rt.settings.fallback_for(attempt.sender) if attempt.channel == "whatsapp" else None
     reroute = (bool(fallback) and attempt.decision not in FALLBACKS
@@ -97,7 +111,7 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
         pairs = rerouted_params(json.loads(attempt.params), fallback.content_sid, fallback.render(profile), now=True)
         outbox.enqueue(conn, kind="send", ordering_key=f"send:{sid}", target=attempt.account_sid, headers={},
                        body=pairs, now=now)
-    held_id = _hold_again(rt, conn, attempt, sid, now) if reroute and rt.settings.hold_on_reroute else None
+    held_id = _hold_again(rt, conn, attempt, sid, now, sticky) if reroute and rt.settings.hold_on_reroute else None
     logs.event("late_window_failure", redact=rt.settings.log_redact_numbers, level=logging.WARNING,
                decision=action, message_sid=sid, sender=attempt.sender, user=attempt.user, code=LATE_WINDOW_FAILURE,
                sent_as=attempt.decision, fallback_content_sid=fallback.content_sid if reroute else None,
@@ -105,7 +119,7 @@ def handle(rt: Runtime, conn: Connection, *, sid: str, callback_sender: str | No
     return action
 
 
-def _hold_again(rt: Runtime, conn: Connection, attempt, sid: str, now: datetime) -> int:
+def _hold_again(rt: Runtime, conn: Connection, attempt, sid: str, now: datetime, sticky: str | None) -> int:
     """HOLD_ON_REROUTE: the message that failed is kept for the user's next message, as a rerouted send is at the
     gateway. A released hold goes back to `held` under its own id (the one its caller was given); an allowed send
     becomes a new hold. Released at once when the user has written since WhatsApp's try (the window kept open)."""
@@ -113,7 +127,7 @@ def _hold_again(rt: Runtime, conn: Connection, attempt, sid: str, now: datetime)
     # held, and queued no release.
     holds.lock_pair(conn, attempt.sender, attempt.user)
     # A service's: the window of the number it sends to this user from, which its release is judged by.
-    found = store.window_for(conn, attempt.sender, attempt.user)
+    found = store.window_for(conn, attempt.sender, attempt.user, sticky=sticky)
     window = found.row
     open_now = window is not None and window.expires_at > now
     held_id = None

@@ -305,11 +305,12 @@ class JudgedWindow(NamedTuple):
     known: bool  # the user wrote to this sender, or (a service) to any of its numbers
 
 
-def window_for(conn: Connection, sender: str, user: str) -> JudgedWindow:
+def window_for(conn: Connection, sender: str, user: str, *, sticky: str | None = None) -> JudgedWindow:
     """The window a send from `sender` to `user` is judged by: a Messaging Service's is the window of the number the
-    service sends to this user from (learn_sticky_sender), when one is known; else the sender's own row."""
+    service sends to this user from (learn_sticky_sender, or `sticky`: learnt, not stored yet), when one is known;
+    else the sender's own row."""
     if sender.startswith("MG"):
-        found = _statement(conn, "load_sticky").first(conn, {"service_sid": sender, "user": user})
+        found = (sticky,) if sticky else _statement(conn, "load_sticky").first(conn, {"service_sid": sender, "user": user})
         if found:
             row = load_window(conn, found[0], user)
             # The user may never have written to that number (the usual reason it is closed): their name, and

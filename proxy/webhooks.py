@@ -304,19 +304,29 @@ def _inbound_message() -> Response:
     return response
 
 
-# After every key a batch's other writes are sorted by (message sids, addresses): taken last, in one order.
-STICKY_ORDER = ("~sticky",)
-
-
-def _write_alone(rt, work, order: tuple, *, several: bool = False):
+def _write_alone(rt, work, order: tuple, *, several: bool = False, last: bool = False):
     """`work(conn)`: a request's write, when it needs nothing from the database before it.
 
     Committed in one transaction with the other requests' writes that queued while the previous one ran
     (proxy/group_commit.py; alone, a single statement on PostgreSQL in autocommit, `several` in its own
     transaction); `work` may run twice. `order`: the keys of the rows it writes (a batch runs sorted by them;
-    stable, so arrival order within one).
+    stable, so arrival order within one); `last`: after every write that is not.
     """
-    return rt.shared_writes.run(work, order, several=several)
+    return rt.shared_writes.run(work, (1 if last else 0, *order), several=several)
+
+
+def _remember(rt, learnt: store.StickySender) -> None:
+    """Store a Messaging Service's number a status callback taught, as a batched write of its own, after every other
+    row of its batch: in the status's write its row lock (out of the batch's order) made two PostgreSQL workers'
+    batches wait on each other, a second each (bench/status.py: 1,108 → 406 callbacks/s); in a transaction of its
+    own it cost a commit each. The status is stored already: a database error here is said, not answered 503
+    ("nothing was recorded"); the send's next callback teaches the number again."""
+    try:
+        _write_alone(rt, lambda conn: store.remember_sticky_sender(conn, learnt), (learnt.service_sid, learnt.user),
+                     last=True)
+    except SQLAlchemyError as exc:
+        logs.event("sticky_sender_not_stored", redact=rt.settings.log_redact_numbers, level=logging.WARNING,
+                   error=type(exc).__name__, sender=learnt.sender, user=learnt.user, request_id=g.request_id)
 
 
 def _pair_order(user: str, sender: str, *then, service_sid: str | None = None) -> tuple:
@@ -529,17 +539,12 @@ def _status_callback() -> Response:
         order = _pair_order(user or "", sender or "", 2) if forward_status else (sid,)
         changed, learnt = _write_alone(rt, record, order, several=bool(forward_status))
         if learnt is not None:
-            # A write of its own, in its own place in a batch's order: inside the status's write, its row lock
-            # (out of the batch's order) made two PostgreSQL workers' batches wait on each other, a second each
-            # (bench/status.py: 1,108 → 406 callbacks/s); in a transaction of its own it cost a commit each.
-            _write_alone(rt, lambda conn: store.remember_sticky_sender(conn, learnt),
-                         STICKY_ORDER + (learnt.service_sid, learnt.user))
+            _remember(rt, learnt)
     else:
         with writing(rt.engine) as conn:
             changed, learnt = record(conn)
-            if learnt is not None:
-                store.remember_sticky_sender(conn, learnt)
-            late_failures.on_callback(rt, conn, sid=sid, callback_sender=sender, now=now)
+            # The number is stored last, after the windows and holds it is used for: the batches' order.
+            late_failures.on_callback(rt, conn, sid=sid, callback_sender=sender, now=now, learnt=learnt)
     WEBHOOKS.labels("status", "recorded" if changed else "stale").inc()
     logs.event(
         "status",

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import OperationalError
 from twilio.request_validator import RequestValidator
 
-from proxy import create_app, holds, outbox as outbox_items, webhooks
+from proxy import create_app, holds, outbox as outbox_items, store as store_module, webhooks
 from proxy.db import held_messages, late_failures, outbox, send_attempts, sticky_senders, utcnow, windows
 from proxy.forwarding import Forwarder
 from proxy.policy import Policy
@@ -2782,3 +2782,51 @@ def test_a_service_sends_fallback_still_greets_the_user_by_the_name_their_messag
     assert rerouted.headers["X-Proxy-Decision"] == "rerouted"
     variables = dict(fake_twilio.creates[-1].form)["ContentVariables"]
     assert variables == '{"1": "Ada"}'
+
+
+def test_a_status_stored_then_its_sticky_number_failing_to_be_stored_is_still_answered_200(
+        settings, db_engine, fake_twilio, fake_app, monkeypatch, log_lines):
+    """The number is stored after the status (and its forward): a database error then was answered 503 "nothing was
+    sent or recorded" for a status recorded and forwarded, with no `status` line (the second review)."""
+    app = create_app(replace(settings, forward_status_url=fake_app.url + "/app/status"))
+    client = app.test_client()
+    wrote_to(client, NUMBER_1, 0)
+    sid = service_send(app, client).get_json()["sid"]
+
+    def failing(conn, learnt):
+        raise OperationalError("INSERT INTO sticky_senders ...", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(webhooks.store, "remember_sticky_sender", failing)
+    response = signed_post(client, "/twilio/status", service_callback(sid, NUMBER_2, "delivered"))
+    assert response.status_code == 200
+    with db_engine.connect() as conn:
+        assert conn.execute(select(outbox.c.kind).where(outbox.c.kind == "status")).scalars().all() == ["status"]
+        assert conn.execute(select(sticky_senders)).all() == []
+    lines = {line["event"]: line for line in log_lines()}
+    assert lines["sticky_sender_not_stored"]["level"] == "WARNING" and lines["status"]["decision"] == "recorded"
+    monkeypatch.undo()
+    # The send's next callback teaches it.
+    assert signed_post(client, "/twilio/status", service_callback(sid, NUMBER_2, "read")).status_code == 200
+    assert [row.sender for row in sticky(db_engine)] == [NUMBER_2]
+
+
+def test_a_learnt_number_is_written_after_every_other_write_of_its_batch(settings, db_engine):
+    """Its row is locked last, whatever the other rows' keys (a status's sid, a conversation's addresses, one not
+    ASCII, or one equal to an old "~sticky" marker, which made the sort compare an int with a str)."""
+    from proxy.group_commit import _Job
+    app = create_app(settings)
+    orders = []
+    with app.app_context():
+        shared = app.extensions["proxy"].shared_writes
+        real_run = shared.run
+        shared.run = lambda work, order, several=False: orders.append(order)
+        try:
+            learnt = store_module.StickySender(SERVICE_OF_TWO, USER, NUMBER_2, utcnow(), utcnow())
+            webhooks._remember(app.extensions["proxy"], learnt)
+            webhooks._write_alone(app.extensions["proxy"], None, webhooks._pair_order("ñame", NUMBER_1, 1))
+            webhooks._write_alone(app.extensions["proxy"], None, webhooks._pair_order("~sticky", NUMBER_1, 1))
+            webhooks._write_alone(app.extensions["proxy"], None, ("SM" + "f" * 32,))
+        finally:
+            shared.run = real_run
+    jobs = sorted((_Job(None, order) for order in orders), key=lambda job: job.order)
+    assert jobs[-1].order == orders[0]
