@@ -234,8 +234,7 @@ _TOO_SLOW = object()
 
 
 def _window_in_time(rt: Runtime, sender: str, user: str):
-    """The window a send is judged by (store.window_for), or _TOO_SLOW.
-    Under gevent the read is given up on at
+    """The window a send is judged by (store.window_for), or _TOO_SLOW. Under gevent the read is given up on at
     SLOW_DATABASE_SECONDS: one behind a lock (a migration's, a LOCK TABLE) waited out the whole lock, and the 503
     came after 30 s for a 30 s lock, past the caller's timeout. SQLAlchemy drops a connection interrupted so.
     In a thread (gthread) it is refused once it returns, as slow."""

@@ -307,7 +307,7 @@ class JudgedWindow(NamedTuple):
 
 def window_for(conn: Connection, sender: str, user: str, *, sticky: str | None = None) -> JudgedWindow:
     """The window a send from `sender` to `user` is judged by: a Messaging Service's is the window of the number the
-    service sends to this user from (learn_sticky_sender, or `sticky`: learnt, not stored yet), when one is known;
+    service sends to this user from (remember_sticky_sender, or `sticky`: learnt, not stored yet), when one is known;
     else the sender's own row."""
     if sender.startswith("MG"):
         found = (sticky,) if sticky else _statement(conn, "load_sticky").first(conn, {"service_sid": sender, "user": user})
@@ -349,12 +349,6 @@ def _names_a_number(sender: str | None) -> bool:
 def remember_sticky_sender(conn: Connection, learnt: StickySender) -> bool:
     """Store what sticky_candidate found; False when a later send's number is known already."""
     return _statement(conn, "sticky_upsert").first(conn, learnt._asdict()) is not None
-
-
-def learn_sticky_sender(conn: Connection, *, sid: str, number: str | None, at: datetime) -> bool:
-    """sticky_candidate and remember_sticky_sender in one go; True when something was written."""
-    learnt = sticky_candidate(conn, sid=sid, number=number, at=at)
-    return learnt is not None and remember_sticky_sender(conn, learnt)
 
 
 def record_attempt(conn: Connection, **fields) -> None:
@@ -408,7 +402,7 @@ def purge(conn: Connection, cutoff: datetime) -> dict[str, int]:
         "messages": conn.execute(messages.delete().where(messages.c.updated_at < cutoff)).rowcount,
         "send_attempts": conn.execute(send_attempts.delete().where(send_attempts.c.created_at < cutoff)).rowcount,
         "windows": conn.execute(windows.delete().where(windows.c.expires_at < cutoff)).rowcount,
-        # Learnt from callbacks of sends purged with them; a service's next send's callback teaches it again.
+        # Named by no callback for that long (one in use is confirmed daily): a service's next callback teaches it.
         "sticky_senders": conn.execute(sticky_senders.delete().where(sticky_senders.c.updated_at < cutoff)).rowcount,
         # Which late 63016s were acted on: the sends they were about go at the same age.
         "late_failures": conn.execute(late_failures.delete().where(late_failures.c.created_at < cutoff)).rowcount,

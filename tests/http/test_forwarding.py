@@ -2729,7 +2729,7 @@ def test_a_user_address_the_proxy_does_not_recognise_is_still_judged_by_the_stic
     judged = client.post("/v1/preflight", data=via, headers=basic_auth()).get_json()
     assert judged["decision"] == "allowed"  # the service's own window, opened at number 1
     # What a callback of an earlier service send taught (the fake Twilio refuses to send to such an address,
-    # so the row is written as learn_sticky_sender writes it).
+    # so the row is written as remember_sticky_sender writes it).
     with db_engine.begin() as conn:
         conn.execute(sticky_senders.insert().values(service_sid=SERVICE_OF_TWO, user=odd_user, sender=NUMBER_2,
                                                     sent_at=utcnow(), updated_at=utcnow()))
