@@ -60,12 +60,14 @@ $(VENV)/.bench-installed: pyproject.toml | $(BIN)/activate
 # when possible, else the aiohttp client generates the load.
 BENCH_PGPORT ?= 25440
 BENCH_PGDIR ?= /tmp/bench-postgres
+# PostgreSQL as deployed: every commit flushed to disk (BENCH_PG_FSYNC=off measures without it).
+BENCH_PG_FSYNC ?= on
 bench: $(VENV)/.bench-installed
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || \
 	  echo "wrk unavailable: the aiohttp client generates the load"
 	@url="$$BENCH_POSTGRES_URL"; \
-	if [ -z "$$url" ]; then url=$$(PGPORT=$(BENCH_PGPORT) PGDIR=$(BENCH_PGDIR) .ci/start-postgres) || url=""; fi; \
+	if [ -z "$$url" ]; then url=$$(PG_FSYNC=$(BENCH_PG_FSYNC) PGPORT=$(BENCH_PGPORT) PGDIR=$(BENCH_PGDIR) .ci/start-postgres) || url=""; fi; \
 	BENCH_POSTGRES_URL="$$url" PYTHONPATH="$(CURDIR)" $(BIN)/python -m bench.run
 
 # py-spy on one worker under load: make bench-profile SCENARIO=gateway DB=sqlite [PROFILE_ARGS=--gil]

@@ -70,7 +70,36 @@ def machine() -> dict:
         pass
     return {"cpus": os.cpu_count(), "cpu_model": model, "mem_gib": round(mem_kb / 2**20, 1),
             "kernel": platform.release(), "python": platform.python_version(),
-            "load_generator": load_generator_name(), "server_cpus": SERVER_CPUS or "shared"}
+            "load_generator": load_generator_name(), "server_cpus": SERVER_CPUS or "shared",
+            **postgresql_settings()}
+
+
+_postgresql_settings: dict | None = None
+
+
+def postgresql_settings() -> dict:
+    """BENCH_POSTGRES_URL's server and whether it flushes each commit to disk: `fsync=off` flatters every
+    PostgreSQL number, so a result says which it was."""
+    global _postgresql_settings
+    raw = os.environ.get("BENCH_POSTGRES_URL", "").strip()
+    if not raw:
+        return {}
+    if _postgresql_settings is None:
+        import psycopg
+
+        from proxy.settings import normalise_database_url
+        from sqlalchemy import make_url
+
+        url = make_url(normalise_database_url(raw))
+        try:
+            with psycopg.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                                 dbname=url.database, connect_timeout=5) as conn:
+                _postgresql_settings = {"postgresql": {
+                    name: conn.execute(f"SHOW {name}").fetchone()[0]
+                    for name in ("server_version", "fsync", "synchronous_commit")}}
+        except psycopg.Error as exc:
+            _postgresql_settings = {"postgresql": {"error": str(exc).splitlines()[0]}}
+    return _postgresql_settings
 
 
 def write_result(name: str, data: dict) -> Path:
