@@ -3,6 +3,7 @@
     PYTHONPATH=. python -m bench.profile gateway --db sqlite [--gil] [--seconds 8]
     PYTHONPATH=. python -m bench.profile inbound --db postgresql --dump
     PYTHONPATH=. python -m bench.profile forwarding --db sqlite
+    PYTHONPATH=. python -m bench.profile gateway --db postgresql --gil --at-rate 200   # a steady load, not saturated
 
 Writes py-spy's collapsed stacks to bench/results/profile-<scenario>-<db>[-gil].txt and prints the
 top functions (bench/stacks.py). Without --gil every sampled thread counts, so waiting (for the GIL,
@@ -41,12 +42,15 @@ def main() -> None:
     parser.add_argument("--db", default="sqlite", choices=["sqlite", "postgresql"])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=int, default=100)
+    parser.add_argument("--at-rate", type=float, default=None,
+                        help="requests/s, open loop (as the gateway's steady run); default: saturate")
     parser.add_argument("--gil", action="store_true")
     parser.add_argument("--dump", action="store_true")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"profile-{args.scenario}-{args.db}{'-gil' if args.gil else ''}.txt"
+    out = RESULTS / (f"profile-{args.scenario}-{args.db}{'-gil' if args.gil else ''}"
+                     f"{f'-at-{args.at_rate:g}' if args.at_rate else ''}.txt")
     duration = args.seconds + 4
 
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
@@ -81,7 +85,8 @@ def main() -> None:
                         else inbound.webhook_requests(server.url, 40000, sid_prefix="cc", seed=11))
                 result = {}
                 loader = threading.Thread(target=lambda: result.update(
-                    run_load(server.url, reqs, connections=connections, duration=duration)))
+                    server.load(reqs, rate=args.at_rate, duration=duration) if args.at_rate
+                    else run_load(server.url, reqs, connections=connections, duration=duration)))
                 loader.start()
                 time.sleep(2)  # past the start-up of the load
                 pid = server.worker_pids()[0]
