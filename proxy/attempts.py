@@ -5,8 +5,8 @@ its row over and returns. Woken by a row, the writer lets rows gather for LINGER
 them all in one transaction (one `executemany`). Without the pause, sends arriving a few milliseconds
 apart each woke the writer and each paid a whole transaction: ~0.8 ms of CPU per send, a third of a
 send's cost (bench/README.md). On PostgreSQL the batch is one INSERT of a JSON array: psycopg's
-`executemany` pipelines a statement per row and, under gevent, waits on the socket for each, which
-cost ~160–190 µs of CPU a row against ~40–50 µs. Rows are flushed at exit and at once by `flush()`; a killed process
+`executemany` pipelines a statement per row and, under gevent, waits on the socket for each (~160–190 µs
+of CPU a row, against ~40–50 µs). Rows are flushed at exit and at once by `flush()`; a killed process
 loses the records of its last LINGER_SECONDS of sends (never the sends themselves).
 """
 
@@ -18,11 +18,11 @@ import os
 import queue
 import threading
 import weakref
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from datetime import datetime, timezone
-
 from sqlalchemy import Connection, Engine
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import logs
@@ -158,7 +158,11 @@ class AttemptWriter:
                 pending.pop(0)  # stored, or refused for good
 
 
-_COLUMNS = [column.name for column in send_attempts.c if column.name != "id"]
+_quote = postgresql.dialect().identifier_preparer.quote
+_COLUMNS = ", ".join(_quote(column.name) for column in send_attempts.c if column.name != "id")
+_JSON_INSERT = (f"INSERT INTO {_quote(send_attempts.name)} ({_COLUMNS}) SELECT {_COLUMNS} "
+                f"FROM json_populate_recordset(NULL::{_quote(send_attempts.name)}, %s::json) "
+                "WITH ORDINALITY AS batch ORDER BY ordinality")
 
 
 def _insert(conn: Connection, rows: list[dict]) -> None:
@@ -170,7 +174,7 @@ def _insert(conn: Connection, rows: list[dict]) -> None:
         except (TypeError, ValueError):
             pass  # SQLAlchemy's own binding says what is wrong with which value
         else:
-            conn.exec_driver_sql(_json_insert_sql(conn), (batch,))
+            conn.exec_driver_sql(_JSON_INSERT, (batch,))
             return
     conn.execute(send_attempts.insert(), rows)
 
@@ -179,20 +183,6 @@ def _utc_text(value):
     if isinstance(value, datetime) and value.tzinfo is not None:  # as UTCDateTime binds it
         return value.astimezone(timezone.utc).isoformat()
     raise TypeError(f"{type(value).__name__} has no JSON form here")
-
-
-_json_insert: dict[str, str] = {}
-
-
-def _json_insert_sql(conn: Connection) -> str:
-    sql = _json_insert.get(conn.dialect.name)
-    if sql is None:
-        quote = conn.dialect.identifier_preparer.quote
-        table, columns = quote(send_attempts.name), ", ".join(quote(name) for name in _COLUMNS)
-        sql = _json_insert[conn.dialect.name] = (
-            f"INSERT INTO {table} ({columns}) SELECT {columns} "
-            f"FROM json_populate_recordset(NULL::{table}, %s::json) WITH ORDINALITY AS batch ORDER BY ordinality")
-    return sql
 
 
 def flush_all(timeout: float = 10.0) -> bool:
