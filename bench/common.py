@@ -85,20 +85,21 @@ def postgresql_settings() -> dict:
     if not raw:
         return {}
     if _postgresql_settings is None:
-        import psycopg
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.exc import SQLAlchemyError
 
         from proxy.settings import normalise_database_url
-        from sqlalchemy import make_url
 
-        url = make_url(normalise_database_url(raw))
+        engine = create_engine(normalise_database_url(raw), connect_args={"connect_timeout": 5})
         try:
-            with psycopg.connect(host=url.host, port=url.port, user=url.username, password=url.password,
-                                 dbname=url.database, connect_timeout=5) as conn:
+            with engine.connect() as conn:
                 _postgresql_settings = {"postgresql": {
-                    name: conn.execute(f"SHOW {name}").fetchone()[0]
+                    name: conn.execute(text(f"SHOW {name}")).scalar()
                     for name in ("server_version", "fsync", "synchronous_commit")}}
-        except psycopg.Error as exc:
-            _postgresql_settings = {"postgresql": {"error": str(exc).splitlines()[0]}}
+        except SQLAlchemyError as exc:
+            _postgresql_settings = {"postgresql": {"error": str(exc.orig or exc).splitlines()[0]}}
+        finally:
+            engine.dispose()
     return _postgresql_settings
 
 
