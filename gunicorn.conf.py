@@ -235,9 +235,34 @@ _QUERY = re.compile(r"\?.*\Z", re.S)
 _NUMBER_LIKE = re.compile(r"\+?\d(?:[\s\-().]*\d){4,}")  # as proxy/addresses.py reads a number
 
 
+# gunicorn's gevent worker, when there are several, accepts one connection each time its listening socket wakes it,
+# so that one worker does not take every waiting connection. It is woken once a turn of its event loop, and a
+# saturated worker's turn is every ready greenlet's work: ~90 ms with 128 connections a worker. Under the gateway
+# benchmark's 256 clients, connections waited in the kernel's accept queue for up to 7 s (130 queued, one accepted
+# a turn): p99 4.7-6.5 s, where the requests themselves took at most 1.3 s inside the app. Ten a wakeup, alternating
+# with one: p99 1.1-1.4 s, the queue empty within 2 s, and the connections still even between the workers (127/129,
+# 123/133); a hundred (gevent's default) emptied it as fast but left one worker with twice the other's (83/173).
+ACCEPTS_PER_WAKEUP = 10
+
+
+def _accept_in_batches(worker) -> None:
+    ggevent = sys.modules.get("gunicorn.workers.ggevent")  # imported only by a gevent worker: no gevent otherwise
+    if ggevent is None or not isinstance(worker, ggevent.GeventWorker):
+        return
+
+    class StreamServer(ggevent.StreamServer):
+        def start(self):
+            # gunicorn sets max_accept = 1 between building the server and starting it (workers/ggevent.py run).
+            self.max_accept = max(self.max_accept, ACCEPTS_PER_WAKEUP)
+            super().start()
+
+    ggevent.StreamServer = StreamServer  # the name the worker's run() builds its servers from
+
+
 def post_worker_init(worker):
     worker.log.error_log.addFilter(_RequestLinesUnquoted())
     _linger_off_the_event_loop(worker)
+    _accept_in_batches(worker)
     # The app's ~100k objects (Flask, SQLAlchemy, twilio, ...) live as long as the worker. Python's
     # full collections traversed them all: 55-130 ms each under load, several per worker every 10 s,
     # and a gevent worker answers nothing meanwhile (the gateway's max latency at 200 sends/s was

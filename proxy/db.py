@@ -37,6 +37,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError, SQLAlchemyError
 
+from .fair_pool import FairQueuePool
+
 
 class UTCDateTime(TypeDecorator):
     """Timezone-aware UTC datetimes on both backends (SQLite stores them naive, as UTC)."""
@@ -230,7 +232,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     No overflow connections: a gevent worker's bursts opened and closed them by the dozen a second, a
     PostgreSQL backend start each (py-spy; PostgreSQL gateway 323 → 535 sends/s). Last-in-first-out,
     so the few connections a steady load needs stay warm: SQLite's page cache and psycopg's prepared
-    statements are per connection (SQLite inbound 674 → 969 req/s). Numbers in bench/README.md.
+    statements are per connection (SQLite inbound 674 → 969 req/s). Callers waiting for a connection are served
+    in the order they came (proxy/fair_pool.py). Numbers in bench/README.md.
     """
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
@@ -241,7 +244,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
                 # traceback. Left to the connection, it is the database unavailable, said in one line, as any.
                 pass
         # hide_parameters: a database error must never carry a message body into the logs.
-        engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True,
+        engine = create_engine(url, poolclass=FairQueuePool, pool_size=pool_size, max_overflow=0, pool_use_lifo=True,
                                pool_timeout=POOL_TIMEOUT_SECONDS, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         database = engine.url.database
@@ -252,7 +255,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     given = make_url(url).query
     connect_args = {name: value for name, value in (("connect_timeout", CONNECT_TIMEOUT_SECONDS),
                                                     ("tcp_user_timeout", TCP_USER_TIMEOUT_MS)) if name not in given}
-    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_use_lifo=True,
+    engine = create_engine(url, poolclass=FairQueuePool, pool_size=pool_size, max_overflow=0, pool_use_lifo=True,
                            pool_timeout=POOL_TIMEOUT_SECONDS, hide_parameters=True, connect_args=connect_args)
     dialect = engine.dialect
 
