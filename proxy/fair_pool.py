@@ -39,15 +39,15 @@ class HandOffQueue(sqla_queue.Queue):
                 super().put(item, block, timeout)
 
     def get(self, block: bool = True, timeout: float | None = None):
-        waiter = _Waiter()
         with self.mutex:
             if not self._empty():
                 return self._get()
             if not block:
                 raise sqla_queue.Empty()
+            waiter = _Waiter()
             self._waiting.append(waiter)
-            # A garbage collection while joining the line can return a connection (its weakref callback, re-entering
-            # put()) to the queue just before the line had anyone in it: handed out now, not left idle.
+            # A garbage collection while joining the line (at any allocation) can return a connection (its weakref
+            # callback, re-entering put()) to the queue before the line had anyone in it: handed out, not left idle.
             while self._waiting and not self._empty():
                 self._hand_over(self._get())
         try:

@@ -184,6 +184,21 @@ def test_a_connection_returned_while_the_caller_joins_the_line_is_not_left_idle(
     assert not queue._waiting and queue.qsize() == 0
 
 
+def test_a_connection_returned_while_the_callers_place_in_line_is_made_is_not_left_idle(monkeypatch):
+    from proxy import fair_pool
+
+    queue = HandOffQueue(2)
+
+    class Waiter(fair_pool._Waiter):
+        def __init__(self):
+            queue.put("returned meanwhile", False)  # a collection at the allocation: the callback runs first
+            super().__init__()
+
+    monkeypatch.setattr(fair_pool, "_Waiter", Waiter)
+    assert queue.get(True, 0.5) == "returned meanwhile"
+    assert not queue._waiting and queue.qsize() == 0
+
+
 def test_a_pooled_connection_returned_and_asked_for_again_at_once_goes_to_the_callers_already_waiting():
     """A gevent worker: a request returns its connection and the next code to run asks for one (a new request's
     window read) before the waiting greenlets run. QueuePool's own queue gave it that connection, every time."""
