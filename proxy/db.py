@@ -235,6 +235,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     statements are per connection (SQLite inbound 674 → 969 req/s). Callers waiting for a connection are served
     in the order they came (proxy/fair_pool.py). Numbers in bench/README.md.
     """
+    # hide_parameters: a database error must never carry a message body into the logs.
+    pooling = {"poolclass": FairQueuePool, "pool_size": pool_size, "max_overflow": 0, "pool_use_lifo": True,
+               "pool_timeout": POOL_TIMEOUT_SECONDS, "hide_parameters": True}
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             try:
@@ -243,9 +246,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
                 # A folder that cannot be made (a file in its place, no permission): every process died with a
                 # traceback. Left to the connection, it is the database unavailable, said in one line, as any.
                 pass
-        # hide_parameters: a database error must never carry a message body into the logs.
-        engine = create_engine(url, poolclass=FairQueuePool, pool_size=pool_size, max_overflow=0, pool_use_lifo=True,
-                               pool_timeout=POOL_TIMEOUT_SECONDS, connect_args={"timeout": 30}, hide_parameters=True)
+        engine = create_engine(url, connect_args={"timeout": 30}, **pooling)
         event.listen(engine, "connect", _sqlite_pragmas)
         database = engine.url.database
         if fcntl is not None and database and database != ":memory:" and not database.startswith("file:"):
@@ -255,8 +256,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     given = make_url(url).query
     connect_args = {name: value for name, value in (("connect_timeout", CONNECT_TIMEOUT_SECONDS),
                                                     ("tcp_user_timeout", TCP_USER_TIMEOUT_MS)) if name not in given}
-    engine = create_engine(url, poolclass=FairQueuePool, pool_size=pool_size, max_overflow=0, pool_use_lifo=True,
-                           pool_timeout=POOL_TIMEOUT_SECONDS, hide_parameters=True, connect_args=connect_args)
+    engine = create_engine(url, connect_args=connect_args, **pooling)
     dialect = engine.dialect
 
     def ping_if_idle(dbapi_connection, record, _proxy) -> None:
