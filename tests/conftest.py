@@ -10,6 +10,8 @@ import os
 from urllib.parse import urlencode
 
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 from twilio.request_validator import RequestValidator
 
@@ -26,6 +28,16 @@ AUTH_TOKEN = "test-auth-token-0123456789abcdef"
 BUSINESS = "whatsapp:+14155550100"
 USER = "whatsapp:+14155550111"
 
+
+class ServerLikeClient(FlaskClient):
+    """Closes each response as soon as it is read whole, as a WSGI server closes it once written: the gateway logs
+    and records a send then (proxy/gateway.py), and a test looks for them once its call has returned."""
+
+    def open(self, *args, buffered: bool = True, **kwargs):
+        return super().open(*args, buffered=buffered, **kwargs)
+
+
+Flask.test_client_class = ServerLikeClient
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", None, ""}
 

@@ -75,6 +75,39 @@ def test_inside_the_window_the_send_is_forwarded_verbatim(client, fake_twilio, d
     assert attempt["message_sid"] == relayed["sid"] and attempt["content_type"] == "twilio/media"
 
 
+def test_a_send_is_logged_and_recorded_when_its_answer_has_been_written_not_before(client, fake_twilio, db_engine,
+                                                                                   log_lines):
+    """A WSGI server closes the response once it has written it (gunicorn also when the caller went away): the send's
+    line and attempt row are made then, off the caller's wait. An unbuffered test client closes only when told."""
+    open_window(client)
+    response = client.post(MESSAGES, data=urlencode({"To": USER, "From": BUSINESS, "Body": "Hi"}),
+                           content_type="application/x-www-form-urlencoded", headers=basic_auth(), buffered=False)
+    assert response.status_code == 201 and response.headers["X-Proxy-Decision"] == "allowed"
+    assert [line for line in log_lines() if line["event"] == "send"] == [] and attempts(db_engine) == []
+    response.close()
+    [line] = [line for line in log_lines() if line["event"] == "send"]
+    assert (line["decision"], line["outcome"], line["message_sid"]) == ("allowed", "sent", response.get_json()["sid"])
+    assert line["request_id"] == response.headers["X-Request-Id"]
+    [attempt] = attempts(db_engine)
+    assert attempt["message_sid"] == line["message_sid"] and attempt["request_id"] == line["request_id"]
+
+
+def test_a_send_twilio_took_is_answered_as_twilio_answered_though_recording_it_failed(client, app, fake_twilio,
+                                                                                      monkeypatch, log_lines):
+    """Before the recording came after the answer, an error in it was the caller's 500 for a message Twilio had
+    accepted, and a caller that retries a 500 sends it twice."""
+    open_window(client)
+
+    def broken(row):
+        raise RuntimeError("attempt queue broken")
+
+    monkeypatch.setattr(app.extensions["proxy"].attempts, "submit", broken)
+    response = send(client, {"To": USER, "From": BUSINESS, "Body": "Hi"})
+    assert response.status_code == 201 and response.get_json()["sid"] in fake_twilio.messages
+    [line] = [line for line in log_lines() if line["event"] == "unhandled_error"]
+    assert line["request_id"] == response.headers["X-Request-Id"] and "attempt queue broken" in line["exc_info"]
+
+
 def test_expired_window_is_blocked_and_says_when_it_closed(client, fake_twilio, db_engine):
     open_window(client)
     with db_engine.begin() as conn:
