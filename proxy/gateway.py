@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.datastructures import MultiDict
 
 from . import attempts, holds, logs
-from .metrics import DECISIONS, UPSTREAM_SECONDS
+from .metrics import DECISIONS, SEND_OVERHEAD_SECONDS, UPSTREAM_SECONDS
 from .auth import require_basic_auth
 from .content import CONTENT_SID
 from .db import utcnow, writing
@@ -141,10 +141,10 @@ def create_message(account_sid: str):
     if decision.action is Action.BLOCKED:
         message = explain(decision, judgement.send, judgement.window, judgement.judged_at) + sticky_note(judgement)
         response = twilio_error(decision.code, 400, message)
-        outcome, upstream_status, message_sid = "blocked", None, None
+        outcome, upstream_status, message_sid, waited = "blocked", None, None, None
     elif decision.action is Action.REROUTED:
         body = rerouted_form(form, judgement)
-        response, outcome, upstream_status, message_sid = _forward(body)
+        response, outcome, upstream_status, message_sid, waited = _forward(body)
         response.headers["X-Proxy-Rerouted-To"] = judgement.fallback.content_sid
         # Held only once the fallback went out: a caller retrying a failed reroute must not
         # leave two copies waiting for release.
@@ -160,13 +160,14 @@ def create_message(account_sid: str):
                            error=type(exc).__name__, sender=judgement.sender, user=judgement.user,
                            message_sid=message_sid, request_id=g.request_id)
     else:
-        response, outcome, upstream_status, message_sid = _forward(raw_body)
+        response, outcome, upstream_status, message_sid, waited = _forward(raw_body)
     response.headers["X-Proxy-Decision"] = decision.action.value
     # Logged and recorded once the answer is written (a WSGI server closes the response then, also when the caller
     # went away): the attempt row was stored by a background writer anyway, and the line, the row and the metrics
     # were ~1 ms of the caller's wait at a steady 200 sends/s (bench/README.md, session 23).
     response.call_on_close(functools.partial(
-        _finish, rt, g.request_id, account_sid, form, judgement, outcome, upstream_status, message_sid, _ms(started)))
+        _finish, rt, g.request_id, account_sid, form, judgement, outcome, upstream_status, message_sid, _ms(started),
+        None if waited is None else round(waited * 1000, 2)))
     return response
 
 
@@ -195,7 +196,7 @@ def passthrough(rest: str):
         return twilio_error(400, 400, f"The proxy does not forward {request.method} {request.path!r}: "
                                       "send messages with POST to /2010-04-01/Accounts/{AccountSid}/Messages.json.")
     started = time.perf_counter()
-    response, outcome, upstream_status, _ = _forward(body_of(request))
+    response, outcome, upstream_status, _, _ = _forward(body_of(request))
     response.headers["X-Proxy-Decision"] = Action.PASSTHROUGH.value
     logs.event("api_passthrough", redact=True, method=request.method, path=logs.masked_path(request.path), outcome=outcome,
                upstream_status=upstream_status, duration_ms=_ms(started), request_id=g.request_id)
@@ -224,7 +225,9 @@ def _wire_query(raw: bytes) -> str:
     return quote(_STRAY_PERCENT.sub(b"%25", raw), safe="!#$%&'()*+,/:;=?@[]~")
 
 
-def _forward(body) -> tuple[Response, str, int | None, str | None]:
+def _forward(body) -> tuple[Response, str, int | None, str | None, float]:
+    """Twilio's answer relayed (or the proxy's for a failed call), the outcome, Twilio's status and message sid, and
+    the seconds spent waiting on Twilio."""
     rt, req = runtime(), request._get_current_object()  # one context lookup, not one per attribute
     received = req.headers
     headers = {name: received[name] for name in _FORWARDED_HEADERS if name in received}
@@ -243,7 +246,8 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
             headers=headers,
         )
     except UpstreamError as exc:
-        UPSTREAM_SECONDS.labels(operation, exc.kind).observe(time.perf_counter() - started)
+        waited = time.perf_counter() - started
+        UPSTREAM_SECONDS.labels(operation, exc.kind).observe(waited)
         status = 504 if exc.kind == "timeout" else 502
         # Only a create leaves a message that may have been accepted; a read changes nothing, anything else may have.
         unknown = ("the message may or may not have been accepted (check the Messages list before retrying)"
@@ -255,8 +259,9 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
             text = f"The connection to Twilio broke after the request was sent ({exc.detail}); {unknown}."
         else:
             text = f"Twilio's API could not be reached ({exc.detail}); nothing was sent."
-        return twilio_error(status, status, text), f"upstream_{exc.kind}", None, None
-    UPSTREAM_SECONDS.labels(operation, str(upstream.status_code)).observe(time.perf_counter() - started)
+        return twilio_error(status, status, text), f"upstream_{exc.kind}", None, None, waited
+    waited = time.perf_counter() - started
+    UPSTREAM_SECONDS.labels(operation, str(upstream.status_code)).observe(waited)
     response = Response(upstream.content, status=upstream.status_code, headers=_relayed(upstream.headers))
     if "content-type" not in upstream.headers:
         del response.headers["Content-Type"]  # werkzeug's default text/html is not Twilio's
@@ -271,24 +276,26 @@ def _forward(body) -> tuple[Response, str, int | None, str | None]:
         if not isinstance(sid, str):
             sid = None  # Twilio's answer is relayed as it is; only a sid that is text is recorded
     outcome = "sent" if 200 <= upstream.status_code < 300 else "upstream_error"
-    return response, outcome, upstream.status_code, sid
+    return response, outcome, upstream.status_code, sid, waited
 
 
 def _finish(rt, request_id, account_sid, form, judgement: Judgement, outcome, upstream_status, message_sid,
-            duration) -> None:
+            duration, upstream_ms) -> None:
     """The send's metrics, attempt row and log line: run after the request's context is gone, so given all it needs."""
     try:
-        _record(rt, request_id, account_sid, form, judgement, outcome, upstream_status, message_sid, duration)
+        _record(rt, request_id, account_sid, form, judgement, outcome, upstream_status, message_sid, duration,
+                upstream_ms)
     except Exception:  # noqa: BLE001 — the caller has its answer; a server would only drop the connection
         logs.log.exception("unhandled_error", extra={"path": "/2010-04-01/Accounts/.../Messages.json",
                                                      "request_id": request_id})
 
 
 def _record(rt, request_id, account_sid, form, judgement: Judgement, outcome, upstream_status, message_sid,
-            duration) -> None:
+            duration, upstream_ms) -> None:
     decision = judgement.decision
     content_type = attempts.content_type(judgement)
     DECISIONS.labels(decision.action.value, decision.reason, content_type or "none").inc()
+    SEND_OVERHEAD_SECONDS.labels(decision.action.value).observe(max(0.0, duration - (upstream_ms or 0)) / 1000)
     rt.attempts.submit(attempts.row(
         judgement, account_sid=account_sid, request_id=request_id, params=list(form.items(multi=True)),
         decision=decision.action.value, outcome=outcome, upstream_status=upstream_status, message_sid=message_sid,
@@ -315,6 +322,7 @@ def _record(rt, request_id, account_sid, form, judgement: Judgement, outcome, up
         window_expires_at=state.expires_at.isoformat() if state.expires_at else None,
         seconds_left=state.seconds_left,
         duration_ms=duration,
+        upstream_ms=upstream_ms,
         request_id=request_id,
     )
 

@@ -88,6 +88,7 @@ def test_a_send_is_logged_and_recorded_when_its_answer_has_been_written_not_befo
     [line] = [line for line in log_lines() if line["event"] == "send"]
     assert (line["decision"], line["outcome"], line["message_sid"]) == ("allowed", "sent", response.get_json()["sid"])
     assert line["request_id"] == response.headers["X-Request-Id"]
+    assert 0 < line["upstream_ms"] < line["duration_ms"]
     [attempt] = attempts(db_engine)
     assert attempt["message_sid"] == line["message_sid"] and attempt["request_id"] == line["request_id"]
 
@@ -106,6 +107,34 @@ def test_a_send_twilio_took_is_answered_as_twilio_answered_though_recording_it_f
     assert response.status_code == 201 and response.get_json()["sid"] in fake_twilio.messages
     [line] = [line for line in log_lines() if line["event"] == "unhandled_error"]
     assert line["request_id"] == response.headers["X-Request-Id"] and "attempt queue broken" in line["exc_info"]
+
+
+def overhead_counts(client) -> dict[str, float]:
+    """proxy_send_overhead_seconds' count and sum by action, from /metrics."""
+    text = client.get("/metrics", headers=basic_auth()).get_data(as_text=True)
+    return {series: float(value) for series, value in (line.rsplit(" ", 1) for line in text.splitlines())
+            if series.startswith(("proxy_send_overhead_seconds_count", "proxy_send_overhead_seconds_sum"))}
+
+
+def test_what_the_proxy_adds_to_a_send_is_measured_apart_from_twilios_time(client, fake_twilio, log_lines):
+    """Twilio answers in 300 ms here: the send line says so in upstream_ms, and the overhead histogram counts the
+    proxy's own milliseconds, not Twilio's (and a blocked send's whole time, Twilio never asked)."""
+    before = overhead_counts(client)
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "Hi"}).status_code == 400
+    open_window(client)
+    fake_twilio.delay = 0.3  # reset by the fixture
+    assert send(client, {"To": USER, "From": BUSINESS, "Body": "Hi"}).status_code == 201
+    blocked, allowed = [line for line in log_lines() if line["event"] == "send"]
+    assert blocked["upstream_ms"] is None and allowed["upstream_ms"] >= 300
+    after = overhead_counts(client)
+
+    def added(series):
+        return after.get(series, 0) - before.get(series, 0)
+
+    assert added('proxy_send_overhead_seconds_count{action="blocked"}') == 1
+    assert added('proxy_send_overhead_seconds_count{action="allowed"}') == 1
+    own = added('proxy_send_overhead_seconds_sum{action="allowed"}')
+    assert 0 < own < 0.3 and abs(own - (allowed["duration_ms"] - allowed["upstream_ms"]) / 1000) < 1e-3
 
 
 def test_expired_window_is_blocked_and_says_when_it_closed(client, fake_twilio, db_engine):
