@@ -1,7 +1,7 @@
 """Send-attempt records, written in batches by one background thread per process, off the request path.
 
-The attempt is recorded after Twilio answered, so the caller must not wait for it: a request hands
-its row over and returns. Woken by a row, the writer lets rows gather for LINGER_SECONDS, then stores
+The attempt is recorded after Twilio answered, so the caller must not wait for it: the gateway hands
+its row over once the answer is written (proxy/gateway.py). Woken by a row, the writer lets rows gather for LINGER_SECONDS, then stores
 them all in one transaction (one `executemany`). Without the pause, sends arriving a few milliseconds
 apart each woke the writer and each paid a whole transaction: ~0.8 ms of CPU per send, a third of a
 send's cost (bench/README.md). On PostgreSQL the batch is one INSERT of a JSON array: psycopg's
@@ -214,10 +214,11 @@ def content_type(judgement: Judgement) -> str | None:
 
 
 def row(judgement: Judgement, *, account_sid: str, request_id: str, params: list, decision: str, outcome: str,
-        upstream_status: int | None, message_sid: str | None, duration_ms: float) -> dict:
-    """One send_attempts row for a judged send: the gateway's, or one of the worker's own creates."""
+        upstream_status: int | None, message_sid: str | None, duration_ms: float, at: datetime | None = None) -> dict:
+    """One send_attempts row for a judged send: the gateway's, or one of the worker's own creates. `at`: when the
+    send was over (default now); with duration_ms it says when it was judged (late_failures)."""
     return dict(
-        created_at=utcnow(),
+        created_at=at or utcnow(),
         request_id=request_id,
         account_sid=account_sid,
         # Passthrough channels are not normalised: store what fits, never fail the record.

@@ -165,9 +165,10 @@ def create_message(account_sid: str):
     # Logged and recorded once the answer is written (a WSGI server closes the response then, also when the caller
     # went away): the attempt row was stored by a background writer anyway, and the line, the row and the metrics
     # were ~1 ms of the caller's wait at a steady 200 sends/s (bench/README.md, session 23).
+    # Stamped now, not when recorded: late_failures reads the time of judging from created_at less duration_ms.
     response.call_on_close(functools.partial(
         _finish, rt, g.request_id, account_sid, form, judgement, outcome, upstream_status, message_sid, _ms(started),
-        None if waited is None else round(waited * 1000, 2)))
+        None if waited is None else round(waited * 1000, 2), utcnow()))
     return response
 
 
@@ -280,18 +281,18 @@ def _forward(body) -> tuple[Response, str, int | None, str | None, float]:
 
 
 def _finish(rt, request_id, account_sid, form, judgement: Judgement, outcome, upstream_status, message_sid,
-            duration, upstream_ms) -> None:
+            duration, upstream_ms, over) -> None:
     """The send's metrics, attempt row and log line: run after the request's context is gone, so given all it needs."""
     try:
         _record(rt, request_id, account_sid, form, judgement, outcome, upstream_status, message_sid, duration,
-                upstream_ms)
+                upstream_ms, over)
     except Exception:  # noqa: BLE001 — the caller has its answer; a server would only drop the connection
         logs.log.exception("unhandled_error", extra={"path": "/2010-04-01/Accounts/.../Messages.json",
                                                      "request_id": request_id})
 
 
 def _record(rt, request_id, account_sid, form, judgement: Judgement, outcome, upstream_status, message_sid,
-            duration, upstream_ms) -> None:
+            duration, upstream_ms, over) -> None:
     decision = judgement.decision
     content_type = attempts.content_type(judgement)
     DECISIONS.labels(decision.action.value, decision.reason, content_type or "none").inc()
@@ -299,7 +300,7 @@ def _record(rt, request_id, account_sid, form, judgement: Judgement, outcome, up
     rt.attempts.submit(attempts.row(
         judgement, account_sid=account_sid, request_id=request_id, params=list(form.items(multi=True)),
         decision=decision.action.value, outcome=outcome, upstream_status=upstream_status, message_sid=message_sid,
-        duration_ms=duration))
+        duration_ms=duration, at=over))
     state = judgement.window
     logs.event(
         "send",

@@ -995,3 +995,21 @@ def test_the_simulator_sends_to_a_long_bsuid_but_refuses_the_proxys_key_for_it_a
         assert create(server.url, sim, To=user, From=BUSINESS, Body="x").status_code == 201
         refused = create(server.url, sim, To=normalise(user), From=BUSINESS, Body="x")
     assert refused.status_code == 400 and refused.json()["code"] == 21211
+
+
+def test_the_demo_shows_a_line_logged_just_after_the_answer_under_its_own_step():
+    """A send's line is written by the server's thread once the answer is out (proxy/gateway.py): the demo's step,
+    read as soon as the caller has the answer, still shows it rather than the next step."""
+    import logging
+    import threading
+
+    from proxy.sandbox.demo import DecisionLog
+
+    decisions = DecisionLog()
+    late = threading.Timer(0.02, lambda: decisions.emit(logging.makeLogRecord({"msg": "send", "decision": "blocked"})))
+    late.start()
+    try:
+        [line] = decisions.since(0)
+    finally:
+        late.cancel()
+    assert "send" in line and "decision=blocked" in line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +37,13 @@ class DecisionLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
-    def since(self, start: int) -> list[str]:
+    def since(self, start: int, quiet: float = 0.05, limit: float = 2.0) -> list[str]:
+        # A send's line is written by the server's thread once its answer is (proxy/gateway.py), so it may land just
+        # after the caller has the answer: wait until no line came for `quiet` seconds, or it shows under the next step.
+        deadline, seen = time.monotonic() + limit, -1
+        while seen != len(self.records) and time.monotonic() < deadline:
+            seen = len(self.records)
+            time.sleep(quiet)
         lines = []
         for r in self.records[start:]:
             fields = {k: getattr(r, k, None) for k in ("decision", "reason", "code", "content_type", "message_sid")}
