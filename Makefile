@@ -55,9 +55,9 @@ $(VENV)/.bench-installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install -q -e '.[bench]'
 	touch $@ $(VENV)/.run-installed
 
-# Benchmarks (about 7 minutes). PostgreSQL: BENCH_POSTGRES_URL, else a throw-away cluster started on
-# 127.0.0.1:$(BENCH_PGPORT) (needs root; without it only SQLite runs). wrk is installed with apt-get
-# when possible, else the aiohttp client generates the load.
+# Benchmarks (about 11 minutes). PostgreSQL: BENCH_POSTGRES_URL, else a throw-away cluster started on
+# 127.0.0.1:$(BENCH_PGPORT) (needs root; without it only SQLite runs), stopped and removed afterwards.
+# wrk is installed with apt-get when possible, else the aiohttp client generates the load.
 BENCH_PGPORT ?= 25440
 BENCH_PGDIR ?= /tmp/bench-postgres
 # PostgreSQL as deployed: every commit flushed to disk (BENCH_PG_FSYNC=off measures without it).
@@ -66,9 +66,11 @@ bench: $(VENV)/.bench-installed
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; } || \
 	  echo "wrk unavailable: the aiohttp client generates the load"
-	@url="$$BENCH_POSTGRES_URL"; \
-	if [ -z "$$url" ]; then url=$$(PG_FSYNC=$(BENCH_PG_FSYNC) PGPORT=$(BENCH_PGPORT) PGDIR=$(BENCH_PGDIR) .ci/start-postgres) || url=""; fi; \
-	BENCH_POSTGRES_URL="$$url" PYTHONPATH="$(CURDIR)" $(BIN)/python -m bench.run
+	@url="$$BENCH_POSTGRES_URL"; ours=""; \
+	if [ -z "$$url" ]; then url=$$(PG_FSYNC=$(BENCH_PG_FSYNC) PGPORT=$(BENCH_PGPORT) PGDIR=$(BENCH_PGDIR) .ci/start-postgres) \
+	  && ours=1 || url=""; fi; \
+	BENCH_POSTGRES_URL="$$url" PYTHONPATH="$(CURDIR)" $(BIN)/python -m bench.run; status=$$?; \
+	if [ -n "$$ours" ]; then PGDIR=$(BENCH_PGDIR) .ci/stop-postgres; fi; exit $$status
 
 # py-spy on one worker under load: make bench-profile SCENARIO=gateway DB=sqlite [PROFILE_ARGS=--gil]
 SCENARIO ?= gateway
