@@ -1,8 +1,8 @@
 """Send-attempt records, written in batches by one background thread per process, off the request path.
 
 The attempt is recorded after Twilio answered, so the caller must not wait for it: the gateway hands
-its row over once the answer is written (proxy/gateway.py). Woken by a row, the writer lets rows gather for LINGER_SECONDS, then stores
-them all in one transaction (one `executemany`). Without the pause, sends arriving a few milliseconds
+its row over once the answer is written (proxy/gateway.py). Woken by a row, the writer lets rows
+gather for LINGER_SECONDS, then stores them all in one transaction (one `executemany`). Without the pause, sends arriving a few milliseconds
 apart each woke the writer and each paid a whole transaction: ~0.8 ms of CPU per send, a third of a
 send's cost (bench/README.md). On PostgreSQL the batch is one INSERT of a JSON array: psycopg's
 `executemany` pipelines a statement per row and, under gevent, waits on the socket for each (~160–190 µs

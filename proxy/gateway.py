@@ -284,48 +284,42 @@ def _finish(rt, request_id, account_sid, form, judgement: Judgement, outcome, up
             duration, upstream_ms, over) -> None:
     """The send's metrics, attempt row and log line: run after the request's context is gone, so given all it needs."""
     try:
-        _record(rt, request_id, account_sid, form, judgement, outcome, upstream_status, message_sid, duration,
-                upstream_ms, over)
+        decision = judgement.decision
+        content_type = attempts.content_type(judgement)
+        DECISIONS.labels(decision.action.value, decision.reason, content_type or "none").inc()
+        SEND_OVERHEAD_SECONDS.labels(decision.action.value).observe(max(0.0, duration - (upstream_ms or 0)) / 1000)
+        rt.attempts.submit(attempts.row(
+            judgement, account_sid=account_sid, request_id=request_id, params=list(form.items(multi=True)),
+            decision=decision.action.value, outcome=outcome, upstream_status=upstream_status, message_sid=message_sid,
+            duration_ms=duration, at=over))
+        state = judgement.window
+        logs.event(
+            "send",
+            redact=rt.settings.log_redact_numbers,
+            decision=decision.action.value,
+            reason=decision.reason,
+            code=decision.code,
+            channel=judgement.channel,
+            content_type=content_type,
+            # A passthrough send's ContentSid is not checked: only a real Content SID is logged, never a value put there.
+            content_sid=_logged_content_sid(judgement.content_sid),
+            approval_status=judgement.send.approval,
+            fallback_content_sid=judgement.fallback.content_sid if judgement.fallback else None,
+            sender=judgement.sender,
+            user=judgement.user,
+            window_sender=judgement.window_sender if judgement.window_sender != judgement.sender else None,
+            message_sid=message_sid,
+            outcome=outcome,
+            upstream_status=upstream_status,
+            window_expires_at=state.expires_at.isoformat() if state.expires_at else None,
+            seconds_left=state.seconds_left,
+            duration_ms=duration,
+            upstream_ms=upstream_ms,
+            request_id=request_id,
+        )
     except Exception:  # noqa: BLE001 — the caller has its answer; a server would only drop the connection
         logs.log.exception("unhandled_error", extra={"path": "/2010-04-01/Accounts/.../Messages.json",
                                                      "request_id": request_id})
-
-
-def _record(rt, request_id, account_sid, form, judgement: Judgement, outcome, upstream_status, message_sid,
-            duration, upstream_ms, over) -> None:
-    decision = judgement.decision
-    content_type = attempts.content_type(judgement)
-    DECISIONS.labels(decision.action.value, decision.reason, content_type or "none").inc()
-    SEND_OVERHEAD_SECONDS.labels(decision.action.value).observe(max(0.0, duration - (upstream_ms or 0)) / 1000)
-    rt.attempts.submit(attempts.row(
-        judgement, account_sid=account_sid, request_id=request_id, params=list(form.items(multi=True)),
-        decision=decision.action.value, outcome=outcome, upstream_status=upstream_status, message_sid=message_sid,
-        duration_ms=duration, at=over))
-    state = judgement.window
-    logs.event(
-        "send",
-        redact=rt.settings.log_redact_numbers,
-        decision=decision.action.value,
-        reason=decision.reason,
-        code=decision.code,
-        channel=judgement.channel,
-        content_type=content_type,
-        # A passthrough send's ContentSid is not checked: only a real Content SID is logged, never a value put there.
-        content_sid=_logged_content_sid(judgement.content_sid),
-        approval_status=judgement.send.approval,
-        fallback_content_sid=judgement.fallback.content_sid if judgement.fallback else None,
-        sender=judgement.sender,
-        user=judgement.user,
-        window_sender=judgement.window_sender if judgement.window_sender != judgement.sender else None,
-        message_sid=message_sid,
-        outcome=outcome,
-        upstream_status=upstream_status,
-        window_expires_at=state.expires_at.isoformat() if state.expires_at else None,
-        seconds_left=state.seconds_left,
-        duration_ms=duration,
-        upstream_ms=upstream_ms,
-        request_id=request_id,
-    )
 
 
 def _logged_content_sid(content_sid: str | None) -> str | None:
