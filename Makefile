@@ -8,7 +8,7 @@ PORT ?= 8000
 SANDBOX_PORT ?=
 BIN := $(VENV)/bin
 
-.PHONY: run test test-pg migrate demo clean bench bench-profile
+.PHONY: run test test-pg migrate demo clean bench bench-instructions bench-profile
 
 $(BIN)/activate:
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required") if sys.version_info < (3, 11) else None'
@@ -71,6 +71,14 @@ bench: $(VENV)/.bench-installed
 	  && ours=1 || url=""; fi; \
 	BENCH_POSTGRES_URL="$$url" PYTHONPATH="$(CURDIR)" $(BIN)/python -m bench.run; status=$$?; \
 	if [ -n "$$ours" ]; then PGDIR=$(BENCH_PGDIR) .ci/stop-postgres; fi; exit $$status
+
+# Instructions a request costs one worker, counted by valgrind (repeatable where timings are not; ~5 minutes a
+# database): installs valgrind and gcc with apt-get when missing; BENCH_POSTGRES_URL adds PostgreSQL.
+bench-instructions: $(VENV)/.bench-installed
+	@{ command -v valgrind && command -v cc; } >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind gcc >/dev/null; } || \
+	  echo "valgrind or a C compiler unavailable: the benchmark will say which"
+	PYTHONPATH="$(CURDIR)" $(BIN)/python -m bench.instructions
 
 # py-spy on one worker under load: make bench-profile SCENARIO=gateway DB=sqlite [PROFILE_ARGS=--gil]
 SCENARIO ?= gateway

@@ -168,13 +168,16 @@ def base_env(**extra) -> dict:
 class Gunicorn:
     """The Procfile's web command on 127.0.0.1 (optionally serving another WSGI app), as a context manager."""
 
-    def __init__(self, env: dict, *, app_spec: str | None = None, label: str = "proxy", extra_args: str = ""):
+    def __init__(self, env: dict, *, app_spec: str | None = None, label: str = "proxy", extra_args: str = "",
+                 wrap: str = ""):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = procfile_web(app_spec)
         if extra_args:  # e.g. a different --worker-class; placed before the app spec
             head, _, app = self.command.rpartition(" ")
             self.command = f"{head} {extra_args} {app}"
+        if wrap:  # a command the server runs under (bench/instructions.py: valgrind)
+            self.command = f"{wrap} {self.command}"
         if SERVER_CPUS:
             self.command = f"taskset -c {SERVER_CPUS} {self.command}"
         self.env = base_env(PORT=self.port, **env)
