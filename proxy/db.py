@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -459,9 +460,14 @@ def unavailable_reason(exc: DBAPIError) -> str:
     return text.splitlines()[0] if text else type(exc.orig).__name__
 
 
+# The C0 control characters but tab: PostgreSQL refuses NUL, and the others have no place in a stored field.
+_UNSTORABLE = re.compile(r"[\x00-\x08\x0a-\x1f]")
+
+
 def storable(value: str | None, length: int) -> str | None:
     """Text as the database keeps it: no control characters (PostgreSQL refuses NUL), at most `length`."""
-    text = "".join(c for c in (value or "") if c >= " " or c == "\t")[:length]
+    # One regex pass, not a generator over each character: ~15 µs of a send's CPU (its attempt row's seven fields).
+    text = _UNSTORABLE.sub("", value or "")[:length]
     return text or None
 
 
