@@ -3,14 +3,15 @@
 The other benchmarks time requests, and on this shared 2-core machine the same code's requests/s move by ±15% from
 one run to the next; a change worth 5% cannot be seen there. This one serves each app with the Procfile's web command
 and one worker under `valgrind --tool=callgrind`, sends a warm-up, then counts the instructions the worker executes
-for N requests sent one after another on one keep-alive connection (bench/callgrind_app.py marks the stretch). Two
-runs of the same code agree to about 0.1%.
+for N requests sent one after another on one keep-alive connection (bench/callgrind_app.py marks the stretch). Runs
+of the same code agree to 0.3%.
 
 What is counted: everything the worker runs in user space (gunicorn, gevent, Flask, the proxy, twilio-python, the
 database driver, SQLite's library). What is not: the kernel's time (system calls, loopback), cache misses, and the
 PostgreSQL server's own work. So a ratio of counts is the CPU ratio if every instruction cost the same; the
 wall-clock benchmarks say what it comes to. Requests one at a time: webhooks are not committed together
-(proxy/group_commit.py) as under load, so the proxy's database write is counted at its dearest.
+(proxy/group_commit.py) as under load, and each send's attempt row is stored before the next send (RowsStored), so
+the proxy's database writes are counted at their dearest.
 
     PYTHONPATH=. [BENCH_POSTGRES_URL=postgresql://...] python -m bench.instructions
 Knobs: BENCH_INSTRUCTIONS_REQUESTS (300 counted), BENCH_INSTRUCTIONS_WARMUP (150), BENCH_DATABASES.
